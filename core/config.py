@@ -1,0 +1,402 @@
+"""Config loading: flat YAML (official key names) -> one composed dataclass per training script.
+
+Each component owns a dataclass (``RunConfig`` here, ``OptimConfig`` in ``core/optim.py``,
+``EMAConfig`` in ``core/ema.py``, ``DataConfig`` in ``core/data``); a script composes them by
+multiple inheritance::
+
+    @dataclass
+    class Config(RunConfig, OptimConfig, EMAConfig, DataConfig):
+        adaptive_loss_weight: bool = field(default=False, metadata={"doc": "..."})
+
+Every field has a default and a ``metadata={"doc": ...}`` string. Required fields default to the
+sentinel ``REQUIRED`` (always required) or ``REQUIRED_TRAIN`` (required when ``training`` is
+true, the official ``EXPECTED_TRAIN``). Each component may define ``validate_<component>(self)``;
+``validate_config`` calls them all, base components first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar
+
+import yaml
+
+from core.config_types import TypeMismatch, coerce_value, type_name
+from core.errors import UserError
+
+__all__ = [
+    "REQUIRED", "REQUIRED_TRAIN", "MISSING", "RunConfig", "doc", "load_config", "validate_config",
+    "config_to_dict", "save_config", "config_reference", "add_common_args", "parse_cli",
+    "parse_override", "is_placeholder_path",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Required:
+    """Sentinel default of a field the user must set (``when_training``: only for training)."""
+
+    def __init__(self, name: str, when_training: bool) -> None:
+        self.name = name
+        self.when_training = when_training
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __copy__(self) -> "_Required":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Required":
+        return self
+
+    def __reduce__(self) -> str:
+        # Pickling (spawned workers, torch.save of a config) must keep the singleton identity.
+        return self.name
+
+
+REQUIRED: Any = _Required("REQUIRED", when_training=False)
+REQUIRED_TRAIN: Any = _Required("REQUIRED_TRAIN", when_training=True)
+MISSING = REQUIRED  # alias used in the contract
+
+
+def doc(default: Any, text: str, **kwargs: Any) -> Any:
+    """Shorthand for ``field(default=..., metadata={"doc": text})``; lists/dicts get a factory."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+def is_placeholder_path(value: Any) -> bool:
+    """The official configs ship placeholder paths such as ``/path/to/checkpoint``."""
+    return isinstance(value, str) and ("/path/to" in value or value.startswith("s3://path/"))
+
+
+# --------------------------------------------------------------------------------------------
+# RunConfig: the keys of the loop and the run (official meaning kept, see docs/CORE_API.md)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Keys of the run and the training loop (official names and meanings)."""
+
+    # --- run identity and folders
+    experiment_id: str = doc(REQUIRED_TRAIN, "Run name: checkpoint sub-folder (checkpoint_path/experiment_id), output sub-folder and wandb run name.")
+    checkpoint_path: str = doc(REQUIRED_TRAIN, "Root folder of checkpoints; the run writes checkpoint_path/experiment_id/.")
+    output_path: str = doc(REQUIRED_TRAIN, "Root folder of preview images; the run writes output_path/experiment_id/.")
+    training: bool = doc(True, "True for training jobs; False (inference/notebook configs) waives the training-only required keys.")
+    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = doc(None, "Storage dtype of the generator and CLIP models (None = float32).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast for the forward pass: 'auto' = bf16 on GPUs that support it, fp32 on CPU. fp16 is refused for Stage C.")
+    allow_tf32: bool = doc(True, "Enable TF32 matmul/cuDNN on NVIDIA GPUs.")
+    seed: int = doc(42, "Seed of every random generator (combined with rank and step, so runs and resumes repeat).")
+    # --- logging
+    wandb_project: Optional[str] = doc(None, "Weights & Biases project; enables wandb logging when set (offline when WANDB_MODE=offline; a warning if wandb is not installed).")
+    wandb_entity: Optional[str] = doc(None, "Weights & Biases entity (user or team).")
+    log_every: int = doc(10, "Write a metrics.jsonl line every N optimizer updates.")
+    # --- optimisation
+    lr: float = doc(REQUIRED_TRAIN, "Learning rate (AdamW by default).")
+    batch_size: int = doc(REQUIRED_TRAIN, "GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly.")
+    grad_accum_steps: int = doc(1, "Micro-steps (forward/backward) per optimizer update.")
+    updates: int = doc(REQUIRED_TRAIN, "Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps).")
+    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr).")
+    max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
+    # --- checkpoints and previews
+    save_every: int = doc(REQUIRED_TRAIN, "Checkpoint (and preview) period in optimizer updates; a checkpoint is also written at the end.")
+    backup_every: Optional[int] = doc(None, "Every N updates (checked at each update, not only at save points) also keep a copy of the model files named {name}_{N}k.safetensors (or {name}_{step}.safetensors when not a multiple of 1000). None = no backups.")
+    keep_last: int = doc(3, "Number of newest complete training-state folders kept (backups are kept too).")
+    preview_every: Optional[int] = doc(None, "Preview period in updates (None = save_every; 0 = never).")
+    num_preview_images: int = doc(4, "Images per preview grid.")
+    preview_prompts: list[str] = doc(
+        ["a photograph of a cat sitting on a sofa", "a red sports car on a mountain road",
+         "an astronaut riding a horse", "a bowl of fresh fruit on a wooden table"],
+        "Fixed prompts of the preview grid (cycled to num_preview_images).")
+    # --- models
+    effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")
+    previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
+    generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network (None = from scratch).")
+    stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights; required by Stage B jobs (previews decode with Stage A).")
+    stage_b_checkpoint_path: Optional[str] = doc(None, "Stage B weights for full C->B->A preview decodes of Stage C jobs (optional).")
+    clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
+    clip_image_model_name: str = doc("openai/clip-vit-large-patch14", "CLIP image encoder (Stage C conditions; Hugging Face name or local folder).")
+    adaptive_loss_weight: bool = doc(False, "Use AdaptiveLossWeight instead of P2LossWeight (accepts true/false, also as strings).")
+    use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
+    gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+    compile: bool = doc(False, "torch.compile the trained network.")
+    # --- official keys kept for compatibility
+    shift: float = doc(1.0, "Official Stage B key that the official code never reads; accepted and ignored the same way (a warning is logged when it is not 1).")
+    edm_objective: bool = doc(False, "Official key of finetune_c_3b_v.yaml; the v/EDM objective is not implemented, so only false is accepted.")
+    checkpoint_extension: Literal["safetensors"] = doc("safetensors", "Model file format (only safetensors).")
+    dist_file_subfolder: str = doc("", "Official file:// rendezvous prefix; unused (torchrun/slurm env rendezvous), accepted for compatibility.")
+
+    def validate(self, validate_only: bool = False) -> None:
+        """Run every component's ``validate_<component>()`` (see ``validate_config``)."""
+        validate_config(self, validate_only=validate_only)
+
+    # -- helpers for components' validators -------------------------------------------------
+    @property
+    def validate_only(self) -> bool:
+        """True while validating a config with placeholder paths (``--validate-only``)."""
+        return bool(getattr(self, "_validate_only", False))
+
+    def require(self, *keys: str, why: str = "") -> None:
+        """UserError if one of ``keys`` is unset (None or REQUIRED)."""
+        for key in keys:
+            value = getattr(self, key)
+            if value is None or isinstance(value, _Required):
+                extra = f" ({why})" if why else ""
+                raise UserError(f"config key '{key}' is required{extra}; set it in the YAML or with --set {key}=...")
+
+    def check_file(self, key: str) -> None:
+        """UserError if the file named by ``key`` does not exist (skipped for None, and for
+        placeholder paths and missing files in validate-only mode)."""
+        path = getattr(self, key)
+        if path is None or isinstance(path, _Required) or self.validate_only:
+            return
+        if not os.path.isfile(path):
+            raise UserError(f"config key '{key}': file not found: {path} (download it or fix the path)")
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Images per rank per micro-step: batch_size / (world_size * grad_accum_steps)."""
+        return self.batch_size // (world_size * self.grad_accum_steps)
+
+    def validate_run(self, world_size: Optional[int] = None) -> None:
+        """Checks of the run keys; with ``world_size`` also the batch divisibility (the official
+        code silently rounded the per-rank batch down, possibly to 0)."""
+        positive = ["grad_accum_steps", "keep_last", "log_every", "max_nonfinite_steps", "num_preview_images"]
+        if self.training:
+            positive += ["updates", "save_every", "batch_size"]
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:
+                raise UserError(f"config key '{key}' must be >= 1, got {value}")
+        for key in ("warmup_updates", "preview_every", "backup_every"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 0:
+                raise UserError(f"config key '{key}' must be >= 0, got {value}")
+        if self.training and isinstance(self.lr, float) and not self.lr > 0:
+            raise UserError(f"config key 'lr' must be > 0, got {self.lr}")
+        if self.edm_objective:
+            raise UserError("config key 'edm_objective: true' is not supported: the v/EDM objective is not "
+                            "implemented (the official finetune_c_3b_v.yaml never ran); remove the key or set it to false")
+        if self.shift != 1.0:
+            log.warning("config key 'shift' = %s is ignored (as in the official code, which never reads it); "
+                        "training and sampling use shift 1", self.shift)
+        if not self.preview_prompts:
+            raise UserError("config key 'preview_prompts' must list at least one prompt")
+        if world_size is not None and self.training and isinstance(self.batch_size, int):
+            per_step = world_size * self.grad_accum_steps
+            if self.batch_size % per_step != 0:
+                lower = max(per_step, self.batch_size // per_step * per_step)
+                raise UserError(
+                    f"config key 'batch_size' = {self.batch_size} is the GLOBAL batch and must be divisible by "
+                    f"world_size ({world_size}) x grad_accum_steps ({self.grad_accum_steps}) = {per_step}; "
+                    f"use e.g. batch_size={lower} or {lower + per_step}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception as exc:  # a broken annotation is a programming error, say which class
+        raise TypeError(f"cannot resolve type hints of {cls.__name__}: {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value parsed with yaml.safe_load)."""
+    if "=" not in text:
+        raise UserError(f"--set expects KEY=VALUE, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set expects KEY=VALUE, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: cannot parse value '{raw}' as YAML ({_first_line(exc)})") from None
+    return key, value
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise UserError(f"config file {path}{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = (),
+                validate_only: bool = False, world_size: Optional[int] = None,
+                extra: Optional[dict] = None) -> T:
+    """Read the YAML at ``path`` (None = no file), apply ``--set`` ``overrides`` and ``extra``
+    (a dict applied last, e.g. ``{"training": False}``), check keys and types, check required
+    keys, then run every component validator. ``validate_only`` allows placeholder paths and
+    missing files (for the shipped official configs). ``world_size`` also checks the batch split."""
+    source = path or "<defaults>"
+    data: dict = _read_yaml(path) if path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        data[key] = value
+    if extra:
+        data.update(extra)
+
+    known = _fields(cls)
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{source}: unknown config key '{key}'{hint}")
+        try:
+            values[key] = coerce_value(value, hints[key])
+        except TypeMismatch:
+            raise UserError(f"{source}: config key '{key}' expects {type_name(hints[key])}, "
+                            f"got {_short(value)} ({type(value).__name__})") from None
+
+    cfg = cls(**values)
+    training = bool(getattr(cfg, "training", True))
+    for name in known:
+        value = getattr(cfg, name)
+        if isinstance(value, _Required) and (training or not value.when_training):
+            raise UserError(f"{source}: required config key '{name}' is missing "
+                            f"({type_name(hints[name])}: {known[name].metadata.get('doc', '')})")
+    validate_config(cfg, validate_only=validate_only, world_size=world_size)
+    return cfg
+
+
+def _validators(cls: type) -> list[str]:
+    """Names of ``validate_<component>`` methods, base components first, each once."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        for name, attr in vars(klass).items():
+            if name.startswith("validate_") and callable(attr) and name not in names:
+                names.append(name)
+    return names
+
+
+def validate_config(cfg: Any, validate_only: bool = False, world_size: Optional[int] = None) -> None:
+    """Call every ``validate_<component>()`` of ``cfg``'s classes. ``validate_run`` also gets
+    ``world_size``; ``cfg.validate_only`` tells validators to allow placeholder paths."""
+    object.__setattr__(cfg, "_validate_only", validate_only)
+    for name in _validators(type(cfg)):
+        method = getattr(cfg, name)
+        if name == "validate_run":
+            method(world_size)
+        else:
+            method()
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and documenting
+# --------------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Required):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Every field as plain YAML-able values (tuples -> lists, unset required -> None)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write the resolved config as YAML atomically (loadable again with ``load_config``)."""
+    from core.atomic import atomic_write_bytes
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        value = f.default
+    if value is REQUIRED:
+        return "**required**"
+    if value is REQUIRED_TRAIN:
+        return "**required (training)**"
+    return f"`{_plain(value)!r}`".replace("|", "\\|")
+
+
+def config_reference(cls: type) -> str:
+    """A markdown table of every key of ``cls``: name, type, default, doc."""
+    hints = _hints(cls)
+    lines = [f"### `{cls.__name__}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = type_name(hints[f.name]).replace("|", "\\|")
+        text = str(f.metadata.get("doc", "")).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{f.name}` | `{tp}` | {_default_text(f)} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments every training script shares."""
+    parser.add_argument("config", help="YAML config file (official keys at the top level)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (value parsed as YAML); repeatable")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, model sizes and first data shard, then exit")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="only validate the config (placeholder paths and missing files allowed)")
+    parser.add_argument("--resume", default="auto", metavar="{auto,never,PATH}",
+                        help="auto: resume from the run's latest complete checkpoint if any (default); "
+                             "never: start fresh; PATH: a run folder or a state/step_* folder")
+    return parser
+
+
+def parse_cli(argv: Optional[Iterable[str]] = None, prog: Optional[str] = None,
+              description: Optional[str] = None) -> argparse.Namespace:
+    """Parse the common training CLI; bad arguments raise UserError."""
+    parser = add_common_args(_Parser(prog=prog, description=description))
+    args = parser.parse_args(None if argv is None else list(argv))
+    args.set = args.overrides  # the contract spells the option --set; both names work
+    return args

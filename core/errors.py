@@ -1,0 +1,73 @@
+"""User-facing errors and the CLI wrapper that turns them into one clear line.
+
+An error the user can fix (bad config key, missing file, wrong model version, ...) must not
+produce a traceback: it prints ``error: <message>`` and exits with status 2. Everything else is a
+bug and keeps its traceback so it can be reported.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+__all__ = ["UserError", "run_cli", "is_user_error", "USER_ERROR_EXIT", "INTERRUPT_EXIT"]
+
+USER_ERROR_EXIT = 2
+INTERRUPT_EXIT = 130
+
+# Errors raised by other packages that are user-fixable by contract. They are matched by class
+# name as well, so a failing import of those packages cannot hide the original error.
+_USER_ERROR_CLASS_NAMES = ("UserError", "CheckpointError", "DataError")
+
+
+class UserError(Exception):
+    """An error the user can fix. The message is ONE line: what, where, how to fix."""
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """The user-error classes that can be imported right now (lazily, to keep imports light)."""
+    types: list[type] = [UserError]
+    try:
+        from modules.loading import CheckpointError  # type: ignore[import-not-found]
+
+        types.append(CheckpointError)
+    except Exception:  # noqa: BLE001 - the package may not exist yet or fail to import
+        pass
+    try:
+        from core.data import DataError  # type: ignore[attr-defined]
+
+        types.append(DataError)
+    except Exception:  # noqa: BLE001
+        pass
+    return tuple(types)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True when ``exc`` is a user-fixable error (by class, or by class name in its MRO)."""
+    if isinstance(exc, _user_error_types()):
+        return True
+    return any(k.__name__ in _USER_ERROR_CLASS_NAMES for k in type(exc).__mro__)
+
+
+def _one_line(message: str) -> str:
+    # A multi-line message would break the "one clear line" promise; join the lines instead.
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def run_cli(main: Callable[[list[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Run ``main(argv)`` and exit with its return code.
+
+    UserError / CheckpointError / DataError -> ``error: <message>`` on stderr, exit 2, no traceback.
+    KeyboardInterrupt -> exit 130. Any other exception propagates (traceback, exit 1).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless user-fixable
+        if not is_user_error(exc):
+            raise
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    sys.exit(int(code or 0))
