@@ -1,0 +1,269 @@
+"""Reading, checking, loading and saving flat state dicts (networks.md §8).
+
+``load_model`` builds the parameters on the meta device and assigns the file's tensors one by one in
+the requested dtype/device, so a bf16 file loaded as bf16 never passes through float32 and a 3.6B
+model never exists twice in memory. Buffers are built for real (they are small), so buffers that are
+not stored in files (non-persistent ones) keep their constructed values.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from modules.registry import build_model, describe_model_version, model_class, model_config
+
+PathLike = Union[str, os.PathLike]
+_TORCH_EXTS = (".pt", ".ckpt", ".pth", ".bin")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the requested model."""
+
+
+def _check_path(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint file not found (check the path in your config)")
+    ext = p.suffix.lower()
+    if ext != ".safetensors" and ext not in _TORCH_EXTS:
+        raise CheckpointError(
+            f"{p}: unsupported checkpoint extension {ext!r}; use .safetensors, {', '.join(_TORCH_EXTS)}")
+    return p
+
+
+def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor (nested dicts are "
+                                  "not supported; save a flat state dict)")
+    return dict(obj)
+
+
+def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    return _unwrap(obj, path)
+
+
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed)."""
+    p = _check_path(path)
+    if p.suffix.lower() == ".safetensors":
+        return dict(_iter_safetensors(p))
+    return _torch_load(p)
+
+
+def _iter_safetensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt header etc.
+        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _file_shapes(path: Path) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, torch.Tensor]]]:
+    """Key -> shape without reading tensor data for safetensors; .pt files are read (mmap)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, None
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+    sd = _torch_load(path)
+    return {k: tuple(v.shape) for k, v in sd.items()}, sd
+
+
+def mismatch_report(
+    kind: str,
+    model_version: str,
+    file_shapes: Mapping[str, Sequence[int]],
+    model_shapes: Mapping[str, Sequence[int]],
+    source: str,
+    limit: int = 5,
+) -> Optional[str]:
+    """Describe how ``file_shapes`` differs from ``model_shapes``; None when they agree.
+
+    The text names ``source``, the likely registered model_version of the file, and the first
+    ``limit`` missing, unexpected and shape-mismatched keys.
+    """
+    fs = {k: tuple(v) for k, v in file_shapes.items()}
+    ms = {k: tuple(v) for k, v in model_shapes.items()}
+    missing = [k for k in ms if k not in fs]
+    unexpected = [k for k in fs if k not in ms]
+    wrong = [f"{k}: file {fs[k]} vs model {ms[k]}" for k in ms if k in fs and fs[k] != ms[k]]
+    if not (missing or unexpected or wrong):
+        return None
+    guess = describe_model_version(kind, fs)
+    if guess is None:
+        looks = "it matches no registered model_version of this kind"
+    elif guess == model_version:
+        looks = f"it looks like {kind} model_version {guess!r} but is incomplete or modified"
+    else:
+        looks = f"it looks like {kind} model_version {guess!r}: set model_version: {guess} in your config"
+    parts = [f"{source}: state dict does not match {kind} model_version {model_version!r}; {looks}."]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {items[:limit]}{more}")
+    return " ".join(parts)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device while buffers are built normally."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Integer tensors (num_batches_tracked, token indices) keep their dtype.
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+def load_model(
+    kind: str,
+    model_version: str,
+    path: PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    strict: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Build ``kind``/``model_version`` and load ``path`` into it.
+
+    strict=True (default): keys and shapes must match exactly, else :class:`CheckpointError`
+    (which says what the file looks like). strict=False: the model is built with its own init on
+    ``device`` and the matching entries are copied in; missing/unexpected keys produce a warning.
+    """
+    p = _check_path(path)
+    device = torch.device(device)
+    cls = model_class(kind)
+    cfg = model_config(kind, model_version, **overrides)
+
+    if not strict:
+        model = build_model(kind, model_version, device=device, dtype=dtype, **overrides)
+        sd = read_state_dict(p)
+        expected = model.state_dict()
+        wrong = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if wrong:
+            raise CheckpointError(mismatch_report(kind, model_version, {k: v.shape for k, v in sd.items()},
+                                                  {k: v.shape for k, v in expected.items()}, str(p)))
+        res = model.load_state_dict({k: _convert(v, dtype, device) for k, v in sd.items()}, strict=False)
+        if res.missing_keys or res.unexpected_keys:
+            warnings.warn(f"{p}: loaded non-strictly; missing {res.missing_keys[:5]}, "
+                          f"unexpected {res.unexpected_keys[:5]}", stacklevel=2)
+        return model
+
+    with _parameters_on_meta():
+        model = cls(**cfg)
+    expected = model.state_dict()
+    shapes, preloaded = _file_shapes(p)
+    report = mismatch_report(kind, model_version, shapes, {k: v.shape for k, v in expected.items()}, str(p))
+    if report is not None:
+        raise CheckpointError(report)
+
+    # Buffers that are not in the file keep their constructed values; move them first.
+    for mod in model.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None:
+                mod._buffers[name] = _convert(buf, dtype, device)
+
+    items = preloaded.items() if preloaded is not None else _iter_safetensors(p)
+    converted = {k: _convert(v, dtype, device) for k, v in items}
+    del preloaded
+    model.load_state_dict(converted, strict=True, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{p}: tensors were not initialised by the file: {leftover[:5]}")
+    return model
+
+
+def _flat_tensors(state: Union[nn.Module, Mapping[str, torch.Tensor]], dtype: Optional[torch.dtype]
+                  ) -> Dict[str, torch.Tensor]:
+    sd = state.state_dict() if isinstance(state, nn.Module) else state
+    out: Dict[str, torch.Tensor] = {}
+    seen_ptrs = set()
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"save_safetensors: entry {k!r} is {type(v).__name__}; a flat dict of tensors is required")
+        if v.is_meta:
+            raise ValueError(f"save_safetensors: entry {k!r} is on the meta device (no data to save)")
+        t = v.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        # safetensors refuses entries that share storage: give views and aliases their own copy.
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_ptrs or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen_ptrs.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def save_safetensors(
+    state_dict_or_module: Union[nn.Module, Mapping[str, torch.Tensor]],
+    path: PathLike,
+    dtype: Optional[torch.dtype] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Write a flat safetensors file atomically (temp file in the same folder, fsync, os.replace).
+
+    ``dtype`` casts floating-point tensors only (integer buffers stay int64).
+    """
+    from safetensors.torch import save_file
+
+    tensors = _flat_tensors(state_dict_or_module, dtype)
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("save_safetensors: metadata must map str to str")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata) if metadata is not None else None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename; not possible on every filesystem
+        dir_fd = os.open(str(path.parent), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

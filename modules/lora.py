@@ -1,0 +1,161 @@
+"""LoRA and ReToken as torch parametrizations (networks.md §7).
+
+``apply_lora`` attaches :class:`LoRA` to weights so the state-dict keys become the official
+``...parametrizations.<name>.original`` / ``.0.lora_down`` / ``.0.lora_up``. The helpers at the end
+build the official positional LoRA checkpoint layout (``weights.{i}.lora_*`` + ``embeddings.*``)
+and a self-describing named layout. No I/O happens here.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class LoRA(nn.Module):
+    """Low-rank update W + (lora_up @ lora_down) * alpha/rank of ``getattr(layer, name)``.
+
+    ``lora_down`` (rank, in) starts at zero and ``lora_up`` (out, rank) ~ N(0, 1), so a fresh LoRA
+    leaves the layer unchanged. The default alpha=1 gives the official scale 1/rank. The update is
+    broadcast over trailing kernel dims of conv weights. ``enabled=False`` bypasses it.
+    """
+
+    def __init__(self, layer: nn.Module, name: str = "weight", rank: int = 16, alpha: Optional[float] = None):
+        super().__init__()
+        w = getattr(layer, name)
+        if w.dim() < 2:
+            raise ValueError(f"LoRA needs a weight with at least 2 dims, {name} has shape {tuple(w.shape)}")
+        self.rank = rank
+        self.alpha = 1.0 if alpha is None else float(alpha)
+        self.scale = self.alpha / rank
+        self.lora_down = nn.Parameter(torch.zeros(rank, w.size(1), device=w.device, dtype=w.dtype))
+        self.lora_up = nn.Parameter(torch.randn(w.size(0), rank, device=w.device, dtype=w.dtype))
+        self.enabled = True
+
+    def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return original_weights
+        delta = torch.matmul(self.lora_up, self.lora_down) * self.scale
+        shape = delta.shape + (1,) * (original_weights.dim() - 2)
+        # The LoRA may be kept in float32 on a bf16 base: the weight keeps the base dtype.
+        return original_weights + delta.view(shape).to(original_weights.dtype)
+
+
+class ReToken(nn.Module):
+    """Adds trainable offsets ``embeddings[i]`` to rows ``indices[i]`` of a token-embedding table."""
+
+    def __init__(self, indices: Sequence[int], width: int = 1280):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(len(indices), width))
+        self.register_buffer("indices", torch.as_tensor(list(indices), dtype=torch.long))
+        self.enabled = True
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return embeddings
+        return embeddings.index_add(0, self.indices.to(embeddings.device), self.embeddings.to(embeddings.dtype))
+
+
+def apply_retoken(embedding_module: nn.Module, indices: Sequence[int]) -> ReToken:
+    """Register a ReToken on ``embedding_module.weight`` (width taken from the table)."""
+    weight = embedding_module.weight
+    retoken = ReToken(indices, width=weight.size(1)).to(device=weight.device, dtype=weight.dtype)
+    parametrize.register_parametrization(embedding_module, "weight", retoken)
+    return retoken
+
+
+def _target(module: nn.Module) -> Optional[str]:
+    w = getattr(module, "weight", None)
+    if isinstance(w, nn.Parameter) and not parametrize.is_parametrized(module, "weight"):
+        return "weight"
+    if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
+        return "in_proj_weight"
+    return None
+
+
+def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: int = 16,
+               alpha: Optional[float] = None) -> List[Tuple[str, LoRA]]:
+    """Attach LoRA to every module whose qualified name contains any filter substring.
+
+    Returns ``[(target, lora)]`` with targets such as ``down_blocks.0.2.attention.attn.in_proj_weight``
+    in the official ``model.modules()`` order (an attention's out_proj LoRA before its in_proj LoRA),
+    which is the order of the official checkpoint's ``weights.{i}``.
+    """
+    if isinstance(filters, str):
+        filters = [filters]
+    chosen = [(n, m) for n, m in model.named_modules()
+              if filters is None or any(f in n for f in filters)]
+    new = set()
+    for n, m in chosen:
+        attr = _target(m)
+        if attr is None:
+            continue
+        lora = LoRA(m, attr, rank=rank, alpha=alpha)
+        parametrize.register_parametrization(m, attr, lora)
+        new.add(id(lora))
+    if not new:
+        names = [n for n, _ in model.named_modules() if n][:8]
+        raise ValueError(f"apply_lora: filters {list(filters or [])} match no module with a weight; "
+                         f"module names look like {names}")
+    out = []
+    for n, m in model.named_modules():
+        if id(m) in new:
+            # n = '<owner>.parametrizations.<tensor>.<index>' -> '<owner>.<tensor>'
+            owner, tensor = n.rsplit(".parametrizations.", 1)
+            out.append((f"{owner}.{tensor.rsplit('.', 1)[0]}", m))
+    return out
+
+
+def remove_lora(model: nn.Module, leave_parametrized: bool = True) -> None:
+    """Remove LoRA/ReToken parametrizations; with ``leave_parametrized`` the updates are folded in."""
+    for m in list(model.modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        for name in list(m.parametrizations.keys()):
+            if any(isinstance(p, (LoRA, ReToken)) for p in m.parametrizations[name]):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=leave_parametrized)
+
+
+def _modules_of(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]]) -> List[LoRA]:
+    return [x[1] if isinstance(x, tuple) else x for x in loras]
+
+
+def lora_state_dict_official(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]],
+                             retoken: Optional[ReToken] = None) -> Dict[str, torch.Tensor]:
+    """The official LoRA file layout: ``embeddings.embeddings``, ``embeddings.indices``, then
+    ``weights.{i}.lora_down`` / ``weights.{i}.lora_up`` in the order of ``loras``."""
+    sd: Dict[str, torch.Tensor] = {}
+    if retoken is not None:
+        sd["embeddings.embeddings"] = retoken.embeddings.detach()
+        sd["embeddings.indices"] = retoken.indices.detach()
+    for i, lora in enumerate(_modules_of(loras)):
+        sd[f"weights.{i}.lora_down"] = lora.lora_down.detach()
+        sd[f"weights.{i}.lora_up"] = lora.lora_up.detach()
+    return sd
+
+
+def lora_state_dict_named(loras: Sequence[Tuple[str, LoRA]]) -> Dict[str, torch.Tensor]:
+    """Keys named by target, e.g. ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``."""
+    sd: Dict[str, torch.Tensor] = {}
+    for name, lora in loras:
+        sd[f"{name}.lora_down"] = lora.lora_down.detach()
+        sd[f"{name}.lora_up"] = lora.lora_up.detach()
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict_official(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]], state_dict: Dict[str, torch.Tensor],
+                                  retoken: Optional[ReToken] = None, source: str = "LoRA state dict") -> None:
+    """Copy an official-layout LoRA state dict into ``loras`` (and ``retoken``); strict on keys/shapes."""
+    expected = lora_state_dict_official(loras, retoken)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: does not fit the LoRA layout (rank/filters/token count?): "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    for k, v in expected.items():
+        v.copy_(state_dict[k])
