@@ -1,0 +1,94 @@
+"""Optimizer and learning-rate warmup (training.md §4, with the reference's defects fixed).
+
+Defaults equal the reference (AdamW, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01, gradient
+clipping at 1.0). Warmup: ``lr = base * min(1, (n + 1) / warmup_updates)`` for update ``n``
+(0-based), so the first update already trains; the reference started at lr 0 and wasted it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Optional, Union
+
+import torch
+
+from core.config import doc
+from core.errors import UserError
+
+__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "LinearWarmup"]
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults)."""
+
+    optimizer: Literal["adamw", "adamw_fused", "adafactor", "adamw8bit"] = doc("adamw", "adamw (reference), adamw_fused (fused kernel), adafactor (torch.optim.Adafactor, low memory), adamw8bit (needs bitsandbytes on CUDA).")
+    betas: tuple[float, float] = doc((0.9, 0.999), "Adam betas (not used by adafactor).")
+    eps: float = doc(1e-8, "Adam epsilon.")
+    weight_decay: float = doc(0.01, "Decoupled weight decay (reference: 0.01).")
+    grad_clip: Optional[float] = doc(1.0, "Clip the global gradient norm to this value before each update (None or 0 = no clipping).")
+
+    def validate_optim(self) -> None:
+        """Range checks of the optimizer keys."""
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"config key 'betas' must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise UserError(f"config key 'eps' must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise UserError(f"config key 'weight_decay' must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise UserError(f"config key 'grad_clip' must be >= 0 (0 or null disables clipping), got {self.grad_clip}")
+
+
+def _trainable(params: ParamsT) -> list:
+    """Keep only parameters that require grad (groups keep their options)."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = []
+        for group in items:
+            kept = [p for p in group["params"] if p.requires_grad]
+            if kept:
+                groups.append({**group, "params": kept})
+        return groups
+    return [p for p in items if p.requires_grad]
+
+
+def build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable ``params`` (tensors or param groups)."""
+    params = _trainable(params)
+    if not params:
+        raise ValueError("build_optimizer: no trainable parameters (is everything frozen?)")
+    betas = tuple(float(b) for b in cfg.betas)
+    if cfg.optimizer in ("adamw", "adamw_fused"):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=True if cfg.optimizer == "adamw_fused" else None)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError:
+            raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
+                            "(CUDA only), or set optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown optimizer '{cfg.optimizer}'")
+
+
+class LinearWarmup:
+    """``min(1, (n + 1) / warmup_updates)`` (1 when warmup is 0). A class, not a lambda, so the
+    scheduler's state_dict stores it and it pickles."""
+
+    def __init__(self, warmup_updates: int) -> None:
+        self.warmup_updates = int(warmup_updates)
+
+    def __call__(self, n: int) -> float:
+        if self.warmup_updates <= 0:
+            return 1.0
+        return min(1.0, (n + 1) / self.warmup_updates)
+
+
+def build_warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with linear warmup and constant lr afterwards; call ``step()`` after each update
+    and save/restore with ``state_dict()`` / ``load_state_dict()``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_updates))
