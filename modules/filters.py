@@ -33,7 +33,7 @@ import inspect
 import math
 import os
 import re
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -792,6 +792,8 @@ class IdentityFilter:
         face_model: a face model object (``detect_and_embed``), a spec for :func:`load_face_model`
             (``"insightface"`` or ``"package.module:ClassName"``), or None = ``"insightface"``, loaded
             at the first call (so ``num_channels()`` works without the dependency).
+        face_model_params: keyword arguments for the face model's constructor when ``face_model``
+            is a name (e.g. ``{root: /data/insightface}`` for :class:`InsightFaceModel`).
     """
 
     EMBED_DIM = 512
@@ -804,6 +806,7 @@ class IdentityFilter:
         p_drop: float = 0.05,
         p_full: float = 0.3,
         face_model: Any = None,
+        face_model_params: Optional[dict] = None,
     ) -> None:
         if isinstance(max_faces, bool) or not isinstance(max_faces, int) or max_faces < 1:
             raise FilterError(f"IdentityFilter: max_faces must be an integer >= 1, got {max_faces!r}")
@@ -811,7 +814,18 @@ class IdentityFilter:
         self.max_faces = max_faces
         self.p_drop = _check_probability(p_drop, "p_drop", "IdentityFilter")
         self.p_full = _check_probability(p_full, "p_full", "IdentityFilter")
-        if face_model is not None and not isinstance(face_model, str):
+        if face_model_params is not None and not isinstance(face_model_params, dict):
+            raise FilterError(f"IdentityFilter: face_model_params must be a mapping, got {type(face_model_params).__name__}")
+        self.face_model_params = dict(face_model_params or {})
+        if isinstance(face_model, str):
+            # Check the spec's form now (a YAML typo should fail at startup); load at the first call.
+            if face_model != "insightface" and not _IMPORT_PATH.match(face_model):
+                raise FilterError(
+                    f"IdentityFilter: face_model {face_model!r} must be 'insightface' or 'package.module:ClassName'"
+                )
+        elif face_model is not None:
+            if self.face_model_params:
+                raise FilterError("IdentityFilter: face_model_params only apply when face_model is a name")
             face_model = load_face_model(face_model)  # validates the object now
         self._face_model = face_model
 
@@ -821,7 +835,7 @@ class IdentityFilter:
     @property
     def face_model(self) -> Any:
         if self._face_model is None or isinstance(self._face_model, str):
-            self._face_model = load_face_model(self._face_model or "insightface")
+            self._face_model = load_face_model(self._face_model or "insightface", **self.face_model_params)
         return self._face_model
 
     def _faces(self, image: np.ndarray) -> list[tuple[np.ndarray, torch.Tensor]]:

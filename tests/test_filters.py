@@ -313,6 +313,16 @@ def test_face_model_loading_and_errors():
     assert isinstance(m, FakeFaceModel)
     f = IdentityFilter(face_model="tests.test_filters:FakeFaceModel", p_drop=0.0, p_full=0.0)
     assert f(photo("chelsea.png", (64, 64)))[0].abs().sum() > 0
+    f = IdentityFilter(
+        face_model="tests.test_filters:FakeFaceModel",
+        face_model_params={"boxes": [(0, 0, 64, 64)], "seed": 3},
+        p_drop=0.0,
+        p_full=0.0,
+    )
+    assert f(photo("chelsea.png", (64, 64)))[0][0, :, 0, 0].abs().sum() > 0
+    assert f.face_model.boxes[0].tolist() == [0, 0, 64, 64]
+    with pytest.raises(FilterError, match="face_model"):
+        IdentityFilter(face_model="bad spec")
     with pytest.raises(FilterError, match="detect_and_embed"):
         load_face_model(object())
     with pytest.raises(FilterError, match="insightface"):
