@@ -1,0 +1,107 @@
+"""``DataConfig``: the data keys of a training YAML, flat, with the YAML names."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .buckets import BucketTable
+from .captions import make_caption_getter
+from .errors import DataError
+from .filters import parse_filters
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class DataConfig:
+    """Everything the data layer reads from the training config (keys as in the YAML)."""
+
+    #: Dataset location(s): one entry or a list. Each entry is ``file:/x.tar``, a plain path, a
+    #: directory of shards (its ``*.tar``, sorted), a brace pattern ``shard-{0000..0099}.tar``,
+    #: ``s3://bucket/prefix/x.tar``, ``s3://bucket/prefix/`` (all ``.tar`` keys under it) or a
+    #: ``.yml``/``.yaml`` file holding a list of such entries.
+    webdataset_path: Any = None
+    #: Sample filters on the ``.json`` metadata: ``[key, 'lambda s: s > 4.5']`` (parsed, never
+    #: evaluated as code) or ``[key, '>', 4.5]``. A sample is kept only if every rule holds; one
+    #: lacking a key is dropped and counted.
+    dataset_filters: list | None = None
+    #: Official caption selector ``[wds_key, function]``: ``['txt', identity]`` or
+    #: ``['json', captions_getter]`` (the official json rule). None = the ``.txt`` text.
+    captions_getter: list | None = None
+    #: Simpler caption selector: ``'txt'`` or ``'json:<field>'``; ignored if captions_getter is set.
+    caption_key: str | None = None
+    #: Width/height ratios (``'9/16'`` strings or numbers) for multi-aspect-ratio bucketing;
+    #: None = fixed square ``image_size`` training.
+    multi_aspect_ratio: list | None = None
+    #: Square training size, or the bucket area ``image_size**2`` when bucketing.
+    image_size: int = 768
+    #: Crop after resizing: ``'random'`` or ``'center'``. Replaces the official SmartCrop (its
+    #: saliency network's weights are not available).
+    crop: str = "random"
+    #: Probability that an image goes to a uniformly random bucket (official 0.05).
+    bucket_random_ratio: float = 0.05
+    #: Probability of replacing a caption by ``""`` (classifier-free guidance training); the batch
+    #: reports which ones in ``caption_dropped``.
+    caption_dropout: float = 0.0
+    #: Samples per shuffle block (official buffer 690); each block of samples read is permuted.
+    shuffle_buffer: int = 690
+    #: DataLoader worker processes per rank (0 = decode in the main process).
+    num_workers: int = field(default_factory=_default_workers)
+    #: Make bad data (undecodable image, missing caption/image, truncated tar, missing shard) fatal.
+    strict: bool = False
+    #: False: epochs, each sample exactly once per epoch across ranks and workers. True: the
+    #: official infinite stream drawing shards with replacement per worker.
+    resampled: bool = False
+    #: Batches between two logged bad-data summaries (also logged at close).
+    report_every: int = 1000
+
+    @classmethod
+    def from_dict(cls, data: dict, ignore_unknown: bool = True) -> "DataConfig":
+        """Build from a (training) config dict, taking only the data keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown and not ignore_unknown:
+            raise DataError(f"unknown data config keys: {sorted(unknown)}")
+        cfg = cls(**{k: v for k, v in data.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "DataConfig":
+        """Check every key; raise DataError naming the first bad one. Returns self."""
+        wp = self.webdataset_path
+        if not wp or not (isinstance(wp, str) or (isinstance(wp, (list, tuple))
+                                                    and all(isinstance(x, str) and x for x in wp))):
+            raise DataError(f"webdataset_path: expected a path/URL or a list of them, got {wp!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
+            raise DataError(f"image_size: expected an integer >= 32, got {self.image_size!r}")
+        if self.crop not in ("random", "center"):
+            raise DataError(f"crop: expected 'random' or 'center', got {self.crop!r} "
+                            f"(SmartCrop is not available)")
+        for key in ("bucket_random_ratio", "caption_dropout"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise DataError(f"{key}: expected a probability in [0, 1], got {v!r}")
+        for key, lo in (("shuffle_buffer", 1), ("num_workers", 0), ("report_every", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise DataError(f"{key}: expected an integer >= {lo}, got {v!r}")
+        for key in ("strict", "resampled"):
+            if not isinstance(getattr(self, key), bool):
+                raise DataError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        if self.multi_aspect_ratio is not None:
+            if not isinstance(self.multi_aspect_ratio, (list, tuple)) or not self.multi_aspect_ratio:
+                raise DataError(f"multi_aspect_ratio: expected a list of ratios like '9/16', "
+                                f"got {self.multi_aspect_ratio!r}")
+        self.bucket_table()
+        parse_filters(self.dataset_filters)
+        make_caption_getter(self.captions_getter, self.caption_key)
+        return self
+
+    def bucket_table(self, image_size: int | None = None) -> BucketTable:
+        """The bucket table this config trains with (one square bucket without ratios)."""
+        return BucketTable(image_size or self.image_size, self.multi_aspect_ratio,
+                           self.bucket_random_ratio)

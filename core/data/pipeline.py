@@ -1,0 +1,225 @@
+"""``build_pipeline``: the training loop's view of the data (an endless iterator of batches)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .captions import make_caption_getter
+from .config import DataConfig
+from .errors import DataError
+from .filters import parse_filters
+from .plan import ShardPlan
+from .sources import expand_sources
+from .stats import Stats, log_report
+from .worker import StreamSpec, WorkerStream
+
+log = logging.getLogger("core.data")
+
+STATE_VERSION = 1
+
+
+def _identity(x):
+    return x
+
+
+class _Streams(IterableDataset):
+    """Hands each DataLoader worker its logical stream.
+
+    DataLoader serves workers strictly round-robin, so the batch order is deterministic. On
+    resume the physical-to-logical mapping is rotated so the worker due next comes first.
+    """
+
+    def __init__(self, spec: StreamSpec, workers: int, rotate: int, cursors: dict[int, dict]):
+        self.spec, self.workers, self.rotate, self.cursors = spec, workers, rotate, cursors
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotate) % self.workers
+        if info is not None:
+            torch.set_num_threads(1)  # workers run in parallel already; avoid oversubscription
+        return iter(WorkerStream(self.spec, logical, self.cursors.get(logical)))
+
+
+def _fingerprint(urls: list[str], spec_bits: tuple) -> str:
+    h = hashlib.sha256(repr((urls, spec_bits)).encode())
+    return h.hexdigest()[:16]
+
+
+class DataPipeline:
+    """Endless iterator of single-bucket batches with an exact-resume position.
+
+    Batches: ``images`` (B,3,h,w) float in [0,1], ``captions``, ``caption_dropped``, ``keys``,
+    ``urls``, ``json`` (lists of length B) and ``epoch``. Epochs advance by themselves.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int | None = None, state: dict | None = None,
+                 transform_size: int | None = None):
+        cfg.validate()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size: the per-rank batch size must be an integer >= 1, got {batch_size!r}")
+        if not (0 <= rank < world_size):
+            raise DataError(f"data pipeline: rank {rank} is not in [0, world_size={world_size})")
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
+        self.workers = max(1, self.num_workers)
+        urls = expand_sources(cfg.webdataset_path)
+        plan = ShardPlan(urls, seed, rank, world_size, self.workers, cfg.resampled)
+        if plan.split_by_sample:
+            log.warning("data: %d shard(s) for %d rank(s) x %d worker(s): every worker reads every "
+                        "shard and keeps 1/%d of the samples; write more shards to avoid re-reading",
+                        len(urls), world_size, self.workers, plan.total_workers)
+        self.spec = StreamSpec(
+            plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=cfg.crop,
+            filters=parse_filters(cfg.dataset_filters),
+            captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
+            caption_dropout=float(cfg.caption_dropout), shuffle_buffer=cfg.shuffle_buffer,
+            strict=cfg.strict)
+        self._fp = _fingerprint(urls, (seed, rank, world_size, self.workers, cfg.resampled,
+                                       cfg.shuffle_buffer))
+        self._stats = Stats()
+        self._pending: list[dict] = []   # bad-sample records not logged yet
+        self._batches = 0
+        self._epoch_ends: dict[int, list[int]] = {}   # epoch -> samples produced per worker
+        self._cursors: dict[int, dict] = {}
+        self._next = 0
+        self._restore(state)
+        ds = _Streams(self.spec, self.workers, self._next, dict(self._cursors))
+        if self.num_workers == 0:
+            self._loader = None
+            self._it: Iterator[dict] = iter(ds)
+        else:
+            self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                      collate_fn=_identity, prefetch_factor=2)
+            self._it = iter(self._loader)
+        self._closed = False
+
+    # ------------------------------------------------------------------ state
+    def _restore(self, state: dict | None) -> None:
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state: unsupported version {state.get('version')!r}")
+        workers = {int(k): v for k, v in state.get("workers", {}).items()}
+        if state.get("fingerprint") != self._fp:
+            # Positions are meaningless for another shard list or worker layout: start the next
+            # epoch cleanly rather than repeat or skip part of the current one.
+            nxt = max([c["epoch"] for c in workers.values()] or [-1]) + 1
+            log.warning("data: the saved data position was made with other shards or another "
+                        "rank/worker layout; resuming at the start of epoch %d", nxt)
+            self._cursors = {w: {"epoch": nxt} for w in range(self.workers)}
+            return
+        self._cursors = workers
+        self._next = int(state.get("next_worker", 0)) % self.workers
+        self._batches = int(state.get("batches", 0))
+
+    def state_dict(self) -> dict:
+        """Small JSON-able position: pass it as ``state=`` to continue exactly after the last batch."""
+        return {
+            "version": STATE_VERSION, "fingerprint": self._fp, "next_worker": self._next,
+            "batches": self._batches, "epoch": self.epoch,
+            "workers": {str(w): c for w, c in sorted(self._cursors.items())},
+        }
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch any worker of this rank is still in."""
+        if not self._cursors:
+            return 0
+        return min(int(self._cursors.get(w, {"epoch": 0})["epoch"]) for w in range(self.workers))
+
+    # -------------------------------------------------------------- iterating
+    def __iter__(self) -> "DataPipeline":
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise DataError("data pipeline is closed")
+        while True:
+            item = next(self._it)
+            w = item["worker"]
+            self._pending.extend(item["stats"].get("records", []))
+            self._stats.merge(item["stats"])
+            if item["kind"] == "error":
+                raise DataError(item["message"])
+            self._cursors[w] = item["cursor"]
+            self._next = (w + 1) % self.workers
+            if item["kind"] == "epoch_end":
+                self._epoch_end(item["epoch"], w, item["produced"])
+                continue
+            self._batches += 1
+            if self._batches % self.cfg.report_every == 0:
+                self._report()
+            return {k: item[k] for k in ("images", "captions", "caption_dropped", "keys", "urls",
+                                          "json", "epoch")}
+
+    def _epoch_end(self, epoch: int, worker: int, produced: int) -> None:
+        got = self._epoch_ends.setdefault(epoch, [])
+        got.append(produced)
+        if len(got) < self.workers:
+            return
+        del self._epoch_ends[epoch]
+        if sum(got) == 0:
+            s = self._stats
+            raise DataError(
+                f"no sample survived epoch {epoch} on rank {self.spec.plan.rank}: "
+                f"{s.seen} read, {sum(s.filtered.values())} filtered out "
+                f"({dict(s.filtered)}), {sum(s.missing_key.values())} lacking a filter key "
+                f"({dict(s.missing_key)}), bad: {dict(s.bad)}; check webdataset_path and "
+                f"dataset_filters")
+
+    # ------------------------------------------------------------- reporting
+    def _report(self) -> None:
+        log_report(self._stats, self._pending)
+        self._pending = []
+
+    def stats(self) -> dict:
+        """Counters so far: bad samples by reason (+ recent records with URL/key), filter drops,
+        samples per bucket, samples read/emitted, batches, current epoch."""
+        d = self._stats.as_dict()
+        d["batches"] = self._batches
+        d["epoch"] = self.epoch
+        return d
+
+    def close(self) -> None:
+        """Stop the workers and log the final bad-data summary."""
+        if self._closed:
+            return
+        self._closed = True
+        self._report()
+        it, self._it = self._it, iter(())
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._loader = None
+
+    def __enter__(self) -> "DataPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def build_pipeline(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                   seed: int = 0, num_workers: int | None = None, state: dict | None = None,
+                   transform_size: int | None = None) -> DataPipeline:
+    """Build the data pipeline of one rank.
+
+    ``batch_size`` is per rank; ``num_workers`` overrides ``cfg.num_workers``; ``state`` is a
+    previous ``state_dict()`` to resume from; ``transform_size`` overrides ``cfg.image_size``
+    (e.g. a job that trains at another resolution than the config's bucket area).
+    """
+    return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size)

@@ -1,0 +1,317 @@
+"""The per-worker stream: read shards, shuffle, filter, bucket, decode, batch.
+
+Everything per-sample happens here, inside a DataLoader worker process (or the main process when
+``num_workers=0``). The stream is deterministic given (seed, epoch, rank, worker), and after every
+item it reports a small *cursor* from which a new stream continues exactly:
+
+* ``pos``: (shard index, byte offset, running sample index) of the first sample of the current
+  shuffle block, and ``taken``: how many samples of that block were already processed. Samples are
+  shuffled in blocks of ``shuffle_buffer`` so a block can be re-read and re-permuted on resume;
+* ``left``: references (epoch, shard index, byte offset) of the samples waiting in buckets. Only
+  encoded bytes wait in buckets (decoding happens when a bucket fills) and on resume they are
+  fetched again by offset;
+* ``epoch`` and ``produced`` (samples emitted this epoch).
+
+All randomness of a sample (random bucket, caption choice, dropout, crop) comes from a generator
+seeded by the sample's identity, so it does not depend on the order of processing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .buckets import BucketTable
+from .captions import CaptionGetter, MissingCaption
+from .errors import DataError, ShardMissing
+from .filters import FilterRule
+from .images import BadImage, image_ext, load_to_bucket, probe_size
+from .plan import ShardPlan
+from .sources import open_shard
+from .stats import Stats
+from .tario import RawSample, TarTruncated, iter_samples
+
+# Independent random streams of one sample.
+_S_BUCKET, _S_CAPTION, _S_DROPOUT, _S_CROP = range(4)
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs (picklable: sent to spawn/fork workers as is)."""
+
+    plan: ShardPlan
+    batch_size: int
+    table: BucketTable
+    crop: str
+    filters: list[FilterRule]
+    captions: CaptionGetter
+    caption_dropout: float
+    shuffle_buffer: int
+    strict: bool
+
+
+@dataclass
+class Entry:
+    """A sample waiting in a bucket (encoded image only)."""
+
+    ref: list[int]                  # [epoch, shard index, byte offset]
+    url: str
+    key: str
+    image: bytes
+    caption: str
+    dropped: bool
+    meta: dict | None
+    seed: int
+
+
+@dataclass
+class _Pos:
+    seq: int = 0      # index into this worker's shard list of the epoch
+    offset: int = 0   # byte offset in that shard
+    raw: int = 0      # running sample index in the epoch (for the modulo split)
+
+    def as_list(self) -> list[int]:
+        return [self.seq, self.offset, self.raw]
+
+
+def sample_seed(seed: int, epoch: int, g: int, url: str, key: str) -> int:
+    h = hashlib.blake2b(f"{seed}|{epoch}|{g}|{url}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def _rng(sample: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([sample, stream])
+
+
+class WorkerStream:
+    """Infinite iterator of items for one logical worker of one rank.
+
+    Items are dicts with ``kind`` = ``'batch'`` | ``'epoch_end'`` | ``'error'`` plus ``worker``,
+    ``cursor`` and ``stats`` (increments since the previous item).
+    """
+
+    def __init__(self, spec: StreamSpec, worker: int, cursor: dict | None = None):
+        self.spec = spec
+        self.worker = worker
+        self.g = spec.plan.global_worker(worker)
+        self.cursor = cursor
+        self.stats = Stats()
+        self.buckets: dict[tuple[int, int], list[Entry]] = {b: [] for b in spec.table.buckets}
+        self.epoch = 0
+        self.produced = 0
+
+    # ---------------------------------------------------------------- reading
+    def _bad(self, reason: str, url: str, key: str | None, detail: str = "") -> None:
+        if self.spec.strict:
+            where = f"{url} key={key}" if key else url
+            raise DataError(f"bad data ({reason}) in {where}: {detail} (strict: true)")
+        self.stats.bad_sample(reason, url, key, detail)
+
+    def _read(self, epoch: int, pos: _Pos) -> Iterator[tuple[_Pos, str, RawSample]]:
+        """Samples of this worker's shards from ``pos`` on, each with its own position."""
+        shards = self.spec.plan.shards(epoch, self.worker)
+        modulo = self.spec.plan.sample_modulo(self.worker)
+        raw = pos.raw
+        for seq in range(pos.seq, len(shards)):
+            url = shards[seq]
+            start = pos.offset if seq == pos.seq else 0
+            try:
+                f = open_shard(url, start)
+            except (FileNotFoundError, ShardMissing) as e:
+                self._bad("missing_shard", url, None, str(e) if isinstance(e, DataError) else "no such file")
+                continue
+            except OSError as e:
+                self._bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
+                continue
+            try:
+                for s in iter_samples(f, start):
+                    here = _Pos(seq, s.offset, raw)
+                    raw += 1
+                    if modulo is not None and here.raw % modulo[0] != modulo[1]:
+                        continue
+                    yield here, url, s
+            except TarTruncated as e:
+                self._bad("truncated_tar", url, e.key, str(e))
+            finally:
+                f.close()
+
+    def _fetch(self, ref: list[int]) -> tuple[str, RawSample] | None:
+        """Re-read one waiting sample by its reference (resume)."""
+        epoch, seq, offset = ref
+        url = self.spec.plan.shards(epoch, self.worker)[seq]
+        try:
+            f = open_shard(url, offset)
+        except (OSError, ShardMissing):
+            return None
+        try:
+            return url, next(iter_samples(f, offset))
+        except (StopIteration, TarTruncated):
+            return None
+        finally:
+            f.close()
+
+    # ------------------------------------------------------------- per sample
+    def _admit(self, epoch: int, pos: _Pos, url: str, s: RawSample) -> tuple[int, int] | None:
+        """Filter, caption and bucket one sample; returns its bucket, or None if dropped."""
+        spec = self.spec
+        meta = None
+        if "json" in s.files:
+            try:
+                meta = json.loads(s.files["json"].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                meta = None
+                if spec.filters:
+                    self._bad("bad_json", url, s.key, "unparseable .json")
+                    return None
+        for rule in spec.filters:
+            if not isinstance(meta, dict) or rule.key not in meta:
+                self.stats.missing_key[rule.key] += 1
+                return None
+            try:
+                ok = rule(meta[rule.key])
+            except Exception:  # noqa: BLE001 - e.g. comparing a string with a number
+                ok = False
+            if not ok:
+                self.stats.filtered[rule.key] += 1
+                return None
+        ext = image_ext(s.files)
+        if ext is None:
+            self._bad("missing_image", url, s.key, f"files: {sorted(s.files)}")
+            return None
+        seed = sample_seed(self.spec.plan.seed, epoch, self.g, url, s.key)
+        try:
+            caption = spec.captions(s.files, meta if isinstance(meta, dict) else None,
+                                    _rng(seed, _S_CAPTION))
+        except MissingCaption as e:
+            self._bad("missing_caption", url, s.key, f"{spec.captions.describe()}: {e}")
+            return None
+        try:
+            h, w = probe_size(s.files[ext])
+        except BadImage as e:
+            self._bad("undecodable_image", url, s.key, str(e))
+            return None
+        bucket = spec.table.choose(h, w, _rng(seed, _S_BUCKET))
+        dropped = bool(spec.caption_dropout > 0 and _rng(seed, _S_DROPOUT).random() < spec.caption_dropout)
+        self.buckets[bucket].append(Entry(
+            ref=[epoch, pos.seq, s.offset], url=url, key=s.key, image=s.files[ext],
+            caption="" if dropped else caption, dropped=dropped,
+            meta=meta if isinstance(meta, dict) else None, seed=seed))
+        return bucket
+
+    def _make_batch(self, bucket: tuple[int, int], flush: bool) -> dict | None:
+        """Decode the bucket's first ``batch_size`` entries; None if bad images left it short."""
+        entries = self.buckets[bucket]
+        want = min(len(entries), self.spec.batch_size)
+        while True:
+            take, images = entries[:want], []
+            good: list[Entry] = []
+            for e in take:
+                try:
+                    images.append(load_to_bucket(e.image, bucket, self.spec.crop, _rng(e.seed, _S_CROP)))
+                    good.append(e)
+                except BadImage as exc:
+                    entries.remove(e)
+                    self._bad("undecodable_image", e.url, e.key, str(exc))
+            if len(good) == len(take):
+                break
+            if not flush and len(entries) < want:
+                return None  # wait for more samples; the good ones are decoded again later
+            want = min(want, len(entries))
+        if not good:
+            return None
+        del entries[:len(good)]
+        self.stats.buckets[f"{bucket[0]}x{bucket[1]}"] += len(good)
+        self.stats.samples += len(good)
+        self.produced += len(good)
+        return {
+            "kind": "batch",
+            # numpy (single-threaded) for the uint8 -> float step; torch only wraps the result
+            "images": torch.from_numpy(np.stack(images).astype(np.float32) / np.float32(255.0)),
+            "captions": [e.caption for e in good],
+            "caption_dropped": [e.dropped for e in good],
+            "keys": [e.key for e in good],
+            "urls": [e.url for e in good],
+            "json": [e.meta for e in good],
+        }
+
+    # ---------------------------------------------------------------- driving
+    def _item(self, item: dict, pos: _Pos, taken: int) -> dict:
+        item["worker"] = self.worker
+        item["epoch"] = self.epoch if item["kind"] != "epoch_end" else item["epoch"]
+        item["cursor"] = {
+            "epoch": self.epoch, "pos": pos.as_list(), "taken": taken, "produced": self.produced,
+            "left": [e.ref for b in self.spec.table.buckets for e in self.buckets[b]],
+        }
+        item["stats"] = self.stats.take()
+        return item
+
+    def _restore_leftovers(self, refs: list[list[int]]) -> None:
+        quiet, self.stats = self.stats, Stats()  # already counted before the restart
+        try:
+            for ref in refs:
+                got = self._fetch(ref)
+                if got is None:
+                    continue
+                url, s = got
+                self._admit(ref[0], _Pos(ref[1], ref[2], 0), url, s)
+        finally:
+            self.stats = quiet
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._run()
+        except DataError as e:
+            yield {"kind": "error", "worker": self.worker, "message": str(e),
+                   "stats": self.stats.take(), "cursor": None, "epoch": self.epoch}
+
+    def _run(self) -> Iterator[dict]:
+        spec = self.spec
+        c = self.cursor or {}
+        self.epoch = int(c.get("epoch", 0))
+        self.produced = int(c.get("produced", 0))
+        pos = _Pos(*c.get("pos", [0, 0, 0]))
+        skip = int(c.get("taken", 0))
+        if c.get("left"):
+            self._restore_leftovers(c["left"])
+        while True:
+            reader = self._read(self.epoch, pos)
+            ended = False
+            while not ended:
+                chunk: list[tuple[_Pos, str, RawSample]] = []
+                for item in reader:
+                    chunk.append(item)
+                    if len(chunk) == spec.shuffle_buffer:
+                        break
+                if len(chunk) < spec.shuffle_buffer:
+                    ended = True
+                if not chunk:
+                    break
+                start = chunk[0][0]
+                order = np.random.default_rng([spec.plan.seed, self.epoch, self.g, start.raw, start.seq]
+                                              ).permutation(len(chunk))
+                for j in range(skip, len(chunk)):
+                    p, url, s = chunk[int(order[j])]
+                    self.stats.seen += 1
+                    bucket = self._admit(self.epoch, p, url, s)
+                    if bucket is not None and len(self.buckets[bucket]) >= spec.batch_size:
+                        batch = self._make_batch(bucket, flush=False)
+                        if batch is not None:
+                            yield self._item(batch, start, j + 1)
+                skip = 0
+            end = _Pos(len(spec.plan.shards(self.epoch, self.worker)), 0, 0)
+            if not spec.plan.resampled:
+                # Leftovers are flushed as smaller batches so every sample is used in its epoch.
+                for b in spec.table.buckets:
+                    while self.buckets[b]:
+                        batch = self._make_batch(b, flush=True)
+                        if batch is not None:
+                            yield self._item(batch, end, 0)
+            done_epoch, produced = self.epoch, self.produced
+            self.epoch += 1
+            self.produced = 0
+            pos = _Pos()
+            yield self._item({"kind": "epoch_end", "epoch": done_epoch, "produced": produced}, pos, 0)
