@@ -62,6 +62,7 @@ def apply_retoken(embedding_module: nn.Module, indices: Sequence[int]) -> ReToke
     """Register a ReToken on ``embedding_module.weight`` (width taken from the table)."""
     weight = embedding_module.weight
     retoken = ReToken(indices, width=weight.size(1)).to(device=weight.device, dtype=weight.dtype)
+    retoken._param_order = list(embedding_module._parameters)
     parametrize.register_parametrization(embedding_module, "weight", retoken)
     return retoken
 
@@ -93,10 +94,15 @@ def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: 
         if attr is None:
             continue
         lora = LoRA(m, attr, rank=rank, alpha=alpha)
+        lora._param_order = list(m._parameters)  # lets remove_lora restore the state-dict order
         parametrize.register_parametrization(m, attr, lora)
         new.add(id(lora))
     if not new:
-        names = [n for n, _ in model.named_modules() if n][:8]
+        # Show name patterns (indices as '*') so the hint covers the whole model in a few entries.
+        patterns = list(dict.fromkeys(
+            ".".join("*" if part.isdigit() else part for part in n.split("."))
+            for n, m in model.named_modules() if _target(m) is not None))
+        names = patterns[:12]
         raise ValueError(f"apply_lora: filters {list(filters or [])} match no module with a weight; "
                          f"module names look like {names}")
     out = []
@@ -114,8 +120,14 @@ def remove_lora(model: nn.Module, leave_parametrized: bool = True) -> None:
         if not parametrize.is_parametrized(m):
             continue
         for name in list(m.parametrizations.keys()):
-            if any(isinstance(p, (LoRA, ReToken)) for p in m.parametrizations[name]):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=leave_parametrized)
+            plist = m.parametrizations[name]
+            if not any(isinstance(p, (LoRA, ReToken)) for p in plist):
+                continue
+            order = next((p._param_order for p in plist if hasattr(p, "_param_order")), None)
+            parametrize.remove_parametrizations(m, name, leave_parametrized=leave_parametrized)
+            if order is not None and set(order) == set(m._parameters):
+                # Re-registering appended the weight at the end; put it back where it was.
+                m._parameters = type(m._parameters)((k, m._parameters[k]) for k in order)
 
 
 def _modules_of(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]]) -> List[LoRA]:
