@@ -230,13 +230,6 @@ def test_sreffnet_filter_with_encoder():
     assert torch.equal(preview, F.interpolate(half, size=(256, 192), mode="nearest"))
 
 
-def test_sreffnet_real_encoder_if_available():
-    effnet_mod = pytest.importorskip("modules.effnet")
-    enc = effnet_mod.EfficientNetEncoder()
-    latent, _ = SREffnetFilter(effnet=enc)(photo("chelsea.png", (128, 128)))
-    assert latent.shape == (1, 16, 4, 4)
-
-
 def test_sreffnet_without_encoder_is_a_clear_error():
     with pytest.raises(FilterError, match="training script must pass the loaded encoder"):
         SREffnetFilter()(torch.rand(1, 3, 64, 64))
