@@ -149,7 +149,11 @@ def iter_samples(f: BinaryIO, start: int = 0) -> Iterator[RawSample]:
                 current = RawSample(key=key, offset=offset)
             current.files[ext] = data
     except TarTruncated as e:
-        partial = current.key if current is not None else None
-        raise TarTruncated(str(e), partial or (split_name(e.key)[0] if e.key and split_name(e.key) else e.key)) from None
+        cut = split_name(e.key) if e.key else None
+        if cut is not None and current is not None and cut[0] != current.key:
+            # the cut member starts a new sample, so the one before it is complete
+            yield current
+            current = None
+        raise TarTruncated(str(e), cut[0] if cut else (current.key if current else None)) from None
     if current is not None:
         yield current
