@@ -7,6 +7,7 @@ import torch
 
 from . import _rng
 from ._checks import positive, tensor_arg
+from .sampling import prepare_sampling, sampling_loop
 
 __all__ = ["GDF"]
 
@@ -117,8 +118,6 @@ class GDF:
         randn_like per step. ``send({...})`` may replace ``cfg``, ``cfg_rho``, ``sampler``,
         ``model_inputs`` (the conditional inputs), ``x`` or ``x_init``. See gdf/README.md.
         """
-        from .sampling import prepare_sampling, sampling_loop
-
         state = prepare_sampling(
             self, model=model, model_inputs=model_inputs, shape=shape,
             unconditional_inputs=unconditional_inputs, sampler=sampler, schedule=schedule,

@@ -14,7 +14,7 @@ def exact_eps_model(g, x0, t_start=1.0, t_end=0.0, timesteps=20, shift=1):
     r_table = g.noise_cond(lam_table)
 
     def model(x, r, **inputs):
-        lam = lam_table[(r[:, None] - r_table[None]).abs().argmin(1)]
+        lam = lam_table.to(r.device)[(r[:, None] - r_table.to(r.device)[None]).abs().argmin(1)]
         a, b = g.input_scaler(lam)
         reps = x.size(0) // x0.size(0)
         return (x - a.view(-1, 1, 1, 1) * x0.repeat(reps, 1, 1, 1)) / b.view(-1, 1, 1, 1)
@@ -266,3 +266,21 @@ def test_pyramid_noise_normalisation_and_generator():
         pyramid_noise(torch.zeros(4, 8, 8))
     with pytest.raises(ValueError, match="levels"):
         pyramid_noise(eps, levels=0)
+
+
+# ---------------------------------------------------------------- CUDA (skipped on CPU-only machines)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_devices_and_generators():
+    g = presets.stage_c(adaptive_loss_weight=True, offset_noise=0.1)
+    x0 = torch.randn(SHAPE, device="cuda", dtype=torch.bfloat16)
+    for gen in (None, torch.Generator().manual_seed(0), torch.Generator(device="cuda").manual_seed(0)):
+        out = g.diffuse(x0, generator=gen)
+        assert all(o.device.type == "cuda" for o in out)
+        assert out[3].dtype == torch.float32 and out[1].dtype != torch.float64
+        assert pyramid_noise(out[1], generator=gen).device.type == "cuda"
+    g.loss_weight.update_buckets(out[3], torch.ones(2, device="cuda"))
+    model = exact_eps_model(g, x0.float(), timesteps=4)
+    inputs = {"c": torch.ones(2, 1, device="cuda")}
+    for gen in (None, torch.Generator(device="cuda").manual_seed(1)):
+        res = last_x0(g.sample(model, inputs, SHAPE, timesteps=4, device="cuda", generator=gen))
+        assert res.device.type == "cuda" and (res - x0.float()).abs().max().item() < 1e-3
