@@ -1,0 +1,267 @@
+"""What a person watches: progress bar, metrics.jsonl, preview grids, loss curve, optional wandb.
+
+Local files are always written (main rank only); wandb is used when ``wandb_project`` is set: it is
+imported lazily, runs offline when ``WANDB_MODE=offline`` or the wandb server is unreachable, and a
+missing wandb package gives ONE warning instead of a crash.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import uuid
+from typing import Any, Mapping, Optional
+
+import torch
+
+from core.atomic import atomic_write_bytes
+
+__all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss"]
+
+log = logging.getLogger("core")
+
+_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines through tqdm so they do not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(is_main: bool = True, level: int = logging.INFO) -> None:
+    """Configure Python logging once: a clear format on stderr; non-main ranks log only
+    warnings and errors (so N processes do not repeat every line)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_cascade", False) for h in root.handlers):
+        handler = _TqdmHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler._cascade = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level if is_main else logging.WARNING)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors -> numbers; non-finite floats -> None (JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file (a torn last line from a crash is skipped)."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def image_grid(images: torch.Tensor, nrow: int = 4, padding: int = 2) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> one (3, H', W') grid image, ``nrow`` images per row."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid expects (N, 3, H, W), got {tuple(images.shape)}")
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, _, h, w = images.shape
+    cols = max(1, min(nrow, n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(3, rows * (h + padding) + padding, cols * (w + padding) + padding)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def plot_loss(metrics_path: str, out_path: str, key: str = "loss") -> bool:
+    """Write a loss-curve PNG (raw + smoothed) from metrics.jsonl; False when there is nothing
+    to plot. Uses a standalone Agg figure (no pyplot global state, nothing leaks)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [(r["step"], r[key]) for r in read_metrics(metrics_path)
+              if isinstance(r.get(key), (int, float)) and "step" in r]
+    if not points:
+        return False
+    steps, values = zip(*points)
+    smooth, acc = [], None
+    for v in values:
+        acc = v if acc is None else 0.9 * acc + 0.1 * v
+        smooth.append(acc)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, values, alpha=0.35, label=key)
+    ax.plot(steps, smooth, label=f"{key} (smoothed)")
+    ax.set_xlabel("optimizer update")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return True
+
+
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class RunLogger:
+    """Progress bar, metrics.jsonl, previews, loss curve and optional wandb for one run.
+
+    Non-main ranks get a silent logger (every method is a no-op), so callers need no rank checks.
+    ``resume_step`` drops metrics.jsonl records after that step (they belong to the updates a
+    crash threw away and are about to be redone)."""
+
+    def __init__(self, run_dir: str, cfg: Any, is_main: bool, total_steps: int,
+                 wandb_project: Optional[str] = None, wandb_entity: Optional[str] = None,
+                 run_id: Optional[str] = None, start_step: int = 0, resume_step: Optional[int] = None,
+                 preview_dir: Optional[str] = None, run_name: Optional[str] = None) -> None:
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.preview_dir = preview_dir or os.path.join(run_dir, "previews")
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.run_id = run_id or uuid.uuid4().hex[:8]  # saved by the trainer so wandb resumes the same run
+        self.wandb: Any = None
+        self._bar: Any = None
+        setup_logging(is_main)
+        if not is_main:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True,
+                         mininterval=0.5, file=sys.stderr)
+        self._last_time = time.monotonic()
+        if wandb_project:
+            self._start_wandb(cfg, wandb_project, wandb_entity, run_name)
+
+    # ----------------------------------------------------------------------------- wandb
+    def _start_wandb(self, cfg: Any, project: str, entity: Optional[str], run_name: Optional[str]) -> None:
+        try:
+            import wandb  # type: ignore[import-not-found]
+        except ImportError:
+            log.warning("wandb_project is set but wandb is not installed (pip install wandb); "
+                        "logging to %s only", self.metrics_path)
+            return
+        mode = os.environ.get("WANDB_MODE")
+        if mode is None and not _wandb_reachable():
+            mode = "offline"
+            log.warning("wandb server unreachable: logging offline (sync later with `wandb sync %s`)", self.run_dir)
+        import dataclasses
+
+        from core.config import config_to_dict
+
+        config = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else {}
+        name = run_name or getattr(cfg, "experiment_id", None)
+        self.wandb = wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow",
+                                dir=self.run_dir, config=config, mode=mode or "online")
+
+    # ------------------------------------------------------------------------------ files
+    def _truncate_after(self, step: int) -> None:
+        records = read_metrics(self.metrics_path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records):
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write_bytes(self.metrics_path, text.encode("utf-8"))
+
+    def progress(self, step: int, loss: Optional[float] = None, images: int = 0) -> None:
+        """Advance the bar to ``step`` (optimizer updates); ``images`` = images in this update
+        (the global batch) for the images/s figure."""
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        elapsed, self._last_time = max(now - self._last_time, 1e-9), now
+        delta = step - self._bar.n
+        if delta > 0:
+            self._bar.update(delta)
+        postfix = {"step": step}
+        if loss is not None and math.isfinite(float(loss)):
+            postfix["loss"] = f"{float(loss):.4f}"
+        if images:
+            postfix["img/s"] = f"{images * max(delta, 1) / elapsed:.1f}"
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (and wandb)."""
+        if not self.is_main:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3), **_jsonable(dict(metrics))}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step))
+
+    def log_images(self, step: int, name: str, images: torch.Tensor, nrow: int = 4) -> Optional[str]:
+        """Save a PNG grid ``previews/{name}_{step:08d}.png`` and ``latest_{name}.png`` (and
+        to wandb). Returns the grid path (None on non-main ranks)."""
+        if not self.is_main:
+            return None
+        data = _png_bytes(image_grid(images, nrow=nrow))
+        path = os.path.join(self.preview_dir, f"{name}_{step:08d}.png")
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(os.path.join(self.preview_dir, f"latest_{name}.png"), data)
+        if self.wandb is not None:
+            import wandb  # type: ignore[import-not-found]
+
+            self.wandb.log({name: wandb.Image(path)}, step=int(step))
+        return path
+
+    def plot_loss(self, path: Optional[str] = None, key: str = "loss") -> Optional[str]:
+        """Loss curve PNG from metrics.jsonl (default ``run_dir/loss.png``); None if no data."""
+        if not self.is_main:
+            return None
+        path = path or os.path.join(self.run_dir, "loss.png")
+        return path if plot_loss(self.metrics_path, path, key) else None
+
+    def close(self) -> None:
+        """Close the bar and finish wandb."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
