@@ -398,6 +398,9 @@ class CascadeUNet(nn.Module):
     def update_weights_ema(self, src_model: nn.Module, beta: float = 0.999) -> None:
         """self <- self*beta + src*(1-beta) over parameters and buffers in iteration order."""
         for p_self, p_src in zip(self.parameters(), src_model.parameters()):
-            p_self.data = p_self.data * beta + p_src.data.clone().to(p_self.device) * (1 - beta)
+            p_self.lerp_(p_src.detach().to(p_self.device, p_self.dtype), 1 - beta)
         for b_self, b_src in zip(self.buffers(), src_model.buffers()):
-            b_self.data = b_self.data * beta + b_src.data.clone().to(b_self.device) * (1 - beta)
+            if b_self.is_floating_point():
+                b_self.lerp_(b_src.to(b_self.device, b_self.dtype), 1 - beta)
+            else:  # integer counters cannot be averaged
+                b_self.copy_(b_src)

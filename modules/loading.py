@@ -52,9 +52,13 @@ def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
 
 def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
     try:
+        # mmap avoids a second in-memory copy; files in the legacy (pre-zip) format cannot be mapped.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    except Exception:  # noqa: BLE001
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
     return _unwrap(obj, path)
 
 

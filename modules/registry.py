@@ -5,10 +5,10 @@ are structurally complete CPU-sized models for tests and the demo:
 
 * ``stage_c/tiny``: c_hidden [32, 32], c_cond 32, nhead [2, 2], blocks [[1, 2], [2, 1]] ('CTA' levels,
   self-attention, t_conds sca/crp), c_clip_text = c_clip_text_pooled = 32, c_clip_img = 24,
-  c_in = c_out = 16 (the EfficientNet latent width), c_r 64; ~120k parameters.
+  c_in = c_out = 16 (the EfficientNet latent width), c_r 64; 175,888 parameters.
 * ``stage_b/tiny``: c_hidden [8, 16, 32, 32], c_cond 32, nhead [-1, -1, 2, 2], blocks
   [[1, 1, 1, 1], [1, 1, 1, 1]], up repeats [3, 3, 2, 2] (like 3B), c_clip 32, c_effnet 16,
-  c_in = c_out = 4; a 16x16 latent runs at 8/4/2/1 pixels per level; ~90k parameters.
+  c_in = c_out = 4; a 16x16 latent runs at 8/4/2/1 pixels per level; 137,912 parameters.
 """
 from __future__ import annotations
 

@@ -235,3 +235,34 @@ def test_gradient_checkpointing_same_gradients(kind):
 def test_unknown_version_lists_known():
     with pytest.raises(ValueError, match="3.6B"):
         build_model("stage_c", "2B", device="meta")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stage_c_switch_level_resamples(autocast):
+    model = _randomise(build_model("stage_c", "tiny", switch_level=[True])).eval()
+    assert isinstance(model.down_downscalers[1][1].blocks[1], nn.Upsample)
+    assert isinstance(model.up_upscalers[0][1].blocks[0], nn.Upsample)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**_c_inputs())
+    assert out.shape == (2, 16, 8, 8)
+    bf16 = model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert bf16(**_c_inputs(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_stage_b_odd_level_sizes_resize_to_skip(stage_b):
+    # 20x20 latent -> 10, 5, 2, 1: the up path must resize 4 -> 5 before the skip concat.
+    inputs = _b_inputs()
+    inputs["x"] = torch.randn(2, 4, 20, 20)
+    with torch.no_grad():
+        assert stage_b(**inputs).shape == (2, 4, 20, 20)
+        assert stage_b.to(torch.bfloat16)(**dict(inputs, x=inputs["x"].bfloat16())).dtype == torch.bfloat16
+    stage_b.float()
+
+
+def test_update_weights_ema():
+    ema, src = build_model("stage_c", "tiny"), _randomise(build_model("stage_c", "tiny"))
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema.update_weights_ema(src, beta=0.9)
+    for b, p, s in zip(before, ema.parameters(), src.parameters()):
+        assert torch.allclose(p, b * 0.9 + s * 0.1, atol=1e-6)
