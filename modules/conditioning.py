@@ -36,6 +36,8 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 # bigG's HF tokenizer pads with "!" (id 0), as open_clip does; the pad positions are part of clip_text,
 # so a different pad token would change the conditioning the released Stage C was trained on.
+# Being a registered special token, a literal "!" in a caption then encodes as id 0 with the tiny
+# tokenizer (open_clip's own tokenizer gives "!</w>" = 256); real runs use bigG's own tokenizer files.
 PAD_TOKEN = "!"
 
 
