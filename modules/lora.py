@@ -68,8 +68,9 @@ def apply_retoken(embedding_module: nn.Module, indices: Sequence[int]) -> ReToke
 
 
 def _target(module: nn.Module) -> Optional[str]:
+    # 1-D weights (affine norms) cannot carry a low-rank update; the original would crash on them.
     w = getattr(module, "weight", None)
-    if isinstance(w, nn.Parameter) and not parametrize.is_parametrized(module, "weight"):
+    if isinstance(w, nn.Parameter) and w.dim() >= 2 and not parametrize.is_parametrized(module, "weight"):
         return "weight"
     if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
         return "in_proj_weight"
@@ -146,6 +147,19 @@ def lora_state_dict_official(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]],
         sd[f"weights.{i}.lora_down"] = lora.lora_down.detach()
         sd[f"weights.{i}.lora_up"] = lora.lora_up.detach()
     return sd
+
+
+def lora_module_dict(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]], retoken: Optional[ReToken] = None
+                     ) -> nn.ModuleDict:
+    """The official trainable container {'embeddings': ReToken, 'weights': ModuleList(LoRA)}.
+
+    Its ``state_dict()`` is the official LoRA file layout; its parameters are what gets optimised.
+    """
+    d = nn.ModuleDict()
+    if retoken is not None:
+        d["embeddings"] = retoken
+    d["weights"] = nn.ModuleList(_modules_of(loras))
+    return d
 
 
 def lora_state_dict_named(loras: Sequence[Tuple[str, LoRA]]) -> Dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from modules.lora import (
-    LoRA, ReToken, apply_lora, apply_retoken, load_lora_state_dict_official, lora_state_dict_named,
+    LoRA, ReToken, apply_lora, apply_retoken, load_lora_state_dict_official, lora_module_dict, lora_state_dict_named,
     lora_state_dict_official, remove_lora)
 from modules.registry import build_model
 
@@ -65,6 +65,12 @@ def test_lora_training_step_changes_only_lora():
     assert all(l.lora_up.grad is not None for _, l in loras)
 
 
+def test_filters_none_skips_one_dim_weights():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    loras = apply_lora(model, rank=2)
+    assert [n for n, _ in loras] == ["0.weight", "2.weight"]
+
+
 def test_lora_on_conv_and_alpha():
     conv = nn.Conv2d(3, 5, 3)
     lora = LoRA(conv, rank=2, alpha=4.0)
@@ -89,6 +95,9 @@ def test_official_and_named_state_dicts_round_trip():
     retoken = apply_retoken(emb, [7])
     assert retoken.embeddings.shape == (1, 32)
     sd = lora_state_dict_official(loras, retoken)
+    container = lora_module_dict(loras, retoken)
+    assert list(container.state_dict()) == list(sd)
+    assert sum(p.numel() for p in container.parameters()) == sum(v.numel() for k, v in sd.items() if k != "embeddings.indices")
     assert list(sd)[:4] == ["embeddings.embeddings", "embeddings.indices", "weights.0.lora_down", "weights.0.lora_up"]
     assert sd["embeddings.indices"].dtype == torch.int64
     named = lora_state_dict_named(loras)
