@@ -85,6 +85,10 @@ def _from_pretrained(loader, name_or_path: str, what: str, local_files_only: boo
                 "Expected the files written by save_pretrained (config.json + model.safetensors, or "
                 "tokenizer files)."
             ) from err
+    if folder.exists():
+        raise ClipModelNotFoundError(
+            f"{what}: '{name}' is a file; expected a folder written by save_pretrained or a hub id"
+        )
     if not _looks_like_hub_id(name):
         raise ClipModelNotFoundError(
             f"{what}: folder '{name}' does not exist. Point the config key at a folder holding the model "

@@ -125,6 +125,9 @@ def test_missing_local_folder(tmp_path):
         cond.load_clip_text(str(tmp_path / "nope" / "text"))
     with pytest.raises(cond.ClipModelNotFoundError, match="does not hold"):
         cond.load_clip_text(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(cond.ClipModelNotFoundError, match="is a file"):
+        cond.load_clip_vision(str(tmp_path / "model.safetensors"))
 
 
 def test_cli_writes_tiny_clip(tmp_path):
