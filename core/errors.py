@@ -24,20 +24,14 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type, ...]:
-    """The user-error classes that can be imported right now (lazily, to keep imports light)."""
+    """The user-error classes of other packages that are already imported. Importing them here
+    would cost seconds (torch) on every error; class-name matching covers them anyway."""
     types: list[type] = [UserError]
-    try:
-        from modules.loading import CheckpointError  # type: ignore[import-not-found]
-
-        types.append(CheckpointError)
-    except Exception:  # noqa: BLE001 - the package may not exist yet or fail to import
-        pass
-    try:
-        from core.data import DataError  # type: ignore[attr-defined]
-
-        types.append(DataError)
-    except Exception:  # noqa: BLE001
-        pass
+    for module_name, class_name in (("modules.loading", "CheckpointError"), ("core.data", "DataError")):
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type):
+            types.append(cls)
     return tuple(types)
 
 

@@ -141,27 +141,31 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("phase", ["state", "before_latest"])
-def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path, phase):
+def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=str(ROOT)))
-    run, flag = tmp_path / "run", tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, str(script), str(run), phase, str(flag)])
-    deadline = time.time() + 60
-    while not flag.exists():
-        assert proc.poll() is None, "child exited early"
-        assert time.time() < deadline, "child never reached the save"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    phases = ("state", "before_latest")  # killed while writing state / after the model files moved
+    procs = {}
+    for phase in phases:  # both children at once: their start-up (torch import) dominates
+        run, flag = tmp_path / phase / "run", tmp_path / phase / "flag"
+        procs[phase] = (subprocess.Popen([sys.executable, str(script), str(run), phase, str(flag)]), run, flag)
+    deadline = time.time() + 90
+    for proc, run, flag in procs.values():
+        while not flag.exists():
+            assert proc.poll() is None, "child exited early"
+            assert time.time() < deadline, "child never reached the save"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
 
-    mgr = CheckpointManager(str(run))  # a restart: stale temp folders/files are removed
-    assert mgr.latest_step() == 1
-    paths = mgr.load()
-    assert load_json(paths["data.json"]) == {"pos": 1} and load_torch(paths["optimizer.pt"]) == {"step": 1}
-    assert torch.equal(load_file(paths["generator.safetensors"])["w"], torch.full((64, 64), 1.0))
-    leftovers = [p for p in list(run.iterdir()) + list((run / "state").iterdir()) if p.name.endswith(".tmp")]
-    assert leftovers == []
-    save_step(mgr, 2)  # and the run can carry on
-    assert mgr.latest_step() == 2
+    for proc, run, flag in procs.values():
+        mgr = CheckpointManager(str(run))  # a restart: stale temp folders/files are removed
+        assert mgr.latest_step() == 1
+        paths = mgr.load()
+        assert load_json(paths["data.json"]) == {"pos": 1} and load_torch(paths["optimizer.pt"]) == {"step": 1}
+        assert torch.equal(load_file(paths["generator.safetensors"])["w"], torch.full((64, 64), 1.0))
+        leftovers = [p for p in list(run.iterdir()) + list((run / "state").iterdir()) if p.name.endswith(".tmp")]
+        assert leftovers == []
+        save_step(mgr, 2)  # and the run can carry on
+        assert mgr.latest_step() == 2
