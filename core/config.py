@@ -108,7 +108,7 @@ class RunConfig:
     max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
     # --- checkpoints and previews
     save_every: int = doc(REQUIRED_TRAIN, "Checkpoint (and preview) period in optimizer updates; a checkpoint is also written at the end.")
-    backup_every: Optional[int] = doc(None, "Every N updates (checked at each update, not only at save points) also keep a copy of the model files named {name}_{N}k.safetensors (or {name}_{step}.safetensors when not a multiple of 1000). None = no backups.")
+    backup_every: Optional[int] = doc(None, "Every N updates keep an extra copy of the model files, named {name}_{N}k.safetensors ({name}_{step}.safetensors when the step is not a multiple of 1000), that retention never deletes. None = no backups.")
     keep_last: int = doc(3, "Number of newest complete training-state folders kept (backups are kept too).")
     preview_every: Optional[int] = doc(None, "Preview period in updates (None = save_every; 0 = never).")
     num_preview_images: int = doc(4, "Images per preview grid.")

@@ -208,9 +208,11 @@ class RunLogger:
             text = "".join(json.dumps(r) + "\n" for r in kept)
             atomic_write_bytes(self.metrics_path, text.encode("utf-8"))
 
-    def progress(self, step: int, loss: Optional[float] = None, images: int = 0) -> None:
-        """Advance the bar to ``step`` (optimizer updates); ``images`` = images in this update
-        (the global batch) for the images/s figure."""
+    def progress(self, step: int, loss: Optional[float] = None, images: int = 0,
+                 images_per_s: Optional[float] = None) -> None:
+        """Advance the bar to ``step`` (optimizer updates). ``images`` = images in this update
+        (the global batch) for the images/s figure, or give ``images_per_s`` directly. ``log``
+        calls it too, so a loop that logs every update needs no separate call."""
         if self._bar is None:
             return
         now = time.monotonic()
@@ -219,14 +221,17 @@ class RunLogger:
         if delta > 0:
             self._bar.update(delta)
         postfix = {"step": step}
-        if loss is not None and math.isfinite(float(loss)):
+        if isinstance(loss, (int, float)) and math.isfinite(float(loss)):
             postfix["loss"] = f"{float(loss):.4f}"
-        if images:
-            postfix["img/s"] = f"{images * max(delta, 1) / elapsed:.1f}"
+        if images_per_s is None and images:
+            images_per_s = images * max(delta, 1) / elapsed
+        if isinstance(images_per_s, (int, float)) and math.isfinite(images_per_s):
+            postfix["img/s"] = f"{images_per_s:.1f}"
         self._bar.set_postfix(postfix, refresh=False)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (and wandb)."""
+        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (and wandb); also advances
+        the progress bar (``loss`` and ``images_per_s`` are shown when present)."""
         if not self.is_main:
             return
         record = {"step": int(step), "time": round(time.time(), 3), **_jsonable(dict(metrics))}
@@ -234,6 +239,8 @@ class RunLogger:
             fh.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step))
+        if self._bar is not None and step >= self._bar.n:
+            self.progress(step, loss=record.get("loss"), images_per_s=record.get("images_per_s"))
 
     def log_images(self, step: int, name: str, images: torch.Tensor, nrow: int = 4) -> Optional[str]:
         """Save a PNG grid ``previews/{name}_{step:08d}.png`` and ``latest_{name}.png`` (and

@@ -72,3 +72,10 @@ def test_image_grid_checks_shape():
     assert image_grid(torch.rand(2, 1, 4, 4), nrow=4).shape == (3, 8, 14)
     with pytest.raises(ValueError, match="expects"):
         image_grid(torch.rand(3, 4, 4))
+
+
+def test_log_advances_progress_bar(tmp_path):
+    logger = RunLogger(str(tmp_path), Cfg(), is_main=True, total_steps=10, start_step=2)
+    logger.log(3, {"loss": 0.25, "images_per_s": 12.0})
+    assert logger._bar.n == 3 and "0.2500" in str(logger._bar.postfix) and "12.0" in str(logger._bar.postfix)
+    logger.close()
