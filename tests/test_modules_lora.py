@@ -9,6 +9,15 @@ from modules.lora import (
 from modules.registry import build_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_c(seed=0):
     model = build_model("stage_c", "tiny")
     g = torch.Generator().manual_seed(seed)
