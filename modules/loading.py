@@ -134,7 +134,11 @@ def mismatch_report(
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Create every nn.Parameter on the meta device while buffers are built normally."""
+    """Create every nn.Parameter on the meta device while buffers are built normally.
+
+    Patches ``nn.Module.register_parameter`` for the duration (process-wide, so not for use while
+    other threads construct modules).
+    """
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
