@@ -19,6 +19,7 @@ _EXPORTS = {
     "apply_retoken": "modules.lora",
     "build_model": "modules.registry",
     "MODEL_CONFIGS": "modules.registry",
+    "describe_model_version": "modules.registry",
     "load_model": "modules.loading",
     "read_state_dict": "modules.loading",
     "save_safetensors": "modules.loading",

@@ -47,6 +47,16 @@ MODEL_CONFIGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "stage_a": {"default": {}},
     "effnet": {"default": {}},
     "previewer": {"default": {}},
+    # Official ControlNets (networks.md §6.2), all for Stage C 3.6B (c_proj 2048). For another Stage C
+    # pass ``c_proj=<its c_hidden[0]>`` as an override.
+    "controlnet": {
+        "canny": {"c_in": 1, "c_proj": 2048, "proj_blocks": [0, 4, 8, 12, 51, 55, 59, 63]},
+        "inpainting": {"c_in": 4, "c_proj": 2048, "proj_blocks": [0, 4, 8, 12, 51, 55, 59, 63]},
+        "sr": {"c_in": 16, "c_proj": 2048, "proj_blocks": [0, 4, 8, 12, 51, 55, 59, 63],
+               "bottleneck_mode": "large"},
+        "identity": {"c_in": 512, "c_proj": 2048, "proj_blocks": list(range(64)),
+                     "bottleneck_mode": "simple"},
+    },
 }
 
 # Classes are resolved lazily so that importing the registry does not import torchvision.
@@ -56,6 +66,7 @@ MODEL_CLASSES: Dict[str, Tuple[str, str]] = {
     "stage_a": ("modules.stage_a", "StageA"),
     "effnet": ("modules.effnet", "EfficientNetEncoder"),
     "previewer": ("modules.previewer", "Previewer"),
+    "controlnet": ("modules.controlnet", "ControlNet"),
 }
 
 

@@ -44,3 +44,17 @@ def test_official_layout(name):
     assert sum(b.numel() for b in buffers.values()) == manifest["total_buffer_elements"]
     assert len(params) == manifest["num_parameter_tensors"]
     assert len(buffers) == manifest["num_buffer_tensors"]
+
+
+def test_registry_controlnet_versions_match_manifests():
+    """The registry's ControlNet versions build the official layouts (meta device)."""
+    import json
+    from pathlib import Path
+
+    from modules.registry import build_model
+
+    ref_dir = Path(__file__).parent / "data" / "reference"
+    for version in ("canny", "inpainting", "sr", "identity"):
+        manifest = json.loads((ref_dir / f"controlnet_c_3b_{version}.json").read_text())
+        model = build_model("controlnet", version, device="meta")
+        assert list(model.state_dict()) == manifest["state_dict_keys_in_order"], version
