@@ -227,17 +227,58 @@ def load_lora_file(path: str) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
+class MergedLora:
+    """A LoRA merged into a model, whose strength can change later without reloading.
+
+    The original target weights (and trained token rows) are kept, so ``set_strength`` restores
+    them before merging again: switching strengths is exact, and ``remove()`` gives back the
+    untouched model.
+    """
+
+    def __init__(self, model: nn.Module, lora: LoraWeights, text_model: Any = None,
+                 source: str = "LoRA file") -> None:
+        self.model, self.lora, self.text_model, self.source = model, lora, text_model, source
+        params = dict(model.named_parameters())
+        self._backup = {d.target: params[d.target].detach().clone()
+                        for d in lora.deltas if d.target in params}
+        self._token_backup = None
+        if lora.token_deltas is not None and text_model is not None:
+            weight = text_model.get_input_embeddings().weight
+            if lora.token_indices.numel() and int(lora.token_indices.max()) < weight.size(0):
+                self._token_backup = weight[lora.token_indices].detach().clone()
+        self.strength = 0.0
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Restore the weights the model had before the LoRA."""
+        params = dict(self.model.named_parameters())
+        for target, original in self._backup.items():
+            params[target].copy_(original)
+        if self._token_backup is not None:
+            weight = self.text_model.get_input_embeddings().weight
+            weight[self.lora.token_indices.to(weight.device)] = self._token_backup.to(weight.device)
+        self.strength = 0.0
+
+    def set_strength(self, strength: float) -> None:
+        """Merge at ``strength`` (0 = the base model, bit for bit)."""
+        from inference.tokens import apply_token_deltas
+
+        self.remove()
+        merge_lora(self.model, self.lora, strength, self.source)
+        if self.lora.token_deltas is not None and self.text_model is not None:
+            apply_token_deltas(self.text_model, self.lora.token_indices, self.lora.token_deltas,
+                               strength, self.source)
+        self.strength = float(strength)
+
+
 def apply_lora_file(model: nn.Module, path: str, strength: float = 1.0,
                     filters: Optional[Sequence[str]] = None, rank: Optional[int] = None,
-                    text_model: Any = None) -> LoraWeights:
+                    text_model: Any = None) -> MergedLora:
     """Read ``path`` and merge it into ``model`` (and its token deltas into ``text_model``).
 
     Call :func:`inference.tokens.add_train_tokens` first when the LoRA trained new tokens.
     """
-    from inference.tokens import apply_token_deltas
-
     lora = read_lora(load_lora_file(path), model, filters, rank, source=str(path))
-    merge_lora(model, lora, strength, source=str(path))
-    if lora.token_deltas is not None and text_model is not None:
-        apply_token_deltas(text_model, lora.token_indices, lora.token_deltas, strength, str(path))
-    return lora
+    merged = MergedLora(model, lora, text_model, source=str(path))
+    merged.set_strength(strength)
+    return merged

@@ -71,6 +71,7 @@ class CascadePipeline:
         self.dtype = weights_dtype(stage_c or stage_b, self.device)
         home = self.placement.home
         main = stage_c or stage_b
+        self._check_files()  # fail on a missing checkpoint before spending minutes loading CLIP
         self.tokenizer, self.text_model = load_clip(main.clip_text_model_name, self.dtype, home)
         self.stage_c = load_generator(stage_c, self.dtype, home) if stage_c else None
         self.stage_b = load_generator(stage_b, weights_dtype(stage_b, self.device), home) \
@@ -81,6 +82,19 @@ class CascadePipeline:
         self.controlnet, self.cnet_filter = (None, None)
         if stage_c is not None and stage_c.uses_controlnet:
             self._load_controlnet()
+
+    def _check_files(self) -> None:
+        from inference.models import require_file
+
+        if self.cfg_c is not None:
+            require_file(self.cfg_c, "generator_checkpoint_path", "the Stage C generator")
+            if self.cfg_c.uses_lora:
+                require_file(self.cfg_c, "lora_checkpoint_path", "the LoRA")
+            if self.cfg_c.uses_controlnet:
+                require_file(self.cfg_c, "controlnet_checkpoint_path", "the ControlNet")
+        if self.cfg_b is not None:
+            require_file(self.cfg_b, "generator_checkpoint_path", "the Stage B generator")
+            require_file(self.cfg_b, "stage_a_checkpoint_path", "Stage A decoding")
 
     @classmethod
     def from_config(cls, config: Optional[ConfigSource], stage_b_config: Optional[ConfigSource] = None,
@@ -146,9 +160,9 @@ class CascadePipeline:
         from inference.lora import apply_lora_file
         from inference.tokens import add_train_tokens
 
-        cfg = self.cfg_c
         from inference.models import require_file
 
+        cfg = self.cfg_c
         path = require_file(cfg, "lora_checkpoint_path", "the LoRA")
         add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
         return apply_lora_file(self.stage_c, path, cfg.lora_strength, cfg.module_filters, cfg.rank,
@@ -164,6 +178,12 @@ class CascadePipeline:
         c_proj = self.stage_c.embedding[1].out_channels
         self.controlnet = load_controlnet(cfg, self.cnet_filter.num_channels(), c_proj, self.dtype,
                                           self.placement.home)
+
+    def set_lora_strength(self, strength: float) -> None:
+        """Change the configured LoRA's strength in place (exact; 0 = the base model)."""
+        if self.lora is None:
+            raise UserError("no LoRA loaded (set lora_checkpoint_path in the Stage C config)")
+        self.lora.set_strength(strength)
 
     # ------------------------------------------------------------------ settings and conditions
     def settings_c(self, **overrides: Any) -> SamplingSettings:
@@ -285,10 +305,11 @@ class CascadePipeline:
     # ------------------------------------------------------------------ user-level modes
     def _generate(self, prompts: list[str], height: int, width: int, seed: Seed,
                   settings_c: SamplingSettings, settings_b: SamplingSettings, mode: str,
-                  generator: Optional[torch.Generator] = None, **stage_c_kwargs: Any) -> list:
+                  generator: Optional[torch.Generator] = None, preview_only: bool = False,
+                  **stage_c_kwargs: Any) -> list:
         generator = generator or _generator(seed)
         latents_c = self.sample_stage_c(prompts, height, width, generator, settings_c, **stage_c_kwargs)
-        if self.cfg_b is None:
+        if self.cfg_b is None or preview_only:
             images = self.preview(latents_c)  # Stage C only: the Previewer's 8x decode
             used = {"stage_c": settings_c.as_dict(), "decoder": "previewer"}
         else:
@@ -304,7 +325,7 @@ class CascadePipeline:
                   "stage_c_model": self.cfg_c and self.cfg_c.model_version,
                   "stage_b_model": self.cfg_b and self.cfg_b.model_version,
                   "lora": self.cfg_c.lora_checkpoint_path if self.lora is not None else None,
-                  "lora_strength": self.cfg_c.lora_strength if self.lora is not None else None,
+                  "lora_strength": self.lora.strength if self.lora is not None else None,
                   "controlnet": self.cfg_c.controlnet_filter if self.controlnet is not None else None}
         seed_text = "generator" if isinstance(seed, torch.Generator) else str(seed)
         for index, (image, prompt) in enumerate(zip(images, prompts)):
@@ -318,32 +339,42 @@ class CascadePipeline:
                       steps_c: Optional[int] = None, steps_b: Optional[int] = None,
                       cfg_c: Optional[float] = None, cfg_b: Optional[float] = None,
                       shift_c: Optional[float] = None, shift_b: Optional[float] = None,
-                      sampler: Optional[str] = None, control_image: Optional[ImageLike] = None) -> list:
+                      sampler: Optional[str] = None, control_image: Optional[ImageLike] = None,
+                      preview_only: bool = False) -> list:
         """Prompts -> PIL images of ``height`` x ``width`` (num_images per prompt, one batch).
 
-        Without a Stage B config the images are the Previewer's small Stage C previews.
-        ``control_image`` feeds the configured ControlNet.
+        Without a Stage B config, or with ``preview_only``, the images are the Previewer's small
+        Stage C previews (a quick look; Stage B and A are skipped). ``control_image`` feeds the
+        configured ControlNet.
         """
         batch = _prompt_list(prompts, num_images)
         settings_c = self.settings_c(timesteps=steps_c, cfg=cfg_c, shift=shift_c, sampler=sampler)
         settings_b = self.settings_b(timesteps=steps_b, cfg=cfg_b, shift=shift_b, sampler=sampler)
         return self._generate(batch, height, width, seed, settings_c, settings_b, "text_to_image",
-                              control_image=control_image)
+                              control_image=control_image, preview_only=preview_only)
 
     def image_variation(self, images: ImageLike, prompts: Union[str, Sequence[str]] = "", *,
                         num_images: int = 1, height: int = 1024, width: int = 1024, seed: Seed = 0,
-                        **overrides: Any) -> list:
-        """Variations of an image: its CLIP image embedding conditions Stage C (training.md 10)."""
+                        preview_only: bool = False, **overrides: Any) -> list:
+        """Variations of an image: its CLIP image embedding conditions Stage C (training.md 10).
+
+        ``overrides``: steps_c, steps_b, cfg_c, cfg_b, shift_c, shift_b, sampler.
+        """
         batch = _prompt_list(prompts, num_images)
         clip_img = self.clip_image_embeds(images)
         return self._generate(batch, height, width, seed, *self._both(overrides), "image_variation",
-                              clip_img=clip_img)
+                              clip_img=clip_img, preview_only=preview_only)
 
     def image_to_image(self, images: ImageLike, prompts: Union[str, Sequence[str]] = "", *,
                        strength: float = sampling.IMG2IMG_STRENGTH, num_images: int = 1,
                        height: int = 1024, width: int = 1024, seed: Seed = 0,
-                       control_image: Optional[ImageLike] = None, **overrides: Any) -> list:
-        """Image-to-image: start Stage C at t = strength from the noised effnet latents."""
+                       control_image: Optional[ImageLike] = None, preview_only: bool = False,
+                       **overrides: Any) -> list:
+        """Image-to-image: start Stage C at t = strength from the noised effnet latents.
+
+        The input is resized/cropped to 32x the Stage C latent size (768 for a 1024 output, as in
+        the notebooks). ``overrides`` as :meth:`image_variation`.
+        """
         if not 0.0 < strength <= 1.0:
             raise UserError(f"strength must be in (0, 1], got {strength}")
         batch = _prompt_list(prompts, num_images)
@@ -354,7 +385,7 @@ class CascadePipeline:
         settings_c, settings_b = self._both(overrides)
         return self._generate(batch, height, width, seed, sampling.img2img_settings(settings_c, strength),
                               settings_b, "image_to_image", generator=generator, x_init=x_init,
-                              control_image=control_image)
+                              control_image=control_image, preview_only=preview_only)
 
     def _both(self, overrides: Mapping[str, Any]) -> tuple[SamplingSettings, SamplingSettings]:
         known = {"steps_c", "steps_b", "cfg_c", "cfg_b", "shift_c", "shift_b", "sampler"}
