@@ -27,7 +27,10 @@ _FATAL_CODES = {"NoSuchBucket", "NoSuchKey", "AccessDenied", "AllAccessDisabled"
 _TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
                     "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "503", "500"}
 
-_clients: dict[int, object] = {}
+#: Keys per listing request (the paginator follows continuation tokens).
+LIST_PAGE_SIZE = 1000
+
+_clients: dict[tuple, object] = {}
 _lock = threading.Lock()
 
 
@@ -41,8 +44,9 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def client():
-    """One boto3 S3 client per process (clients must not cross a fork into DataLoader workers)."""
-    pid = os.getpid()
+    """One boto3 S3 client per process and endpoint (clients must not cross a fork into
+    DataLoader workers; the endpoint is part of the key so a changed ``AWS_ENDPOINT_URL`` is seen)."""
+    pid = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
     with _lock:
         c = _clients.get(pid)
         if c is None:
@@ -121,7 +125,8 @@ def list_tars(url: str) -> list[str]:
 
     def run() -> list[str]:
         keys = []
-        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        pages = client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE})
         for page in pages:
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith(".tar"):
