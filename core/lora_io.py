@@ -1,0 +1,411 @@
+"""LoRA files: the three on-disk layouts, conversion between them, and merging into weights.
+
+Layouts (``detect_layout``):
+
+* ``named`` (what ``train_c_lora.py`` writes, ``lora.safetensors``): ``<target>.lora_down`` (r, in),
+  ``<target>.lora_up`` (out, r), ``<target>.alpha`` (scalar) for every adapted parameter, e.g.
+  ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``; trained tokens as
+  ``embeddings.embeddings`` (n, width) / ``embeddings.indices`` (int64). Metadata describes the run.
+  The delta of a target is ``up @ down * alpha / r``.
+* ``official`` (networks.md §7.3): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
+  of ``apply_lora(model, module_filters, rank)`` (official ``modules()`` order); scale 1/rank.
+* ``comfyui`` (ComfyUI / kohya Stable Cascade Stage C): ``lora_prior_unet_<module with _>.lora_down.weight``
+  / ``.lora_up.weight`` / ``.alpha``, scale ``alpha / rank``. ComfyUI splits the packed attention
+  ``in_proj_weight`` into ``to_q`` / ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as
+  three LoRAs sharing ``lora_down``. Importing re-packs them; a file whose q/k/v parts have DIFFERENT
+  ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
+  not loaded as a trainable packed LoRA (that would need rank 3r): ``pack_qkv`` says so.
+
+Everything here works on plain state dicts (also on the meta device), so tools need no model
+weights. Errors a user can fix raise :class:`core.errors.UserError`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from core.errors import UserError
+
+COMFY_PREFIX = "lora_prior_unet_"
+QKV = ("to_q", "to_k", "to_v")
+FORMAT_NAME = "cascade-train-lora"
+FORMAT_VERSION = "1"
+_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass
+class LoraEntry:
+    """One low-rank update of parameter ``target``: ``up @ down * alpha / rank``.
+
+    ``down`` is (r, in) or, from ComfyUI conv LoRAs, (r, in, kh, kw); ``up`` is (out, r) (trailing
+    1-dims are dropped). ``block`` 0/1/2 marks a q/k/v third of a packed ``in_proj_weight``."""
+
+    target: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    block: Optional[int] = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, weight_shape: Sequence[int]) -> torch.Tensor:
+        """The float32 update for a weight of ``weight_shape`` (a q/k/v block: its third)."""
+        up, down = self.up.float().flatten(1), self.down.float()
+        rows = weight_shape[0] // 3 if self.block is not None else weight_shape[0]
+        shape = (rows, *weight_shape[1:])
+        if down.dim() == 2:
+            # Our LoRA on a conv weight is constant over the kernel positions (networks.md §7.1).
+            d = (up @ down) * self.scale
+            return d.view(d.shape + (1,) * (len(shape) - 2)).expand(shape)
+        return ((up @ down.flatten(1)) * self.scale).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout detection and reading
+# ----------------------------------------------------------------------------------------------
+def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> str:
+    """``comfyui``, ``official``, ``named`` or ``tokens`` (token deltas only)."""
+    keys = list(sd)
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return "comfyui"
+    if any(re.fullmatch(r"weights\.\d+\.lora_(down|up)", k) for k in keys):
+        return "official"
+    if any(k.endswith((".lora_down", ".lora_up")) for k in keys):
+        return "named"
+    if "embeddings.embeddings" in sd:
+        return "tokens"
+    raise UserError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
+                    f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
+
+
+def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(indices int64 (n,), deltas (n, width))`` of trained token embeddings, or None."""
+    if "embeddings.embeddings" not in sd:
+        return None
+    if "embeddings.indices" not in sd:
+        raise UserError("LoRA file has embeddings.embeddings but no embeddings.indices")
+    return sd["embeddings.indices"].long(), sd["embeddings.embeddings"]
+
+
+def _read_named(sd: Mapping[str, torch.Tensor], source: str) -> list[LoraEntry]:
+    out = []
+    for key in sd:
+        if not key.endswith(".lora_down"):
+            continue
+        target = key[: -len(".lora_down")]
+        if target + ".lora_up" not in sd:
+            raise UserError(f"{source}: {key} has no matching {target}.lora_up")
+        alpha = float(sd[target + ".alpha"]) if target + ".alpha" in sd else 1.0
+        out.append(LoraEntry(target, sd[key], sd[target + ".lora_up"], alpha))
+    return out
+
+
+def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[str]], source: str) -> list[LoraEntry]:
+    count = len({k.split(".")[1] for k in sd if re.fullmatch(r"weights\.\d+\.lora_(down|up)", k)})
+    if targets is None:
+        raise UserError(f"{source}: official positional layout needs module_filters and model_version "
+                        f"to know which module weights.N adapts")
+    if count != len(targets):
+        raise UserError(f"{source}: holds {count} positional LoRAs (weights.N) but module_filters select "
+                        f"{len(targets)} modules in this model; set module_filters/model_version as in training")
+    out = []
+    for i, target in enumerate(targets):
+        down, up = sd.get(f"weights.{i}.lora_down"), sd.get(f"weights.{i}.lora_up")
+        if down is None or up is None:
+            raise UserError(f"{source}: weights.{i}.lora_down or weights.{i}.lora_up is missing")
+        out.append(LoraEntry(target, down, up, 1.0))  # official scale 1/rank
+    return out
+
+
+def comfy_stem_table(param_names: Iterable[str]) -> dict[str, tuple[str, Optional[int]]]:
+    """ComfyUI LoRA stem -> (our parameter name, q/k/v block or None) for adaptable parameters."""
+    table: dict[str, tuple[str, Optional[int]]] = {}
+    for name in param_names:
+        if name.endswith(".in_proj_weight"):
+            stem = COMFY_PREFIX + name[: -len(".in_proj_weight")].replace(".", "_")
+            for block, part in enumerate(QKV):
+                table[f"{stem}_{part}"] = (name, block)
+        elif name.endswith(".weight"):
+            table[COMFY_PREFIX + name[: -len(".weight")].replace(".", "_")] = (name, None)
+    return table
+
+
+def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], source: str) -> list[LoraEntry]:
+    stems: dict[str, None] = {}
+    for key in sd:
+        for suffix in _COMFY_SUFFIXES:
+            if key.endswith(suffix):
+                stems.setdefault(key[: -len(suffix)], None)
+                break
+    table = comfy_stem_table(param_names)
+    unknown = [s for s in stems if s not in table]
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} ComfyUI LoRA names match no Stage C module, e.g. "
+                        f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
+    out = []
+    for stem in stems:
+        down, up = sd.get(stem + ".lora_down.weight"), sd.get(stem + ".lora_up.weight")
+        if down is None or up is None:
+            raise UserError(f"{source}: {stem} lacks lora_down.weight or lora_up.weight")
+        if down.dim() == 4 and down.shape[-2:] == (1, 1):
+            down = down.flatten(1)
+        alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.shape[0])
+        target, block = table[stem]
+        out.append(LoraEntry(target, down, up.flatten(1), alpha, block))
+    return out
+
+
+def read_entries(sd: Mapping[str, torch.Tensor], param_names: Iterable[str],
+                 official_targets: Optional[Sequence[str]] = None, source: str = "LoRA file") -> list[LoraEntry]:
+    """All LoRA updates in ``sd`` (any layout) for a model with parameters ``param_names``."""
+    layout = detect_layout(sd, source)
+    if layout == "comfyui":
+        return _read_comfy(sd, param_names, source)
+    if layout == "official":
+        return _read_official(sd, official_targets, source)
+    if layout == "named":
+        return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, source)
+    return []
+
+
+def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[LoraEntry]:
+    """Re-pack ComfyUI ``to_q``/``to_k``/``to_v`` thirds into one ``in_proj_weight`` LoRA.
+
+    They must share ``lora_down`` (what ``export_comfyui`` writes); differing alphas are folded
+    into the ``up`` rows. Raises UserError for thirds with different ``lora_down`` or a missing third.
+    """
+    plain = [e for e in entries if e.block is None]
+    groups: dict[str, dict[int, LoraEntry]] = {}
+    for e in entries:
+        if e.block is not None:
+            groups.setdefault(e.target, {})[e.block] = e
+    for target, parts in groups.items():
+        if sorted(parts) != [0, 1, 2]:
+            have = [QKV[b] for b in sorted(parts)]
+            raise UserError(f"{source}: {target} has LoRAs only for {have}; a packed attention LoRA needs "
+                            f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
+        q = parts[0]
+        for b in (1, 2):
+            if parts[b].down.shape != q.down.shape or not torch.equal(parts[b].down, q.down):
+                raise UserError(f"{source}: {target}: to_q/to_k/to_v have different lora_down, so they cannot "
+                                f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
+                                f"tools/lora_merge.py (or sample with it) instead of resuming from it")
+        ups = [parts[b].up.float() * (parts[b].alpha / q.alpha) for b in range(3)]
+        plain.append(LoraEntry(target, q.down, torch.cat(ups).to(q.up.dtype), q.alpha))
+    return plain
+
+
+# ----------------------------------------------------------------------------------------------
+# Building files
+# ----------------------------------------------------------------------------------------------
+def named_state_dict(loras: Sequence[tuple[str, Any]], alpha: float,
+                     token_indices: Optional[torch.Tensor] = None,
+                     token_deltas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The ``named`` layout from ``apply_lora``'s ``[(target, LoRA)]`` (detached CPU copies)."""
+    sd: dict[str, torch.Tensor] = {}
+    if token_deltas is not None:
+        sd["embeddings.embeddings"] = token_deltas.detach().float().cpu().clone()
+        sd["embeddings.indices"] = token_indices.detach().long().cpu().clone()
+    for target, lora in loras:
+        sd[f"{target}.lora_down"] = _full(lora.lora_down)
+        sd[f"{target}.lora_up"] = _full(lora.lora_up)
+        sd[f"{target}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return sd
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "full_tensor"):  # DTensor (FSDP2)
+        t = t.full_tensor()
+    t = t.detach()
+    return t.clone() if t.is_meta else t.cpu().clone()
+
+
+def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The official positional layout. The official loader scales by 1/rank, so an ``alpha`` other
+    than 1 is folded into ``lora_up``."""
+    sd: dict[str, torch.Tensor] = {}
+    if "embeddings.embeddings" in named:
+        sd["embeddings.embeddings"] = named["embeddings.embeddings"]
+        sd["embeddings.indices"] = named["embeddings.indices"]
+    for i, target in enumerate(targets_in_order):
+        alpha = float(named.get(f"{target}.alpha", torch.tensor(1.0)))
+        up = named[f"{target}.lora_up"]
+        sd[f"weights.{i}.lora_down"] = named[f"{target}.lora_down"]
+        sd[f"weights.{i}.lora_up"] = up if alpha == 1.0 else (up.float() * alpha).to(up.dtype)
+    return sd
+
+
+def comfyui_key_stems(targets: Iterable[str]) -> list[str]:
+    """The ComfyUI LoRA names (without ``.lora_down.weight`` etc.) an export of ``targets`` has."""
+    out = []
+    for target in targets:
+        if target.endswith(".in_proj_weight"):
+            stem = COMFY_PREFIX + target[: -len(".in_proj_weight")].replace(".", "_")
+            out += [f"{stem}_{part}" for part in QKV]
+        elif target.endswith(".weight"):
+            out.append(COMFY_PREFIX + target[: -len(".weight")].replace(".", "_"))
+        else:
+            raise UserError(f"cannot export a LoRA on {target} to ComfyUI (only .weight / in_proj_weight)")
+    return out
+
+
+def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                   dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """ComfyUI/kohya keys for ``entries`` (packed ``in_proj`` split into q/k/v sharing ``lora_down``).
+
+    ComfyUI scales by ``alpha / rank`` like we do, so ``alpha`` is written unchanged. A LoRA on a
+    conv weight (constant over the kernel, networks.md §7.1) is written as ``lora_down`` repeated
+    over the kernel positions and ``lora_up`` (out, r, 1, 1): ComfyUI's ``up.flatten(1) @
+    down.flatten(1)`` then gives exactly the same update. ``param_shapes`` is needed for convs.
+    """
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        sd[f"{stem}.lora_down.weight"] = cast(down).contiguous()
+        sd[f"{stem}.lora_up.weight"] = cast(up).contiguous()
+        sd[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32, device=down.device)
+
+    for e in entries:
+        if e.block is not None:
+            raise UserError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
+        stems = comfyui_key_stems([e.target])
+        down, up = e.down, e.up
+        shape = (param_shapes or {}).get(e.target)
+        if shape is not None and len(shape) > 2 and down.dim() == 2:
+            kernel = tuple(shape[2:])
+            down = down.reshape(*down.shape, *(1,) * len(kernel)).expand(*down.shape, *kernel)
+            up = up.reshape(*up.shape, *(1,) * len(kernel))
+        if len(stems) == 3:
+            c = up.shape[0] // 3
+            for i, stem in enumerate(stems):
+                put(stem, down.clone(), up[i * c:(i + 1) * c].clone(), e.alpha)
+        else:
+            put(stems[0], down, up, e.alpha)
+    return sd
+
+
+def token_embedding_file(vectors: torch.Tensor, tokens: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A textual-inversion style embedding (``clip_g`` (n, width): the FINAL embedding rows of the
+    trained tokens, base row + trained delta) and its metadata (the token strings, in order)."""
+    return ({"clip_g": vectors.detach().float().cpu().contiguous()},
+            {"tokens": json.dumps(list(tokens)), "format": "cascade-train-token-embeddings"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into trainable LoRAs, and merging
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntry], alpha: float,
+                    source: str = "LoRA file") -> None:
+    """Copy ``entries`` into the trainable ``[(target, LoRA)]`` of a run with scale ``alpha/rank``.
+
+    Strict: every LoRA of the run needs an entry with the same rank and shapes, and every entry a
+    LoRA. A different alpha in the file is folded into ``lora_up`` so the update is unchanged.
+    """
+    entries = pack_qkv(entries, source)
+    by_target = {e.target: e for e in entries}
+    ours = {t for t, _ in loras}
+    missing = [t for t, _ in loras if t not in by_target]
+    extra = [t for t in by_target if t not in ours]
+    if missing or extra:
+        raise UserError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
+                        f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
+                        f"set module_filters as the LoRA was trained")
+    for target, lora in loras:
+        e = by_target[target]
+        down = e.down
+        if down.dim() == 4:
+            if not torch.equal(down, down[..., :1, :1].expand_as(down)):
+                raise UserError(f"{source}: {target}: the conv LoRA varies over the kernel; our LoRA is "
+                                f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
+            down = down[..., 0, 0]
+        if tuple(down.shape) != tuple(lora.lora_down.shape) or tuple(e.up.shape) != tuple(lora.lora_up.shape):
+            raise UserError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} do not fit "
+                            f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
+                            f"set rank to {e.rank} or check model_version")
+        lora.lora_down.copy_(down.to(lora.lora_down.dtype))
+        lora.lora_up.copy_((e.up.float() * (e.alpha / float(alpha))).to(lora.lora_up.dtype))
+
+
+@torch.no_grad()
+def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEntry], strength: float = 1.0,
+                  source: str = "LoRA file") -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with every update added (in float32, cast back to each weight's dtype).
+
+    The state dict uses official (plain) key names, so the target names are the keys."""
+    out = dict(state_dict)
+    for e in entries:
+        w = out.get(e.target)
+        if w is None:
+            raise UserError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
+        try:
+            d = e.delta(tuple(w.shape)) * float(strength)
+        except RuntimeError:
+            raise UserError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
+                            f"does not fit the weight {tuple(w.shape)} (LoRA for another model_version?)") from None
+        merged = w.float().clone()
+        if e.block is None:
+            merged += d
+        else:
+            rows = w.shape[0] // 3
+            merged[e.block * rows:(e.block + 1) * rows] += d
+        out[e.target] = merged.to(w.dtype)
+    return out
+
+
+def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
+    """Entries of a ``named`` state dict (convenience for tools/tests)."""
+    return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
+
+
+def with_alpha(entries: Sequence[LoraEntry], alpha: float) -> list[LoraEntry]:
+    """The same updates expressed with another alpha (``up`` rescaled)."""
+    return [replace(e, up=e.up * (e.alpha / alpha), alpha=alpha) for e in entries]
+
+
+__all__ = ["LoraEntry", "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
+           "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
+           "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named", "with_alpha",
+           "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "guess_stage_c_version"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-derived facts (built on the meta device: no memory, no weights)
+# ----------------------------------------------------------------------------------------------
+def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -> tuple[list[str], dict[str, tuple]]:
+    """``(LoRA targets in official order, {parameter name: shape})`` of Stage C ``model_version``
+    for ``module_filters`` (the targets give ``weights.{i}`` its meaning)."""
+    from modules.lora import apply_lora
+    from modules.registry import build_model
+
+    model = build_model("stage_c", model_version, device="meta")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        targets = [name for name, _ in apply_lora(model, list(filters), rank=rank)]
+    except ValueError as exc:
+        raise UserError(f"module_filters: {exc}") from None
+    return targets, shapes
+
+
+def guess_stage_c_version(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The registry Stage C version whose parameter names and shapes match ``state_dict``."""
+    from modules.registry import MODEL_CONFIGS, build_model
+
+    have = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for version in MODEL_CONFIGS["stage_c"]:
+        model = build_model("stage_c", version, device="meta")
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == have:
+            return version
+    raise UserError(f"the checkpoint matches no Stage C version ({', '.join(MODEL_CONFIGS['stage_c'])}); "
+                    f"is it a Stage C checkpoint in the official layout?")
