@@ -9,12 +9,15 @@ import importlib.util
 import io
 import json
 import os
-import tarfile
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from .tarwrite import write_tar
+
+__all__ = ["write_photo_shards", "write_tar", "make_sample", "photo_variant", "jpeg_bytes"]
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg")
@@ -56,21 +59,6 @@ def jpeg_bytes(im: Image.Image, quality: int = 85) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> str:
-    """Write ``(key, {ext: bytes})`` samples to a tar shard (members ``key.ext``, sorted ext)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, files in samples:
-            for ext in sorted(files):
-                data = files[ext]
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tf.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
-    return path
 
 
 def make_sample(index: int, height: int, width: int, seed: int = 0, with_json: bool = True,
