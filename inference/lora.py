@@ -1,22 +1,14 @@
 """LoRA files at inference: read any supported layout and MERGE the deltas into the weights.
 
-Layouts (detected from the keys):
-
-* official positional (``train_c_lora.py``): ``weights.{i}.lora_down`` / ``.lora_up`` for the LoRA
-  targets in ``model.modules()`` order after ``apply_lora(model, module_filters, rank)`` (networks.md
-  7.3), plus ``embeddings.embeddings`` / ``embeddings.indices`` (trained token deltas);
-* named (``modules.lora.lora_state_dict_named``): ``<module>.<param>.lora_down`` / ``.lora_up``
-  (optional ``.alpha``), e.g. ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``;
-* ComfyUI / kohya: ``lora_prior_unet_<module_with_underscores>.lora_down.weight`` /
-  ``.lora_up.weight`` / ``.alpha`` (``lora_unet_`` for Stage B); an attention's packed in_proj may
-  come as one ``..._attn_in_proj`` entry or as ``_to_q`` / ``_to_k`` / ``_to_v`` row blocks.
-
-Merging (W += strength * scale * up @ down) instead of keeping parametrizations makes sampling as
-fast as the base model, and strength 0 leaves every weight bit-identical.
+The layouts (official positional ``weights.{i}.*``, our named ``<target>.lora_down/up/alpha``,
+ComfyUI ``lora_prior_unet_*``) are read by ``core.lora_io`` -- the same code the LoRA trainer
+writes them with -- and trained tokens are replayed by ``core.lora_tokens``. This module adds what
+inference needs on top: the official positional targets of a LIVE model, and merging with a
+strength that can be changed later (W += strength * alpha/rank * up @ down). Merging makes sampling
+as fast as the base model, and strength 0 leaves every weight bit-identical.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -25,29 +17,15 @@ from torch import nn
 
 from inference.errors import UserError
 
-COMFY_PREFIXES = ("lora_prior_unet_", "lora_unet_")
-_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-_QKV = {"to_q": 0, "to_k": 1, "to_v": 2}
 OFFICIAL_FILTERS = (".attn",)
 
 
 @dataclass
-class LoraDelta:
-    """One low-rank update of ``target`` (a parameter name); ``block`` = q/k/v row third or None."""
-
-    target: str
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float
-    block: Optional[int] = None
-
-
-@dataclass
 class LoraWeights:
-    """A LoRA file in normalised form."""
+    """A LoRA file in normalised form: ``core.lora_io.LoraEntry`` updates + trained tokens."""
 
     layout: str
-    deltas: list[LoraDelta] = field(default_factory=list)
+    entries: list = field(default_factory=list)
     token_indices: Optional[torch.Tensor] = None
     token_deltas: Optional[torch.Tensor] = None
 
@@ -67,6 +45,7 @@ def official_lora_targets(model: nn.Module, filters: Sequence[str]) -> list[str]
     ``apply_lora`` registers each LoRA in its module's ``parametrizations`` child, which comes after
     the module's own children, so ``model.modules()`` reaches it after the module's whole subtree:
     sort by the end of that subtree, the deeper module first on ties (out_proj before in_proj).
+    Computed on the live model without modifying it (any stage, any model_version).
     """
     names = [name for name, _ in model.named_modules()]
     position = {name: i for i, name in enumerate(names)}
@@ -81,150 +60,64 @@ def official_lora_targets(model: nn.Module, filters: Sequence[str]) -> list[str]
     return [target for *_key, target in sorted(chosen)]
 
 
-def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
-    """``official``, ``named`` or ``comfyui`` (``tokens`` when only token deltas are stored)."""
-    keys = list(state_dict)
-    if any(k.startswith(COMFY_PREFIXES) for k in keys):
-        return "comfyui"
-    if any(re.fullmatch(r"weights\.\d+\.lora_(down|up)", k) for k in keys):
-        return "official"
-    if any(k.endswith((".lora_down", ".lora_up")) for k in keys):
-        return "named"
-    if "embeddings.embeddings" in state_dict:
-        return "tokens"
-    raise UserError("LoRA file has no LoRA keys (expected weights.N.lora_down, "
-                    "<module>.lora_down or lora_prior_unet_*.lora_down.weight)")
+def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "LoRA file") -> str:
+    """``official``, ``named``, ``comfyui`` or ``tokens`` (see ``core.lora_io``)."""
+    from core.lora_io import detect_layout as detect
 
-
-def _read_official(sd: dict, model: nn.Module, filters: Optional[Sequence[str]],
-                   rank: Optional[int], source: str) -> list[LoraDelta]:
-    count = len({k.split(".")[1] for k in sd if k.startswith("weights.")})
-    targets = official_lora_targets(model, list(filters or OFFICIAL_FILTERS))
-    if count != len(targets):
-        raise UserError(f"{source}: holds {count} positional LoRA weights but module_filters "
-                        f"{list(filters or OFFICIAL_FILTERS)} select {len(targets)} in this model; "
-                        f"set module_filters as in training (or wrong model_version)")
-    deltas = []
-    for i, target in enumerate(targets):
-        down, up = sd[f"weights.{i}.lora_down"], sd[f"weights.{i}.lora_up"]
-        if rank is not None and down.size(0) != rank:
-            raise UserError(f"{source}: LoRA rank is {down.size(0)} but the config says rank "
-                            f"{rank}; fix 'rank'")
-        deltas.append(LoraDelta(target, down, up, 1.0 / down.size(0)))
-    return deltas
-
-
-def _read_named(sd: dict, source: str) -> list[LoraDelta]:
-    deltas = []
-    for key in sd:
-        if not key.endswith(".lora_down"):
-            continue
-        target = key[: -len(".lora_down")]
-        up = sd.get(target + ".lora_up")
-        if up is None:
-            raise UserError(f"{source}: {key} has no matching {target}.lora_up")
-        down = sd[key]
-        alpha = float(sd[target + ".alpha"]) if target + ".alpha" in sd else 1.0
-        deltas.append(LoraDelta(target, down, up, alpha / down.size(0)))
-    return deltas
-
-
-def _comfy_map(model: nn.Module, prefix: str) -> dict[str, tuple[str, Optional[int]]]:
-    """ComfyUI key stem -> (our parameter name, q/k/v block or None)."""
-    table: dict[str, tuple[str, Optional[int]]] = {}
-    for name, module in model.named_modules():
-        attr = _lora_target(module)
-        if attr is None or not name:
-            continue
-        stem = prefix + name.replace(".", "_")
-        if attr == "weight":
-            table[stem] = (f"{name}.weight", None)
-        else:
-            table[stem] = (f"{name}.in_proj_weight", None)
-            table[stem + "_in_proj"] = (f"{name}.in_proj_weight", None)
-            for suffix, block in _QKV.items():
-                table[f"{stem}_{suffix}"] = (f"{name}.in_proj_weight", block)
-    return table
-
-
-def _read_comfy(sd: dict, model: nn.Module, source: str) -> list[LoraDelta]:
-    stems = {}
-    for key in sd:
-        for suffix in _COMFY_SUFFIXES:
-            if key.endswith(suffix):
-                stems.setdefault(key[: -len(suffix)], None)
-                break
-    prefix = next(p for p in COMFY_PREFIXES if any(s.startswith(p) for s in stems))
-    table = _comfy_map(model, prefix)
-    deltas, unknown = [], []
-    for stem in stems:
-        if not stem.startswith(prefix) or stem not in table:
-            unknown.append(stem)
-            continue
-        down, up = sd.get(stem + ".lora_down.weight"), sd.get(stem + ".lora_up.weight")
-        if down is None or up is None:
-            raise UserError(f"{source}: {stem} lacks lora_down.weight or lora_up.weight")
-        down, up = down.flatten(1), up.flatten(1)  # conv LoRAs store (r, in, 1, 1) / (out, r, 1, 1)
-        alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.size(0))
-        target, block = table[stem]
-        deltas.append(LoraDelta(target, down, up, alpha / down.size(0), block))
-    if unknown:
-        raise UserError(f"{source}: {len(unknown)} ComfyUI keys match no module of this model, "
-                        f"e.g. {unknown[0]} (text-encoder LoRAs are not supported; wrong stage?)")
-    return deltas
+    return detect(state_dict, source)
 
 
 def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
               filters: Optional[Sequence[str]] = None, rank: Optional[int] = None,
               source: str = "LoRA file") -> LoraWeights:
-    """Normalise a LoRA state dict for ``model`` (the generator it was trained on)."""
-    layout = detect_layout(state_dict)
+    """Normalise a LoRA state dict for ``model`` (the generator it was trained on).
+
+    ``filters`` (config ``module_filters``, default the official ``['.attn']``) and ``rank``
+    only matter for the official positional layout, whose keys do not name their targets.
+    """
+    from core.lora_io import read_entries, read_tokens
+
+    layout = detect_layout(state_dict, source)
+    targets = None
     if layout == "official":
-        deltas = _read_official(state_dict, model, filters, rank, source)
-    elif layout == "named":
-        deltas = _read_named({k: v for k, v in state_dict.items()
-                              if not k.startswith("embeddings.")}, source)
-    elif layout == "comfyui":
-        deltas = _read_comfy(state_dict, model, source)
-    else:
-        deltas = []
-    lora = LoraWeights(layout, deltas)
-    if "embeddings.embeddings" in state_dict:
-        lora.token_deltas = state_dict["embeddings.embeddings"]
-        lora.token_indices = state_dict["embeddings.indices"].long()
+        targets = official_lora_targets(model, list(filters or OFFICIAL_FILTERS))
+    entries = read_entries(state_dict, [n for n, _ in model.named_parameters()], targets, source)
+    if rank is not None and layout == "official":
+        ranks = {e.rank for e in entries}
+        if ranks != {rank}:
+            raise UserError(f"{source}: LoRA rank is {sorted(ranks)} but the config says rank {rank}; "
+                            f"fix 'rank'")
+    lora = LoraWeights(layout, entries)
+    tokens = read_tokens(state_dict)
+    if tokens is not None:
+        lora.token_indices, lora.token_deltas = tokens
     return lora
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0,
                source: str = "LoRA file") -> int:
-    """Add ``strength * scale * up @ down`` to every target weight; returns how many were merged."""
+    """Add ``strength * alpha/rank * up @ down`` to every target weight (in float32, cast back to
+    the weight's dtype); returns how many updates were merged."""
     params = dict(model.named_parameters())
-    for delta in lora.deltas:
-        weight = params.get(delta.target)
+    for entry in lora.entries:
+        weight = params.get(entry.target)
         if weight is None:
-            raise UserError(f"{source}: LoRA target {delta.target} is not a parameter of this "
+            raise UserError(f"{source}: LoRA target {entry.target} is not a parameter of this "
                             f"model (wrong model_version or a LoRA for another stage?)")
-        rows = weight.size(0) // 3 if delta.block is not None else weight.size(0)
-        out_dim, rank = delta.up.shape
-        if delta.down.size(0) != rank or out_dim != rows or delta.down.size(1) != weight.size(1):
-            raise UserError(f"{source}: LoRA for {delta.target} is {out_dim}x{rank} @ "
-                            f"{tuple(delta.down.shape)} but the weight is {tuple(weight.shape)} "
-                            f"(LoRA trained for another model_version?)")
-        update = (delta.up.float() @ delta.down.float()) * (delta.scale * float(strength))
-        update = update.view(update.shape + (1,) * (weight.dim() - 2)).to(weight.device, weight.dtype)
-        if delta.block is None:
-            weight.add_(update)
-        else:
-            weight[delta.block * rows:(delta.block + 1) * rows].add_(update)
-    return len(lora.deltas)
-
-
-def load_lora_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a LoRA file with the project's loader (clear error when missing)."""
-    from modules.loading import read_state_dict
-
-    return read_state_dict(path)
+        try:
+            delta = entry.delta(tuple(weight.shape)) * float(strength)
+        except RuntimeError:
+            raise UserError(f"{source}: LoRA for {entry.target} ({tuple(entry.up.shape)} @ "
+                            f"{tuple(entry.down.shape)}) does not fit the weight "
+                            f"{tuple(weight.shape)} (LoRA for another model_version?)") from None
+        rows = slice(None)
+        if entry.block is not None:
+            third = weight.size(0) // 3
+            rows = slice(entry.block * third, (entry.block + 1) * third)
+        part = weight[rows]
+        part.copy_((part.float() + delta.to(part.device)).to(weight.dtype))
+    return len(lora.entries)
 
 
 class MergedLora:
@@ -239,8 +132,8 @@ class MergedLora:
                  source: str = "LoRA file") -> None:
         self.model, self.lora, self.text_model, self.source = model, lora, text_model, source
         params = dict(model.named_parameters())
-        self._backup = {d.target: params[d.target].detach().clone()
-                        for d in lora.deltas if d.target in params}
+        self._backup = {e.target: params[e.target].detach().clone()
+                        for e in lora.entries if e.target in params}
         self._token_backup = None
         if lora.token_deltas is not None and text_model is not None:
             weight = text_model.get_input_embeddings().weight
@@ -269,6 +162,13 @@ class MergedLora:
             apply_token_deltas(self.text_model, self.lora.token_indices, self.lora.token_deltas,
                                strength, self.source)
         self.strength = float(strength)
+
+
+def load_lora_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a LoRA file with the project's loader (clear error when missing)."""
+    from modules.loading import read_state_dict
+
+    return read_state_dict(path)
 
 
 def apply_lora_file(model: nn.Module, path: str, strength: float = 1.0,

@@ -37,6 +37,13 @@ def _prompt_list(prompts: Union[str, Sequence[str]], num_images: int) -> list[st
     return [p for p in prompts for _ in range(num_images)]
 
 
+def _check_size(height: int, width: int) -> None:
+    # Stage B works on H/4 x W/4 latents with 2x2 patches: odd latent sides cannot be patched.
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 32 or value % 8:
+            raise UserError(f"{name} must be a multiple of 8 and >= 32, got {value}")
+
+
 def _repeat_to(x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.size(0) == batch:
         return x
@@ -262,6 +269,7 @@ class CascadePipeline:
                        x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Stage C latents (B,16,ceil(H/42.67),ceil(W/42.67)) for a list of prompts."""
         self._need("c", "text-to-image")
+        _check_size(height, width)
         generator = _generator(generator)
         settings = settings or self.settings_c()
         cond, uncond = self.stage_c_conditions(prompts, clip_img)
@@ -280,6 +288,7 @@ class CascadePipeline:
         """Stage B latents (B,4,ceil(H/4),ceil(W/4)) conditioned on Stage C latents (or effnet
         latents of real images) and the pooled prompt embedding."""
         self._need("b", "decoding to full resolution")
+        _check_size(height, width)
         generator = _generator(generator)
         settings = settings or self.settings_b()
         _, pooled = self.encode_text(prompts)

@@ -1,13 +1,12 @@
 """Replay LoRA-trained tokens into the tokenizer and CLIP text embedding (training.md 7.1).
 
-Training adds each new token (``[name]`` or ``<name>``) to the tokenizer and appends one embedding
+Training (``core.lora_tokens``) adds each new token (``[name]`` or ``<name>``) to the tokenizer and appends one embedding
 row, initialised to the mean of the rows whose vocabulary string matches the init regex. The LoRA
 file only stores the trained DELTAS for the rows listed in ``embeddings.indices``; replaying the
 same ``train_tokens`` in the same order recreates the ids those indices refer to.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -15,48 +14,19 @@ import torch
 from inference.errors import UserError
 
 
-def _is_new_token(spec: str) -> bool:
-    return (spec.startswith("[") and spec.endswith("]")) or (spec.startswith("<") and spec.endswith(">"))
-
-
 def _token_embedding(text_model: Any) -> torch.nn.Embedding:
     return text_model.get_input_embeddings()
 
 
-@torch.no_grad()
 def add_train_tokens(tokenizer: Any, text_model: Any,
                      train_tokens: Optional[Sequence[Sequence[Optional[str]]]]) -> list[int]:
-    """Add the NEW tokens of ``train_tokens`` (in list order); returns their ids.
+    """Replay ``train_tokens`` exactly as the LoRA trainer does (``core.lora_tokens``: new tokens,
+    mean-initialised rows, first-EOS pooling fix); returns the trained ids."""
+    from core.lora_tokens import add_train_tokens as replay
 
-    Regex specs (existing tokens) need no replay: their ids do not change. A token that is already
-    in the vocabulary is left alone, so calling this twice is harmless.
-    """
-    added: list[int] = []
-    for entry in train_tokens or ():
-        if not entry or not isinstance(entry[0], str):
-            raise UserError(f"train_tokens entry {entry!r} must be [token_or_regex, init_regex_or_null]")
-        spec = entry[0]
-        init = entry[1] if len(entry) > 1 else None
-        if not _is_new_token(spec) or spec in tokenizer.get_vocab():
-            continue
-        embedding = _token_embedding(text_model)
-        rows = embedding.weight.size(0)
-        try:
-            pattern = re.compile(init) if init else None
-        except re.error as exc:
-            raise UserError(f"train_tokens: init regex {init!r} is invalid ({exc})") from None
-        matches = [i for tok, i in tokenizer.get_vocab().items()
-                   if pattern is not None and pattern.search(tok) and i < rows]
-        tokenizer.add_tokens([spec])
-        new_id = tokenizer.convert_tokens_to_ids(spec)
-        weight = embedding.weight
-        row = weight[matches].float().mean(0) if matches else torch.zeros(weight.size(1))
-        if new_id >= rows:
-            text_model.resize_token_embeddings(new_id + 1, mean_resizing=False)
-            weight = _token_embedding(text_model).weight
-        weight[new_id] = row.to(weight.dtype)
-        added.append(int(new_id))
-    return added
+    if not train_tokens:
+        return []
+    return replay(tokenizer, text_model, train_tokens).ids
 
 
 @torch.no_grad()

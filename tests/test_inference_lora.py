@@ -65,24 +65,16 @@ def test_merge_equals_parametrized_lora(model, official):
 
 
 def test_named_and_comfy_layouts_equal_official(model, official):
-    targets = official_lora_targets(model, [".attn"])
+    """Files in the trainer's named layout and its ComfyUI export merge to the same weights."""
+    from core.lora_io import entries_from_named, export_comfyui
+
     named = {}
-    comfy = {}
-    for i, target in enumerate(targets):
-        down, up = official[f"weights.{i}.lora_down"], official[f"weights.{i}.lora_up"]
-        named[f"{target}.lora_down"], named[f"{target}.lora_up"] = down, up
-        module, param = target.rsplit(".", 1)
-        stem = "lora_prior_unet_" + module.replace(".", "_")
-        if param == "in_proj_weight":  # ComfyUI splits the packed projection into q/k/v
-            for j, part in enumerate(("to_q", "to_k", "to_v")):
-                rows = up.size(0) // 3
-                comfy[f"{stem}_{part}.lora_down.weight"] = down
-                comfy[f"{stem}_{part}.lora_up.weight"] = up[j * rows:(j + 1) * rows]
-                comfy[f"{stem}_{part}.alpha"] = torch.tensor(1.0)
-        else:
-            comfy[f"{stem}.lora_down.weight"] = down
-            comfy[f"{stem}.lora_up.weight"] = up
-            comfy[f"{stem}.alpha"] = torch.tensor(1.0)
+    for i, target in enumerate(official_lora_targets(model, [".attn"])):
+        named[f"{target}.lora_down"] = official[f"weights.{i}.lora_down"]
+        named[f"{target}.lora_up"] = official[f"weights.{i}.lora_up"]
+        named[f"{target}.alpha"] = torch.tensor(1.0)
+    comfy = export_comfyui(entries_from_named(named))
+    assert any(k.endswith("_to_q.lora_down.weight") for k in comfy)
     assert (detect_layout(official), detect_layout(named), detect_layout(comfy)) == \
         ("official", "named", "comfyui")
     results = []
