@@ -1,0 +1,116 @@
+"""Encoder cache: the tool writes shards, the reader batches them, and a training loss computed
+from the cache equals the loss computed from the images for the same samples and seeds."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    # same folder and arguments as tests/test_train_e2e.py: one build per test session
+    folder = tmp_path_factory.getbasetemp() / "train_assets"
+    if not (folder / "READY").is_file():
+        from tools.make_demo_assets import make_dataset, make_models
+
+        make_models(folder, calibration_size=64)
+        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
+        (folder / "READY").write_text("ok\n")
+    return folder
+
+
+def tiny_config(assets: Path, tmp: Path, **extra):
+    from core.config import load_config
+    from train.train_c import StageCConfig
+
+    values = {"webdataset_path": str(assets / "shards"),
+              "effnet_checkpoint_path": str(assets / "effnet_encoder.safetensors"),
+              "previewer_checkpoint_path": str(assets / "previewer.safetensors"),
+              "clip_text_model_name": str(assets / "clip/text"),
+              "clip_image_model_name": str(assets / "clip/vision"),
+              "checkpoint_path": str(tmp / "ck"), "output_path": str(tmp / "out"),
+              "image_size": 64, "batch_size": 4, "num_workers": 0,
+              # high probabilities so both dropout branches occur in a 4-sample batch
+              "text_dropout": 0.5, "image_embed_prob": 0.5, **extra}
+    sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+    return load_config(StageCConfig, str(ROOT / "configs/training/tiny_c.yaml"), sets)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(assets, tmp_path_factory):
+    from tools.cache_dataset import cache_dataset
+
+    out = tmp_path_factory.getbasetemp() / "cache_out"
+    cfg = tiny_config(assets, out)
+    info = cache_dataset(cfg, str(out / "cache"), batch_size=4, shard_size=5)
+    assert info["samples"] == 16 and len(info["shards"]) == 4     # 8 photos x 2 variants, one pass
+    return out / "cache"
+
+
+def test_reader_yields_training_batches(cache_dir):
+    from core.cache import CachedPipeline, load_unconditional
+
+    pipe = CachedPipeline(cache_dir, batch_size=3)
+    it = iter(pipe)
+    batches = [next(it) for _ in range(7)]                         # 21 > 16 samples: the cache repeats
+    b = batches[0]
+    assert b["latents"].shape == (3, 16, 2, 2) and b["clip_text"].shape == (3, 77, 32)
+    assert b["clip_text_pooled"].shape == (3, 1, 32) and b["clip_img"].shape == (3, 1, 24)
+    assert len(b["captions"]) == 3 and all(b["captions"])
+    assert pipe.state_dict() == {"position": 21}
+    uncond = load_unconditional(cache_dir)
+    assert uncond["clip_text"].shape == (77, 32) and uncond["clip_text_pooled"].shape == (1, 32)
+    # resume: a pipeline started from the saved position continues with the same samples
+    again = CachedPipeline(cache_dir, batch_size=3, state={"position": 3})
+    assert next(iter(again))["keys"] == batches[1]["keys"]
+    # two ranks split the samples
+    keys0 = set(next(iter(CachedPipeline(cache_dir, batch_size=4, rank=0, world_size=2)))["keys"])
+    keys1 = set(next(iter(CachedPipeline(cache_dir, batch_size=4, rank=1, world_size=2)))["keys"])
+    assert not keys0 & keys1
+
+
+def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
+    from core.cache import cached_conditions, collate, iter_cached_samples, cache_shards, load_unconditional
+    from core.data import build_pipeline
+    from core.distributed import DistInfo
+    from train.train_c import StageCTrainer
+
+    cfg = tiny_config(assets, tmp_path)
+    trainer = StageCTrainer(cfg, dist=DistInfo())
+    trainer.build_models()
+    for m in trainer.frozen_modules():
+        m.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh Stage C has zero output layers; make the loss depend on everything
+        for p in trainer.generator.parameters():
+            p.normal_(0.0, 0.05)
+    batch = next(iter(build_pipeline(cfg, batch_size=4, seed=cfg.seed, num_workers=0)))
+
+    cached = {s["key"]: s for s in iter_cached_samples(cache_shards(cache_dir))}
+    cbatch = collate([cached[k] for k in batch["keys"]])
+    assert cbatch["captions"] == list(batch["captions"])
+    uncond = load_unconditional(cache_dir)
+
+    def drops(step):
+        trainer._micro = (step, 0)
+        return [torch.rand(1, generator=g).item() <= cfg.text_dropout for g in trainer.sample_generators(4)]
+
+    step = next(s for s in range(1, 100) if 0 < sum(drops(s)) < 4)   # some captions dropped, some kept
+    trainer._micro = (step, 0)
+    torch.manual_seed(7)                                           # module dropout RNG
+    loss_img, _ = trainer.compute_loss(batch)
+
+    gens = trainer.sample_generators(4)
+    cond = cached_conditions(cbatch, uncond, gens, cfg.text_dropout, cfg.image_embed_prob, c_img=24)
+    torch.manual_seed(7)
+    loss_cache, _ = trainer.diffusion_loss(trainer.gdf, lambda x, r: trainer.generator(x, r, **cond),
+                                           cbatch["latents"], gens)
+    torch.testing.assert_close(loss_cache, loss_img, rtol=1e-5, atol=1e-7)
+    print(f"loss from images {loss_img.item():.8f}, from cache {loss_cache.item():.8f}")

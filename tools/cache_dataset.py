@@ -1,0 +1,107 @@
+"""Run the frozen Stage C encoders once over a dataset and write cache shards (see core/cache.py).
+
+    python3 tools/cache_dataset.py configs/training/finetune_c_3b.yaml --out /data/cache_c \
+        [--set image_size=1024] [--shard-size 1000] [--max-samples N] [--no-image-embeds] [--dtype bfloat16]
+
+The training YAML gives the data (webdataset_path, buckets, filters, captions) and the encoders
+(effnet_checkpoint_path, clip_text_model_name, clip_image_model_name). One pass over the dataset:
+each sample is cached once, at the bucket size the data layer gives it. Caption dropout is NOT
+applied here (the training run applies it, swapping in the cached CLIP('') embedding). Train from
+the cache with ``--set cache_path=/data/cache_c``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+
+def build_encoders(cfg, device: torch.device, dtype: torch.dtype, image_embeds: bool) -> dict:
+    """effnet (float32, like the trainer), tokenizer, CLIP text (and vision) in ``dtype``."""
+    from modules.conditioning import load_clip_text, load_clip_vision, load_tokenizer
+    from modules.loading import load_model
+
+    enc = {"effnet": load_model("effnet", "default", cfg.effnet_checkpoint_path, device=device).eval(),
+           "tokenizer": load_tokenizer(cfg.clip_text_model_name),
+           "text_model": load_clip_text(cfg.clip_text_model_name, dtype=dtype, device=device),
+           "vision_model": None}
+    if image_embeds:
+        enc["vision_model"] = load_clip_vision(cfg.clip_image_model_name, dtype=dtype, device=device)
+    return enc
+
+
+def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000, max_samples: int | None = None,
+                  image_embeds: bool = True, store_dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """One pass over ``cfg``'s dataset -> cache shards in ``out_dir``; returns the manifest."""
+    from core.cache import CacheWriter, encode_batch, encode_unconditional
+    from core.data import build_pipeline
+
+    device = torch.device(device)
+    model_dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
+    enc = build_encoders(cfg, device, model_dtype, image_embeds)
+    data_cfg = dataclasses.replace(cfg, caption_dropout=0.0)
+    pipeline = build_pipeline(data_cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
+                              num_workers=cfg.num_workers)
+    writer = CacheWriter(out_dir, shard_size=shard_size, dtype=store_dtype)
+    seen: set[str] = set()
+    started = time.perf_counter()
+    for batch in pipeline:
+        fresh = [i for i, k in enumerate(batch["keys"]) if k not in seen]
+        if not fresh or (max_samples is not None and writer.count >= max_samples):
+            break  # the stream came round to samples already cached: one pass is done
+        if max_samples is not None:
+            fresh = fresh[:max_samples - writer.count]
+        sub = {"images": batch["images"][fresh], "captions": [batch["captions"][i] for i in fresh],
+               "keys": [batch["keys"][i] for i in fresh], "urls": [(batch.get("urls") or [None] * 10**6)[i] for i in fresh]}
+        encoded = encode_batch(sub["images"], sub["captions"], enc["effnet"], enc["tokenizer"], enc["text_model"],
+                               enc["vision_model"])
+        writer.add_batch(sub, encoded)
+        seen.update(sub["keys"])
+    close = getattr(pipeline, "close", None)
+    if callable(close):
+        close()
+    manifest = {"kind": "stage_c", "effnet": cfg.effnet_checkpoint_path, "clip_text": cfg.clip_text_model_name,
+                "clip_image": cfg.clip_image_model_name if image_embeds else None,
+                "encoder_dtype": str(model_dtype).replace("torch.", ""),
+                "store_dtype": str(store_dtype).replace("torch.", "") if store_dtype else "float32",
+                "image_size": cfg.image_size, "seconds": round(time.perf_counter() - started, 3)}
+    writer.close(encode_unconditional(enc["tokenizer"], enc["text_model"]), manifest)
+    return {"samples": writer.count, "shards": writer.shards, **manifest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.config import load_config
+    from train.train_c import StageCConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--out", required=True, help="output folder of the cache shards")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--no-image-embeds", action="store_true", help="skip the CLIP vision model")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="storage dtype of the cached tensors (default: as computed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    cfg = load_config(StageCConfig, args.config, args.overrides)
+    info = cache_dataset(cfg, args.out, args.batch_size, args.shard_size, args.max_samples,
+                         not args.no_image_embeds, getattr(torch, args.dtype) if args.dtype else None, args.device)
+    print(f"cached {info['samples']} samples into {len(info['shards'])} shard(s) in {args.out} "
+          f"({info['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from core.errors import run_cli
+
+    run_cli(main)
