@@ -48,13 +48,15 @@ def cfg(paths, **kw):
 def test_exactly_the_good_samples_and_reports(corrupt_set, caplog):
     paths, good = corrupt_set
     a, b, c = paths
-    pipe = build_pipeline(cfg(paths, report_every=1000), batch_size=3)
+    pipe = build_pipeline(cfg(paths, report_every=2), batch_size=3)
     keys = []
-    for _ in range(50):
-        batch = next(pipe)
-        if batch["epoch"] > 0:
-            break
-        keys += batch["keys"]
+    with caplog.at_level(logging.INFO, logger="core.data"):
+        for _ in range(50):
+            batch = next(pipe)
+            if batch["epoch"] > 0:
+                break
+            keys += batch["keys"]
+    assert "samples emitted" in caplog.text  # periodic summary every report_every batches
     assert sorted(keys) == sorted(good)
     st = pipe.stats()
     assert st["bad"]["undecodable_image"] >= 1 and st["bad"]["missing_caption"] >= 1

@@ -172,6 +172,8 @@ def test_resume_exact(shards, workers, ratios):
     for _ in range(13):
         next(ref)
     state = json.loads(json.dumps(ref.state_dict()))
+    # the position is inside a shuffle block and/or has samples waiting in buckets
+    assert any(w["taken"] or w["left"] for w in state["workers"].values())
     expected, images = [], []
     while len(expected) < 20:
         b = next(ref)
@@ -217,3 +219,60 @@ def test_sources_forms(shards, tmp_path):
         expand_sources(str(tmp_path / "missing.tar"))
     with pytest.raises(DataError, match="no .tar"):
         expand_sources(str(tmp_path))
+
+
+def test_resampled_stream_and_resume(shards):
+    c = cfg(shards, resampled=True, num_workers=2, multi_aspect_ratio=["1/1", "1/2"])
+    ref = build_pipeline(c, batch_size=4, seed=2)
+    batches = [next(ref) for _ in range(30)]
+    assert all(len(b["keys"]) == 4 for b in batches)  # no flushing: always full batches
+    assert max(b["epoch"] for b in batches) >= 1       # pseudo-epochs advance
+    state = ref.state_dict()
+    nxt = [next(ref)["keys"] for _ in range(5)]
+    ref.close()
+    again = build_pipeline(c, batch_size=4, seed=2, state=state)
+    assert [next(again)["keys"] for _ in range(5)] == nxt
+    again.close()
+
+
+def test_draft_decode_matches_full_decode():
+    """JPEG draft mode (decode at a reduced DCT scale) gives the same size and nearly the same
+    pixels as decoding full size and resizing."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from core.data.images import load_to_bucket
+    from core.data.testing import jpeg_bytes, photo_variant
+    data = jpeg_bytes(photo_variant(1, 600, 800), quality=95)
+    fast = load_to_bucket(data, (128, 128), "center", np.random.default_rng(0))
+    with Image.open(io.BytesIO(data)) as im:
+        full = np.asarray(im.convert("RGB").resize((170, 128), Image.BILINEAR))[:, 21:149].transpose(2, 0, 1)
+        im2 = Image.open(io.BytesIO(data))
+        im2.draft("RGB", (170, 128))
+        assert im2.size[0] < 800  # draft really reduced the decode size
+    assert fast.shape == (3, 128, 128)
+    assert np.abs(fast.astype(float) - full.astype(float)).mean() < 4.0
+
+
+def test_state_is_small_and_json(shards):
+    c = cfg(shards, num_workers=2, multi_aspect_ratio=["1/1", "1/2", "1/3"], shuffle_buffer=32)
+    with build_pipeline(c, batch_size=8) as pipe:
+        for _ in range(3):
+            next(pipe)
+        state = pipe.state_dict()
+    text = json.dumps(state)
+    assert len(text) < 4000 and set(state["workers"]) == {"0", "1"}
+    w = state["workers"]["0"]
+    assert {"epoch", "pos", "taken", "left", "produced"} <= set(w)
+
+
+def test_changed_layout_restarts_next_epoch(shards, caplog):
+    c = cfg(shards, num_workers=2)
+    with build_pipeline(c, batch_size=4) as pipe:
+        next(pipe)
+        state = pipe.state_dict()
+    with build_pipeline(cfg(shards, num_workers=0), batch_size=4, state=state) as pipe:
+        assert next(pipe)["epoch"] == 1
+    assert "other shards or another rank/worker layout" in caplog.text
