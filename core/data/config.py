@@ -63,6 +63,10 @@ class DataConfig:
     def from_dict(cls, data: dict, ignore_unknown: bool = True) -> "DataConfig":
         """Build from a (training) config dict, taking only the data keys."""
         names = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        if "bucketeer_random_ratio" in data and "bucket_random_ratio" not in data:
+            # the official code's (unsettable) name for the same probability
+            data["bucket_random_ratio"] = data.pop("bucketeer_random_ratio")
         unknown = set(data) - names
         if unknown and not ignore_unknown:
             raise DataError(f"unknown data config keys: {sorted(unknown)}")
