@@ -1,0 +1,1 @@
+"""Training scripts, one per use case (run them as ``python3 train/train_c.py CONFIG``)."""
