@@ -95,8 +95,10 @@ class DataPipeline:
             self._loader = None
             self._it: Iterator[dict] = iter(ds)
         else:
+            # batch_size=None: each worker already forms whole single-bucket batches
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                      collate_fn=_identity, prefetch_factor=2)
+                                      collate_fn=_identity, prefetch_factor=2,
+                                      pin_memory=torch.cuda.is_available())
             self._it = iter(self._loader)
         self._closed = False
 
