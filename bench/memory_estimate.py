@@ -1,0 +1,44 @@
+"""Print core.memory's estimate for an explicit run shape (the GPU rows of bench/README.md).
+
+    python3 bench/memory_estimate.py --version 3.6B --mode lora --batch-size 4 --image-size 1024
+    python3 bench/memory_estimate.py --version 3.6B --weight-dtype bfloat16 --optimizer adafactor
+
+For a training YAML use the trainer's ``--dry-run`` instead (same estimate, from the config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from core.memory import estimate_memory, format_estimate  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", default="stage_c", choices=["stage_c", "stage_b"])
+    p.add_argument("--version", default="3.6B")
+    p.add_argument("--mode", default="full", choices=["full", "lora", "controlnet"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
+    p.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--frozen-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--cached", action="store_true", help="conditions from a cache: no encoders loaded")
+    p.add_argument("--json", action="store_true", help="also print the estimate as JSON")
+    a = p.parse_args(argv)
+    est = estimate_memory(kind=a.kind, model_version=a.version, mode=a.mode, batch_size=a.batch_size,
+                          image_size=a.image_size, optimizer=a.optimizer, weight_dtype=a.weight_dtype,
+                          frozen_dtype=a.frozen_dtype, lora_rank=a.lora_rank, cached=a.cached)
+    print(format_estimate(est))
+    if a.json:
+        print(json.dumps(est, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
