@@ -21,6 +21,7 @@ weights. Errors a user can fix raise :class:`core.errors.UserError`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, replace
@@ -377,35 +378,72 @@ def with_alpha(entries: Sequence[LoraEntry], alpha: float) -> list[LoraEntry]:
 __all__ = ["LoraEntry", "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named", "with_alpha",
-           "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "guess_stage_c_version"]
+           "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Model-derived facts (built on the meta device: no memory, no weights)
 # ----------------------------------------------------------------------------------------------
-def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -> tuple[list[str], dict[str, tuple]]:
-    """``(LoRA targets in official order, {parameter name: shape})`` of Stage C ``model_version``
-    for ``module_filters`` (the targets give ``weights.{i}`` its meaning)."""
+@functools.lru_cache(maxsize=8)
+def _stage_c_facts(model_version: str, filters: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
     from modules.lora import apply_lora
     from modules.registry import build_model
 
     model = build_model("stage_c", model_version, device="meta")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    if not filters:
+        return (), shapes
     try:
-        targets = [name for name, _ in apply_lora(model, list(filters), rank=rank)]
+        targets = tuple(name for name, _ in apply_lora(model, list(filters), rank=1))
     except ValueError as exc:
         raise UserError(f"module_filters: {exc}") from None
     return targets, shapes
 
 
-def guess_stage_c_version(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """The registry Stage C version whose parameter names and shapes match ``state_dict``."""
-    from modules.registry import MODEL_CONFIGS, build_model
+def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -> tuple[list[str], dict[str, tuple]]:
+    """``(LoRA targets in official order, {parameter name: shape})`` of Stage C ``model_version``
+    for ``module_filters`` (the targets give ``weights.{i}`` its meaning; the rank does not matter)."""
+    from modules.registry import MODEL_CONFIGS
+
+    if model_version not in MODEL_CONFIGS["stage_c"]:
+        raise UserError(f"unknown Stage C model_version '{model_version}' (known: {', '.join(MODEL_CONFIGS['stage_c'])})")
+    targets, shapes = _stage_c_facts(model_version, tuple(filters))
+    return list(targets), dict(shapes)
+
+
+def check_stage_c_version(state_dict: Mapping[str, torch.Tensor], model_version: Optional[str] = None,
+                          source: str = "checkpoint") -> str:
+    """``model_version`` (or, if None, the registry version) that ``state_dict`` matches exactly;
+    UserError otherwise. Each candidate costs one meta-device build, so pass the version if known."""
+    from modules.registry import MODEL_CONFIGS
 
     have = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for version in MODEL_CONFIGS["stage_c"]:
-        model = build_model("stage_c", version, device="meta")
-        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == have:
+    for version in [model_version] if model_version else list(MODEL_CONFIGS["stage_c"]):
+        if dict(_stage_c_facts(version, ())[1]) == have:
             return version
-    raise UserError(f"the checkpoint matches no Stage C version ({', '.join(MODEL_CONFIGS['stage_c'])}); "
-                    f"is it a Stage C checkpoint in the official layout?")
+    what = f"Stage C {model_version}" if model_version else f"any Stage C version ({', '.join(MODEL_CONFIGS['stage_c'])})"
+    raise UserError(f"{source} does not match {what}; is it a Stage C checkpoint in the official layout "
+                    f"(and the right model_version)?")
+
+
+def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state dict, safetensors metadata)`` of a LoRA file (.safetensors, or .pt/.ckpt without metadata)."""
+    from modules.loading import read_state_dict
+
+    sd = read_state_dict(path)
+    meta: dict[str, str] = {}
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    return sd, meta
+
+
+def metadata_list(meta: Mapping[str, str], key: str) -> Optional[list]:
+    """A JSON list stored in LoRA metadata (None when absent or unreadable)."""
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, ValueError):
+        return None
+    return value if isinstance(value, list) else None

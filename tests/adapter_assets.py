@@ -1,0 +1,86 @@
+"""Shared offline assets for the LoRA / ControlNet training tests (not a test module).
+
+Frozen encoders, tiny CLIP and the tiny Stage C are random-init (seeded) files; the dataset holds
+real photographs (scikit-image's sample photos) with captions that use a trained token, and a
+pre-computed control image (``control.png``: the photo's Canny edges) per sample.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+CAPTIONS = ("a photo of [tinytok] the astronaut", "a photo of [tinytok] the cat",
+            "a photo of a [tinytok] coffee cup", "a photo of a [tinytok] rocket")
+
+
+def make_adapter_assets(base: Path) -> Path:
+    """Build (once per session) and return the assets folder under ``base``."""
+    folder = base / "adapter_assets"
+    if (folder / "READY").is_file():
+        return folder
+    from core.data.testing import jpeg_bytes, photo_variant, write_tar
+    from modules.filters import CannyFilter
+    from modules.loading import save_safetensors
+    from modules.registry import build_model
+    from tools.make_demo_assets import make_models
+
+    make_models(folder, calibration_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        generator = build_model("stage_c", "tiny")
+        # A fresh Stage C has a zero output conv (every gradient but its own is zero): give the
+        # "pretrained" base a random one so LoRA and tokens get gradients from the first step.
+        torch.nn.init.xavier_uniform_(generator.clf[1].weight)
+        save_safetensors(generator, folder / "stage_c_tiny.safetensors")
+    canny = CannyFilter(resize=None)
+    samples = []
+    for i, caption in enumerate(CAPTIONS):
+        photo = photo_variant(i, 64, 64, seed=1)
+        image = torch.from_numpy(__import__("numpy").array(photo)).permute(2, 0, 1).float().div(255)[None]
+        edges, _ = canny(image)
+        buf = io.BytesIO()
+        from PIL import Image
+
+        Image.fromarray((edges[0, 0].numpy() * 255).astype("uint8"), mode="L").save(buf, format="PNG")
+        samples.append((f"{i:04d}", {"jpg": jpeg_bytes(photo, 95), "txt": caption.encode(),
+                                     "control.png": buf.getvalue(), "json": json.dumps({"i": i}).encode()}))
+    write_tar(str(folder / "shards" / "adapter-0000.tar"), samples)
+    (folder / "READY").write_text("ok\n")
+    return folder
+
+
+def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
+    """``key=value`` overrides pointing a tiny config at the assets and ``run_root``."""
+    values = {
+        "webdataset_path": str(assets / "shards"),
+        "effnet_checkpoint_path": str(assets / "effnet_encoder.safetensors"),
+        "previewer_checkpoint_path": str(assets / "previewer.safetensors"),
+        "generator_checkpoint_path": str(assets / "stage_c_tiny.safetensors"),
+        "clip_text_model_name": str(assets / "clip/text"),
+        "clip_image_model_name": str(assets / "clip/vision"),
+        "checkpoint_path": str(run_root / "ck"), "output_path": str(run_root / "out"),
+        "image_size": 64, "batch_size": 2, "num_workers": 0, "log_every": 1, "warmup_updates": 1,
+        "preview_every": 0, "num_preview_images": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+
+
+def cli_args(config: str, assets: Path, run_root: Path, **extra) -> list[str]:
+    """Command-line arguments of a training script for ``config`` with ``overrides``."""
+    out = [config]
+    for item in overrides(assets, run_root, **extra):
+        out += ["--set", item]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[int(rec["step"])] = rec["loss"]
+    return out

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Export a Stage C LoRA to the ComfyUI / kohya key format (+ a token embedding file).
+
+    python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors \
+        [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn]
+
+Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (ComfyUI
+scales by alpha/rank, we write our alpha so the update is identical). The packed attention
+``in_proj`` LoRA becomes three LoRAs ``..._attn_to_q`` / ``_to_k`` / ``_to_v`` that share
+``lora_down`` (ComfyUI splits the packed projection the same way). When tokens were trained, the
+FINAL embedding rows of those tokens (base row + trained delta) go to ``<out>_embeddings.safetensors``
+(key ``clip_g``, shape (n_tokens, width), token strings in the metadata): a textual-inversion style
+embedding; that needs the CLIP text model the LoRA was trained with (``--clip-text-model``, default
+the name stored in the LoRA) to rebuild the base rows. See docs/LORA.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from core.errors import UserError, run_cli  # noqa: E402
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def token_vectors(sd: dict, meta: dict, clip_text_model: str):
+    """``(final rows (n, width), token strings)`` of the trained tokens, rebuilt from the CLIP model."""
+    import torch
+
+    from core.lora_io import metadata_list, read_tokens
+    from core.lora_tokens import add_train_tokens
+    from modules.conditioning import load_clip_text, load_tokenizer
+
+    indices, deltas = read_tokens(sd)
+    tokenizer = load_tokenizer(clip_text_model)
+    text_model = load_clip_text(clip_text_model)
+    add_train_tokens(tokenizer, text_model, metadata_list(meta, "train_tokens") or [])
+    weight = text_model.get_input_embeddings().weight
+    if int(indices.max()) >= weight.shape[0] or deltas.shape[1] != weight.shape[1]:
+        raise UserError(f"the token embeddings (ids {indices.tolist()}, width {deltas.shape[1]}) do not fit "
+                        f"{clip_text_model}; pass the CLIP text model the LoRA was trained with")
+    with torch.no_grad():
+        vectors = weight[indices].float() + deltas.float()
+    return vectors, [str(t) for t in tokenizer.convert_ids_to_tokens(indices.tolist())]
+
+
+def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: str | None = None,
+                model_version: str | None = None, module_filters: list[str] | None = None) -> dict:
+    import torch
+
+    from core.lora_io import (export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file, read_tokens,
+                              stage_c_targets, token_embedding_file)
+    from modules.loading import save_safetensors
+
+    sd, meta = read_lora_file(lora)
+    version = model_version or meta.get("model_version") or "3.6B"
+    filters = module_filters or metadata_list(meta, "module_filters") or [".attn"]
+    targets, shapes = stage_c_targets(version, filters)
+    entries = pack_qkv(read_entries(sd, shapes, official_targets=targets, source=lora), lora)
+    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None)
+    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(entries[0].rank) if entries else "0",
+            "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
+            "cascade_model_version": version, "source": os.path.basename(lora)}
+    save_safetensors(comfy, out, metadata=info)
+    summary = {"out": out, "loras": len(comfy) // 3, "model_version": version}
+    if read_tokens(sd) is not None:
+        name = clip_text_model or meta.get("clip_text_model_name")
+        if not name:
+            raise UserError("the LoRA has trained tokens: pass --clip-text-model (the CLIP it was trained with)")
+        vectors, tokens = token_vectors(sd, meta, name)
+        tensors, tmeta = token_embedding_file(vectors, tokens)
+        emb_out = os.path.splitext(out)[0] + "_embeddings.safetensors"
+        save_safetensors(tensors, emb_out, metadata=tmeta)
+        summary.update(embeddings=emb_out, tokens=tokens)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora_export.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("lora", help="LoRA file (ours or official positional)")
+    parser.add_argument("--out", required=True, help="ComfyUI LoRA to write (.safetensors)")
+    parser.add_argument("--clip-text-model", default=None, help="CLIP text model of training (for token embeddings)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of lora_down/up (default: as stored)")
+    parser.add_argument("--model-version", default=None, help="Stage C version (default: from the file, else 3.6B)")
+    parser.add_argument("--module-filters", nargs="+", default=None,
+                        help="module_filters of an official positional LoRA (default: metadata, else .attn)")
+    args = parser.parse_args(argv)
+    print(json.dumps(export_file(args.lora, args.out, args.clip_text_model, args.dtype, args.model_version,
+                                 args.module_filters)))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,280 @@
+"""LoRA (+ token) training on a frozen Stage C.
+
+    python3 train/train_c_lora.py configs/training/finetune_c_3b_lora.yaml [--set rank=8] [--dry-run]
+
+What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
+* the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
+  paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
+  trainable generator parameters (kept in float32 on a bf16 base);
+* ``train_tokens`` adds/selects CLIP tokens whose embedding rows train through a ReToken; the text
+  encoder then runs WITH grad (only those rows change);
+* ``generator_dropout`` defaults to 0: the official run trained in eval mode after its first preview;
+* outputs per save point (run folder, also in ``state/step_*/``): ``lora.safetensors`` (named keys +
+  metadata), ``tokens.json``, ``lora_official.safetensors`` (positional layout of the official code)
+  and optionally ``lora_comfyui.safetensors`` (+ ``lora_comfyui_embeddings.safetensors``);
+* DDP works (the LoRA lives in the DDP-wrapped generator, token-row gradients are all-reduced here);
+  FSDP is refused with a clear message: a frozen generator plus a LoRA fits one GPU, DDP is the tool.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path)
+
+import torch
+from torch import nn
+
+from core.config import doc
+from core.errors import UserError, run_cli
+from core.training import derive_seed
+from train.train_c import StageCConfig, StageCTrainer
+
+log = logging.getLogger("cascade.train.lora")
+
+LORA_FILE = "lora.safetensors"
+TOKENS_FILE = "tokens.json"
+OFFICIAL_FILE = "lora_official.safetensors"
+COMFY_FILE = "lora_comfyui.safetensors"
+COMFY_EMBEDDINGS_FILE = "lora_comfyui_embeddings.safetensors"
+
+
+@dataclass
+class LoraConfig(StageCConfig):
+    """Keys of a Stage C LoRA job (official keys + alpha and output switches; docs/LORA.md)."""
+
+    module_filters: list[str] = doc([".attn"], "Substrings of module names that get a LoRA (plain substring match, "
+                                               "as the official code); ['.attn'] = every attention's in_proj and out_proj.")
+    rank: int = doc(4, "LoRA rank r.")
+    alpha: float = doc(1.0, "LoRA update = lora_up @ lora_down * alpha / rank; 1.0 = the official scale 1/rank.")
+    train_tokens: Optional[list[list[Optional[str]]]] = doc(
+        None, "[[token_or_regex, init_regex_or_null], ...]: '[name]' adds a token initialised to the mean of the "
+              "rows matching init_regex; a bare regex finetunes the matching existing tokens.")
+    lora_checkpoint_path: Optional[str] = doc(None, "LoRA to start from (named, official positional or ComfyUI layout).")
+    save_official_layout: bool = doc(True, "Also write lora_official.safetensors (official positional layout).")
+    export_comfyui: bool = doc(False, "Also write lora_comfyui.safetensors (+ token embeddings) at every save.")
+    generator_dropout: Optional[float] = doc(0.0, "Dropout of the frozen generator while the LoRA trains (0: no "
+                                                  "dropout, as the official run after its first preview).")
+
+    def validate_lora(self) -> None:
+        from core.lora_tokens import validate_train_tokens
+
+        if self.rank < 1:
+            raise UserError(f"config key 'rank' must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise UserError(f"config key 'alpha' must be > 0, got {self.alpha}")
+        if not self.module_filters or not all(isinstance(f, str) and f for f in self.module_filters):
+            raise UserError("config key 'module_filters' must be a non-empty list of module-name substrings, e.g. ['.attn']")
+        validate_train_tokens(self.train_tokens)
+        self.check_file("lora_checkpoint_path")
+        if self.ema_start_iters is not None:
+            raise UserError("config key 'ema_start_iters': EMA is not supported for LoRA jobs (the official LoRA "
+                            "training has none); remove the ema_* keys")
+
+
+class StageCLoraTrainer(StageCTrainer):
+    """Stage C LoRA job: frozen generator + LoRA (+ trained token rows)."""
+
+    Config = LoraConfig
+    description = "Train a LoRA (and optionally new/existing tokens) on a frozen Stage C."
+
+    # -- models -------------------------------------------------------------------------------
+    def build_models(self) -> None:
+        from core.lora_tokens import add_train_tokens
+        from modules.lora import apply_lora, apply_retoken
+
+        cfg = self.cfg
+        if self.dist.world_size > 1 and cfg.use_fsdp:
+            raise UserError("use_fsdp is not supported for LoRA training: the generator is frozen and the LoRA is "
+                            "small, so every GPU holds a full copy; set use_fsdp: false (DDP is used)")
+        super().build_models()
+        self.generator.requires_grad_(False)
+        if cfg.generator_dropout is not None:
+            # nn.MultiheadAttention keeps its dropout as a float, not an nn.Dropout module.
+            for m in self.generator.modules():
+                if isinstance(m, nn.MultiheadAttention):
+                    m.dropout = float(cfg.generator_dropout)
+
+        self.tokens = add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
+        self.retoken = None
+        if self.tokens.ids:
+            self.text_model.eval().requires_grad_(False)
+            self.retoken = apply_retoken(self.text_model.get_input_embeddings(), self.tokens.ids)
+            self.retoken.float().embeddings.requires_grad_(True)
+            log.info("training %d token row(s): %s", len(self.tokens.ids), self.tokens.token_strings(self.tokenizer))
+
+        # lora_up ~ N(0, 1) comes from the global RNG: seed it so runs and ranks agree.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+            try:
+                self.loras = apply_lora(self.generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha)
+            except ValueError as exc:
+                raise UserError(f"config key 'module_filters': {exc}") from None
+        for _, lora in self.loras:
+            lora.float()  # train in float32 even on a bf16 generator; the update is cast to the weight dtype
+        n = sum(p.numel() for _, lora in self.loras for p in lora.parameters())
+        log.info("LoRA: %d adapted weights (filters %s, rank %d, alpha %g), %d trainable parameters",
+                 len(self.loras), list(cfg.module_filters), cfg.rank, cfg.alpha, n)
+        if cfg.lora_checkpoint_path:
+            self.load_lora_file(cfg.lora_checkpoint_path)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        modules = [self.effnet, self.previewer, self.image_model]
+        if self.retoken is None:  # the text model carries the trainable ReToken otherwise
+            modules.append(self.text_model)
+        return modules
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.retoken is not None:
+            params.append(self.retoken.embeddings)
+        return params
+
+    # -- step ---------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.retoken is None:
+            return super().compute_loss(batch)
+        # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
+        images = batch["images"].to(self.device)
+        generators = self.sample_generators(len(images))
+        conditions = self.get_conditions(batch, generators=generators)
+        with torch.no_grad():
+            latents = self.encode_latents(images)
+        loss, per_sample = self.diffusion_loss(
+            self.gdf, lambda x, r: self.generator(x, r, **conditions), latents, generators)
+        return loss, {"raw_loss": per_sample.mean()}
+
+    def _clip_gradients(self) -> float:
+        # The ReToken lives in the (un-wrapped) text model, so DDP does not average its gradient.
+        if self.retoken is not None and self.dist.world_size > 1:
+            g = self.retoken.embeddings.grad
+            if g is None:
+                g = self.retoken.embeddings.grad = torch.zeros_like(self.retoken.embeddings)
+            torch.distributed.all_reduce(g)
+            g.div_(self.dist.world_size)
+        return super()._clip_gradients()
+
+    # -- files --------------------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from core.lora_io import named_state_dict
+
+        idx = deltas = None
+        if self.retoken is not None:
+            idx, deltas = self.retoken.indices, self.retoken.embeddings
+        return named_state_dict(self.loras, self.cfg.alpha, idx, deltas)
+
+    def lora_metadata(self, step: int) -> dict[str, str]:
+        from core.lora_io import FORMAT_NAME, FORMAT_VERSION
+
+        cfg = self.cfg
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "c",
+                "model_version": str(cfg.model_version), "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)),
+                "module_filters": json.dumps(list(cfg.module_filters)),
+                "train_tokens": json.dumps(cfg.train_tokens or []),
+                "tokens": json.dumps(self.tokens.token_strings(self.tokenizer) if self.tokens.ids else []),
+                "token_ids": json.dumps(self.tokens.ids), "step": str(step),
+                "targets": str(len(self.loras)), "clip_text_model_name": str(cfg.clip_text_model_name)}
+
+    def models_to_save(self) -> dict[str, nn.Module]:
+        return {}  # the LoRA files are written by extra_state (with metadata) and published below
+
+    def extra_state(self) -> dict[str, Any]:
+        from core.lora_io import official_state_dict
+        from modules.loading import save_safetensors
+
+        step = self.step
+        named = self.lora_state_dict()
+        meta = self.lora_metadata(step)
+        out: dict[str, Any] = {LORA_FILE: lambda p: save_safetensors(named, p, metadata=meta)}
+        if self.tokens.ids:
+            out[TOKENS_FILE] = self.tokens.to_json(self.tokenizer) | {"train_tokens": self.cfg.train_tokens}
+        if self.cfg.save_official_layout:
+            official = official_state_dict(named, [t for t, _ in self.loras])
+            out[OFFICIAL_FILE] = lambda p: save_safetensors(official, p, metadata=meta)
+        if self.cfg.export_comfyui:
+            comfy, embeddings = self.comfyui_files(named)
+            out[COMFY_FILE] = lambda p: save_safetensors(comfy, p, metadata=meta)
+            if embeddings is not None:
+                out[COMFY_EMBEDDINGS_FILE] = lambda p: save_safetensors(embeddings[0], p, metadata=embeddings[1])
+        return out
+
+    def comfyui_files(self, named: dict[str, torch.Tensor]) -> tuple[dict, Optional[tuple[dict, dict]]]:
+        from core.lora_io import entries_from_named, export_comfyui, token_embedding_file
+
+        shapes = {t: _base_shape(self.unwrapped("generator"), t) for t, _ in self.loras}
+        comfy = export_comfyui(entries_from_named(named), shapes)
+        embeddings = None
+        if self.retoken is not None:
+            with torch.no_grad():
+                vectors = self.text_model.get_input_embeddings().weight[self.retoken.indices].float()
+            embeddings = token_embedding_file(vectors, self.tokens.token_strings(self.tokenizer))
+        return comfy, embeddings
+
+    def save_checkpoint(self, step: int) -> None:
+        super().save_checkpoint(step)
+        if self.is_main:
+            self._publish(step)
+
+    def _publish(self, step: int) -> None:
+        """Copy the step's LoRA files to the top of the run folder (and keep backups)."""
+        from core.atomic import atomic_write_with
+        from core.checkpoint import backup_name
+
+        paths = self.ckpt.load(step)
+        backup = bool(self.cfg.backup_every) and step % self.cfg.backup_every == 0
+        for name in (LORA_FILE, TOKENS_FILE, OFFICIAL_FILE, COMFY_FILE, COMFY_EMBEDDINGS_FILE):
+            src = paths.get(name)
+            if src is None:
+                continue
+            targets = [name] + ([backup_name(name, step)] if backup else [])
+            for target in targets:
+                atomic_write_with(str(self.run_dir / target), lambda tmp, s=src: shutil.copyfile(s, tmp))
+
+    def load_saved_models(self, paths: dict[str, str]) -> None:
+        path = paths.get(LORA_FILE)
+        if path is None:
+            raise UserError(f"resume: {LORA_FILE} is missing from the checkpoint in {self.run_dir}")
+        self.load_lora_file(path, exact=True)
+
+    @torch.no_grad()
+    def load_lora_file(self, path: str, exact: bool = False) -> None:
+        """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
+        from core.lora_io import load_into_loras, read_entries, read_tokens, stage_c_targets
+        from modules.loading import read_state_dict
+
+        cfg = self.cfg
+        sd = read_state_dict(path)
+        _targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
+        entries = read_entries(sd, shapes, official_targets=[t for t, _ in self.loras], source=path)
+        load_into_loras(self.loras, entries, cfg.alpha, source=path)
+        tokens = read_tokens(sd)
+        if tokens is None:
+            if exact and self.retoken is not None:
+                raise UserError(f"{path}: has no token embeddings but train_tokens is set; resume with the same config")
+            return
+        indices, deltas = tokens
+        if self.retoken is None:
+            if indices.numel():
+                log.warning("%s holds trained token embeddings (ids %s) but train_tokens is not set: ignored",
+                            path, indices.tolist())
+            return
+        ours = self.retoken.indices.cpu()
+        if not torch.equal(torch.sort(indices).values, ours):
+            raise UserError(f"{path}: trained token ids {indices.tolist()} differ from this run's {ours.tolist()}; "
+                            f"set train_tokens as in the run that wrote the file")
+        order = torch.argsort(indices)  # files from the official code may hold the ids in any order
+        self.retoken.embeddings.copy_(deltas[order].to(self.retoken.embeddings.dtype))
+
+
+def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
+    """Shape of the frozen weight behind the LoRA on ``target`` (e.g. ``...attn.in_proj_weight``)."""
+    owner, attr = target.rsplit(".", 1)
+    return tuple(model.get_submodule(owner).parametrizations[attr].original.shape)
+
+
+if __name__ == "__main__":
+    run_cli(StageCLoraTrainer.main)
