@@ -61,19 +61,23 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
                 # Largest DCT reduction that keeps both sides >= the target.
                 im.draft("RGB", (tw, th))
             im = im.convert("RGB")
-            if im.size != (tw, th):
-                # PIL's bilinear filter widens its support when downscaling, i.e. it is the
-                # antialiased bilinear resize the spec asks for (torchvision's antialias mode
-                # was built to match it), and it runs single-threaded in C without torch's
-                # thread pool, which matters in many parallel workers.
-                im = im.resize((tw, th), Image.BILINEAR)
             h, w = bucket
             if crop == "center":
                 top, left = (th - h) // 2, (tw - w) // 2
             else:
                 top = int(rng.integers(0, th - h + 1))
                 left = int(rng.integers(0, tw - w + 1))
-            arr = np.asarray(im.crop((left, top, left + w, top + h)))
+            if im.size == (tw, th):
+                arr = np.asarray(im.crop((left, top, left + w, top + h)))
+            else:
+                # Resize only the crop window: ``box`` is the window in source pixels and PIL
+                # still reads the pixels around it for the filter support, so this equals
+                # resize-then-crop without resizing the discarded part. PIL's bilinear filter
+                # widens its support when shrinking (the antialiased bilinear of the spec) and
+                # runs single-threaded in C, outside torch's thread pool.
+                sx, sy = im.size[0] / tw, im.size[1] / th
+                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                arr = np.asarray(im.resize((w, h), Image.BILINEAR, box=box))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise BadImage(f"{type(e).__name__}: {e}") from None
     return arr.transpose(2, 0, 1)
