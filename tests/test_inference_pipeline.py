@@ -131,16 +131,6 @@ def test_controlnet_input_changes_output(full):
     assert '"controlnet": "CannyFilter"' in image.info["parameters"]
 
 
-def test_reconstruction_of_a_real_photograph(base, tmp_path):
-    from skimage import data
-
-    path = tmp_path / "coffee.png"
-    Image.fromarray(data.coffee()).save(path)  # 400x600 real photograph
-    (original, recon), = base.reconstruct(path, size=64, seed=0, steps_b=2)
-    assert original.size == recon.size == (64, 64)  # 96 wide -> cropped to a multiple of 64
-    assert recon.info["prompt"] == "" and "reconstruct" in recon.info["parameters"]
-
-
 def test_image_to_image_and_variation(base):
     photo = _photo()
     quick = dict(FAST, preview_only=True)
@@ -170,6 +160,27 @@ def test_cli_writes_pngs_with_metadata(tiny_root, tmp_path):
     assert '"timesteps": 2' in meta["parameters"] and '"decoder": "previewer"' in meta["parameters"]
 
 
+def test_reconstruction_of_a_real_photograph_from_the_cli(tiny_root, tmp_path):
+    """effnet -> Stage B -> Stage A on a real photograph (400x600: resized, cropped to 64x64)."""
+    from skimage import data
+
+    from inference.images import read_png_metadata
+    from inference.sample import main
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    out = tmp_path / "recon"
+    assert main(["--config", str(CONFIGS / "tiny_b.yaml"), "--root", str(tiny_root),
+                 "--reconstruct", str(photo), "--size", "64", "--steps-b", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    recon = Image.open(out / "00000_coffee_recon.png")
+    assert recon.size == (64, 64)  # shorter side 64, 96 wide -> cropped to a multiple of 64
+    assert Image.open(out / "00000_coffee_pair.png").size == (128, 64)  # original | reconstruction
+    meta = read_png_metadata(out / "00000_coffee_recon.png")
+    assert meta["source"] == str(photo) and '"mode": "reconstruct"' in meta["parameters"]
+    assert np.asarray(recon).std() > 0
+
+
 def test_cli_user_error_is_one_line(tmp_path):
     import subprocess
     import sys
@@ -182,3 +193,32 @@ def test_cli_user_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_stage_c_training_preview_equals_pipeline(base, monkeypatch):
+    """train/train_c.py's own preview code (get_conditions + sample_latents + previewer) and the
+    pipeline give the same latents and preview image for the same seed and settings."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from gdf import presets
+
+    train_c = pytest.importorskip("train.train_c")
+    # the official preview settings with 4 steps instead of 20 (speed); both sides read this entry
+    monkeypatch.setitem(presets.SAMPLING, "stage_c_preview_test",
+                        dict(presets.SAMPLING["stage_c_preview"], timesteps=4))
+    trainer = SimpleNamespace(
+        tokenizer=base.tokenizer, text_model=base.text_model, image_model=base.vision_model,
+        device=torch.device("cpu"), cfg=None, gdf=presets.stage_c(),
+        preview_sampling="stage_c_preview_test", autocast=contextlib.nullcontext,
+        _preview_generator=sampling.make_generator(21))
+    trainer_cls = train_c.StageCTrainer
+    prompts = ["a snail", "a castle"]
+    cond = trainer_cls.get_conditions(trainer, {"captions": prompts}, is_eval=True)
+    uncond = trainer_cls.get_conditions(trainer, {"captions": prompts}, is_eval=True,
+                                        is_unconditional=True)
+    trained = trainer_cls.sample_latents(trainer, base.stage_c, cond, uncond, (2, 16, 2, 2))
+    ours = base.sample_stage_c(prompts, 64, 64, generator=21,
+                               settings=sampling.from_preset("stage_c_preview_test"))
+    assert torch.equal(trained, ours)
+    assert torch.equal(base.previewer(trained).float().clamp(0, 1), base.preview(ours))
