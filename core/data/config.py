@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from .buckets import BucketTable
 from .captions import make_caption_getter
@@ -16,48 +16,60 @@ def _default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _doc(default: Any, text: str) -> Any:
+    """A field with its description in ``metadata["doc"]`` (same convention as ``core.config``)."""
+    return field(default=default, metadata={"doc": text})
+
+
 @dataclass
 class DataConfig:
-    """Everything the data layer reads from the training config (keys as in the YAML)."""
+    """Everything the data layer reads from the training config (keys as in the YAML).
 
-    #: Dataset location(s): one entry or a list. Each entry is ``file:/x.tar``, a plain path, a
-    #: directory of shards (its ``*.tar``, sorted), a brace pattern ``shard-{0000..0099}.tar``,
-    #: ``s3://bucket/prefix/x.tar``, ``s3://bucket/prefix/`` (all ``.tar`` keys under it) or a
-    #: ``.yml``/``.yaml`` file holding a list of such entries.
-    webdataset_path: Any = None
-    #: Sample filters on the ``.json`` metadata: ``[key, 'lambda s: s > 4.5']`` (parsed, never
-    #: evaluated as code) or ``[key, '>', 4.5]``. A sample is kept only if every rule holds; one
-    #: lacking a key is dropped and counted.
-    dataset_filters: list | None = None
-    #: Official caption selector ``[wds_key, function]``: ``['txt', identity]`` or
-    #: ``['json', captions_getter]`` (the official json rule). None = the ``.txt`` text.
-    captions_getter: list | None = None
-    #: Simpler caption selector: ``'txt'`` or ``'json:<field>'``; ignored if captions_getter is set.
-    caption_key: str | None = None
-    #: Width/height ratios (``'9/16'`` strings or numbers) for multi-aspect-ratio bucketing;
-    #: None = fixed square ``image_size`` training.
-    multi_aspect_ratio: list | None = None
-    #: Square training size, or the bucket area ``image_size**2`` when bucketing.
-    image_size: int = 768
-    #: Crop after resizing: ``'random'`` or ``'center'``. Replaces the official SmartCrop (its
-    #: saliency network's weights are not available).
-    crop: str = "random"
-    #: Probability that an image goes to a uniformly random bucket (official 0.05).
-    bucket_random_ratio: float = 0.05
-    #: Probability of replacing a caption by ``""`` (classifier-free guidance training); the batch
-    #: reports which ones in ``caption_dropped``.
-    caption_dropout: float = 0.0
-    #: Samples per shuffle block (official buffer 690); each block of samples read is permuted.
-    shuffle_buffer: int = 690
-    #: DataLoader worker processes per rank (0 = decode in the main process).
-    num_workers: int = field(default_factory=_default_workers)
-    #: Make bad data (undecodable image, missing caption/image, truncated tar, missing shard) fatal.
-    strict: bool = False
-    #: False: epochs, each sample exactly once per epoch across ranks and workers. True: the
-    #: official infinite stream drawing shards with replacement per worker.
-    resampled: bool = False
-    #: Batches between two logged bad-data summaries (also logged at close).
-    report_every: int = 1000
+    Each field carries its description in ``metadata["doc"]`` (the convention of ``core.config``),
+    so the config reference can be generated from it.
+    """
+
+    webdataset_path: Any = _doc(
+        None, "Dataset location(s): one entry or a list. Each entry is `file:/x.tar`, a plain path, a "
+              "directory of shards (its `*.tar`, sorted), a brace pattern `shard-{0000..0099}.tar`, "
+              "`s3://bucket/prefix/x.tar`, `s3://bucket/prefix/` (every `.tar` key under it) or a "
+              "`.yml`/`.yaml` file holding a list of such entries. S3 uses boto3 (AWS_ENDPOINT_URL "
+              "and the standard AWS credentials).")
+    dataset_filters: Optional[list] = _doc(
+        None, "Filters on the `.json` metadata: `[key, 'lambda s: s > 4.5']` (parsed, never run as "
+              "code: one comparison/boolean expression over the argument and literals) or "
+              "`[key, '>', 4.5]`. A sample is kept only if every rule holds; one lacking the key "
+              "is dropped and counted.")
+    captions_getter: Optional[list] = _doc(
+        None, "Official caption selector `[wds_key, function]`: `['txt', identity]` or "
+              "`['json', captions_getter]` (json `caption`, or 5 % of the time the `og_caption` "
+              "inside `old_caption`). None = the `.txt` text.")
+    caption_key: Optional[str] = _doc(
+        None, "Simpler caption selector: `'txt'` or `'json:<field>'`; ignored when captions_getter is set.")
+    multi_aspect_ratio: Optional[list] = _doc(
+        None, "Width/height ratios (`'9/16'` strings or numbers) for multi-aspect-ratio bucketing "
+              "(reciprocals are added); None = fixed square `image_size` training.")
+    image_size: int = _doc(768, "Square training size, or the bucket area `image_size**2` when bucketing.")
+    crop: str = _doc(
+        "random", "Crop after resizing: `random` or `center`. Replaces the official SmartCrop, whose "
+                  "saliency network weights are not available.")
+    bucket_random_ratio: float = _doc(
+        0.05, "Probability that an image goes to a uniformly random bucket (official 0.05; the "
+              "official name `bucketeer_random_ratio` is accepted too).")
+    caption_dropout: float = _doc(
+        0.0, "Probability of replacing a caption by the empty string (classifier-free guidance "
+             "training); batches report which ones in `caption_dropped`.")
+    shuffle_buffer: int = _doc(
+        690, "Samples per shuffle block (official buffer 690): each block read is permuted.")
+    num_workers: int = field(default_factory=_default_workers, metadata={"doc": (
+        "DataLoader worker processes per rank (default min(4, CPUs); 0 = decode in the main process).")})
+    strict: bool = _doc(
+        False, "Make bad data fatal (undecodable image, missing image or caption, truncated tar, "
+               "missing shard) instead of skipping and reporting it.")
+    resampled: bool = _doc(
+        False, "false: epochs, every sample exactly once per epoch across ranks and workers. true: "
+               "the official endless stream drawing shards with replacement per worker.")
+    report_every: int = _doc(1000, "Batches between two logged bad-data summaries (also logged at close).")
 
     @classmethod
     def from_dict(cls, data: dict, ignore_unknown: bool = True) -> "DataConfig":
