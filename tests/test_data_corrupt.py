@@ -11,8 +11,8 @@ from core.data.testing import make_sample, write_tar
 @pytest.fixture(scope="module")
 def corrupt_set(tmp_path_factory):
     d = tmp_path_factory.mktemp("corrupt")
-    # shard a: 6 good samples, one whose JPEG body is cut (header fine, decode fails), one
-    # without a caption
+    # shard a: 5 good samples, one whose JPEG body is cut (header fine, decode fails), one
+    # without a caption, one without an image
     a = []
     for i in range(8):
         files = make_sample(i, 96, 128)
@@ -20,6 +20,8 @@ def corrupt_set(tmp_path_factory):
             files["jpg"] = files["jpg"][: len(files["jpg"]) // 2]
         if i == 5:
             del files["txt"]
+        if i == 6:
+            del files["jpg"]
         a.append((f"{i:06d}", files))
     a_path = write_tar(str(d / "a.tar"), a)
     # shard b: 8 samples, cut in the middle of sample 5's image
@@ -31,7 +33,7 @@ def corrupt_set(tmp_path_factory):
     with open(b_path, "r+b") as f:
         f.truncate(cut)
     c_path = str(d / "c.tar")  # missing
-    good = [f"{i:06d}" for i in range(8) if i not in (2, 5)] + [f"{i:06d}" for i in range(100, 105)]
+    good = [f"{i:06d}" for i in range(8) if i not in (2, 5, 6)] + [f"{i:06d}" for i in range(100, 105)]
     return [a_path, b_path, c_path], good
 
 
@@ -64,6 +66,7 @@ def test_exactly_the_good_samples_and_reports(corrupt_set, caplog):
     recs = {(r["reason"], r["url"], r["key"]) for r in st["records"]}
     assert ("undecodable_image", a, "000002") in recs
     assert ("missing_caption", a, "000005") in recs
+    assert ("missing_image", a, "000006") in recs
     assert ("truncated_tar", b, "000105") in recs
     assert ("missing_shard", c, None) in recs
     with caplog.at_level(logging.INFO, logger="core.data"):
