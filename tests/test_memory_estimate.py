@@ -45,7 +45,7 @@ def test_checkpointing_lowers_the_activation_estimate():
     for kw in ({"kind": "stage_c"}, {"kind": "stage_b"},
                {"kind": "stage_c", "mode": "lora", "lora_filters": [".attn"]},
                {"kind": "stage_c", "mode": "controlnet",
-                "controlnet": {"c_in": 1, "proj_blocks": [0, 5], "bottleneck_mode": "simple"}}):
+                "controlnet": {"c_in": 1, "proj_blocks": [0, 5], "bottleneck_mode": "effnet"}}):
         est = estimate_memory(model_version="tiny", batch_size=2, image_size=128, **kw)
         b = est["bytes"]
         first = first if "first" in locals() else b["activations"]   # stage_c full, batch 2
