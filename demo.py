@@ -22,6 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+# Before torch is imported: idle OpenMP threads sleep instead of spinning, so a busy machine does
+# not slow the demo down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
@@ -47,8 +51,12 @@ def demo(argv: list[str]) -> int:
     os.chdir(ROOT)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if not threads:  # all cores, minus those other programs keep busy
+        cores = os.cpu_count() or 1
+        busy = int(round(os.getloadavg()[0])) if hasattr(os, "getloadavg") else 0
+        threads = max(1, min(cores, cores - busy))
+    torch.set_num_threads(threads)
     started = time.time()
     if not (ASSETS / "READY").is_file():
         print(f"[1/3] making the demo dataset and random-init frozen parts in {ASSETS}/ ...", flush=True)

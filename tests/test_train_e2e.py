@@ -72,8 +72,22 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def subprocess_env(**extra: str) -> dict:
+    """One CPU thread per training process: OpenMP spin-waiting on an oversubscribed machine
+    (parallel test runs) makes multi-threaded CPU kernels up to 50x slower."""
+    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **extra)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, one_thread):
     return make_assets(tmp_path_factory)
 
 
@@ -139,7 +153,7 @@ def test_nonfinite_loss_skips_the_update(assets, tmp_path, monkeypatch):
 
 
 def test_nonfinite_in_a_row_stops_with_a_clear_error(assets, tmp_path):
-    env = dict(os.environ, CASCADE_TRAIN_POISON_STEPS="1,2")
+    env = subprocess_env(CASCADE_TRAIN_POISON_STEPS="1,2")
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="nan2", updates=3, save_every=5,
                        max_nonfinite_steps=2)
     proc = subprocess.run([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
@@ -154,7 +168,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(assets, tmp_path
     from modules.loading import load_model
 
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="kill", updates=2, save_every=1)
-    env = dict(os.environ, CASCADE_TRAIN_CRASH_IN_SAVE="2")
+    env = subprocess_env(CASCADE_TRAIN_CRASH_IN_SAVE="2")
     proc = subprocess.run([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -171,7 +185,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(assets, tmp_path
 
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(assets, tmp_path):
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="term", updates=10000, save_every=10000)
-    proc = subprocess.Popen([sys.executable, "train/train_c.py", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "ck" / "term" / "metrics.jsonl"
     deadline = time.time() + 240
