@@ -276,8 +276,9 @@ class CascadePipeline:
         if control_image is not None:
             cond["cnet"] = uncond["cnet"] = self.control(control_image, len(prompts), height, width,
                                                          generator)
-        shape = sampling.stage_c_shape(len(prompts), height, width, self.stage_c.c_in
-                                       if hasattr(self.stage_c, "c_in") else 16)
+        # latent channels = the embedding conv's input (16 = the EfficientNet latent width)
+        channels = self.stage_c.embedding[1].in_channels // self.stage_c.embedding[0].downscale_factor ** 2
+        shape = sampling.stage_c_shape(len(prompts), height, width, channels)
         with self.placement.use(self.stage_c):
             return sampling.sample_stage_c(self.stage_c, self.gdf_c, cond, uncond, shape, settings,
                                            generator=generator, x_init=x_init, device=self.device,

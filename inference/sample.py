@@ -79,9 +79,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _check(args: argparse.Namespace) -> None:
     if not args.config and not args.stage_b_config:
         raise UserError("give --config (Stage C) and/or --stage-b-config (Stage B)")
-    if not args.reconstruct and args.prompt is None and not args.prompts_file \
-            and not args.variation:
-        raise UserError("give --prompt or --prompts-file (or --reconstruct IMAGE...)")
+    if not (args.reconstruct or args.variation or args.img2img) and args.prompt is None \
+            and not args.prompts_file:
+        raise UserError("give --prompt or --prompts-file (or --reconstruct/--variation/--img2img)")
+    if args.control_image and (args.reconstruct or args.variation):
+        raise UserError("--control-image works with text-to-image and --img2img only")
     for name in ("height", "width", "num_images", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")

@@ -84,3 +84,14 @@ def test_official_sampling_settings_and_shapes():
     ddim = STAGE_C_INFERENCE.replace(sampler="ddim", cfg=None)
     assert ddim.eta is None and ddim.cfg == 4
     assert SamplingSettings(timesteps=5, cfg=None).replace(timesteps=None).timesteps == 5
+
+
+def test_device_and_dtype_policy():
+    from inference.models import Placement, pick_device, weights_dtype
+
+    cfg = load_inference_config(CONFIGS / "stage_c_3b.yaml")
+    assert weights_dtype(cfg, torch.device("cpu")) == torch.float32  # bf16 only on capable GPUs
+    assert not Placement(torch.device("cpu"), offload=True).offload  # nothing to offload to
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            pick_device("cuda")
