@@ -88,8 +88,17 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         """Check every key; raise DataError naming the first bad one. Returns self."""
+        DataConfig.validate_data(self, require_path=True)
+        return self
+
+    def validate_data(self, require_path: bool = False) -> None:
+        """The data keys' checks (``validate_<component>`` hook of composed configs such as
+        ``core.training.TrainingConfig``; there ``webdataset_path`` may be unset, e.g. for jobs
+        reading cached latents). No file system or network access."""
         wp = self.webdataset_path
-        if not wp or not (isinstance(wp, str) or (isinstance(wp, (list, tuple))
+        if wp is None and not require_path:
+            pass
+        elif not wp or not (isinstance(wp, str) or (isinstance(wp, (list, tuple))
                                                     and all(isinstance(x, str) and x for x in wp))):
             raise DataError(f"webdataset_path: expected a path/URL or a list of them, got {wp!r}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
@@ -115,7 +124,6 @@ class DataConfig:
         self.bucket_table()
         parse_filters(self.dataset_filters)
         make_caption_getter(self.captions_getter, self.caption_key)
-        return self
 
     def bucket_table(self, image_size: int | None = None) -> BucketTable:
         """The bucket table this config trains with (one square bucket without ratios)."""

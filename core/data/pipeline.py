@@ -60,7 +60,8 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                  transform_size: int | None = None):
-        cfg.validate()
+        # explicit: a composed config class (TrainingConfig) may define its own validate()
+        DataConfig.validate(cfg)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size: the per-rank batch size must be an integer >= 1, got {batch_size!r}")
         if not (0 <= rank < world_size):
