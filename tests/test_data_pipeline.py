@@ -276,3 +276,10 @@ def test_changed_layout_restarts_next_epoch(shards, caplog):
     with build_pipeline(cfg(shards, num_workers=0), batch_size=4, state=state) as pipe:
         assert next(pipe)["epoch"] == 1
     assert "other shards or another rank/worker layout" in caplog.text
+
+
+def test_empty_resampled_stream_raises(shards):
+    c = cfg(shards[:2], resampled=True, dataset_filters=[["aesthetic_score", "<", 0]])
+    with build_pipeline(c, batch_size=2) as pipe:
+        with pytest.raises(DataError, match="no sample survived"):
+            next(pipe)

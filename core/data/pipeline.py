@@ -88,6 +88,7 @@ class DataPipeline:
         self._pending: list[dict] = []   # bad-sample records not logged yet
         self._batches = 0
         self._epoch_ends: dict[int, list[int]] = {}   # epoch -> samples produced per worker
+        self._empty_streak = 0                         # consecutive epochs without any sample
         self._cursors: dict[int, dict] = {}
         self._next = 0
         self._restore(state)
@@ -168,10 +169,14 @@ class DataPipeline:
         if len(got) < self.workers:
             return
         del self._epoch_ends[epoch]
-        if sum(got) == 0:
+        self._empty_streak = self._empty_streak + 1 if sum(got) == 0 else 0
+        # An epoch covers all of this rank's shards, so one empty epoch proves there is nothing to
+        # read. A resampled pseudo-epoch is a random draw of shards: ask for several in a row.
+        if self._empty_streak >= (3 if self.cfg.resampled else 1):
             s = self._stats
             raise DataError(
-                f"no sample survived epoch {epoch} on rank {self.spec.plan.rank}: "
+                f"no sample survived epoch {epoch} on rank {self.spec.plan.rank} "
+                f"({self.spec.plan.total_workers} reader(s) over {len(self.spec.plan.urls)} shard(s)): "
                 f"{s.seen} read, {sum(s.filtered.values())} filtered out "
                 f"({dict(s.filtered)}), {sum(s.missing_key.values())} lacking a filter key "
                 f"({dict(s.missing_key)}), bad: {dict(s.bad)}; check webdataset_path and "
