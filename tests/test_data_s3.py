@@ -152,3 +152,15 @@ def test_server_restart_mid_epoch(uploaded, moto, monkeypatch, caplog, workers):
     assert any(b"Range: bytes=" in r or b"range: bytes=" in r for r in proxy.requests)
     if workers == 0:
         assert "reopening" in caplog.text or "retry" in caplog.text
+
+
+def test_reopen_refuses_a_replaced_object(moto, uploaded):
+    moto.put(BUCKET, "tmp/replaced.tar", b"a" * 5000)
+    r = s3mod.S3Reader(f"s3://{BUCKET}/tmp/replaced.tar")
+    assert r.read(1000) == b"a" * 1000
+    moto.put(BUCKET, "tmp/replaced.tar", b"b" * 5000)
+    r._close_body()
+    with pytest.raises(DataError, match="replaced.tar.*PreconditionFailed"):
+        r._open()  # what a retry does after a broken stream
+    r2 = s3mod.S3Reader(f"s3://{BUCKET}/tmp/replaced.tar", offset=4990)
+    assert r2.read() == b"b" * 10 and r2.read() == b""

@@ -149,6 +149,7 @@ class S3Reader:
         self.bucket, self.key = split_url(url)
         self.pos = offset
         self.size: int | None = None
+        self.etag: str | None = None
         self._body = None
         self._open()
 
@@ -157,6 +158,9 @@ class S3Reader:
             kwargs = {"Bucket": self.bucket, "Key": self.key}
             if self.pos > 0:
                 kwargs["Range"] = f"bytes={self.pos}-"
+            if self.etag:
+                # a reopened stream must continue the same object version, not a replaced one
+                kwargs["IfMatch"] = self.etag
             return client().get_object(**kwargs)
 
         if self.size is not None and self.pos >= self.size:
@@ -164,6 +168,7 @@ class S3Reader:
             return
         resp = with_retries(self.url, "open", run)
         self._body = resp["Body"]  # type: ignore[index]
+        self.etag = self.etag or resp.get("ETag")  # type: ignore[union-attr]
         length = resp.get("ContentLength")  # type: ignore[union-attr]
         if length is not None:
             self.size = self.pos + int(length)
