@@ -76,13 +76,13 @@ class StageCTrainer(TrainingCore):
 
         cfg, dev = self.cfg, self.device
         self.gdf = presets.stage_c(adaptive_loss_weight=cfg.adaptive_loss_weight)
+        self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
         self.effnet = load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev)
         self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
         self.previewer = load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev)
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
         self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
         self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.model_dtype, device=dev)
-        self.generator = self.load_generator()
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.effnet, self.previewer, self.text_model, self.image_model]
