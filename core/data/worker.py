@@ -103,17 +103,31 @@ class WorkerStream:
         self.buckets: dict[tuple[int, int], list[Entry]] = {b: [] for b in spec.table.buckets}
         self.epoch = 0
         self.produced = 0
+        self._shard_cache: dict[int, list[str]] = {}
+        # With the sample-modulo split every worker reads every shard: let one report shard faults
+        self._reports_shards = spec.plan.sample_modulo(worker) is None or self.g == 0
+
+    def _shards(self, epoch: int) -> list[str]:
+        got = self._shard_cache.get(epoch)
+        if got is None:
+            if len(self._shard_cache) > 2:
+                self._shard_cache.clear()
+            got = self._shard_cache[epoch] = self.spec.plan.shards(epoch, self.worker)
+        return got
 
     # ---------------------------------------------------------------- reading
-    def _bad(self, reason: str, url: str, key: str | None, detail: str = "") -> None:
+    def _bad(self, reason: str, url: str, key: str | None, detail: str = "",
+             shard_level: bool = False) -> None:
         if self.spec.strict:
             where = f"{url} key={key}" if key else url
             raise DataError(f"bad data ({reason}) in {where}: {detail} (strict: true)")
+        if shard_level and not self._reports_shards:
+            return
         self.stats.bad_sample(reason, url, key, detail)
 
     def _read(self, epoch: int, pos: _Pos) -> Iterator[tuple[_Pos, str, RawSample]]:
         """Samples of this worker's shards from ``pos`` on, each with its own position."""
-        shards = self.spec.plan.shards(epoch, self.worker)
+        shards = self._shards(epoch)
         modulo = self.spec.plan.sample_modulo(self.worker)
         raw = pos.raw
         for seq in range(pos.seq, len(shards)):
@@ -122,10 +136,11 @@ class WorkerStream:
             try:
                 f = open_shard(url, start)
             except (FileNotFoundError, ShardMissing) as e:
-                self._bad("missing_shard", url, None, str(e) if isinstance(e, DataError) else "no such file")
+                self._bad("missing_shard", url, None,
+                          str(e) if isinstance(e, DataError) else "no such file", shard_level=True)
                 continue
             except OSError as e:
-                self._bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
+                self._bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}", shard_level=True)
                 continue
             try:
                 for s in iter_samples(f, start):
@@ -135,14 +150,14 @@ class WorkerStream:
                         continue
                     yield here, url, s
             except TarTruncated as e:
-                self._bad("truncated_tar", url, e.key, str(e))
+                self._bad("truncated_tar", url, e.key, str(e), shard_level=True)
             finally:
                 f.close()
 
     def _fetch(self, ref: list[int]) -> tuple[str, RawSample] | None:
         """Re-read one waiting sample by its reference (resume)."""
         epoch, seq, offset = ref
-        url = self.spec.plan.shards(epoch, self.worker)[seq]
+        url = self._shards(epoch)[seq]
         try:
             f = open_shard(url, offset)
         except (OSError, ShardMissing):
@@ -302,7 +317,7 @@ class WorkerStream:
                         if batch is not None:
                             yield self._item(batch, start, j + 1)
                 skip = 0
-            end = _Pos(len(spec.plan.shards(self.epoch, self.worker)), 0, 0)
+            end = _Pos(len(self._shards(self.epoch)), 0, 0)
             if not spec.plan.resampled:
                 # Leftovers are flushed as smaller batches so every sample is used in its epoch.
                 for b in spec.table.buckets:
