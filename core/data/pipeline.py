@@ -42,7 +42,8 @@ class _Streams(IterableDataset):
         logical = (physical + self.rotate) % self.workers
         if info is not None:
             torch.set_num_threads(1)  # workers run in parallel already; avoid oversubscription
-        return iter(WorkerStream(self.spec, logical, self.cursors.get(logical)))
+        return iter(WorkerStream(self.spec, logical, self.cursors.get(logical),
+                                 shared_memory=info is not None))
 
 
 def _fingerprint(urls: list[str], spec_bits: tuple) -> str:

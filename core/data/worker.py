@@ -94,8 +94,12 @@ class WorkerStream:
     ``cursor`` and ``stats`` (increments since the previous item).
     """
 
-    def __init__(self, spec: StreamSpec, worker: int, cursor: dict | None = None):
+    def __init__(self, spec: StreamSpec, worker: int, cursor: dict | None = None,
+                 shared_memory: bool = False):
         self.spec = spec
+        # In a DataLoader worker, batches are built directly in shared memory, which spares the
+        # copy torch would otherwise make to send them to the main process.
+        self.shared_memory = shared_memory
         self.worker = worker
         self.g = spec.plan.global_worker(worker)
         self.cursor = cursor
@@ -242,10 +246,17 @@ class WorkerStream:
         self.stats.buckets[f"{bucket[0]}x{bucket[1]}"] += len(good)
         self.stats.samples += len(good)
         self.produced += len(good)
+        h, w = bucket
+        out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+        if self.shared_memory:
+            out.share_memory_()
+        dst = out.numpy()
+        for i, img in enumerate(images):
+            # numpy (single-threaded) for the uint8 -> float step, written in place
+            np.divide(img, np.float32(255.0), out=dst[i], casting="unsafe")
         return {
             "kind": "batch",
-            # numpy (single-threaded) for the uint8 -> float step; torch only wraps the result
-            "images": torch.from_numpy(np.stack(images).astype(np.float32) / np.float32(255.0)),
+            "images": out,
             "captions": [e.caption for e in good],
             "caption_dropped": [e.dropped for e in good],
             "keys": [e.key for e in good],
