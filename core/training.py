@@ -61,7 +61,7 @@ class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig):
     """Keys shared by every training job: run, optimizer, EMA and data components."""
 
     generator_dropout: Optional[float] = doc(
-        None, "Override the dropout probability of every Dropout layer of the trained network "
+        None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
               "(None = the architecture's default, 0.1 in Stage C / Stage B's deep levels).")
 
     def validate_training(self) -> None:
@@ -380,6 +380,8 @@ class TrainingCore:
                 for m in module.modules():
                     if isinstance(m, nn.Dropout):
                         m.p = float(cfg.generator_dropout)
+                    elif isinstance(m, nn.MultiheadAttention):  # attention-weight dropout
+                        m.dropout = float(cfg.generator_dropout)
             if cfg.gradient_checkpointing and hasattr(module, "set_gradient_checkpointing"):
                 module.set_gradient_checkpointing(True)
             module.to(self.device).train()
@@ -515,6 +517,10 @@ class TrainingCore:
             self.step = step
 
             loss_value = sum(losses) / len(losses)
+            if self.dist.world_size > 1:  # log the global mean, not rank 0's share
+                t = torch.tensor([loss_value], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(t)
+                loss_value = float(t.item()) / self.dist.world_size
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             elapsed = time.perf_counter() - started
