@@ -1,0 +1,245 @@
+"""ControlNet training on a frozen Stage C.
+
+    python3 train/train_c_controlnet.py configs/training/controlnet_c_3b_canny.yaml [--dry-run]
+
+Per step (training.md §8, docs/CONTROLNET.md): control = filter(images) (no grad; or the sample's
+pre-computed ``control_image_key`` file); cnet = ControlNet(control) (with grad); Stage C conditions
+as in train_c.py (no grad) plus ``cnet``; diffusion loss with ``offset_noise``. Only the ControlNet
+trains. Deviations from the official script (on purpose):
+* Stage C is frozen AND in eval mode (the official code left it in train mode, so its 0.1 dropout
+  was active during ControlNet training and previews, and it computed full Stage C gradients);
+* the effnet backbone of a NEW ControlNet starts from the Stage C EfficientNet encoder's backbone
+  (``effnet_checkpoint_path``) instead of downloading ImageNet weights (nothing downloads here);
+* filters get their randomness from a generator seeded per (seed, rank, update, micro-step).
+The ControlNet's projection width follows the chosen Stage C (``c_hidden[0]``), so 1B works.
+Saved: ``controlnet.safetensors`` in the official layout (+ ``controlnet_ema`` with EMA keys).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path)
+
+import torch
+from torch import nn
+
+from core.config import REQUIRED, doc
+from core.errors import UserError, run_cli
+from core.training import derive_seed
+from train.train_c import StageCConfig, StageCTrainer
+
+log = logging.getLogger("cascade.train.controlnet")
+
+
+@dataclass
+class ControlNetConfig(StageCConfig):
+    """Keys of a Stage C ControlNet job (official keys + control_image_key; docs/CONTROLNET.md)."""
+
+    controlnet_blocks: list[int] = doc(REQUIRED, "Stage C ResBlock call indices that receive a control projection, "
+                                                 "e.g. [0, 4, 8, 12, 51, 55, 59, 63] (3.6B has 64 calls: 0..63).")
+    controlnet_filter: str = doc(REQUIRED, "Filter turning images into the control input: CannyFilter, InpaintFilter, "
+                                           "SREffnetFilter, SRFilter, IdentityFilter, or 'package.module:ClassName'.")
+    controlnet_filter_params: Optional[dict] = doc(None, "Keyword arguments of the filter (e.g. {resize: 224}).")
+    controlnet_bottleneck_mode: Optional[str] = doc(None, "ControlNet backbone: effnet (default), simple or large.")
+    controlnet_checkpoint_path: Optional[str] = doc(None, "ControlNet weights to start from (official layout).")
+    offset_noise: Optional[float] = doc(None, "GDF offset-noise strength (None = 0; official 0.1 for inpainting and SR).")
+    control_image_key: Optional[str] = doc(None, "Read pre-computed control images from this sample file (e.g. "
+                                                 "'control.png') instead of running the filter; needs crop: center. "
+                                                 "The filter still fixes the channel count (1 = grey, 3 = RGB).")
+
+    def validate_controlnet(self) -> None:
+        from modules.controlnet import BOTTLENECK_MODES
+
+        blocks = self.controlnet_blocks
+        if not self.validate_only or isinstance(blocks, list):
+            if not isinstance(blocks, list) or not blocks or len(set(blocks)) != len(blocks) or \
+                    any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+                raise UserError(f"config key 'controlnet_blocks' must be a list of distinct ResBlock indices >= 0, got {blocks!r}")
+        if self.controlnet_bottleneck_mode not in (None, *BOTTLENECK_MODES):
+            raise UserError(f"config key 'controlnet_bottleneck_mode' must be one of {list(BOTTLENECK_MODES)} or null, "
+                            f"got {self.controlnet_bottleneck_mode!r}")
+        if self.offset_noise is not None and not 0.0 <= self.offset_noise < 1.0:
+            raise UserError(f"config key 'offset_noise' must be in [0, 1), got {self.offset_noise}")
+        self.check_file("controlnet_checkpoint_path")
+        if isinstance(self.controlnet_filter, str):  # catch a filter-name or parameter typo at start-up
+            from modules import filters
+
+            try:
+                filters.resolve_filter(self.controlnet_filter, dict(self.controlnet_filter_params or {}))
+            except (filters.FilterError, ImportError) as exc:
+                raise UserError(f"config key 'controlnet_filter' / 'controlnet_filter_params': {exc}") from None
+        if self.control_image_key is not None and self.crop != "center":
+            raise UserError("config key 'control_image_key' needs 'crop: center' (the control image must be cropped "
+                            "exactly like the image; random crops are not shared with extra sample files yet)")
+
+
+class StageCControlNetTrainer(StageCTrainer):
+    """Trains a ControlNet that steers a frozen Stage C."""
+
+    Config = ControlNetConfig
+    description = "Train a ControlNet for a frozen Stage C."
+
+    # -- models -------------------------------------------------------------------------------
+    def build_models(self) -> None:
+        from gdf import presets
+        from modules.controlnet import ControlNet
+        from modules.loading import read_state_dict
+
+        super().build_models()
+        cfg = self.cfg
+        offset = float(cfg.offset_noise or 0.0)
+        self.gdf = (presets.stage_c(adaptive_loss_weight=True, offset_noise=offset) if cfg.adaptive_loss_weight
+                    else presets.controlnet(offset))
+        self.generator.eval().requires_grad_(False)
+        self.cnet_filter = self.build_filter()
+        c_in = int(self.cnet_filter.num_channels())
+        if cfg.control_image_key is not None and c_in not in (1, 3):
+            raise UserError(f"control_image_key: pre-computed control images give 1 (grey) or 3 (RGB) channels, but "
+                            f"{cfg.controlnet_filter} needs {c_in}; remove control_image_key for this filter")
+        self.control_reader = None
+        if cfg.control_image_key is not None:
+            from core.control_images import ControlImageReader
+
+            self.control_reader = ControlImageReader(cfg.control_image_key)
+        c_proj = controlnet_c_proj(self.generator)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the init repeats for a seed, whatever ran before
+                torch.manual_seed(derive_seed(cfg.seed, "controlnet-init"))
+                self.controlnet = ControlNet(c_in=c_in, c_proj=c_proj, proj_blocks=list(cfg.controlnet_blocks),
+                                             bottleneck_mode=cfg.controlnet_bottleneck_mode)
+        except ValueError as exc:
+            raise UserError(f"ControlNet: {exc}") from None
+        self.check_blocks()
+        if cfg.controlnet_checkpoint_path:
+            sd = read_state_dict(cfg.controlnet_checkpoint_path)
+            from core.training import _load_strict  # same strict check as the generator files
+
+            _load_strict(self.controlnet, sd, cfg.controlnet_checkpoint_path)
+            log.info("loaded ControlNet weights from %s", cfg.controlnet_checkpoint_path)
+        elif self.controlnet.bottleneck_mode == "effnet":
+            init_backbone_from_effnet(self.controlnet, self.effnet)
+        self._preview_control: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def build_filter(self) -> Any:
+        from modules import filters
+
+        cfg = self.cfg
+        params = dict(cfg.controlnet_filter_params or {})
+        cls = filters.FILTERS.get(cfg.controlnet_filter)
+        accepted = inspect.signature(cls).parameters if cls is not None else {}
+        if "device" in accepted:
+            params.setdefault("device", self.device)
+        if "effnet" in accepted:  # SREffnetFilter encodes with the loaded (frozen) Stage C encoder
+            params.setdefault("effnet", self.effnet)
+        try:
+            return filters.resolve_filter(cfg.controlnet_filter, params)
+        except (filters.FilterError, ImportError, OSError) as exc:
+            raise UserError(f"controlnet_filter {cfg.controlnet_filter}: {exc}") from None
+
+    def check_blocks(self) -> None:
+        """Every configured block index must be a ResBlock call of this Stage C (else it is silently unused)."""
+        from modules.common import ResBlock
+        from modules.registry import MODEL_CONFIGS
+
+        repeats = MODEL_CONFIGS["stage_c"][self.cfg.model_version].get("block_repeat", ((1, 1), (1, 1)))
+        if any(r != 1 for level in repeats for r in level):
+            return  # repeated up blocks: counting calls needs a forward; the Stage C versions have none
+        calls = sum(isinstance(m, ResBlock) for m in self.generator.modules())
+        bad = [b for b in self.cfg.controlnet_blocks if b >= calls]
+        if bad:
+            raise UserError(f"config key 'controlnet_blocks': {bad} exceed the {calls} ResBlock calls of Stage C "
+                            f"{self.cfg.model_version} (valid: 0..{calls - 1})")
+
+    def trained_modules(self) -> list[str]:
+        return ["controlnet"]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + [self.generator]
+
+    def models_to_save(self) -> dict[str, nn.Module]:
+        return {"controlnet": self.unwrapped("controlnet")}
+
+    # -- step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def control_input(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ControlNet input, preview (B,3,H,W))`` of a batch: the filter, or the stored images."""
+        images = batch["images"].to(self.device)
+        if self.control_reader is not None:
+            control = self.control_reader.load(list(batch["urls"]), list(batch["keys"]), tuple(images.shape[-2:]))
+            control = control.to(self.device)
+            if self.cnet_filter.num_channels() == 1:
+                control = control.mean(1, keepdim=True)
+            return control, control.expand(-1, 3, -1, -1)
+        try:
+            out = self.cnet_filter(images, generator=generator)
+        except ImportError as exc:
+            raise UserError(f"controlnet_filter {self.cfg.controlnet_filter} needs a missing dependency: {exc}") from None
+        control, preview = out if isinstance(out, tuple) else (out, out)
+        return control, preview
+
+    def extra_model_inputs(self, batch: dict, conditions: dict) -> dict[str, Any]:
+        step, micro = self._micro
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "filter", self.dist.rank, step, micro))
+        control, preview = self.control_input(batch, g)
+        if self._preview_control is None:  # the preview grid reuses the first batch's control inputs
+            k = min(self.cfg.num_preview_images, len(control))
+            self._preview_control = (control[:k].detach().clone(), preview[:k].detach().float().cpu().clone())
+        param = next(self.unwrapped("controlnet").parameters())
+        with self.autocast():
+            cnet = self.controlnet(control.to(param.device, param.dtype))
+        return {"cnet": cnet}
+
+    # -- previews -----------------------------------------------------------------------------
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self._preview_control is None:
+            return {}
+        control, control_preview = self._preview_control
+        n = len(control)
+        images = batch["images"][:n]
+        captions = list(batch["captions"][:n])
+        cond = self.get_conditions({"captions": captions}, is_eval=True)
+        uncond = self.get_conditions({"captions": captions}, is_eval=True, is_unconditional=True)
+        h, w = images.shape[-2:]
+        shape = (n, 16, max(1, h // 32), max(1, w // 32))
+        grids = {"control": control_preview.clamp(0, 1), "images": images.float()}
+        nets = {"controlnet": self.unwrapped("controlnet")}
+        if self.ema is not None:
+            nets["controlnet_ema"] = self.ema.module
+        for name, net in nets.items():
+            param = next(net.parameters())
+            with self.autocast():
+                cnet = net(control.to(param.device, param.dtype))
+            # The same control list for both CFG halves (training.md §8).
+            latents = self.sample_latents(self.generator, {**cond, "cnet": cnet}, {**uncond, "cnet": cnet}, shape)
+            grids[name] = self.previewer(latents).float().clamp(0, 1)
+        return grids
+
+
+def controlnet_c_proj(generator: nn.Module) -> int:
+    """The ControlNet projection width: Stage C's ``c_hidden[0]`` (2048 for 3.6B, 1536 for 1B)."""
+    return int(generator.embedding[1].weight.shape[0])
+
+
+@torch.no_grad()
+def init_backbone_from_effnet(controlnet: nn.Module, effnet: nn.Module) -> None:
+    """Start an effnet-backbone ControlNet from the Stage C EfficientNet encoder's backbone (the same
+    efficientnet_v2_s features) instead of ImageNet weights (not downloadable here). A replaced stem
+    (c_in != 3) copies input channels as upstream does: RGB into channels 0-2 and zeros beyond, or the
+    first c_in channels."""
+    src = effnet.backbone.state_dict()
+    for k, v in controlnet.backbone.state_dict().items():
+        if v.shape == src[k].shape:
+            v.copy_(src[k])
+        elif v.shape[1] > 3:
+            v.zero_()
+            v[:, :3] = src[k]
+        else:
+            v.copy_(src[k][:, :v.shape[1]])
+
+
+if __name__ == "__main__":
+    run_cli(StageCControlNetTrainer.main)
