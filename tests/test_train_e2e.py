@@ -92,10 +92,14 @@ def assets(tmp_path_factory, one_thread):
 
 
 def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
-    from modules.loading import load_model
+    from modules.loading import load_model, save_safetensors
+    from modules.registry import build_model
 
+    stage_b = tmp_path / "stage_b_tiny.safetensors"  # enables the full C -> B -> A preview
+    save_safetensors(build_model("stage_b", "tiny"), stage_b)
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="c", updates=3, save_every=2,
-                       ema_start_iters=1, ema_iters=1, ema_beta=0.9, backup_every=2)
+                       ema_start_iters=1, ema_iters=1, ema_beta=0.9, backup_every=2,
+                       stage_b_checkpoint_path=str(stage_b))
     assert train_c(args) == 0
     run = tmp_path / "ck" / "c"
     for name in ("config.yaml", "generator.safetensors", "generator_ema.safetensors", "latest",
@@ -114,6 +118,7 @@ def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
     load_model("stage_c", "tiny", run / "generator_ema.safetensors")
     previews = tmp_path / "out" / "c"
     assert sorted(previews.glob("generator_0*.png")) and sorted(previews.glob("generator_ema_0*.png"))
+    assert sorted(previews.glob("generator_full_0*.png"))
     assert set(losses(run)) == {1, 2, 3}
 
 

@@ -83,9 +83,32 @@ class StageCTrainer(TrainingCore):
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
         self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
         self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.model_dtype, device=dev)
+        self.stage_b = self.stage_a = None
+        if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews
+            self.stage_b = self._load_frozen_stage_b(cfg.stage_b_checkpoint_path)
+            self.stage_a = load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev)
+
+    def _load_frozen_stage_b(self, path: str) -> nn.Module:
+        """Stage B for preview decodes; its model_version is read from the file's layout."""
+        from safetensors import safe_open
+
+        from modules.loading import load_model
+        from modules.registry import describe_model_version
+
+        shapes = {}
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as fh:
+                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        version = describe_model_version("stage_b", shapes) if shapes else None
+        if version is None:
+            raise UserError(f"config key 'stage_b_checkpoint_path': {path} is not a Stage B checkpoint "
+                            f"(3B, 700M or tiny)")
+        dtype = torch.bfloat16 if self.autocast_dtype == torch.bfloat16 else torch.float32
+        return load_model("stage_b", version, path, dtype=dtype, device=self.device)
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.effnet, self.previewer, self.text_model, self.image_model]
+        extra = [m for m in (self.stage_b, self.stage_a) if m is not None]
+        return [self.effnet, self.previewer, self.text_model, self.image_model, *extra]
 
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
@@ -169,7 +192,28 @@ class StageCTrainer(TrainingCore):
         for name, model in models.items():
             latents = self.sample_latents(model, cond, uncond, shape)
             grids[name] = self.previewer(latents).float().clamp(0, 1)
+            if self.stage_b is not None:
+                grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
+                                                         uncond["clip_text_pooled"], (h, w))
         return grids
+
+    def decode_full(self, latents_c: torch.Tensor, pooled: torch.Tensor, pooled_uncond: torch.Tensor,
+                    size: tuple[int, int]) -> torch.Tensor:
+        """Stage C latents -> Stage B sample (official inference settings) -> Stage A decode."""
+        from gdf import presets
+
+        gdf_b = presets.stage_b()
+        settings = presets.sampling_kwargs("stage_b_inference", gdf_b)
+        n = latents_c.shape[0]
+        shape = (n, 4, size[0] // 4, size[1] // 4)
+        cond = {"effnet": latents_c, "clip": pooled}
+        uncond = {"effnet": torch.zeros_like(latents_c), "clip": pooled_uncond}
+        x0 = None
+        with self.autocast():
+            for x0, _x, _pred in gdf_b.sample(self.stage_b, cond, shape, uncond, device=self.device,
+                                              generator=self._preview_generator, **settings):
+                pass
+        return self.stage_a.decode(x0.float()).float().clamp(0, 1)
 
 
 if __name__ == "__main__":
