@@ -70,3 +70,31 @@ def test_two_processes_match_one(same_image_assets, tmp_path, mode):
     assert trainer["world_size"] == 2
     data = json.loads((multi / "state" / "step_00000003" / "data.json").read_text())
     assert len(data["ranks"]) == 2
+
+
+def test_slurm_launch_matches_one_process(same_image_assets, tmp_path):
+    """Two tasks started the way `srun` starts them (SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS,
+    MASTER_ADDR / MASTER_PORT from example_train.sh), no torchrun."""
+    single = run(same_image_assets, tmp_path, "single", 1)
+    args = config_args(C_CONFIG, same_image_assets, tmp_path, experiment_id="slurm", updates=3, save_every=3,
+                       batch_size=4, generator_dropout=0.0, ema_start_iters=1, ema_iters=1, ema_beta=0.9)
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = subprocess_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                             SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1",
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(var, None)
+        procs.append(subprocess.Popen([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+    multi = tmp_path / "ck" / "slurm"
+    l1, l2 = losses(single), losses(multi)
+    assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1)
+    w1, w2 = load_file(single / "generator.safetensors"), load_file(multi / "generator.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((multi / "state" / "step_00000003" / "trainer.json").read_text())["world_size"] == 2
