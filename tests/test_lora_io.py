@@ -160,3 +160,8 @@ def test_unknown_comfyui_names_and_rank_mismatch_are_user_errors():
     _, rank4 = _tiny_with_random_lora(rank=4)
     with pytest.raises(UserError, match="set rank to 4"):
         load_into_loras(loras, entries_from_named(named_state_dict(rank4, 1.0)), alpha=1.0)
+
+
+def test_filters_matching_nothing_name_existing_modules():
+    with pytest.raises(UserError, match="module names look like"):
+        stage_c_targets("tiny", [".nothing_like_this"])

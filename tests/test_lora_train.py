@@ -31,8 +31,17 @@ def _trainer(assets, root, experiment_id, **extra):
     return StageCLoraTrainer(cfg, dist=init_distributed(), resume="auto")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy (oversubscribed) machine OpenMP spin-waiting slows tiny kernels a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, one_thread):
     return make_adapter_assets(tmp_path_factory.getbasetemp())
 
 

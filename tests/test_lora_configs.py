@@ -1,0 +1,55 @@
+"""Every shipped LoRA / ControlNet training config validates (placeholder paths allowed), and the
+LoRA-specific keys reject bad values with one clear line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LORA_CONFIGS = ["finetune_c_3b_lora.yaml", "finetune_c_1b_lora.yaml", "tiny_c_lora.yaml"]
+CNET_CONFIGS = ["controlnet_c_3b_canny.yaml", "controlnet_c_3b_inpainting.yaml", "controlnet_c_3b_identity.yaml",
+                "controlnet_c_3b_sr.yaml", "tiny_c_controlnet_canny.yaml", "tiny_c_controlnet_inpainting.yaml",
+                "tiny_c_controlnet_sr.yaml"]
+
+
+@pytest.mark.parametrize("name", LORA_CONFIGS + CNET_CONFIGS)
+def test_shipped_config_validates(name, capsys):
+    from train.train_c_controlnet import StageCControlNetTrainer
+    from train.train_c_lora import StageCLoraTrainer
+
+    trainer = StageCLoraTrainer if name in LORA_CONFIGS else StageCControlNetTrainer
+    assert trainer.main([str(ROOT / "configs" / "training" / name), "--validate-only"]) == 0
+    assert "config OK" in capsys.readouterr().out
+
+
+def test_seed_lora_config_keeps_the_official_values():
+    from core.config import load_config
+    from train.train_c_lora import LoraConfig
+
+    cfg = load_config(LoraConfig, str(ROOT / "configs/training/finetune_c_3b_lora.yaml"), validate_only=True)
+    assert cfg.module_filters == [".attn"] and cfg.rank == 4 and cfg.alpha == 1.0
+    assert cfg.train_tokens == [["[fernando]", "^dog</w>"]] and cfg.batch_size == 32 and cfg.grad_accum_steps == 4
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rank=0", "'rank' must be >= 1"),
+    ("alpha=-1", "'alpha' must be > 0"),
+    ("module_filters=[]", "module_filters"),
+    ("train_tokens=[['[x]']]", "train_tokens"),
+    ("ema_start_iters=10", "EMA is not supported"),
+])
+def test_bad_lora_keys_are_one_line_errors(override, needle, capsys):
+    from core.errors import run_cli
+    from train.train_c_lora import StageCLoraTrainer
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(StageCLoraTrainer.main, [str(ROOT / "configs/training/tiny_c_lora.yaml"), "--validate-only",
+                                         "--set", override, "--set", "ema_iters=1", "--set", "ema_beta=0.5"]
+                if "ema" in override else
+                [str(ROOT / "configs/training/tiny_c_lora.yaml"), "--validate-only", "--set", override])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and needle in err and "Traceback" not in err, err

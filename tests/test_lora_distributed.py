@@ -1,0 +1,82 @@
+"""LoRA with several processes: DDP (torchrun, 2 CPU processes, gloo) matches a 1-process run with the
+same global batch, token rows included; FSDP is refused with a one-line error."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
+
+CONFIG = str(ROOT / "configs/training/tiny_c_lora.yaml")
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The shared assets plus a shard repeating ONE photo and caption (so the per-rank split of
+    the global batch cannot change the math)."""
+    from core.data.testing import jpeg_bytes, photo_variant, write_tar
+
+    folder = make_adapter_assets(tmp_path_factory.getbasetemp())
+    same = folder / "same_shards" / "same-0000.tar"
+    if not same.is_file():
+        jpg = jpeg_bytes(photo_variant(0, 64, 64, seed=1), 95)
+        write_tar(str(same), [(f"{i:04d}", {"jpg": jpg, "txt": b"a photo of [tinytok] the astronaut"})
+                              for i in range(8)])
+    return folder
+
+
+def test_fsdp_is_refused_with_a_clear_message(assets, tmp_path):
+    from core.config import load_config
+    from core.distributed import DistInfo
+    from core.errors import UserError
+    from train.train_c_lora import LoraConfig, StageCLoraTrainer
+
+    cfg = load_config(LoraConfig, CONFIG, overrides(assets, tmp_path, experiment_id="fsdp", use_fsdp=True))
+    dist = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo", is_main=True)
+    with pytest.raises(UserError, match="use_fsdp is not supported for LoRA"):
+        StageCLoraTrainer(cfg, dist=dist).build_models()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(assets, tmp_path):
+    def run(name: str, nproc: int) -> Path:
+        args = cli_args(CONFIG, assets, tmp_path, experiment_id=name, updates=2, save_every=2, batch_size=4,
+                        webdataset_path=str(assets / "same_shards"), lr=1.0e-2)
+        script = [f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"] if nproc > 1 else []
+        cmd = [sys.executable, *(["-m", "torch.distributed.run", *script] if nproc > 1 else []),
+               "train/train_c_lora.py", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return tmp_path / "ck" / name
+
+    single, multi = run("single", 1), run("ddp", 2)
+    l1, l2 = losses(single), losses(multi)
+    assert l1.keys() == l2.keys() == {1, 2}
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4, (step, l1[step], l2[step])
+    w1, w2 = load_file(single / "lora.safetensors"), load_file(multi / "lora.safetensors")
+    assert w1.keys() == w2.keys() and "embeddings.embeddings" in w1
+    assert w1["embeddings.embeddings"].abs().sum() > 0
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
