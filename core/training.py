@@ -760,7 +760,14 @@ class TrainingCore:
         self.wandb_run_id = trainer.get("wandb_run_id")
         if paths.get("optimizer.pt"):
             opt_state = torch.load(paths["optimizer.pt"], map_location="cpu", weights_only=False)
-            if self.dist.world_size > 1 and self.cfg.use_fsdp:
+            groups = opt_state.get("param_groups") or [{}]
+            by_name = bool(groups[0].get("params")) and isinstance(groups[0]["params"][0], str)
+            fsdp = self.dist.world_size > 1 and self.cfg.use_fsdp
+            if by_name != fsdp:
+                saved, now = ("FSDP", "without FSDP") if by_name else ("without FSDP", "with FSDP")
+                raise UserError(f"the checkpoint in {paths.get('_dir', self.run_dir)} was trained {saved} and this run "
+                                f"is {now}; resume with the same use_fsdp setting (and >1 process for FSDP)")
+            if fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
                 modules = tuple(getattr(self, n) for n in self.trained_modules())
@@ -787,10 +794,11 @@ class TrainingCore:
             self._stop_signal = signal.Signals(signum).name
             log.warning("%s received: finishing the current update, then saving", self._stop_signal)
 
+        self._old_handlers = {}
         for name in ("SIGTERM", "SIGUSR1"):
             if hasattr(signal, name):
                 try:
-                    signal.signal(getattr(signal, name), handler)
+                    self._old_handlers[name] = signal.signal(getattr(signal, name), handler)
                 except ValueError:  # not the main thread (e.g. a notebook worker)
                     pass
 
@@ -809,6 +817,9 @@ class TrainingCore:
             barrier()
 
     def close(self) -> None:
+        for name, previous in getattr(self, "_old_handlers", {}).items():
+            signal.signal(getattr(signal, name), previous)
+        self._old_handlers = {}
         if self.logger is not None:
             self.logger.close()
             self.logger = None

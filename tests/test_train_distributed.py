@@ -41,8 +41,10 @@ def same_image_assets(tmp_path_factory):
 
 
 def run(assets: Path, root: Path, name: str, nproc: int, **extra) -> Path:
-    args = config_args(C_CONFIG, assets, root, experiment_id=name, updates=3, save_every=3, batch_size=4,
-                       generator_dropout=0.0, ema_start_iters=1, ema_iters=1, ema_beta=0.9, **extra)
+    settings = dict(updates=3, save_every=3, batch_size=4, generator_dropout=0.0, ema_start_iters=1,
+                    ema_iters=1, ema_beta=0.9)
+    settings.update(extra)
+    args = config_args(C_CONFIG, assets, root, experiment_id=name, **settings)
     if nproc == 1:
         cmd = [sys.executable, "train/train_c.py", *args]
     else:
@@ -70,6 +72,10 @@ def test_two_processes_match_one(same_image_assets, tmp_path, mode):
     assert trainer["world_size"] == 2
     data = json.loads((multi / "state" / "step_00000003" / "data.json").read_text())
     assert len(data["ranks"]) == 2
+    if mode == "fsdp":  # resuming a sharded run: full optimizer state goes back into the shards
+        run(same_image_assets, tmp_path, mode, 2, use_fsdp=True, updates=4)
+        assert json.loads((multi / "latest").read_text().strip() and
+                          (multi / "state" / "step_00000004" / "trainer.json").read_text())["step"] == 4
 
 
 def test_slurm_launch_matches_one_process(same_image_assets, tmp_path):
