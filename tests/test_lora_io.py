@@ -90,6 +90,14 @@ def test_zero_init_lora_leaves_outputs_identical():
         apply_lora(model, [".attn"], rank=4)
         after = model(*x)
     assert torch.equal(before, after)
+    # the other convention (zero lora_up, random lora_down) is an identity too
+    loras = [lora for _, lora in apply_lora(build_model("stage_c", "tiny").eval(), [".attn"], rank=4)]
+    for lora in loras:
+        with torch.no_grad():
+            lora.lora_up.zero_()
+            lora.lora_down.normal_()
+        delta = lora(torch.zeros(lora.lora_up.shape[0], lora.lora_down.shape[1]))
+        assert not delta.any()
 
 
 @pytest.mark.parametrize("filters", [(".attn",), (".attn", "channelwise.4", "embedding.1", "kv_mapper.1", "depthwise")])
