@@ -122,10 +122,12 @@ class TrainingCore:
             cfg = load_config(cls.Config, args.config, args.overrides, validate_only=True)
             print(f"config OK: {args.config} ({cls.__name__}, model_version {cfg.model_version})")
             return 0
-        cfg = load_config(cls.Config, args.config, args.overrides, world_size=world_size_from_env())
-        if args.dry_run:
+        if args.dry_run:  # lenient about files that are not downloaded yet; says which are missing
+            cfg = load_config(cls.Config, args.config, args.overrides, validate_only=True,
+                              world_size=world_size_from_env())
             cls.dry_run(cfg)
             return 0
+        cfg = load_config(cls.Config, args.config, args.overrides, world_size=world_size_from_env())
         from core.distributed import init_distributed
 
         dist = init_distributed()
@@ -143,6 +145,10 @@ class TrainingCore:
 
         print("# resolved config")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+        missing = [f"{k}={getattr(cfg, k)}" for k in dir(cfg) if k.endswith("_checkpoint_path")
+                   and isinstance(getattr(cfg, k), str) and not os.path.isfile(getattr(cfg, k))]
+        if missing:
+            print("# missing files (download them before training): " + ", ".join(sorted(missing)))
         print("# models")
         for name, (kind, version) in cls.model_layout(cfg).items():
             try:

@@ -94,3 +94,15 @@ def test_validate_only_cli():
                            "--validate-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
+
+
+def test_config_reference_lists_every_key():
+    import dataclasses
+
+    from train.train_b import StageBTrainer
+    from train.train_c import StageCTrainer
+
+    text = (ROOT / "docs" / "CONFIG.md").read_text()
+    for cls in (StageCTrainer.Config, StageBTrainer.Config):
+        missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
+        assert not missing, f"docs/CONFIG.md lacks {missing}; run python3 -m train.config_doc > docs/CONFIG.md"

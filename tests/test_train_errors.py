@@ -107,3 +107,20 @@ def test_real_process_exit_code_and_no_traceback(assets, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_resume_with_another_architecture_is_refused(assets, tmp_path, capsys):
+    args = config_args(C_CONFIG, assets, tmp_path, experiment_id="arch", updates=1, save_every=1)
+    code, err = run_in_process(args, capsys)
+    assert code == 0, err
+    code, err = run_in_process([*args, "--set", "model_version=1B"], capsys)
+    assert_one_clear_line(code, err, "model_version", "tiny", "1B")
+
+
+def test_dry_run_of_an_official_config_without_weights(capsys):
+    from train.train_c import StageCTrainer
+
+    assert StageCTrainer.main([str(ROOT / "configs/training/finetune_c_3b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "generator: stage_c 3.6B: 3,589,103,632 parameters" in out
+    assert "missing files" in out and "global 512" in out
