@@ -167,3 +167,15 @@ def test_projection_width_follows_the_stage_c_version_and_effnet_backbone_init()
     stats = cnet.backbone[0][1].running_mean.clone()
     cnet(torch.rand(1, 4, 64, 64))
     assert not cnet.backbone.training and torch.equal(cnet.backbone[0][1].running_mean, stats)
+
+
+def test_identity_filter_without_a_face_model_is_a_clear_error(assets, tmp_path):
+    from core.errors import UserError
+
+    trainer = _trainer(assets, tmp_path, experiment_id="identity", controlnet_filter="IdentityFilter",
+                       controlnet_filter_params={"face_model": "no_such_package.faces:Model"})
+    trainer.build_models()
+    assert trainer.controlnet.c_in == 512
+    images = torch.rand(1, 3, 64, 64)
+    with pytest.raises(UserError, match="controlnet_filter IdentityFilter"):
+        trainer.control_input({"images": images}, torch.Generator())

@@ -94,7 +94,10 @@ class StageCControlNetTrainer(StageCTrainer):
         offset = float(cfg.offset_noise or 0.0)
         self.gdf = (presets.stage_c(adaptive_loss_weight=True, offset_noise=offset) if cfg.adaptive_loss_weight
                     else presets.controlnet(offset))
-        self.generator.eval().requires_grad_(False)
+        # Frozen: the core only moves TRAINED modules to the device, so move Stage C here.
+        self.generator = self.generator.to(self.device).eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:  # the ControlNet's gradients flow back through Stage C's activations
+            self.generator.set_gradient_checkpointing(True)
         self.cnet_filter = self.build_filter()
         c_in = int(self.cnet_filter.num_channels())
         if cfg.control_image_key is not None and c_in not in (1, 3):
@@ -174,10 +177,12 @@ class StageCControlNetTrainer(StageCTrainer):
             if self.cnet_filter.num_channels() == 1:
                 control = control.mean(1, keepdim=True)
             return control, control.expand(-1, 3, -1, -1)
+        from modules.filters import FilterError
+
         try:
             out = self.cnet_filter(images, generator=generator)
-        except ImportError as exc:
-            raise UserError(f"controlnet_filter {self.cfg.controlnet_filter} needs a missing dependency: {exc}") from None
+        except (ImportError, FilterError) as exc:  # e.g. the face model of IdentityFilter is not installed
+            raise UserError(f"controlnet_filter {self.cfg.controlnet_filter}: {exc}") from None
         control, preview = out if isinstance(out, tuple) else (out, out)
         return control, preview
 
