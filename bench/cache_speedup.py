@@ -91,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
+    # The summary line is the output: silence INFO/WARNING logs for the run, and restore
+    # logging afterwards (main() is also called in-process by tests).
     logging.disable(logging.WARNING)
-    r = bench(args.config, args.steps, args.overrides)
+    try:
+        r = bench(args.config, args.steps, args.overrides)
+    finally:
+        logging.disable(logging.NOTSET)
     print(f"cache_speedup {r['model_version']} batch {r['batch_size']} {r['image_size']}px: "
           f"{r['steps_per_s_images']:.3f} steps/s from images, {r['steps_per_s_cache']:.3f} steps/s from cache "
           f"(x{r['speedup']:.2f}) on {r['device']}", flush=True)

@@ -135,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.disable(logging.WARNING)  # the summary line is the output
-    r = bench(args.config, args.steps, args.overrides, args.trainer, args.warmup, args.peak_tflops)
+    # The summary line is the output: silence INFO/WARNING logs for the run, and restore
+    # logging afterwards (main() is also called in-process by tests).
+    logging.disable(logging.WARNING)
+    try:
+        r = bench(args.config, args.steps, args.overrides, args.trainer, args.warmup, args.peak_tflops)
+    finally:
+        logging.disable(logging.NOTSET)
     mfu = f", MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
     print(f"train_step {r['trainer']} {r['model_version']} batch {r['batch_size']} {r['image_size']}px "
           f"ckpt={r['gradient_checkpointing']}: median {r['median_step_s'] * 1000:.1f} ms/step, "
