@@ -642,7 +642,12 @@ class TrainingCore:
         if self.ema is not None:
             models[self.ema_file_stem()] = self.ema.module
         for stem, module in models.items():
-            out[stem] = _full_state_dict(module)
+            if any(hasattr(p, "full_tensor") for p in module.parameters()):
+                from core.distributed import full_state_dict
+
+                out[stem] = full_state_dict(module)  # collective; rank 0 gets the CPU tensors
+            elif self.is_main:
+                out[stem] = _full_state_dict(module)
         return out
 
     def _optimizer_state(self) -> Any:
@@ -652,7 +657,7 @@ class TrainingCore:
             modules = tuple(getattr(self, n) for n in self.trained_modules())
             return get_optimizer_state_dict(modules if len(modules) > 1 else modules[0], self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.optimizer.state_dict()
+        return self.optimizer.state_dict() if self.is_main else None
 
     def _data_states(self) -> list:
         state = self.pipeline.state_dict() if self.pipeline is not None else None
