@@ -53,3 +53,14 @@ def test_bad_lora_keys_are_one_line_errors(override, needle, capsys):
                 [str(ROOT / "configs/training/tiny_c_lora.yaml"), "--validate-only", "--set", override])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: ") and needle in err and "Traceback" not in err, err
+
+
+def test_dry_runs_report_the_official_adapter_sizes(capsys):
+    """Meta-device sizes equal the manifests: LoRA 3,147,008 - 1,280 token params; canny 54,255,776."""
+    from train.train_c_controlnet import StageCControlNetTrainer
+    from train.train_c_lora import StageCLoraTrainer
+
+    assert StageCLoraTrainer.main([str(ROOT / "configs/training/finetune_c_3b_lora.yaml"), "--dry-run"]) == 0
+    assert "128 adapted weights, rank 4, 3,145,728 LoRA parameters" in capsys.readouterr().out
+    assert StageCControlNetTrainer.main([str(ROOT / "configs/training/controlnet_c_3b_canny.yaml"), "--dry-run"]) == 0
+    assert "c_proj 2048, blocks [0, 4, 8, 12, 51, 55, 59, 63]: 54,255,776 parameters" in capsys.readouterr().out

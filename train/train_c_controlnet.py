@@ -83,6 +83,22 @@ class StageCControlNetTrainer(StageCTrainer):
     Config = ControlNetConfig
     description = "Train a ControlNet for a frozen Stage C."
 
+    @classmethod
+    def dry_run(cls, cfg: Any) -> None:
+        super().dry_run(cfg)
+        from modules import filters
+        from modules.controlnet import ControlNet
+        from modules.registry import build_model
+
+        c_in = filters.resolve_filter(cfg.controlnet_filter, dict(cfg.controlnet_filter_params or {})).num_channels()
+        c_proj = controlnet_c_proj(build_model("stage_c", cfg.model_version, device="meta"))
+        with torch.device("meta"):
+            net = ControlNet(c_in=c_in, c_proj=c_proj, proj_blocks=list(cfg.controlnet_blocks),
+                             bottleneck_mode=cfg.controlnet_bottleneck_mode)
+        n = sum(p.numel() for p in net.parameters())
+        print(f"# ControlNet\n{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
+              f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters")
+
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
         from gdf import presets

@@ -82,6 +82,16 @@ class StageCLoraTrainer(StageCTrainer):
     Config = LoraConfig
     description = "Train a LoRA (and optionally new/existing tokens) on a frozen Stage C."
 
+    @classmethod
+    def dry_run(cls, cfg: Any) -> None:
+        super().dry_run(cfg)
+        from core.lora_io import stage_c_targets
+
+        targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
+        n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+        print(f"# LoRA\nfilters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
+              f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}")
+
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
         from core.lora_tokens import add_train_tokens
