@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -370,14 +370,9 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
     return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
 
 
-def with_alpha(entries: Sequence[LoraEntry], alpha: float) -> list[LoraEntry]:
-    """The same updates expressed with another alpha (``up`` rescaled)."""
-    return [replace(e, up=e.up * (e.alpha / alpha), alpha=alpha) for e in entries]
-
-
 __all__ = ["LoraEntry", "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
-           "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named", "with_alpha",
+           "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version"]
 
 
