@@ -10,7 +10,8 @@
    (train/train_c.py: same loop, checkpoints, previews and logging as a full finetune);
 3. prints where the checkpoints, the loss curve and the preview grid are, and whether the loss fell
    (mean of the first 50 vs the last 50 updates).
-The frozen parts are random, so the previews are not pictures; the point is the whole pipeline.
+The encoders are random (the Previewer is fitted to them on the photos in a few seconds), so the
+previews are blurry colour pictures at best; the point is the whole pipeline, on real data.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def demo(argv: list[str]) -> int:
         print(f"[1/3] making the demo dataset and random-init frozen parts in {ASSETS}/ ...", flush=True)
         from tools.make_demo_assets import make_all
 
-        make_all(ASSETS, image_size=128, n_variants=6, n_shards=2)
+        make_all(ASSETS, image_size=128, n_variants=6, n_shards=2, previewer_steps=60)
         (ASSETS / "READY").write_text("ok\n")
     else:
         print(f"[1/3] reusing the demo assets in {ASSETS}/", flush=True)
@@ -86,7 +87,9 @@ def demo(argv: list[str]) -> int:
     previews = sorted((Path("runs/output") / experiment).glob("generator_0*.png"))
     print(f"  checkpoints : {run_dir}/ (generator.safetensors, state/step_*/, latest)")
     print(f"  loss curve  : {run_dir / 'loss.png'}")
-    print(f"  preview grid: {previews[-1] if previews else '(none)'}")
+    print(f"  preview grid: {previews[-1] if previews else '(none)'} (samples for the config's preview_prompts)")
+    print(f"  reference   : {Path('runs/output') / experiment / 'latest_reference.png'} "
+          f"(the Previewer's view of real training images)")
     print(f"  metrics     : {run_dir / 'metrics.jsonl'}")
     print(f"  loss        : first {k} updates {first:.4f} -> last {k} updates {last:.4f} "
           f"({'FELL' if last < first else 'did NOT fall'}, {100 * (first - last) / first:.0f} %)")

@@ -522,11 +522,7 @@ class TrainingCore:
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step
 
-            loss_value = sum(losses) / len(losses)
-            if self.dist.world_size > 1:  # log the global mean, not rank 0's share
-                t = torch.tensor([loss_value], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(t)
-                loss_value = float(t.item()) / self.dist.world_size
+            loss_value = self._global_mean(sum(losses) / len(losses))
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             elapsed = time.perf_counter() - started
@@ -544,6 +540,14 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     # -- loop pieces -------------------------------------------------------------------------
+    def _global_mean(self, value: float) -> float:
+        """Mean of a per-rank number over all ranks (logging: the global loss, not rank 0's)."""
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.dist.world_size
+
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
         """DDP: no gradient all-reduce on the micro-steps before the last one."""
         if not skip_sync:
@@ -629,8 +633,11 @@ class TrainingCore:
                 m.train()
         if self.is_main:
             for name, images in grids.items():
-                self.logger.log_images(step, name, images.detach().float().clamp(0, 1).cpu(),
-                                       nrow=min(len(images), self.cfg.num_preview_images))
+                images = images.detach().float().clamp(0, 1).cpu()
+                if images.shape[-1] < 128:  # tiny previews (CPU runs): enlarge so a person can see them
+                    factor = -(-128 // images.shape[-1])
+                    images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+                self.logger.log_images(step, name, images, nrow=min(len(images), self.cfg.num_preview_images))
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints

@@ -10,10 +10,11 @@ Writes, under OUT_DIR:
   (``modules.conditioning.write_tiny_clip``), sized for the ``tiny`` Stage C / Stage B;
 * ``effnet_encoder.safetensors``, ``previewer.safetensors``, ``stage_a.safetensors``: frozen
   encoder/decoder weights with RANDOM initialisation (seeded). These are demo assets, not the
-  official weights: the demo and tests train a tiny Stage C / Stage B on top of them, so the loss
-  falls but the previews are not meaningful pictures. The EfficientNet's final (non-affine)
-  BatchNorm statistics are calibrated on the demo photographs so its latents are standardised,
-  like the released encoder's.
+  official weights: the demo and tests train a tiny Stage C / Stage B on top of them. The
+  EfficientNet's final (non-affine) BatchNorm statistics are calibrated on the demo photographs so
+  its latents are standardised, like the released encoder's; with ``--previewer-steps N`` the
+  Previewer is fitted to decode those latents into the photographs' colours (the demo does this,
+  so its previews are blurry pictures rather than noise).
 """
 from __future__ import annotations
 
@@ -155,8 +156,35 @@ def _calibrate_effnet(effnet: torch.nn.Module, images: torch.Tensor) -> None:
         bn.running_var.fill_(1.0)
 
 
-def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0) -> dict[str, Path]:
-    """Random-init (seeded) frozen encoder/decoder weights + tiny CLIP folders."""
+def _fit_previewer(previewer: torch.nn.Module, effnet: torch.nn.Module, images: torch.Tensor,
+                   steps: int, seed: int = 0) -> None:
+    """Fit the (random-init) Previewer to decode the demo encoder's latents of ``images`` into
+    their colours (a few Adam steps), so the demo's previews are blurry pictures, not noise."""
+    import torch.nn.functional as F
+
+    from modules.effnet import imagenet_normalize
+
+    with torch.no_grad():
+        latents = torch.cat([effnet.eval()(imagenet_normalize(images[i:i + 16])) for i in range(0, len(images), 16)])
+    scale = latents.shape[-1] * 8 / images.shape[-1]
+    targets = F.interpolate(images, scale_factor=scale, mode="area")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(previewer.parameters(), lr=2e-3)
+    previewer.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (16,), generator=g)
+        loss = F.mse_loss(previewer(latents[idx]), targets[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    previewer.eval()
+
+
+def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0,
+                previewer_steps: int = 0) -> dict[str, Path]:
+    """Random-init (seeded) frozen encoder/decoder weights + tiny CLIP folders.
+
+    ``previewer_steps`` > 0 also fits the Previewer to the demo photographs (demo only)."""
     from modules.conditioning import write_tiny_clip
     from modules.loading import save_safetensors
     from modules.registry import build_model
@@ -165,6 +193,7 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0) -> di
     text, vision = write_tiny_clip(out_dir / "clip", text_width=32, projection_dim=32,
                                    vision_projection_dim=24, seed=seed)
     paths = {"clip_text": text, "clip_vision": vision}
+    effnet = None
     for kind in ("effnet", "previewer", "stage_a"):
         torch.manual_seed(seed)
         model = build_model(kind, "default")
@@ -173,6 +202,11 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0) -> di
                       for v in variants(img, 1, calibration_size, random.Random(seed))]
             batch = torch.from_numpy(np.stack([np.asarray(p) for p in photos])).permute(0, 3, 1, 2).float() / 255
             _calibrate_effnet(model, batch)
+            effnet = model
+        if kind == "previewer" and previewer_steps > 0:
+            photos = [v for _, img, _ in load_photos() for v in variants(img, 4, calibration_size, random.Random(seed))]
+            batch = torch.from_numpy(np.stack([np.asarray(p) for p in photos])).permute(0, 3, 1, 2).float() / 255
+            _fit_previewer(model, effnet, batch, previewer_steps, seed)
         name = {"effnet": "effnet_encoder", "previewer": "previewer", "stage_a": "stage_a"}[kind]
         path = out_dir / f"{name}.safetensors"
         save_safetensors(model, path, metadata={"note": "cascade-train demo asset: random init, NOT official weights"})
@@ -181,9 +215,9 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0) -> di
 
 
 def make_all(out_dir: str | os.PathLike, image_size: int = 128, n_variants: int = 6, n_shards: int = 2,
-             seed: int = 0) -> dict[str, Path]:
+             seed: int = 0, previewer_steps: int = 0) -> dict[str, Path]:
     out = Path(out_dir)
-    paths = make_models(out, calibration_size=image_size, seed=seed)
+    paths = make_models(out, calibration_size=image_size, seed=seed, previewer_steps=previewer_steps)
     paths["shards"] = out / "shards"
     make_dataset(out, image_size=image_size, n_variants=n_variants, n_shards=n_shards, seed=seed)
     return paths
@@ -196,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=6)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--previewer-steps", type=int, default=0,
+                        help="fit the Previewer to the photos for this many Adam steps (the demo uses 60)")
     args = parser.parse_args(argv)
-    paths = make_all(args.out_dir, args.image_size, args.variants, args.shards, args.seed)
+    paths = make_all(args.out_dir, args.image_size, args.variants, args.shards, args.seed, args.previewer_steps)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -185,7 +185,8 @@ class StageCTrainer(TrainingCore):
         uncond = self.get_conditions({"captions": prompts}, is_eval=True, is_unconditional=True)
         h, w = batch["images"].shape[-2:]
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
-        grids = {}
+        # What the Previewer makes of the real latents of the preview images: the best a sample can look.
+        grids = {"reference": self.previewer(self.encode_latents(batch["images"].to(self.device))).float()}
         models = {"generator": self.unwrapped("generator")}
         if self.ema is not None:
             models["generator_ema"] = self.ema.module
