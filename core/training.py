@@ -442,6 +442,8 @@ class TrainingCore:
             log.info("use_fsdp is set but there is one process: training without sharding")
         for name in self.trained_modules():
             module = getattr(self, name).to(self.device)
+            if self.cfg.compile:  # in place: state_dict keys stay the official ones
+                module.compile()
             if mode != "none":
                 blocks = tuple({type(m) for m in module.modules() if type(m).__name__ in self.fsdp_block_classes})
                 module = wrap_model(module, self.dist, mode, block_types=blocks, param_dtype=self.autocast_dtype,
