@@ -914,10 +914,16 @@ def _read_json(path: Optional[str]) -> dict:
 
 
 def _list_shards(cfg: Any) -> list[str]:
+    from core.config import is_placeholder_path
+
+    entries = cfg.webdataset_path if isinstance(cfg.webdataset_path, list) else [cfg.webdataset_path]
+    entries = [e for e in entries if isinstance(e, str) and not is_placeholder_path(e)]
+    if not entries:  # the official configs' s3://path/to/... placeholders: nothing to list
+        return []
     try:
         from core.data import expand_sources
 
-        return list(expand_sources(cfg.webdataset_path))
+        return list(expand_sources(entries))
     except Exception:  # noqa: BLE001 - the dry run falls back to printing the configured path
         return []
 

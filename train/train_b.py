@@ -101,7 +101,7 @@ class StageBTrainer(TrainingCore):
         elif is_eval:
             effnet = self.encode_effnet(images)
         else:
-            assert generators is not None and len(generators) == n
+            generators = generators if generators is not None else self.sample_generators(n)
             f = 0.5 + 0.5 * torch.rand(1, generator=self.batch_generator("effnet-scale")).item()
             he, we = int((h * f) // 32) * 32, int((w * f) // 32) * 32
             he, we = max(he, 32), max(we, 32)

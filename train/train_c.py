@@ -126,7 +126,7 @@ class StageCTrainer(TrainingCore):
         if is_unconditional:
             captions = [""] * n
         elif not is_eval:
-            assert generators is not None and len(generators) == n
+            generators = generators if generators is not None else self.sample_generators(n)
             for i, g in enumerate(generators):
                 if torch.rand(1, generator=g).item() <= self.cfg.text_dropout:
                     captions[i] = ""
