@@ -231,3 +231,17 @@ def test_dry_run_prints_config_models_and_first_shard(assets, tmp_path, capsys):
     assert "generator: stage_c tiny" in out and "parameters" in out
     assert "demo-000000.tar" in out
     assert not (tmp_path / "ck" / "dry").exists()
+
+
+def test_resume_from_an_explicit_state_folder_forks_the_run(assets, tmp_path, capsys):
+    base = dict(updates=2, save_every=1)
+    assert train_c(config_args(C_CONFIG, assets, tmp_path, experiment_id="origin", **base)) == 0
+    state = tmp_path / "ck" / "origin" / "state" / "step_00000001"
+    capsys.readouterr()
+    assert train_c([*config_args(C_CONFIG, assets, tmp_path, experiment_id="fork", **base),
+                    "--resume", str(state)]) == 0
+    assert "resuming from update 1" in capsys.readouterr().out
+    fork, origin = tmp_path / "ck" / "fork", tmp_path / "ck" / "origin"
+    assert losses(fork) == {2: losses(origin)[2]}  # only update 2 ran in the fork, identically
+    wa, wb = load_file(origin / "generator.safetensors"), load_file(fork / "generator.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
