@@ -26,7 +26,6 @@ global torch RNG, re-seeded from ``(seed, rank, step, micro_step)`` before every
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -200,6 +199,7 @@ class TrainingCore:
         self._pending_loss_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._micro = (0, 0)           # (update step, micro-step) being computed
         self._preview_batch: Optional[dict] = None
+        self._preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
         self._poison_steps = _env_steps(POISON_ENV)
         self._crash_in_save = _env_steps(CRASH_IN_SAVE_ENV)
         self.autocast_dtype = self._resolve_precision()
