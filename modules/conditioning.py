@@ -121,6 +121,11 @@ def load_tokenizer(name_or_path: str, local_files_only: bool | None = None):
 def _load_frozen(model_cls, name_or_path, what, dtype, device, local_files_only):
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{what}: dtype must be a torch.dtype, got {dtype!r}")
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar per model; our callers log what they load, and the
+    # bar would otherwise land in front of one-line user errors.
+    hf_logging.disable_progress_bar()
     model = _from_pretrained(model_cls.from_pretrained, name_or_path, what, local_files_only, dtype=dtype)
     # Frozen encoders: eval (no dropout) and no parameter gradients. Gradients can still flow to
     # parametrizations added later (ReToken on the token embedding), so encode_text does not force
