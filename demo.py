@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-ASSETS = Path("runs/demo_assets")
 CONFIG = "configs/training/tiny_c.yaml"
 
 
@@ -47,9 +46,12 @@ def _losses(metrics_path: Path) -> list[float]:
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="cascade-train CPU demo (tiny Stage C from scratch)")
     parser.add_argument("--updates", type=int, default=300, help="optimizer updates (default 300)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all idle cores)")
+    parser.add_argument("--out", default="runs", help="folder for assets, checkpoints and previews (default runs/)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    out = Path(args.out)
+    assets = out / "demo_assets"
     import torch
 
     threads = args.threads
@@ -59,36 +61,42 @@ def demo(argv: list[str]) -> int:
         threads = max(1, min(cores, cores - busy))
     torch.set_num_threads(threads)
     started = time.time()
-    if not (ASSETS / "READY").is_file():
-        print(f"[1/3] making the demo dataset and random-init frozen parts in {ASSETS}/ ...", flush=True)
+    if not (assets / "READY").is_file():
+        print(f"[1/3] making the demo dataset and random-init frozen parts in {assets}/ ...", flush=True)
         from tools.make_demo_assets import make_all
 
-        make_all(ASSETS, image_size=128, n_variants=6, n_shards=2, previewer_steps=60)
-        (ASSETS / "READY").write_text("ok\n")
+        make_all(assets, image_size=128, n_variants=6, n_shards=2, previewer_steps=60)
+        (assets / "READY").write_text("ok\n")
     else:
-        print(f"[1/3] reusing the demo assets in {ASSETS}/", flush=True)
+        print(f"[1/3] reusing the demo assets in {assets}/", flush=True)
 
     experiment = "demo_c"
-    run_dir = Path("runs/checkpoints") / experiment
+    run_dir = out / "checkpoints" / experiment
+    preview_dir = out / "output" / experiment
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts fresh
-    shutil.rmtree(Path("runs/output") / experiment, ignore_errors=True)
+    shutil.rmtree(preview_dir, ignore_errors=True)
     print(f"[2/3] training a tiny Stage C from scratch for {args.updates} updates "
           f"(python3 train/train_c.py {CONFIG})", flush=True)
     from train.train_c import StageCTrainer
 
     save_every = max(1, args.updates // 3)
-    StageCTrainer.main([CONFIG, "--set", f"experiment_id={experiment}", "--set", f"updates={args.updates}",
-                        "--set", f"save_every={save_every}", "--set", "log_every=1", "--resume", "never"])
+    paths = {"checkpoint_path": out / "checkpoints", "output_path": out / "output",
+             "webdataset_path": assets / "shards", "effnet_checkpoint_path": assets / "effnet_encoder.safetensors",
+             "previewer_checkpoint_path": assets / "previewer.safetensors",
+             "clip_text_model_name": assets / "clip" / "text", "clip_image_model_name": assets / "clip" / "vision"}
+    overrides = [f"{k}={v}" for k, v in paths.items()]
+    overrides += [f"experiment_id={experiment}", f"updates={args.updates}", f"save_every={save_every}", "log_every=1"]
+    StageCTrainer.main([CONFIG, *[x for o in overrides for x in ("--set", o)], "--resume", "never"])
 
     print("[3/3] results", flush=True)
     losses = _losses(run_dir / "metrics.jsonl")
     k = min(50, max(1, len(losses) // 2))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    previews = sorted((Path("runs/output") / experiment).glob("generator_0*.png"))
+    previews = sorted(preview_dir.glob("generator_0*.png"))
     print(f"  checkpoints : {run_dir}/ (generator.safetensors, state/step_*/, latest)")
     print(f"  loss curve  : {run_dir / 'loss.png'}")
     print(f"  preview grid: {previews[-1] if previews else '(none)'} (samples for the config's preview_prompts)")
-    print(f"  reference   : {Path('runs/output') / experiment / 'latest_reference.png'} "
+    print(f"  reference   : {preview_dir / 'latest_reference.png'} "
           f"(the Previewer's view of real training images)")
     print(f"  metrics     : {run_dir / 'metrics.jsonl'}")
     print(f"  loss        : first {k} updates {first:.4f} -> last {k} updates {last:.4f} "
