@@ -166,6 +166,21 @@ class TrainingCore:
         ws = world_size_from_env()
         print(f"batch: global {cfg.batch_size} = world_size {ws} x grad_accum_steps {cfg.grad_accum_steps} "
               f"x per-rank {cfg.per_rank_batch(ws)}")
+        cls.print_memory_estimate(cfg)
+
+    @classmethod
+    def print_memory_estimate(cls, cfg: Any) -> None:
+        """The analytic GPU memory estimate of the configured run (core.memory): weights, grads,
+        optimizer states and activations at the per-GPU batch and image size, with and without
+        gradient checkpointing. Fake tensors only: no weights are needed, nothing is allocated."""
+        from core.memory import estimate_memory, format_estimate
+
+        try:
+            est = estimate_memory(cfg, kind=cls.model_kind or None)
+        except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not fail here
+            print(f"# memory estimate unavailable ({type(exc).__name__}: {exc})")
+            return
+        print(format_estimate(est))
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:

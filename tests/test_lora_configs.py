@@ -61,6 +61,12 @@ def test_dry_runs_report_the_official_adapter_sizes(capsys):
     from train.train_c_lora import StageCLoraTrainer
 
     assert StageCLoraTrainer.main([str(ROOT / "configs/training/finetune_c_3b_lora.yaml"), "--dry-run"]) == 0
-    assert "128 adapted weights, rank 4, 3,145,728 LoRA parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "128 adapted weights, rank 4, 3,145,728 LoRA parameters" in out
+    # the memory estimate of the configured run (fake tensors: no weights needed)
+    assert "# memory estimate: stage_c 3.6B lora, per-GPU batch 8, 768x768" in out
+    for line in ("weights (trained)", "gradients", "optimizer states (adamw)", "activations, no checkpointing",
+                 "activations, gradient checkpointing", "peak, no checkpointing", "peak, checkpointing"):
+        assert f"\n{line}" in out and " GiB" in out.split(f"\n{line}", 1)[1].split("\n", 1)[0], line
     assert StageCControlNetTrainer.main([str(ROOT / "configs/training/controlnet_c_3b_canny.yaml"), "--dry-run"]) == 0
     assert "c_proj 2048, blocks [0, 4, 8, 12, 51, 55, 59, 63]: 54,255,776 parameters" in capsys.readouterr().out
