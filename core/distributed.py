@@ -89,7 +89,8 @@ def _launch_env() -> tuple[int, int, int, str]:
         rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
         if world > 1:
-            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            if not os.environ.get("MASTER_ADDR"):  # look the node list up only when needed
+                os.environ["MASTER_ADDR"] = _slurm_master_addr()
             if "MASTER_PORT" not in os.environ:
                 # One port per job, so two jobs sharing a node do not collide.
                 job = os.environ.get("SLURM_JOB_ID", "0")
