@@ -28,6 +28,7 @@ class OptimConfig:
     eps: float = doc(1e-8, "Adam epsilon.")
     weight_decay: float = doc(0.01, "Decoupled weight decay (reference: 0.01).")
     grad_clip: Optional[float] = doc(1.0, "Clip the global gradient norm to this value before each update (None or 0 = no clipping).")
+    stochastic_rounding: bool = doc(False, "bf16 master-free training: with dtype: bfloat16, update each bf16 weight in float32 and round it back stochastically (optimizer states in float32). Default: fp32 master weights (dtype unset) under bf16 autocast.")
 
     def validate_optim(self) -> None:
         """Range checks of the optimizer keys."""
@@ -55,14 +56,31 @@ def _trainable(params: ParamsT) -> list:
 
 
 def build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over the trainable ``params`` (tensors or param groups)."""
+    """The configured optimizer over the trainable ``params`` (tensors or param groups);
+    with ``stochastic_rounding`` its bf16 parameters are stepped in float32 and rounded back
+    stochastically (core/stochastic_rounding.py)."""
+    opt = _build_optimizer(params, lr, cfg)
+    if getattr(cfg, "stochastic_rounding", False):
+        if cfg.optimizer == "adamw8bit":
+            raise UserError("config key 'stochastic_rounding' does not combine with optimizer 'adamw8bit' "
+                            "(bitsandbytes keeps its own states); use adamw or adafactor")
+        from core.stochastic_rounding import enable_stochastic_rounding
+
+        enable_stochastic_rounding(opt)
+    return opt
+
+
+def _build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = _trainable(params)
     if not params:
         raise ValueError("build_optimizer: no trainable parameters (is everything frozen?)")
     betas = tuple(float(b) for b in cfg.betas)
     if cfg.optimizer in ("adamw", "adamw_fused"):
+        fused = True if cfg.optimizer == "adamw_fused" else None
+        # Stochastic rounding steps one tensor at a time; the fused/foreach kernels gain nothing there.
+        foreach = False if getattr(cfg, "stochastic_rounding", False) else None
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 fused=True if cfg.optimizer == "adamw_fused" else None)
+                                 fused=fused, foreach=None if fused else foreach)
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":

@@ -110,7 +110,13 @@ class StageB(CascadeUNet):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor,
                 pixels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        dtype = x.dtype
+        # Working dtype: the input's under autocast (the official path); otherwise the weights'
+        # (a bf16-stored model, e.g. master-free training or inference, takes float32 inputs).
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = x.dtype
+        else:
+            dtype = self.embedding[1].weight.dtype
+            x = x.to(dtype)
         if pixels is None:  # the default still contributes a learned bias map (checklist 7)
             pixels = x.new_zeros(x.size(0), self.c_pixels, 8, 8)
         r_embed = self._r_embed(r, dtype, kwargs)

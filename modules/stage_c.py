@@ -120,7 +120,13 @@ class StageC(CascadeUNet):
     def forward(self, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor,
                 clip_img: torch.Tensor, cnet: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 **kwargs) -> torch.Tensor:
-        dtype = x.dtype
+        # Working dtype: the input's under autocast (the official path); otherwise the weights'
+        # (a bf16-stored model, e.g. master-free training or inference, takes float32 inputs).
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = x.dtype
+        else:
+            dtype = self.embedding[1].weight.dtype
+            x = x.to(dtype)
         r_embed = self._r_embed(r, dtype, kwargs)
         # Conditioning inputs follow the working dtype so a bf16 model runs without autocast too.
         clip = self.gen_c_embeddings(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))
