@@ -465,13 +465,16 @@ class TrainingCore:
                                     reduce_dtype=torch.float32 if self.autocast_dtype else None)
             setattr(self, name, module)
 
-    def _build_data(self, state: Optional[dict]) -> None:
+    def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        """The training batches of this rank (hook: Stage C jobs read an encoder cache instead)."""
         from core.data import build_pipeline
 
-        per_rank = self.cfg.per_rank_batch(self.dist.world_size)
-        self.pipeline = build_pipeline(self.cfg, batch_size=per_rank, rank=self.dist.rank,
-                                       world_size=self.dist.world_size, seed=self.cfg.seed,
-                                       num_workers=self.cfg.num_workers, state=state)
+        return build_pipeline(self.cfg, batch_size=batch_size, rank=self.dist.rank,
+                              world_size=self.dist.world_size, seed=self.cfg.seed,
+                              num_workers=self.cfg.num_workers, state=state)
+
+    def _build_data(self, state: Optional[dict]) -> None:
+        self.pipeline = self.build_pipeline(self.cfg.per_rank_batch(self.dist.world_size), state)
         self._data_iter = iter(self.pipeline)
         self._prefetched: Optional[dict] = next(self._data_iter)  # fails early on an empty dataset
 
@@ -481,11 +484,13 @@ class TrainingCore:
         else:
             batch = next(self._data_iter)
         if self._preview_batch is None:
-            keep = min(self.cfg.num_preview_images, len(batch["images"]))
-            self._preview_batch = {"images": batch["images"][:keep].clone(),
-                                   "captions": list(batch["captions"][:keep])}
+            # images + captions, or a cached batch's latents + embeddings: the first samples of each
+            keep = min(self.cfg.num_preview_images, len(batch["captions"]))
+            self._preview_batch = {k: v[:keep].clone() if isinstance(v, torch.Tensor) else list(v[:keep])
+                                   for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
         if self._micro[0] in self._poison_steps:
-            batch = dict(batch, images=torch.full_like(batch["images"], float("nan")))
+            key = "images" if "images" in batch else "latents"
+            batch = dict(batch, **{key: torch.full_like(batch[key], float("nan"))})
         return batch
 
     # ------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def assets(tmp_path_factory):
     return folder
 
 
-def tiny_config(assets: Path, tmp: Path, **extra):
+def tiny_config(assets: Path, tmp: Path, config_cls=None, yaml_file: str = "tiny_c.yaml", **extra):
     from core.config import load_config
     from train.train_c import StageCConfig
 
@@ -40,7 +40,7 @@ def tiny_config(assets: Path, tmp: Path, **extra):
               # high probabilities so both dropout branches occur in a 4-sample batch
               "text_dropout": 0.5, "image_embed_prob": 0.5, **extra}
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
-    return load_config(StageCConfig, str(ROOT / "configs/training/tiny_c.yaml"), sets)
+    return load_config(config_cls or StageCConfig, str(ROOT / "configs/training" / yaml_file), sets)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,9 @@ def test_reader_yields_training_batches(cache_dir):
 
 
 def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
-    from core.cache import cached_conditions, collate, iter_cached_samples, cache_shards, load_unconditional
+    """Both losses come from the real trainer's compute_loss: one trainer encodes the images, the
+    other (cache_path set) reads the cache and never builds the encoders."""
+    from core.cache import collate, iter_cached_samples, cache_shards
     from core.data import build_pipeline
     from core.distributed import DistInfo
     from train.train_c import StageCTrainer
@@ -91,26 +93,63 @@ def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
     with torch.no_grad():  # a fresh Stage C has zero output layers; make the loss depend on everything
         for p in trainer.generator.parameters():
             p.normal_(0.0, 0.05)
+    cached_trainer = StageCTrainer(tiny_config(assets, tmp_path, cache_path=str(cache_dir)), dist=DistInfo())
+    cached_trainer.build_models()
+    assert cached_trainer.text_model is None and cached_trainer.effnet is None and cached_trainer.image_model is None
+    cached_trainer.generator.load_state_dict(trainer.generator.state_dict())
     batch = next(iter(build_pipeline(cfg, batch_size=4, seed=cfg.seed, num_workers=0)))
 
     cached = {s["key"]: s for s in iter_cached_samples(cache_shards(cache_dir))}
     cbatch = collate([cached[k] for k in batch["keys"]])
     assert cbatch["captions"] == list(batch["captions"])
-    uncond = load_unconditional(cache_dir)
 
-    def drops(step):
+    def draws(step):
         trainer._micro = (step, 0)
-        return [torch.rand(1, generator=g).item() <= cfg.text_dropout for g in trainer.sample_generators(4)]
+        gens = trainer.sample_generators(4)
+        return [(torch.rand(1, generator=g).item() <= cfg.text_dropout,
+                 torch.rand(1, generator=g).item() > 1.0 - cfg.image_embed_prob) for g in gens]
 
-    step = next(s for s in range(1, 100) if 0 < sum(drops(s)) < 4)   # some captions dropped, some kept
-    trainer._micro = (step, 0)
+    # a step where some captions are dropped and some kept, and some samples use the image embedding
+    step = next(s for s in range(1, 200) if 0 < sum(d for d, _ in draws(s)) < 4 and any(i for _, i in draws(s)))
+    trainer._micro = cached_trainer._micro = (step, 0)
     torch.manual_seed(7)                                           # module dropout RNG
     loss_img, _ = trainer.compute_loss(batch)
-
-    gens = trainer.sample_generators(4)
-    cond = cached_conditions(cbatch, uncond, gens, cfg.text_dropout, cfg.image_embed_prob, c_img=24)
     torch.manual_seed(7)
-    loss_cache, _ = trainer.diffusion_loss(trainer.gdf, lambda x, r: trainer.generator(x, r, **cond),
-                                           cbatch["latents"], gens)
+    loss_cache, _ = cached_trainer.compute_loss(cbatch)
     torch.testing.assert_close(loss_cache, loss_img, rtol=1e-5, atol=1e-7)
     print(f"loss from images {loss_img.item():.8f}, from cache {loss_cache.item():.8f}")
+
+
+def test_lora_run_from_cache_never_builds_the_encoders(assets, cache_dir, tmp_path, monkeypatch):
+    """A LoRA run (no train_tokens) from the cache: 2 updates, a checkpoint, a preview; constructing the
+    CLIP text/vision models, the tokenizer or the EfficientNet raises."""
+    import modules.conditioning as conditioning
+    import modules.loading as loading
+    from core.distributed import DistInfo
+    from core.errors import UserError
+    from train.train_c_lora import LoraConfig, StageCLoraTrainer
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("an encoder was constructed in a cached run")
+
+    for name in ("load_clip_text", "load_clip_vision", "load_tokenizer"):
+        monkeypatch.setattr(conditioning, name, forbidden)
+    monkeypatch.setattr(conditioning, "CLIPTextModelWithProjection", forbidden, raising=False)
+    real_load_model = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda kind, *a, **k: forbidden() if kind == "effnet"
+                        else real_load_model(kind, *a, **k))
+    extra = dict(config_cls=LoraConfig, yaml_file="tiny_c_lora.yaml", train_tokens=None, export_comfyui=False,
+                 generator_checkpoint_path=None, updates=2, save_every=2, num_preview_images=2)
+    cfg = tiny_config(assets, tmp_path, cache_path=str(cache_dir), **extra)
+    trainer = StageCLoraTrainer(cfg, dist=DistInfo())
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert trainer.step == 2 and trainer.text_model is None
+    run = tmp_path / "ck" / cfg.experiment_id
+    assert (run / "lora.safetensors").is_file()
+    assert any((tmp_path / "out" / cfg.experiment_id).rglob("*.png"))   # the preview ran from the cache
+    # token training needs the text encoder: refused at config time
+    with pytest.raises(UserError, match="cache_path.*train_tokens"):
+        tiny_config(assets, tmp_path, cache_path=str(cache_dir), **{**extra, "train_tokens": [["[t]", "^dog</w>"]]})

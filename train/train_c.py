@@ -14,6 +14,7 @@ LoRA and ControlNet jobs subclass :class:`StageCTrainer` and override its hooks.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,6 +35,11 @@ class StageCConfig(TrainingConfig):
 
     text_dropout: float = doc(0.05, "Probability of replacing a caption by the empty string (CLIP('')) during training.")
     image_embed_prob: float = doc(0.1, "Probability of conditioning a sample on the CLIP image embedding of its own image (zeros otherwise).")
+    cache_path: Optional[str] = doc(
+        None, "Folder written by tools/cache_dataset.py: train from its cached EfficientNet latents and CLIP "
+              "embeddings; the effnet and CLIP text/vision models are then never loaded (webdataset_path and the "
+              "data keys are not read; caption dropout uses the cached CLIP(''); crops are the cached ones). "
+              "None = encode the images every step.")
 
     def validate_stage_c(self) -> None:
         from modules.registry import MODEL_CONFIGS
@@ -45,7 +51,12 @@ class StageCConfig(TrainingConfig):
             raise UserError("fp16 is not supported for Stage C (activations overflow); use precision: bf16 or fp32 "
                             "and dtype: bfloat16 or float32")
         if self.training:
-            self.require("effnet_checkpoint_path", "previewer_checkpoint_path", why="Stage C training")
+            self.require("previewer_checkpoint_path", why="Stage C training")
+            if not self.cache_path:  # a cached run never loads the EfficientNet
+                self.require("effnet_checkpoint_path", why="Stage C training")
+        if self.cache_path and not self.validate_only and not os.path.isdir(self.cache_path):
+            raise UserError(f"config key 'cache_path': folder not found: {self.cache_path} "
+                            f"(write it with python3 tools/cache_dataset.py)")
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
             self.check_file(key)
@@ -77,12 +88,19 @@ class StageCTrainer(TrainingCore):
         cfg, dev = self.cfg, self.device
         self.gdf = presets.stage_c(adaptive_loss_weight=cfg.adaptive_loss_weight)
         self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
-        self.effnet = load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev)
-        self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
         self.previewer = load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev)
-        self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-        self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
-        self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.model_dtype, device=dev)
+        self.effnet = self.tokenizer = self.text_model = self.image_model = None
+        self.uncond = None
+        if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
+            from core.cache import load_unconditional
+
+            self.uncond = load_unconditional(cfg.cache_path)
+        else:
+            self.effnet = load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev)
+            self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
+            self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
+            self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
+            self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.model_dtype, device=dev)
         self.stage_b = self.stage_a = None
         if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews
             self.stage_b = self._load_frozen_stage_b(cfg.stage_b_checkpoint_path)
@@ -107,8 +125,16 @@ class StageCTrainer(TrainingCore):
         return load_model("stage_b", version, path, dtype=dtype, device=self.device)
 
     def frozen_modules(self) -> list[nn.Module]:
-        extra = [m for m in (self.stage_b, self.stage_a) if m is not None]
-        return [self.effnet, self.previewer, self.text_model, self.image_model, *extra]
+        return [m for m in (self.effnet, self.previewer, self.text_model, self.image_model, self.stage_b,
+                            self.stage_a) if m is not None]
+
+    def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        if not self.cfg.cache_path:
+            return super().build_pipeline(batch_size, state)
+        from core.cache import CachedPipeline
+
+        return CachedPipeline(self.cfg.cache_path, batch_size, rank=self.dist.rank,
+                              world_size=self.dist.world_size, state=state)
 
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
@@ -142,6 +168,23 @@ class StageCTrainer(TrainingCore):
             clip_img[idx] = encode_images_clip(self.image_model, images).to(clip_img.dtype)
         return {"clip_text": clip_text, "clip_text_pooled": clip_text_pooled, "clip_img": clip_img}
 
+    def cached_conditions(self, batch: dict, generators: list[torch.Generator]) -> dict[str, Any]:
+        """The conditions of a cached training batch, with the same per-sample draws (and order) as
+        :meth:`get_conditions`; a dropped caption gets the cached CLIP('')."""
+        from core.cache import cached_conditions
+
+        c_img = self.unwrapped("generator").clip_img_mapper.in_features
+        return cached_conditions(batch, self.uncond, generators, self.cfg.text_dropout, self.cfg.image_embed_prob,
+                                 c_img=c_img, device=self.device, dtype=self.model_dtype)
+
+    def conditions_and_latents(self, batch: dict, generators: list[torch.Generator]) -> tuple[dict, torch.Tensor]:
+        """Training conditions and target latents of a batch: from the frozen encoders, or from the
+        cache (a batch with ``latents``). Conditions first: their draws precede the diffusion draws."""
+        if "latents" in batch:
+            return self.cached_conditions(batch, generators), batch["latents"].to(self.device).float()
+        conditions = self.get_conditions(batch, generators=generators)
+        return conditions, self.encode_latents(batch["images"].to(self.device))
+
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """EfficientNet latents of [0,1] images (ImageNet-normalised, frozen encoder, fp32)."""
         from modules.effnet import imagenet_normalize
@@ -155,11 +198,9 @@ class StageCTrainer(TrainingCore):
         return {}
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        images = batch["images"].to(self.device)
-        generators = self.sample_generators(len(images))
+        generators = self.sample_generators(len(batch["captions"]))
         with torch.no_grad():
-            conditions = self.get_conditions(batch, generators=generators)
-            latents = self.encode_latents(images)
+            conditions, latents = self.conditions_and_latents(batch, generators)
         conditions.update(self.extra_model_inputs(batch, conditions))
         loss, per_sample = self.diffusion_loss(
             self.gdf, lambda x, r: self.generator(x, r, **conditions), latents, generators)
@@ -179,14 +220,20 @@ class StageCTrainer(TrainingCore):
         return x0.float()
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
-        n = self.cfg.num_preview_images
-        prompts = [self.cfg.preview_prompts[i % len(self.cfg.preview_prompts)] for i in range(n)]
-        cond = self.get_conditions({"captions": prompts}, is_eval=True)
-        uncond = self.get_conditions({"captions": prompts}, is_eval=True, is_unconditional=True)
-        h, w = batch["images"].shape[-2:]
+        if "latents" in batch:  # cached run: no text encoder for the preview prompts; use the cached captions
+            cond, uncond = self.cached_preview_conditions(batch)
+            reference = batch["latents"].to(self.device).float()
+            n, (h, w) = len(reference), (reference.shape[-2] * 32, reference.shape[-1] * 32)
+        else:
+            n = self.cfg.num_preview_images
+            prompts = [self.cfg.preview_prompts[i % len(self.cfg.preview_prompts)] for i in range(n)]
+            cond = self.get_conditions({"captions": prompts}, is_eval=True)
+            uncond = self.get_conditions({"captions": prompts}, is_eval=True, is_unconditional=True)
+            h, w = batch["images"].shape[-2:]
+            reference = self.encode_latents(batch["images"].to(self.device))
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
         # What the Previewer makes of the real latents of the preview images: the best a sample can look.
-        grids = {"reference": self.previewer(self.encode_latents(batch["images"].to(self.device))).float()}
+        grids = {"reference": self.previewer(reference).float()}
         models = {"generator": self.unwrapped("generator")}
         if self.ema is not None:
             models["generator_ema"] = self.ema.module
@@ -197,6 +244,18 @@ class StageCTrainer(TrainingCore):
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
         return grids
+
+    def cached_preview_conditions(self, batch: dict) -> tuple[dict, dict]:
+        """Eval conditions (caption kept, no image embedding) and unconditions of cached samples."""
+        n = len(batch["latents"])
+        c_img = self.unwrapped("generator").clip_img_mapper.in_features
+        text, pooled = batch["clip_text"], batch["clip_text_pooled"]
+        zeros = torch.zeros(n, 1, c_img)
+        cond = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": zeros}
+        uncond = {"clip_text": self.uncond["clip_text"].expand_as(text),
+                  "clip_text_pooled": self.uncond["clip_text_pooled"].expand_as(pooled), "clip_img": zeros}
+        to = dict(device=self.device, dtype=self.model_dtype)
+        return {k: v.to(**to) for k, v in cond.items()}, {k: v.to(**to) for k, v in uncond.items()}
 
     def decode_full(self, latents_c: torch.Tensor, pooled: torch.Tensor, pooled_uncond: torch.Tensor,
                     size: tuple[int, int]) -> torch.Tensor:

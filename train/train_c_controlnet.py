@@ -65,6 +65,9 @@ class ControlNetConfig(StageCConfig):
         if self.offset_noise is not None and not 0.0 <= self.offset_noise < 1.0:
             raise UserError(f"config key 'offset_noise' must be in [0, 1), got {self.offset_noise}")
         self.check_file("controlnet_checkpoint_path")
+        if self.cache_path:
+            raise UserError("config key 'cache_path' is not supported for ControlNet training: the control input is "
+                            "computed from the images every step (controlnet_filter); remove cache_path")
         if isinstance(self.controlnet_filter, str):  # catch a filter-name or parameter typo at start-up
             from modules import filters
 

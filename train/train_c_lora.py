@@ -70,6 +70,9 @@ class LoraConfig(StageCConfig):
         if not self.module_filters or not all(isinstance(f, str) and f for f in self.module_filters):
             raise UserError("config key 'module_filters' must be a non-empty list of module-name substrings, e.g. ['.attn']")
         validate_train_tokens(self.train_tokens)
+        if self.cache_path and self.train_tokens:
+            raise UserError("config key 'cache_path' cannot be used with 'train_tokens': trained tokens change the CLIP "
+                            "text embeddings every step, so the text encoder must run; remove one of the two keys")
         self.check_file("lora_checkpoint_path")
         if self.ema_start_iters is not None:
             raise UserError("config key 'ema_start_iters': EMA is not supported for LoRA jobs (the official LoRA "
@@ -109,7 +112,12 @@ class StageCLoraTrainer(StageCTrainer):
                 if isinstance(m, nn.MultiheadAttention):
                     m.dropout = float(cfg.generator_dropout)
 
-        self.tokens = add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
+        if cfg.cache_path:  # no text model in a cached run (train_tokens is refused by the config)
+            from core.lora_tokens import TrainedTokens
+
+            self.tokens = TrainedTokens()
+        else:
+            self.tokens = add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
         self.retoken = None
         if self.tokens.ids:
             self.text_model.eval().requires_grad_(False)
@@ -136,7 +144,7 @@ class StageCLoraTrainer(StageCTrainer):
         modules = [self.effnet, self.previewer, self.image_model]
         if self.retoken is None:  # the text model carries the trainable ReToken otherwise
             modules.append(self.text_model)
-        return modules
+        return [m for m in modules if m is not None]  # a cached run has no encoders
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = super().trainable_parameters()
