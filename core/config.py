@@ -128,6 +128,7 @@ class RunConfig:
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
     gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     compile: bool = doc(False, "torch.compile the trained network.")
+    frozen_dtype: Optional[Literal["float32", "bfloat16"]] = doc(None, "Storage dtype of the frozen networks (CLIP text/vision, EfficientNet, Previewer, preview Stage B, and the frozen Stage C under LoRA/ControlNet); None = bfloat16 on GPUs that support it, float32 otherwise. Stage A (20M, decode only) stays float32.")
     # --- official keys kept for compatibility
     shift: float = doc(1.0, "Official Stage B key that the official code never reads; accepted and ignored the same way (a warning is logged when it is not 1).")
     edm_objective: bool = doc(False, "Official key of finetune_c_3b_v.yaml; the v/EDM objective is not implemented, so only false is accepted.")

@@ -301,6 +301,31 @@ class TrainingCore:
     def model_dtype(self) -> torch.dtype:
         return getattr(torch, self.cfg.dtype) if self.cfg.dtype else torch.float32
 
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """Dtype of the frozen networks: ``frozen_dtype``, or bf16 on a bf16-capable GPU (half the
+        memory of the encoders and of a frozen Stage C), float32 elsewhere (CPU: exact, fast)."""
+        name = getattr(self.cfg, "frozen_dtype", None)
+        if name:
+            return getattr(torch, name)
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def to_frozen_dtype(self, module: nn.Module) -> nn.Module:
+        """Cast a frozen network to :attr:`frozen_dtype`; floating inputs of its forward are cast
+        to match (callers keep passing float32 images/latents and ``.float()`` the outputs)."""
+        dtype = self.frozen_dtype
+        module.to(dtype)
+        if dtype == torch.float32:
+            return module
+
+        def cast_inputs(_mod: nn.Module, args: tuple) -> tuple:
+            return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+        module.register_forward_pre_hook(cast_inputs)
+        return module
+
     def load_generator(self) -> nn.Module:
         """The trained network: ``generator_checkpoint_path`` loaded strictly, or a fresh init ONLY
         when the key is null/absent (logged loudly)."""

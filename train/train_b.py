@@ -71,11 +71,11 @@ class StageBTrainer(TrainingCore):
         cfg, dev = self.cfg, self.device
         self.gdf = presets.stage_b(adaptive_loss_weight=cfg.adaptive_loss_weight)
         self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
-        self.effnet = load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev)
+        self.effnet = self.to_frozen_dtype(load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev))
         self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
         self.stage_a = load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev)
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-        self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
+        self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.effnet, self.stage_a, self.text_model]
@@ -115,7 +115,7 @@ class StageBTrainer(TrainingCore):
             if idx:
                 small = F.interpolate(images[idx].float(), size=(he, we), mode="nearest")
                 effnet[idx] = self.encode_effnet(small)
-        clip = encode_text(self.tokenizer, self.text_model, captions)[1]
+        clip = encode_text(self.tokenizer, self.text_model, captions)[1].to(self.model_dtype)  # frozen_dtype -> generator
         return {"effnet": effnet, "clip": clip}
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:

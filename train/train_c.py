@@ -88,7 +88,8 @@ class StageCTrainer(TrainingCore):
         cfg, dev = self.cfg, self.device
         self.gdf = presets.stage_c(adaptive_loss_weight=cfg.adaptive_loss_weight)
         self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
-        self.previewer = load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev)
+        self.previewer = self.to_frozen_dtype(load_model("previewer", "default", cfg.previewer_checkpoint_path,
+                                                         device=dev))
         self.effnet = self.tokenizer = self.text_model = self.image_model = None
         self.uncond = None
         if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
@@ -96,11 +97,11 @@ class StageCTrainer(TrainingCore):
 
             self.uncond = load_unconditional(cfg.cache_path)
         else:
-            self.effnet = load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev)
+            self.effnet = self.to_frozen_dtype(load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev))
             self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
             self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-            self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.model_dtype, device=dev)
-            self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.model_dtype, device=dev)
+            self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev)
+            self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.frozen_dtype, device=dev)
         self.stage_b = self.stage_a = None
         if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews
             self.stage_b = self._load_frozen_stage_b(cfg.stage_b_checkpoint_path)
@@ -121,8 +122,7 @@ class StageCTrainer(TrainingCore):
         if version is None:
             raise UserError(f"config key 'stage_b_checkpoint_path': {path} is not a Stage B checkpoint "
                             f"(3B, 700M or tiny)")
-        dtype = torch.bfloat16 if self.autocast_dtype == torch.bfloat16 else torch.float32
-        return load_model("stage_b", version, path, dtype=dtype, device=self.device)
+        return load_model("stage_b", version, path, dtype=self.frozen_dtype, device=self.device)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in (self.effnet, self.previewer, self.text_model, self.image_model, self.stage_b,
@@ -159,7 +159,9 @@ class StageCTrainer(TrainingCore):
                 use_img[i] = torch.rand(1, generator=g).item() > 1.0 - self.cfg.image_embed_prob
         elif eval_image_embeds:
             use_img[:] = True
-        clip_text, clip_text_pooled = encode_text(self.tokenizer, self.text_model, captions)
+        # frozen_dtype (bf16) encoder outputs -> the generator's input dtype (as the cache path gives)
+        clip_text, clip_text_pooled = (t.to(self.model_dtype) for t in encode_text(self.tokenizer, self.text_model,
+                                                                                    captions))
         c_img = self.image_model.config.projection_dim
         clip_img = torch.zeros(n, 1, c_img, device=self.device, dtype=clip_text.dtype)
         if use_img.any():

@@ -114,7 +114,7 @@ class StageCControlNetTrainer(StageCTrainer):
         self.gdf = (presets.stage_c(adaptive_loss_weight=True, offset_noise=offset) if cfg.adaptive_loss_weight
                     else presets.controlnet(offset))
         # Frozen: the core only moves TRAINED modules to the device, so move Stage C here.
-        self.generator = self.generator.to(self.device).eval().requires_grad_(False)
+        self.generator = self.generator.to(self.device, self.frozen_dtype).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:  # the ControlNet's gradients flow back through Stage C's activations
             self.generator.set_gradient_checkpointing(True)
         self.cnet_filter = self.build_filter()

@@ -105,7 +105,7 @@ class StageCLoraTrainer(StageCTrainer):
             raise UserError("use_fsdp is not supported for LoRA training: the generator is frozen and the LoRA is "
                             "small, so every GPU holds a full copy; set use_fsdp: false (DDP is used)")
         super().build_models()
-        self.generator.requires_grad_(False)
+        self.generator.requires_grad_(False).to(self.frozen_dtype)  # frozen: bf16 on GPU halves its memory
         if cfg.generator_dropout is not None:
             # nn.MultiheadAttention keeps its dropout as a float, not an nn.Dropout module.
             for m in self.generator.modules():
