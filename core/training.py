@@ -203,6 +203,8 @@ class TrainingCore:
         self.run_dir = Path(cfg.checkpoint_path) / cfg.experiment_id
         self.output_dir = Path(cfg.output_path) / cfg.experiment_id
         self.step = 0                  # completed optimizer updates
+        self.last_saved_step = 0       # step of the newest checkpoint (backups: boundary crossed since)
+        self.backup_in_last_save = False
         self.nonfinite_total = 0       # skipped updates (non-finite loss or gradient)
         self.nonfinite_in_a_row = 0
         self.ema_loss: Optional[float] = None
@@ -726,6 +728,7 @@ class TrainingCore:
         from core.checkpoint import capture_rng_state
         from modules.loading import save_safetensors
 
+        self.backup_in_last_save = self.backup_due(step)
         models = self._gather_models()
         optimizer_state = self._optimizer_state()
         data_states = self._data_states()
@@ -747,12 +750,20 @@ class TrainingCore:
                 state["loss_weight.pt"] = lw
             state.update(self.extra_state())
             self.ckpt.save(step, files, state)
-            if self.cfg.backup_every and step % self.cfg.backup_every == 0:
+            if self.backup_in_last_save:
                 self.ckpt.backup(step, list(files))
             save_config(self.cfg, str(self.run_dir / "config.yaml"))
             self.logger.plot_loss(str(self.run_dir / "loss.png"))
             log.info("checkpoint of update %d written to %s", step, self.run_dir)
+        self.last_saved_step = step
         self._barrier()
+
+    def backup_due(self, step: int) -> bool:
+        """True when a ``backup_every`` boundary was crossed since the previous save. The reference
+        backed up only when ``step % backup_every == 0`` fell on a save step, so save_every 3 with
+        backup_every 4 never backed up until step 12 (reference-behaviour.md §13 item 12)."""
+        every = self.cfg.backup_every
+        return bool(every) and step // every > self.last_saved_step // every
 
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "model_kind": self.model_kind, "model_version": self.cfg.model_version,
@@ -820,6 +831,7 @@ class TrainingCore:
     def _load_training_state(self, paths: dict[str, str]) -> None:
         trainer = _read_json(paths.get("trainer.json"))
         self.step = int(trainer.get("step", 0))
+        self.last_saved_step = self.step
         self.nonfinite_total = int(trainer.get("nonfinite_total", 0))
         self.ema_loss = trainer.get("ema_loss")
         self.wandb_run_id = trainer.get("wandb_run_id")

@@ -153,3 +153,24 @@ def test_lora_run_from_cache_never_builds_the_encoders(assets, cache_dir, tmp_pa
     # token training needs the text encoder: refused at config time
     with pytest.raises(UserError, match="cache_path.*train_tokens"):
         tiny_config(assets, tmp_path, cache_path=str(cache_dir), **{**extra, "train_tokens": [["[t]", "^dog</w>"]]})
+
+
+def test_backups_when_a_backup_every_boundary_is_crossed(assets, cache_dir, tmp_path):
+    """save_every 3, backup_every 4: saves at 3, 6, 9; boundaries 4 and 8 are crossed by the saves at
+    6 and 9, so both back up (the reference only backed up when step % 4 == 0 fell on a save: 12)."""
+    from core.distributed import DistInfo
+    from train.train_c_lora import LoraConfig, StageCLoraTrainer
+
+    cfg = tiny_config(assets, tmp_path, config_cls=LoraConfig, yaml_file="tiny_c_lora.yaml", train_tokens=None,
+                      export_comfyui=False, generator_checkpoint_path=None, cache_path=str(cache_dir),
+                      updates=9, save_every=3, backup_every=4, preview_every=0, keep_last=1)
+    trainer = StageCLoraTrainer(cfg, dist=DistInfo())
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    run = tmp_path / "ck" / cfg.experiment_id
+    names = {p.name for p in run.rglob("*.safetensors")}
+    assert {"lora_6.safetensors", "lora_9.safetensors"} <= names, sorted(names)   # the LoRA job's published copies
+    assert not any(n.startswith("lora_3") for n in names), sorted(names)
+    assert "lora_official_6.safetensors" in names

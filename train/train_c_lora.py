@@ -243,7 +243,7 @@ class StageCLoraTrainer(StageCTrainer):
         from core.checkpoint import backup_name
 
         paths = self.ckpt.load(step)
-        backup = bool(self.cfg.backup_every) and step % self.cfg.backup_every == 0
+        backup = self.backup_in_last_save  # decided by the core's save (boundary crossed since the last save)
         for name in (LORA_FILE, TOKENS_FILE, OFFICIAL_FILE, COMFY_FILE, COMFY_EMBEDDINGS_FILE):
             src = paths.get(name)
             if src is None:
