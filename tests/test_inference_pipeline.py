@@ -209,7 +209,7 @@ def test_stage_c_training_preview_equals_pipeline(base, monkeypatch):
                         dict(presets.SAMPLING["stage_c_preview"], timesteps=4))
     trainer = SimpleNamespace(
         tokenizer=base.tokenizer, text_model=base.text_model, image_model=base.vision_model,
-        device=torch.device("cpu"), cfg=None, gdf=presets.stage_c(),
+        device=torch.device("cpu"), cfg=None, gdf=presets.stage_c(), model_dtype=torch.float32,
         preview_sampling="stage_c_preview_test", autocast=contextlib.nullcontext,
         _preview_generator=sampling.make_generator(21))
     trainer_cls = train_c.StageCTrainer
