@@ -1,0 +1,74 @@
+"""Golden tiny runs of the four training jobs: per-update losses and hashes of the final weights.
+
+``python3 -m tests.golden_runs OUT.json`` records them (done once before the core redesign, kept in
+``tests/data/golden_runs.json``); ``tests/test_golden_runs.py`` reruns the jobs and compares bitwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: job -> (script module, trainer class, config, extra overrides)
+JOBS = {
+    "stage_c": ("train.train_c", "StageCTrainer", "configs/training/tiny_c.yaml",
+                dict(batch_size=4, grad_accum_steps=2, ema_start_iters=1, ema_iters=1, ema_beta=0.9, adaptive_loss_weight=True,
+                     preview_every=4)),
+    "stage_b": ("train.train_b", "StageBTrainer", "configs/training/tiny_b.yaml",
+                dict(generator_checkpoint_path=None, adaptive_loss_weight=True, preview_every=4)),
+    "lora": ("train.train_c_lora", "StageCLoraTrainer", "configs/training/tiny_c_lora.yaml",
+             dict(rank=2, lr=1.0e-2, train_tokens=[["[tinytok]", "^dog</w>"]], export_comfyui=True,
+                  preview_every=4)),
+    "controlnet": ("train.train_c_controlnet", "StageCControlNetTrainer",
+                   "configs/training/tiny_c_controlnet_canny.yaml", dict(lr=0.1, preview_every=4)),
+}
+SAVED = ("generator.safetensors", "generator_ema.safetensors", "lora.safetensors", "controlnet.safetensors")
+
+
+def tensor_hashes(path: Path) -> dict[str, str]:
+    from safetensors.torch import load_file
+
+    return {k: hashlib.sha256(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            for k, v in sorted(load_file(str(path)).items())}
+
+
+def run_job(name: str, assets: Path, root: Path) -> dict:
+    import importlib
+
+    from tests.adapter_assets import cli_args, losses
+
+    module, cls, config, extra = JOBS[name]
+    extra = dict(dict(experiment_id=name, updates=4, save_every=4), **extra)
+    if name == "stage_b":
+        extra["stage_a_checkpoint_path"] = str(assets / "stage_a.safetensors")
+    args = cli_args(str(ROOT / config), assets, root, **extra)
+    args = [a if a != "generator_checkpoint_path=null" else "generator_checkpoint_path=null" for a in args]
+    trainer_cls = getattr(importlib.import_module(module), cls)
+    code = trainer_cls.main(args)
+    assert code == 0, f"{name}: exit {code}"
+    run_dir = root / "ck" / name
+    files = {f: tensor_hashes(run_dir / f) for f in SAVED if (run_dir / f).is_file()}
+    return {"losses": {str(k): v for k, v in losses(run_dir).items()}, "files": files}
+
+
+def run_all(base: Path) -> dict:
+    from tests.adapter_assets import make_adapter_assets
+
+    torch.set_num_threads(1)
+    assets = make_adapter_assets(base)
+    return {name: run_job(name, assets, base / f"run_{name}") for name in JOBS}
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_all(Path(tmp))
+    Path(sys.argv[1]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print({k: len(v["files"]) for k, v in result.items()})
