@@ -22,8 +22,6 @@ from inference.sampling import SamplingSettings
 
 ConfigSource = Union[str, Mapping[str, Any], InferenceConfig]
 Seed = Union[int, torch.Generator]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _generator(seed: Seed) -> torch.Generator:
@@ -234,10 +232,11 @@ class CascadePipeline:
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] -> Stage C (effnet) latents (B,16,H/32,W/32), float32."""
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        from modules.effnet import imagenet_normalize
+
+        # Normalised on the CPU in float32, then moved (as before): same numbers on every device.
         with self.placement.use(self.effnet):
-            return self.effnet(((images.float() - mean) / std).to(self.device)).float()
+            return self.effnet(imagenet_normalize(images.float()).to(self.device)).float()
 
     def clip_image_embeds(self, images: ImageLike) -> torch.Tensor:
         """CLIP image embeddings (B,1,C) of input images (image variation)."""

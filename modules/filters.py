@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modules.effnet import imagenet_normalize
+
 __all__ = [
     "FilterError",
     "MissingDependencyError",
@@ -56,8 +58,6 @@ __all__ = [
 ]
 
 DeviceLike = Union[str, torch.device]
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FilterError(ValueError):
@@ -642,9 +642,7 @@ class SREffnetFilter:
             effnet.eval()
         h, w = images.shape[-2:]
         small = F.interpolate(images, scale_factor=self.scale_factor, mode="nearest")
-        mean = torch.tensor(_IMAGENET_MEAN, device=small.device, dtype=small.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(_IMAGENET_STD, device=small.device, dtype=small.dtype).view(1, 3, 1, 1)
-        inp = (small - mean) / std
+        inp = imagenet_normalize(small)
         param = next(iter(effnet.parameters()), None) if isinstance(effnet, torch.nn.Module) else None
         if param is not None:
             inp = inp.to(device=param.device, dtype=param.dtype)
