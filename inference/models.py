@@ -75,7 +75,7 @@ def load_controlnet(cfg: InferenceConfig, c_in: int, c_proj: int, dtype: torch.d
                     device: torch.device) -> nn.Module:
     """The configured ControlNet, built on meta and filled from its checkpoint (strict)."""
     from modules.controlnet import ControlNet
-    from modules.loading import read_state_dict
+    from modules.loading import CheckpointError, load_state_dict_strict, read_state_dict
 
     path = require_file(cfg, "controlnet_checkpoint_path", "the ControlNet")
     try:
@@ -84,19 +84,13 @@ def load_controlnet(cfg: InferenceConfig, c_in: int, c_proj: int, dtype: torch.d
                              bottleneck_mode=cfg.controlnet_bottleneck_mode)
     except ValueError as exc:
         raise UserError(f"controlnet config: {exc}") from None
-    state = read_state_dict(path)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise UserError(f"{path}: does not fit ControlNet(c_in={c_in}, bottleneck="
-                        f"{cfg.controlnet_bottleneck_mode or 'effnet'}, blocks={len(cfg.controlnet_blocks)}"
-                        f"); missing {missing[:3]}, unexpected {unexpected[:3]}, shape {wrong[:3]} "
-                        f"(check controlnet_filter / controlnet_blocks / controlnet_bottleneck_mode)")
-    converted = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                 for k, v in state.items()}
-    net.load_state_dict(converted, strict=True, assign=True)
+    hint = (f"for ControlNet(c_in={c_in}, bottleneck={cfg.controlnet_bottleneck_mode or 'effnet'}, "
+            f"blocks={len(cfg.controlnet_blocks)}) (check controlnet_filter / controlnet_blocks / "
+            f"controlnet_bottleneck_mode)")
+    try:
+        load_state_dict_strict(net, read_state_dict(path), path, hint=hint, dtype=dtype, device=device, assign=True)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
     return _frozen(net)
 
 

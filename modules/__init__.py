@@ -21,6 +21,8 @@ _EXPORTS = {
     "MODEL_CONFIGS": "modules.registry",
     "describe_model_version": "modules.registry",
     "load_model": "modules.loading",
+    "load_state_dict_strict": "modules.loading",
+    "detect_model_version": "modules.loading",
     "read_state_dict": "modules.loading",
     "save_safetensors": "modules.loading",
     "CheckpointError": "modules.loading",

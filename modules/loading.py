@@ -27,6 +27,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the requested model."""
 
 
+class StateDictMismatchError(CheckpointError, ValueError):
+    """A state dict's keys or shapes differ from the module it is loaded into.
+
+    Also a ValueError because that is what LoRA loading raised before this error type existed.
+    """
+
+
 def _check_path(path: PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -83,18 +90,87 @@ def _iter_safetensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
 
 
+def _safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of a safetensors file, from its header only (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+
+
 def _file_shapes(path: Path) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, torch.Tensor]]]:
     """Key -> shape without reading tensor data for safetensors; .pt files are read (mmap)."""
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, None
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+        return _safetensors_shapes(path), None
     sd = _torch_load(path)
     return {k: tuple(v.shape) for k, v in sd.items()}, sd
+
+
+def detect_model_version(kind: str, path: PathLike) -> Optional[str]:
+    """The registered ``model_version`` of ``kind`` that the file at ``path`` holds, or None.
+
+    Only a .safetensors header is read (shapes, no tensor data); other formats return None because
+    finding their shapes means loading every tensor. The rule is
+    :func:`modules.registry.describe_model_version`. Raises :class:`CheckpointError` when the file
+    is missing or unreadable.
+    """
+    p = _check_path(path)
+    if p.suffix.lower() != ".safetensors":
+        return None
+    shapes = _safetensors_shapes(p)
+    return describe_model_version(kind, shapes) if shapes else None
+
+
+def _shape_of(v: Any) -> Tuple[int, ...]:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+
+
+def state_dict_mismatch(own: Mapping[str, Any], state_dict: Mapping[str, Any], limit: int = 3) -> Optional[str]:
+    """How ``state_dict``'s keys/shapes differ from ``own`` (a module's state dict); None when
+    they agree. Values may be tensors or shapes. The text counts the missing, unexpected and
+    wrong-shape keys and names the first ``limit`` of each, e.g.
+    ``1 missing keys: ['a.weight']; 2 wrong shapes: ['b: file (3,) vs model (4,)', ...]``."""
+    ms = {k: _shape_of(v) for k, v in own.items()}
+    fs = {k: _shape_of(v) for k, v in state_dict.items()}
+    missing = [k for k in ms if k not in fs]
+    unexpected = [k for k in fs if k not in ms]
+    wrong = [f"{k}: file {fs[k]} vs model {ms[k]}" for k in ms if k in fs and fs[k] != ms[k]]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {items[:limit]}{more}")
+    return "; ".join(parts) or None
+
+
+def load_state_dict_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    hint: str = "",
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+    assign: bool = False,
+) -> None:
+    """Load ``state_dict`` into ``module`` after checking that keys and shapes match exactly.
+
+    On a mismatch nothing is loaded and :class:`StateDictMismatchError` (a CheckpointError) is
+    raised with one line: ``<source>: state dict does not match the module (<report>)<hint>``.
+    ``dtype`` converts floating-point entries and ``device`` moves every entry (after the check);
+    ``assign=True`` is needed for modules built on the meta device.
+    """
+    report = state_dict_mismatch(module.state_dict(), state_dict)
+    if report is not None:
+        raise StateDictMismatchError(f"{source}: state dict does not match the module ({report})"
+                                     f"{' ' + hint if hint else ''}")
+    if dtype is not None or device is not None:
+        state_dict = {k: _convert(v, dtype or v.dtype, torch.device(device) if device is not None else v.device)
+                      for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def mismatch_report(
@@ -111,11 +187,8 @@ def mismatch_report(
     ``limit`` missing, unexpected and shape-mismatched keys.
     """
     fs = {k: tuple(v) for k, v in file_shapes.items()}
-    ms = {k: tuple(v) for k, v in model_shapes.items()}
-    missing = [k for k in ms if k not in fs]
-    unexpected = [k for k in fs if k not in ms]
-    wrong = [f"{k}: file {fs[k]} vs model {ms[k]}" for k in ms if k in fs and fs[k] != ms[k]]
-    if not (missing or unexpected or wrong):
+    keys = state_dict_mismatch(model_shapes, fs, limit)
+    if keys is None:
         return None
     guess = describe_model_version(kind, fs)
     if guess is None:
@@ -124,12 +197,7 @@ def mismatch_report(
         looks = f"it looks like {kind} model_version {guess!r} but is incomplete or modified"
     else:
         looks = f"it looks like {kind} model_version {guess!r}: set model_version: {guess} in your config"
-    parts = [f"{source}: state dict does not match {kind} model_version {model_version!r}; {looks}."]
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{len(items)} {label}: {items[:limit]}{more}")
-    return " ".join(parts)
+    return f"{source}: state dict does not match {kind} model_version {model_version!r}; {looks}. {keys}"
 
 
 @contextlib.contextmanager

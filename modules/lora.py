@@ -174,14 +174,13 @@ def lora_state_dict_named(loras: Sequence[Tuple[str, LoRA]]) -> Dict[str, torch.
 @torch.no_grad()
 def load_lora_state_dict_official(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]], state_dict: Dict[str, torch.Tensor],
                                   retoken: Optional[ReToken] = None, source: str = "LoRA state dict") -> None:
-    """Copy an official-layout LoRA state dict into ``loras`` (and ``retoken``); strict on keys/shapes."""
-    expected = lora_state_dict_official(loras, retoken)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source}: does not fit the LoRA layout (rank/filters/token count?): "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
-    for k, v in expected.items():
-        v.copy_(state_dict[k])
+    """Copy an official-layout LoRA state dict into ``loras`` (and ``retoken``); strict on keys/shapes.
+
+    A mismatch raises :class:`modules.loading.StateDictMismatchError` (a ValueError and a
+    CheckpointError) and loads nothing.
+    """
+    from modules.loading import load_state_dict_strict
+
+    # The official container's state dict IS the official file layout (see lora_module_dict).
+    load_state_dict_strict(lora_module_dict(loras, retoken), state_dict, source,
+                           hint="for this LoRA layout (rank/filters/token count?)")
