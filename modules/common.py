@@ -169,6 +169,13 @@ class TimestepBlock(nn.Module):
         return x * (1 + a) + b
 
 
+#: The per-block unit of the U-Nets (StageB / StageC): each instance is one unit of gradient
+#: checkpointing (:meth:`CascadeUNet.set_gradient_checkpointing` recomputes exactly these in backward)
+#: and one unit of FSDP sharding (``fully_shard`` per block). Memory estimates count saved
+#: activations per instance of these classes.
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
+
+
 def gen_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of r (B,) -> (B, c_r): sin block then cos block (float32)."""
     r = r.float() * max_positions
