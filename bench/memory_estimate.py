@@ -1,5 +1,8 @@
 """Print core.memory's estimate for an explicit run shape (the GPU rows of bench/README.md).
 
+The run is described by the jobs' memory specs (train/memory_specs.py), fed a config holding the
+command line's keys.
+
     python3 bench/memory_estimate.py --version 3.6B --mode lora --batch-size 4 --image-size 1024
     python3 bench/memory_estimate.py --version 3.6B --weight-dtype bfloat16 --optimizer adafactor
 
@@ -11,10 +14,26 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.memory import estimate_memory, format_estimate  # noqa: E402
+from core.memory import MemorySpec, estimate_memory, format_estimate  # noqa: E402
+
+
+def run_spec(a: argparse.Namespace) -> MemorySpec:
+    """The job's memory spec for the command line's run shape (a config with just those keys)."""
+    from train.memory_specs import controlnet_spec, lora_spec, stage_b_spec, stage_c_spec
+
+    cfg = SimpleNamespace(model_version=a.version, batch_size=a.batch_size, image_size=a.image_size,
+                          optimizer=a.optimizer, dtype=a.weight_dtype, frozen_dtype=a.frozen_dtype,
+                          precision="auto", cache_path="<cache>" if a.cached else None, rank=a.lora_rank,
+                          module_filters=[".attn"])
+    if a.mode == "lora":
+        return lora_spec(cfg)
+    if a.mode == "controlnet":
+        return controlnet_spec(cfg)
+    return stage_b_spec(cfg) if a.kind == "stage_b" else stage_c_spec(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached", action="store_true", help="conditions from a cache: no encoders loaded")
     p.add_argument("--json", action="store_true", help="also print the estimate as JSON")
     a = p.parse_args(argv)
-    est = estimate_memory(kind=a.kind, model_version=a.version, mode=a.mode, batch_size=a.batch_size,
-                          image_size=a.image_size, optimizer=a.optimizer, weight_dtype=a.weight_dtype,
-                          frozen_dtype=a.frozen_dtype, lora_rank=a.lora_rank, cached=a.cached)
+    if a.kind == "stage_b" and a.mode != "full":
+        p.error("--mode lora/controlnet train on Stage C (--kind stage_c)")
+    est = estimate_memory(run_spec(a))
     print(format_estimate(est))
     if a.json:
         print(json.dumps(est, indent=1))

@@ -51,20 +51,25 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS (process)"
 
 
-def forward_flops(cfg, kind: str) -> float:
-    """Training FLOPs per update of the trained network: 3 x the forward at the per-rank batch."""
+#: trainer class name -> the train/memory_specs.py function describing its run
+MEMORY_SPECS = {"StageCTrainer": "stage_c_spec", "StageBTrainer": "stage_b_spec",
+                "StageCLoraTrainer": "lora_spec", "StageCControlNetTrainer": "controlnet_spec"}
+
+
+def forward_flops(cfg, trainer_name: str) -> float:
+    """Training FLOPs per update of the trained network: 3 x the forward at the per-rank batch
+    (the forward of the trainer's memory spec, on fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from core.memory import RunShape, _build_run, shape_from_config
+    from train import memory_specs
 
-    fields, _ = shape_from_config(cfg, kind=kind)
-    fields["autocast"] = False
+    spec = getattr(memory_specs, MEMORY_SPECS[trainer_name])(cfg)
     with FakeTensorMode():
-        _nets, _units, _params, run = _build_run(RunShape(**fields))
+        networks = spec.build()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            run()
+            spec.forward(networks)
     return 3.0 * counter.get_total_flops() * cfg.grad_accum_steps
 
 
@@ -99,7 +104,7 @@ def bench(config: str, steps: int, overrides: list[str], trainer: str | None = N
            "torch": torch.__version__, "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus"}
     if dist.device.type == "cuda":
         tflops = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
-        flops = forward_flops(cfg, cls.model_kind)
+        flops = forward_flops(cfg, cls.__name__)
         out["flops_per_update"] = flops
         out["mfu"] = flops / median / (tflops * 1e12) if tflops else None
     return out

@@ -1,0 +1,210 @@
+"""The memory specs of the four training jobs: what each run builds, trains and keeps loaded.
+
+``core.memory`` estimates any run from a :class:`core.memory.MemorySpec`; this module says what a
+Stable Cascade run is, from the job's config (the dataclass ``core.config.load_config`` returns for
+the job's Config class; any object with the same attributes works, missing keys take the job
+defaults):
+
+* :func:`stage_c_spec` - Stage C full finetune (``train/train_c.py``);
+* :func:`stage_b_spec` - Stage B full finetune (``train/train_b.py``);
+* :func:`lora_spec` - LoRA on a frozen Stage C (``train/train_c_lora.py``);
+* :func:`controlnet_spec` - ControlNet on a frozen Stage C (``train/train_c_controlnet.py``).
+
+The frozen encoders (CLIP text/vision, EfficientNet, Previewer, Stage A) are counted, not built:
+CLIP from its config formulas (a dry run must not download 1.4 GB to print a number), the others
+on the meta device. A cached run (``cache_path``) loads none of them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from core.memory import MemorySpec, default_dtype
+
+#: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
+CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
+#: The ControlNet the estimate builds unless told otherwise: the official canny one.
+DEFAULT_CONTROLNET = {"c_in": 1, "proj_blocks": CNET_PROJ_BLOCKS, "bottleneck_mode": "effnet"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counts of the frozen encoders
+# ------------------------------------------------------------------------------------------------
+def clip_text_params(width: int = 1280, layers: int = 32, mlp: int = 5120, vocab: int = 49408,
+                     positions: int = 77, projection: int = 1280) -> int:
+    """CLIPTextModelWithProjection parameters from its config (bigG-14 defaults: 694,659,840).
+    Computed, not loaded: a dry run must not download 1.4 GB to print a number."""
+    layer = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 4 * width
+    return vocab * width + positions * width + layers * layer + 2 * width + width * projection
+
+
+def clip_vision_params(width: int = 1024, layers: int = 24, mlp: int = 4096, patch: int = 14,
+                       image: int = 224, projection: int = 768) -> int:
+    """CLIPVisionModelWithProjection parameters (ViT-L/14 defaults: 303,966,208)."""
+    tokens = (image // patch) ** 2 + 1
+    layer = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 4 * width
+    return 3 * patch * patch * width + width + tokens * width + 2 * width + layers * layer + 2 * width + width * projection
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_params(kind: str, version: str = "default") -> int:
+    from modules.registry import build_model
+
+    return sum(p.numel() for p in build_model(kind, version, device="meta").parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# What every job's config decides
+# ------------------------------------------------------------------------------------------------
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return getattr(cfg, key, default)
+
+
+def _run_fields(cfg: Any) -> dict[str, Any]:
+    """Batch, size, dtypes, optimizer and flags of a training config (any of the job dataclasses)."""
+    size = int(_get(cfg, "image_size", 768))
+    per_rank = cfg.per_rank_batch(1) if hasattr(cfg, "per_rank_batch") else _get(cfg, "batch_size", 1)
+    return {"model_version": str(_get(cfg, "model_version")), "batch_size": int(per_rank),
+            "image_size": (size, size), "optimizer": _get(cfg, "optimizer", "adamw") or "adamw",
+            "weight_dtype": _get(cfg, "dtype") or "float32",
+            "frozen_dtype": _get(cfg, "frozen_dtype") or "bfloat16",
+            "autocast": _get(cfg, "precision", "auto") != "fp32",
+            "cached": bool(_get(cfg, "cache_path")),
+            "image_conditioning": float(_get(cfg, "image_embed_prob", 0.1) or 0) > 0,
+            "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False))}
+
+
+def _encoders(kind: str, f: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts of the frozen encoders/decoders the run loads (none when reading a cache)."""
+    if f["cached"]:
+        return {}
+    out = {"clip_text": clip_text_params(), "effnet": _meta_params("effnet")}
+    if kind == "stage_c":
+        if f["image_conditioning"]:
+            out["clip_vision"] = clip_vision_params()
+        out["previewer"] = _meta_params("previewer")
+    else:
+        out["stage_a"] = _meta_params("stage_a")
+    return out
+
+
+def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(noised latent, conditions) of one training step at batch ``b`` and image size ``h x w``."""
+    from modules.registry import model_config
+
+    kw = model_config(kind, version)
+    if kind == "stage_c":
+        x = torch.empty(b, kw.get("c_in", 16), h // 32, w // 32)
+        cond = {"clip_text": torch.empty(b, 77, kw.get("c_clip_text", 1280)),
+                "clip_text_pooled": torch.empty(b, 1, kw.get("c_clip_text_pooled", 1280)),
+                "clip_img": torch.empty(b, 1, kw.get("c_clip_img", 768))}
+    else:
+        x = torch.empty(b, kw.get("c_in", 4), h // 4, w // 4)
+        cond = {"effnet": torch.empty(b, kw.get("c_effnet", 16), h // 32, w // 32),
+                "clip": torch.empty(b, 1, kw.get("c_clip", 1280))}
+    return x, cond
+
+
+def _spec(cfg: Any, kind: str, mode: str, lora: Optional[tuple[int, Sequence[str]]] = None,
+          controlnet: Optional[dict] = None) -> MemorySpec:
+    """The spec of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
+    ``lora = (rank, filters)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
+    kwargs) that feeds it frozen."""
+    from modules.common import BLOCK_TYPES
+    from modules.registry import build_model, model_config
+
+    f = _run_fields(cfg)
+    version = f["model_version"]
+    b, (h, w) = f["batch_size"], f["image_size"]
+    full = mode == "full"
+
+    def build() -> nn.Module:
+        with default_dtype(f["weight_dtype"] if full else f["frozen_dtype"]):
+            generator = build_model(kind, version)
+        generator.train()
+        networks = nn.ModuleDict({"generator": generator})
+        generator.requires_grad_(full)
+        if lora is not None:
+            from modules.lora import apply_lora
+
+            for _name, module in apply_lora(generator, list(lora[1]), rank=lora[0]):
+                # LoRA factors train in float32 on the bf16 base (assigned, not cast: see default_dtype)
+                module.lora_down = nn.Parameter(torch.zeros(module.lora_down.shape, dtype=torch.float32))
+                module.lora_up = nn.Parameter(torch.zeros(module.lora_up.shape, dtype=torch.float32))
+        if controlnet is not None:
+            from modules.controlnet import ControlNet
+
+            c_hidden = model_config(kind, version).get("c_hidden", [2048])[0]
+            networks["controlnet"] = ControlNet(c_proj=c_hidden, **controlnet)  # trains in float32
+        return networks
+
+    def forward(networks: nn.Module) -> torch.Tensor:
+        x, cond = _generator_inputs(kind, version, b, h, w)
+        r = torch.empty(b)
+        extra = {}
+        if "controlnet" in networks:
+            extra["cnet"] = networks["controlnet"](torch.empty(b, controlnet.get("c_in", 1), h, w))
+        pred = networks["generator"](x, r, **cond, **extra)
+        return (pred.float() - x.float()).pow(2).mean()
+
+    def cnet_units(networks: nn.Module) -> list[nn.Module]:
+        # ControlNet.set_gradient_checkpointing recomputes its top-level backbone stages and projections.
+        cnet = networks["controlnet"]
+        return list(cnet.backbone) + list(cnet.projections)
+
+    def param_counts(networks: nn.Module) -> dict[str, int]:
+        # the base generator, without the LoRA factors parametrizing it
+        return {"generator": sum(p.numel() for n, p in networks["generator"].named_parameters() if "lora_" not in n)}
+
+    details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
+    if lora is not None:
+        details.update(lora_rank=lora[0], lora_filters=list(lora[1]))
+    if controlnet is not None:
+        details["controlnet"] = dict(controlnet)
+    if kind == "stage_c":
+        details["image_conditioning"] = f["image_conditioning"]
+    return MemorySpec(
+        title=f"{kind} {version} {mode}", build=build, forward=forward, batch_size=b, image_size=(h, w),
+        unit_types=BLOCK_TYPES, extra_units=cnet_units if controlnet is not None else None,
+        frozen=_encoders(kind, f), weight_dtype=f["weight_dtype"], frozen_dtype=f["frozen_dtype"],
+        optimizer=f["optimizer"], autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
+        cached=f["cached"], param_counts=param_counts, frozen_label="weights (frozen generator/cnet)",
+        details=details)
+
+
+# ------------------------------------------------------------------------------------------------
+# The four jobs
+# ------------------------------------------------------------------------------------------------
+def stage_c_spec(cfg: Any) -> MemorySpec:
+    """Stage C full finetune: the generator trains in ``dtype``; CLIP text (+ vision when
+    ``image_embed_prob > 0``), EfficientNet and Previewer are loaded frozen unless ``cache_path``."""
+    return _spec(cfg, "stage_c", "full")
+
+
+def stage_b_spec(cfg: Any) -> MemorySpec:
+    """Stage B full finetune: the generator trains in ``dtype``; CLIP text, EfficientNet and Stage A
+    are loaded frozen unless ``cache_path``."""
+    return _spec(cfg, "stage_b", "full")
+
+
+def lora_spec(cfg: Any) -> MemorySpec:
+    """LoRA (``rank``, ``module_filters``) in float32 on a Stage C frozen in ``frozen_dtype``;
+    encoders as in :func:`stage_c_spec`. CLIP activations of trained tokens are not counted."""
+    rank = int(_get(cfg, "rank", 4) or 4)
+    filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
+    return _spec(cfg, "stage_c", "lora", lora=(rank, filters))
+
+
+def controlnet_spec(cfg: Any, *, controlnet: Optional[dict] = None) -> MemorySpec:
+    """A float32 ControlNet feeding a Stage C frozen in ``frozen_dtype``; encoders as in
+    :func:`stage_c_spec`. The ControlNet is ``controlnet`` (ControlNet kwargs except ``c_proj``,
+    which is the generator's width), by default the official canny one (:data:`DEFAULT_CONTROLNET`)
+    whatever the config's filter and blocks, as the estimate has always done."""
+    return _spec(cfg, "stage_c", "controlnet", controlnet=dict(controlnet or DEFAULT_CONTROLNET))
+
+
+__all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "clip_text_params",
+           "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET"]
