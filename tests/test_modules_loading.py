@@ -174,3 +174,37 @@ def test_save_shared_and_view_tensors(tmp_path):
     assert back["i"].dtype == torch.int64
     with pytest.raises(TypeError):
         save_safetensors({"a": {"nested": w}}, path)
+
+
+def test_load_state_dict_strict_names_the_source_and_first_keys():
+    from modules.loading import StateDictMismatchError, load_state_dict_strict, state_dict_mismatch
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    sd = {k: torch.ones_like(v) for k, v in net.state_dict().items()}
+    assert state_dict_mismatch(net.state_dict(), sd) is None
+    load_state_dict_strict(net, sd, "ok.safetensors", dtype=torch.float64)
+    assert torch.equal(net[0].weight, torch.ones(3, 4).T)
+    bad = dict(sd, extra=torch.zeros(1))
+    bad.pop("0.bias")
+    bad["1.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_strict(net, bad, "bad.safetensors", hint="(check the version)")
+    msg = str(info.value)
+    assert isinstance(info.value, (StateDictMismatchError, ValueError)) and "\n" not in msg
+    assert msg.startswith("bad.safetensors: ") and msg.endswith("(check the version)")
+    assert "1 missing keys: ['0.bias']" in msg and "1 unexpected keys: ['extra']" in msg
+    assert "1.weight: file (5, 5) vs model (2, 4)" in msg
+
+
+def test_detect_model_version_reads_the_header(tmp_path):
+    from modules.loading import detect_model_version
+
+    path = tmp_path / "b.safetensors"
+    save_safetensors(build_model("stage_b", "tiny"), path)
+    assert detect_model_version("stage_b", path) == "tiny"
+    assert detect_model_version("stage_c", path) is None
+    pt = tmp_path / "b.pt"
+    torch.save(build_model("stage_b", "tiny").state_dict(), pt)
+    assert detect_model_version("stage_b", pt) is None        # only safetensors headers are read
+    with pytest.raises(CheckpointError, match="not found"):
+        detect_model_version("stage_b", tmp_path / "missing.safetensors")
