@@ -33,7 +33,8 @@ from core.errors import UserError
 
 __all__ = [
     "atomic_write_bytes", "atomic_torch_save", "atomic_json", "atomic_write_with", "CheckpointManager",
-    "capture_rng_state", "restore_rng_state", "backup_name", "load_torch", "load_json",
+    "capture_rng_state", "restore_rng_state", "backup_name", "load_torch", "load_json", "find_resume",
+    "check_writable",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,3 +283,46 @@ def restore_rng_state(state: dict) -> None:
                         len(cuda_states), torch.cuda.device_count())
         for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+# ------------------------------------------------------------------------------ resume lookup
+def find_resume(mode: str, manager: CheckpointManager) -> Optional[tuple[dict[str, str], str]]:
+    """``(paths, where)`` of the checkpoint ``--resume mode`` names, or None for a fresh run.
+
+    ``auto``: the run's latest complete checkpoint if any; ``never``: none (existing ones get
+    overwritten); a PATH: a ``state/step_*`` folder, or another run folder (fork from its latest)."""
+    if mode == "never":
+        if manager.latest_step() is not None:
+            log.warning("--resume never: ignoring the existing checkpoints in %s (they will be overwritten)",
+                        manager.run_dir)
+        return None
+    if mode == "auto":
+        step = manager.latest_step()
+        return None if step is None else (manager.load(step), manager.run_dir)
+    target = os.path.abspath(mode)
+    if os.path.isfile(os.path.join(target, "trainer.json")):
+        return {name: os.path.join(target, name) for name in sorted(os.listdir(target))
+                if os.path.isfile(os.path.join(target, name))}, target
+    if os.path.isdir(target):
+        other = CheckpointManager(target, keep_last=10**9, is_main=False)
+        step = other.latest_step()
+        if step is None:
+            raise UserError(f"--resume {mode}: no complete checkpoint in that folder")
+        return other.load(step), target
+    raise UserError(f"--resume {mode}: not a run folder or a state/step_* folder")
+
+
+def check_writable(folders: dict[str, Any]) -> None:
+    """UserError naming the config key when a run folder cannot be created or written."""
+    from pathlib import Path
+
+    for key, folder in folders.items():
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_test_{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"config key '{key}': cannot write to {folder} ({exc.strerror or exc}); "
+                            f"choose a writable folder") from None

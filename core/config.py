@@ -32,7 +32,7 @@ from core.errors import UserError
 __all__ = [
     "REQUIRED", "REQUIRED_TRAIN", "MISSING", "RunConfig", "doc", "load_config", "validate_config",
     "config_to_dict", "save_config", "config_reference", "add_common_args", "parse_cli",
-    "parse_override", "is_placeholder_path",
+    "parse_override", "is_placeholder_path", "config_aliases",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,21 +117,12 @@ class RunConfig:
          "an astronaut riding a horse", "a bowl of fresh fruit on a wooden table"],
         "Fixed prompts of the preview grid (cycled to num_preview_images).")
     # --- models
-    effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")
-    previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
     generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network (None = from scratch).")
-    stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights; required by Stage B jobs (previews decode with Stage A).")
-    stage_b_checkpoint_path: Optional[str] = doc(None, "Stage B weights for full C->B->A preview decodes of Stage C jobs (optional).")
-    clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
-    clip_image_model_name: str = doc("openai/clip-vit-large-patch14", "CLIP image encoder (Stage C conditions; Hugging Face name or local folder).")
-    adaptive_loss_weight: bool = doc(False, "Use AdaptiveLossWeight instead of P2LossWeight (accepts true/false, also as strings).")
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
     gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     compile: bool = doc(False, "torch.compile the trained network.")
     frozen_dtype: Optional[Literal["float32", "bfloat16"]] = doc(None, "Storage dtype of the frozen networks (CLIP text/vision, EfficientNet, Previewer, preview Stage B, and the frozen Stage C under LoRA/ControlNet); None = bfloat16 on GPUs that support it, float32 otherwise. Stage A (20M, decode only) stays float32.")
     # --- official keys kept for compatibility
-    shift: float = doc(1.0, "Official Stage B key that the official code never reads; accepted and ignored the same way (a warning is logged when it is not 1).")
-    edm_objective: bool = doc(False, "Official key of finetune_c_3b_v.yaml; the v/EDM objective is not implemented, so only false is accepted.")
     checkpoint_extension: Literal["safetensors"] = doc("safetensors", "Model file format (only safetensors).")
     dist_file_subfolder: str = doc("", "Official file:// rendezvous prefix; unused (torchrun/slurm env rendezvous), accepted for compatibility.")
 
@@ -182,12 +173,6 @@ class RunConfig:
                 raise UserError(f"config key '{key}' must be >= 0, got {value}")
         if self.training and isinstance(self.lr, float) and not self.lr > 0:
             raise UserError(f"config key 'lr' must be > 0, got {self.lr}")
-        if self.edm_objective:
-            raise UserError("config key 'edm_objective: true' is not supported: the v/EDM objective is not "
-                            "implemented (the official finetune_c_3b_v.yaml never ran); remove the key or set it to false")
-        if self.shift != 1.0:
-            log.warning("config key 'shift' = %s is ignored (as in the official code, which never reads it); "
-                        "training and sampling use shift 1", self.shift)
         if not self.preview_prompts:
             raise UserError("config key 'preview_prompts' must list at least one prompt")
         if world_size is not None and self.training and isinstance(self.batch_size, int):
@@ -271,6 +256,11 @@ def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = ()
     if extra:
         data.update(extra)
 
+    for alias, name in config_aliases(cls).items():
+        if alias in data:
+            if name in data:
+                raise UserError(f"{source}: config keys '{alias}' and '{name}' are the same setting; keep one")
+            data[name] = data.pop(alias)
     known = _fields(cls)
     hints = _hints(cls)
     values: dict[str, Any] = {}
@@ -294,6 +284,15 @@ def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = ()
                             f"({type_name(hints[name])}: {known[name].metadata.get('doc', '')})")
     validate_config(cfg, validate_only=validate_only, world_size=world_size)
     return cfg
+
+
+def config_aliases(cls: type) -> dict[str, str]:
+    """``{alias: key}`` from the ``config_aliases`` class attributes of ``cls`` and its bases
+    (other names users know for a key; the config then holds the key's own name)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("config_aliases", {}))
+    return out
 
 
 def _validators(cls: type) -> list[str]:
@@ -365,6 +364,9 @@ def config_reference(cls: type) -> str:
             continue
         tp = type_name(hints[f.name]).replace("|", "\\|")
         text = str(f.metadata.get("doc", "")).replace("|", "\\|").replace("\n", " ")
+        aliases = [a for a, k in config_aliases(cls).items() if k == f.name]
+        if aliases:
+            text += " Also accepted as " + ", ".join(f"`{a}`" for a in aliases) + "."
         lines.append(f"| `{f.name}` | `{tp}` | {_default_text(f)} | {text} |")
     return "\n".join(lines) + "\n"
 

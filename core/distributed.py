@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,9 @@ from core.errors import UserError
 __all__ = [
     "DistInfo", "init_distributed", "barrier", "all_reduce_mean", "broadcast_object", "cleanup",
     "wrap_model", "unwrap_model", "grad_sync", "full_state_dict", "load_full_state_dict",
-    "full_optimizer_state_dict", "load_full_optimizer_state_dict", "is_initialized",
+    "full_optimizer_state_dict", "load_full_optimizer_state_dict", "is_initialized", "is_sharded",
+    "full_tensor", "any_rank", "global_mean", "all_gather_cat", "all_gather_object", "average_gradients",
+    "world_size_from_env", "get_world_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,68 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def get_world_size() -> int:
+    """Processes in the job (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced (torchrun / slurm), without initialising anything."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (every rank must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    """Mean of a per-rank number over all ranks (``value`` itself for one process)."""
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order (``t`` for one process); the
+    tensors must have the same shape on every rank."""
+    if not is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's (picklable) ``obj`` in rank order (``[obj]`` for one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of parameters that no DDP/FSDP wrapper reduces (e.g. trained rows
+    inside a frozen module); a missing gradient counts as zeros so every rank joins."""
+    if not is_initialized():
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
 def cleanup() -> None:
     """Destroy the process group if there is one."""
     if is_initialized():
@@ -209,6 +273,17 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: WrapMode = "auto",
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     log.info("FSDP2: sharded %d blocks + root over %d ranks", wrapped, info.world_size)
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (DTensor) parameters."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly FSDP2-sharded DTensor) tensor; collective for DTensors."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -270,16 +345,24 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         model.load_state_dict(state_dict, strict=strict)
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _models_arg(models: Union[nn.Module, Sequence[nn.Module]]) -> Union[nn.Module, tuple[nn.Module, ...]]:
+    if isinstance(models, nn.Module):
+        return unwrap_model(models)
+    plain = tuple(unwrap_model(m) for m in models)
+    return plain[0] if len(plain) == 1 else plain
+
+
+def full_optimizer_state_dict(models: Union[nn.Module, Sequence[nn.Module]], optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state keyed by parameter names (portable across world sizes), unsharded,
     on CPU. Collective under FSDP; rank 0 gets the state, other FSDP ranks may get ``{}``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(unwrap_model(model), optimizer, options=_options(cpu_offload=True))
+    return get_optimizer_state_dict(_models_arg(models), optimizer, options=_options(cpu_offload=True))
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state_dict(models: Union[nn.Module, Sequence[nn.Module]], optimizer: torch.optim.Optimizer,
+                                   state: dict) -> None:
     """Inverse of ``full_optimizer_state_dict`` (every rank passes the full state)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(unwrap_model(model), optimizer, state, options=_options())
+    set_optimizer_state_dict(_models_arg(models), optimizer, state, options=_options())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.config import doc
+from core.distributed import full_tensor, is_sharded
 from core.errors import UserError
 
 __all__ = ["EMAConfig", "EMA"]
@@ -55,13 +56,6 @@ class EMAConfig:
             raise UserError(f"config key 'ema_beta' must be in [0, 1), got {self.ema_beta}")
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP2-sharded DTensor) parameter; collective for DTensors,
-    so every rank must call ``EMA.update`` at the same steps."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
-
-
 class EMA:
     """A frozen eval-mode deep copy of ``model`` updated by the official rule (see module doc).
 
@@ -72,7 +66,7 @@ class EMA:
     def __init__(self, model: nn.Module, cfg: EMAConfig, average_buffers: bool = False) -> None:
         if cfg.ema_start_iters is None or cfg.ema_iters is None or cfg.ema_beta is None:
             raise ValueError("EMA needs ema_start_iters, ema_iters and ema_beta (see EMAConfig.validate_ema)")
-        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        if is_sharded(model):
             raise ValueError("create the EMA from the model BEFORE fully_shard wraps it")
         self.model = model
         self.cfg = cfg
@@ -101,13 +95,14 @@ class EMA:
         if len(src_params) != len(ema_params):
             raise RuntimeError("EMA and model have different parameter lists")
         for ema_p, p in zip(ema_params, src_params):
-            value = _full(p.detach()).to(device=ema_p.device, dtype=ema_p.dtype)
+            # collective for FSDP2 DTensors: every rank updates at the same steps
+            value = full_tensor(p.detach()).to(device=ema_p.device, dtype=ema_p.dtype)
             if beta == 0.0:
                 ema_p.copy_(value)
             else:
                 ema_p.lerp_(value, 1.0 - beta)  # ema*beta + value*(1-beta)
         for ema_b, b in zip(self.module.buffers(), source.buffers()):
-            value = _full(b.detach()).to(device=ema_b.device)
+            value = full_tensor(b.detach()).to(device=ema_b.device)
             if self.average_buffers and ema_b.is_floating_point() and beta != 0.0:
                 ema_b.lerp_(value.to(ema_b.dtype), 1.0 - beta)
             else:

@@ -257,6 +257,16 @@ class RunLogger:
             self.wandb.log({name: wandb.Image(path)}, step=int(step))
         return path
 
+    def log_previews(self, step: int, grids: Mapping[str, torch.Tensor], nrow: int) -> None:
+        """One grid per ``{name: images (N,3,H,W) in [0,1]}``; tiny images (CPU runs) are enlarged
+        to at least 128 px so a person can see them."""
+        for name, images in grids.items():
+            images = images.detach().float().clamp(0, 1).cpu()
+            if images.shape[-1] < 128:
+                factor = -(-128 // images.shape[-1])
+                images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+            self.log_images(step, name, images, nrow=min(len(images), nrow))
+
     def plot_loss(self, path: Optional[str] = None, key: str = "loss") -> Optional[str]:
         """Loss curve PNG from metrics.jsonl (default ``run_dir/loss.png``); None if no data."""
         if not self.is_main:

@@ -7,14 +7,14 @@ clipping at 1.0). Warmup: ``lr = base * min(1, (n + 1) / warmup_updates)`` for u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Union
 
 import torch
 
 from core.config import doc
 from core.errors import UserError
 
-__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "LinearWarmup"]
+__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "LinearWarmup", "OptimizerState"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -110,3 +110,33 @@ def build_warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_updates: int
     """LambdaLR with linear warmup and constant lr afterwards; call ``step()`` after each update
     and save/restore with ``state_dict()`` / ``load_state_dict()``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_updates))
+
+
+class OptimizerState:
+    """The optimizer as a checkpoint state object: keyed by parameter name and gathered under
+    FSDP (portable across world sizes), the plain ``state_dict`` otherwise (main rank only)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, modules: Callable[[], list], fsdp: bool,
+                 is_main: bool, where: str) -> None:
+        self.optimizer, self.modules, self.fsdp, self.is_main, self.where = optimizer, modules, fsdp, is_main, where
+
+    def state_dict(self) -> Any:
+        from core.distributed import full_optimizer_state_dict
+
+        if self.fsdp:
+            return full_optimizer_state_dict(self.modules(), self.optimizer)  # collective
+        return self.optimizer.state_dict() if self.is_main else None
+
+    def load_state_dict(self, state: Any) -> None:
+        from core.distributed import load_full_optimizer_state_dict
+
+        groups = state.get("param_groups") or [{}]
+        by_name = bool(groups[0].get("params")) and isinstance(groups[0]["params"][0], str)
+        if by_name != self.fsdp:
+            saved, now = ("FSDP", "without FSDP") if by_name else ("without FSDP", "with FSDP")
+            raise UserError(f"the checkpoint in {self.where} was trained {saved} and this run is {now}; "
+                            f"resume with the same use_fsdp setting (and >1 process for FSDP)")
+        if by_name:
+            load_full_optimizer_state_dict(self.modules(), self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)

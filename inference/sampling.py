@@ -111,11 +111,14 @@ def run_sampler(model: torch.nn.Module, gdf: Any, conditions: Mapping[str, Any],
                 unconditions: Optional[Mapping[str, Any]], shape: Sequence[int],
                 settings: SamplingSettings, *, generator: Optional[torch.Generator] = None,
                 x_init: Optional[torch.Tensor] = None, device: Union[str, torch.device, None] = None,
-                progress: Union[bool, str] = False) -> torch.Tensor:
+                progress: Union[bool, str] = False,
+                autocast: Optional[contextlib.AbstractContextManager] = None) -> torch.Tensor:
     """Run ``GDF.sample`` to the end and return the LAST predicted x0 (float32), gdf.md 1.4 step 7.
 
     ``conditions``/``unconditions`` are paired by position (gdf.md 1.4), so both must list the
     same keys in the same order. ``progress`` shows a tqdm bar (a string is its label).
+    ``autocast``: the context the model runs in (a training run passes its own precision); None =
+    bf16 autocast on CUDA for bf16 weights (:func:`autocast_for`).
     """
     if list(conditions) != list(unconditions or conditions):
         raise ValueError("conditions and unconditions must have the same keys in the same order")
@@ -131,7 +134,7 @@ def run_sampler(model: torch.nn.Module, gdf: Any, conditions: Mapping[str, Any],
         shift=settings.shift, device=device)
     label = progress if isinstance(progress, str) else "sampling"
     sampled = None
-    with autocast_for(device, model_dtype):
+    with autocast if autocast is not None else autocast_for(device, model_dtype):
         for x0, _x, _pred in tqdm(sampling, total=steps, desc=label, disable=not progress,
                                   leave=False):
             sampled = x0

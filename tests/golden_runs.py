@@ -47,7 +47,9 @@ def run_job(name: str, assets: Path, root: Path) -> dict:
     if name == "stage_b":
         extra["stage_a_checkpoint_path"] = str(assets / "stage_a.safetensors")
     args = cli_args(str(ROOT / config), assets, root, **extra)
-    args = [a if a != "generator_checkpoint_path=null" else "generator_checkpoint_path=null" for a in args]
+    if name == "stage_b":  # keys of the Stage C jobs only
+        args = [a for i, a in enumerate(args) if not a.startswith(("previewer_checkpoint_path=", "clip_image_model_name="))
+                and not (a == "--set" and args[i + 1].startswith(("previewer_checkpoint_path=", "clip_image_model_name=")))]
     trainer_cls = getattr(importlib.import_module(module), cls)
     code = trainer_cls.main(args)
     assert code == 0, f"{name}: exit {code}"

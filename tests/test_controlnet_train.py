@@ -116,7 +116,7 @@ def test_stored_control_images_and_sr_filter_with_the_loaded_effnet(assets, tmp_
     trainer = _trainer(assets, tmp_path, experiment_id="stored", control_image_key="control.png", crop="center",
                        updates=1, save_every=1)
     trainer.setup()
-    batch = next(trainer._data_iter)
+    batch = trainer.batches.next()
     control, _ = trainer.control_input(batch, torch.Generator())
     assert control.shape == (2, 1, 64, 64)
     assert set(control.unique().tolist()) <= {0.0, 1.0} and 0 < control.mean() < 0.5  # the stored Canny edges

@@ -36,8 +36,8 @@ def test_frozen_dtype_optimizer_and_checkpointing_reach_the_trainer(assets, tmp_
         for module in (trainer.effnet, trainer.previewer, trainer.text_model, trainer.image_model):
             assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
         assert {p.dtype for p in trainer.generator.parameters()} == {torch.float32}   # the trained one is not frozen
-        trainer._micro = (1, 0)
-        loss, _ = trainer.compute_loss(trainer._next_batch())
+        trainer.micro_step = (1, 0)
+        loss, _ = trainer.compute_loss(trainer.batches.next())
         assert torch.isfinite(loss) and loss.dtype == torch.float32
     finally:
         trainer.close()

@@ -24,32 +24,26 @@ from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli
-from core.training import TrainingConfig, TrainingCore
+from train.cascade import CascadeConfig, CascadeTrainer
 
 
 @dataclass
-class StageBConfig(TrainingConfig):
+class StageBConfig(CascadeConfig):
     """Keys of a Stage B job (all official keys; see docs/CONFIG.md)."""
 
-    text_dropout: float = doc(0.05, "Probability of replacing a caption by the empty string during training.")
     effnet_dropout: float = doc(0.1, "Probability of replacing a sample's EfficientNet condition by zeros during training.")
 
     def validate_stage_b(self) -> None:
-        from modules.registry import MODEL_CONFIGS
-
-        versions = list(MODEL_CONFIGS["stage_b"])
-        if self.model_version not in versions:
-            raise UserError(f"config key 'model_version': Stage B has versions {versions}, got '{self.model_version}'")
+        self.check_versions("stage_b", "Stage B")
         if self.training:
             self.require("effnet_checkpoint_path", "stage_a_checkpoint_path", why="Stage B training")
         for key in ("effnet_checkpoint_path", "stage_a_checkpoint_path", "generator_checkpoint_path"):
             self.check_file(key)
-        for key in ("text_dropout", "effnet_dropout"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise UserError(f"config key '{key}' must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.effnet_dropout <= 1.0:
+            raise UserError(f"config key 'effnet_dropout' must be in [0, 1], got {self.effnet_dropout}")
 
 
-class StageBTrainer(TrainingCore):
+class StageBTrainer(CascadeTrainer):
     """Trains the Stage B generator."""
 
     Config = StageBConfig
@@ -62,31 +56,32 @@ class StageBTrainer(TrainingCore):
         return {"generator": ("stage_b", cfg.model_version), "effnet": ("effnet", "default"),
                 "stage_a": ("stage_a", "default")}
 
+    @classmethod
+    def memory_spec(cls, cfg: Any) -> Any:
+        from train.memory_specs import stage_b_spec
+
+        return stage_b_spec(cfg)
+
     # -- models ---------------------------------------------------------------------------
-    def build_models(self) -> None:
+    def make_gdf(self) -> Any:
         from gdf import presets
+
+        return presets.stage_b(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
+
+    def build_models(self) -> None:
         from modules.conditioning import load_clip_text, load_tokenizer
         from modules.loading import load_model
 
         cfg, dev = self.cfg, self.device
-        self.gdf = presets.stage_b(adaptive_loss_weight=cfg.adaptive_loss_weight)
-        self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
-        self.effnet = self.to_frozen_dtype(load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev))
-        self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
-        self.stage_a = load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev)
+        self.setup_loss()
+        self.add_trained("generator", self.load_generator(), save_as="generator")  # first: fails fast
+        self.add_frozen("effnet", self.load_effnet())
+        self.add_frozen("stage_a", load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev),
+                        cast=False)  # 20M parameters: float32
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-        self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.effnet, self.stage_a, self.text_model]
+        self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
 
     # -- conditions and latents -------------------------------------------------------------
-    def encode_effnet(self, images: torch.Tensor) -> torch.Tensor:
-        from modules.effnet import imagenet_normalize
-
-        x = imagenet_normalize(images.float()).contiguous(memory_format=torch.channels_last)
-        return self.effnet(x).float()
-
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
         """``effnet`` and ``clip`` (training.md §6.2)."""
@@ -134,32 +129,23 @@ class StageBTrainer(TrainingCore):
             epsilon = torch.cat([
                 pyramid_noise(torch.randn(latents[i:i + 1].shape, generator=g).to(self.device), generator=g)
                 for i, g in enumerate(generators)])
-        loss, per_sample = self.diffusion_loss(
-            self.gdf, lambda x, r: self.generator(x, r, **conditions), latents, generators, epsilon=epsilon)
+        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
+                                     epsilon=epsilon)
         return loss, {"raw_loss": per_sample.mean()}
 
     # -- previews ---------------------------------------------------------------------------
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
-        from gdf import presets
+        from inference.sampling import decode_stage_a, from_preset, run_sampler
 
         images = batch["images"].to(self.device).float()
         cond = self.get_conditions(batch, is_eval=True)
         uncond = self.get_conditions(batch, is_eval=True, is_unconditional=True)
         n, _, h, w = images.shape
-        shape = (n, 4, h // 4, w // 4)
-        settings = presets.sampling_kwargs(self.preview_sampling, self.gdf)
-        models = {"generator": self.unwrapped("generator")}
-        if self.ema is not None:
-            models["generator_ema"] = self.ema.module
         grids = {}
-        for name, model in models.items():
-            x0 = None
-            with self.autocast():
-                for x0, _x, _pred in self.gdf.sample(model, cond, shape, uncond, device=self.device,
-                                                     generator=self._preview_generator, **settings):
-                    pass
-            recon = self.stage_a.decode(x0.float()).float().clamp(0, 1)
-            grids[name] = torch.cat([images.clamp(0, 1), recon])  # originals row, reconstructions row
+        for name, model in self.preview_models().items():
+            x0 = run_sampler(model, self.gdf, cond, uncond, (n, 4, h // 4, w // 4), from_preset(self.preview_sampling),
+                             generator=self.preview_generator, device=self.device, autocast=self.autocast())
+            grids[name] = torch.cat([images.clamp(0, 1), decode_stage_a(self.stage_a, x0)])  # originals above
         return grids
 
 

@@ -8,7 +8,8 @@ What one step does (docs: shared training.md §3):
 * target latents: EfficientNet encoder of the ImageNet-normalised images (frozen);
 * loss: per-sample MSE against the noise, times the GDF loss weight (P2, or AdaptiveLossWeight when
   ``adaptive_loss_weight: true``).
-Previews: samples for the config's ``preview_prompts``, decoded with the Previewer.
+Previews: samples for the config's ``preview_prompts``, decoded with the Previewer (and through
+Stage B and Stage A when both are configured), sampled by ``inference.sampling`` like inference.
 
 LoRA and ControlNet jobs subclass :class:`StageCTrainer` and override its hooks.
 """
@@ -26,14 +27,17 @@ from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli
-from core.training import TrainingConfig, TrainingCore
+from train.cascade import CascadeConfig, CascadeTrainer
+from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(TrainingConfig):
+class StageCConfig(CascadeConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
-    text_dropout: float = doc(0.05, "Probability of replacing a caption by the empty string (CLIP('')) during training.")
+    previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
+    stage_b_checkpoint_path: Optional[str] = doc(None, "Stage B weights for full C->B->A preview decodes of Stage C jobs (optional; needs stage_a_checkpoint_path).")
+    clip_image_model_name: str = doc("openai/clip-vit-large-patch14", "CLIP image encoder (Stage C conditions; Hugging Face name or local folder).")
     image_embed_prob: float = doc(0.1, "Probability of conditioning a sample on the CLIP image embedding of its own image (zeros otherwise).")
     cache_path: Optional[str] = doc(
         None, "Folder written by tools/cache_dataset.py: train from its cached EfficientNet latents and CLIP "
@@ -42,11 +46,7 @@ class StageCConfig(TrainingConfig):
               "None = encode the images every step.")
 
     def validate_stage_c(self) -> None:
-        from modules.registry import MODEL_CONFIGS
-
-        versions = list(MODEL_CONFIGS["stage_c"])
-        if self.model_version not in versions:
-            raise UserError(f"config key 'model_version': Stage C has versions {versions}, got '{self.model_version}'")
+        self.check_versions("stage_c", "Stage C")
         if self.precision == "fp16" or self.dtype == "float16":
             raise UserError("fp16 is not supported for Stage C (activations overflow); use precision: bf16 or fp32 "
                             "and dtype: bfloat16 or float32")
@@ -60,12 +60,11 @@ class StageCConfig(TrainingConfig):
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
             self.check_file(key)
-        for key in ("text_dropout", "image_embed_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise UserError(f"config key '{key}' must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.image_embed_prob <= 1.0:
+            raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
 
 
-class StageCTrainer(TrainingCore):
+class StageCTrainer(CascadeTrainer):
     """Trains the Stage C generator; the hooks below are what LoRA/ControlNet jobs override."""
 
     Config = StageCConfig
@@ -79,105 +78,111 @@ class StageCTrainer(TrainingCore):
         return {"generator": ("stage_c", cfg.model_version), "effnet": ("effnet", "default"),
                 "previewer": ("previewer", "default")}
 
+    @classmethod
+    def memory_spec(cls, cfg: Any) -> Any:
+        from train.memory_specs import stage_c_spec
+
+        return stage_c_spec(cfg)
+
     # -- models ---------------------------------------------------------------------------
-    def build_models(self) -> None:
+    def make_gdf(self) -> Any:
         from gdf import presets
+
+        return presets.stage_c(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
+
+    def build_models(self) -> None:
+        self.setup_loss()
+        self.build_generator()  # first: a wrong checkpoint fails before the big loads
+        self.build_frozen()
+
+    def build_generator(self) -> None:
+        """The trained network (LoRA / ControlNet jobs register a frozen Stage C instead)."""
+        self.add_trained("generator", self.load_generator(), save_as="generator")
+
+    def build_frozen(self) -> None:
+        """Previewer, encoders (or the cache's CLIP('')), and the optional Stage B / A for previews."""
         from modules.conditioning import load_clip_text, load_clip_vision, load_tokenizer
         from modules.loading import load_model
 
         cfg, dev = self.cfg, self.device
-        self.gdf = presets.stage_c(adaptive_loss_weight=cfg.adaptive_loss_weight)
-        self.generator = self.load_generator()  # first: a wrong checkpoint fails before the big loads
-        self.previewer = self.to_frozen_dtype(load_model("previewer", "default", cfg.previewer_checkpoint_path,
-                                                         device=dev))
-        self.effnet = self.tokenizer = self.text_model = self.image_model = None
-        self.uncond = None
+        self.add_frozen("previewer", load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev))
+        self.tokenizer = self.uncond = None
         if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
-            from core.cache import load_unconditional
+            from train.stage_c_cache import load_unconditional
 
             self.uncond = load_unconditional(cfg.cache_path)
         else:
-            self.effnet = self.to_frozen_dtype(load_model("effnet", "default", cfg.effnet_checkpoint_path, device=dev))
-            self.effnet.to(memory_format=torch.channels_last)  # ~2-3x faster convolutions, same results
+            self.add_frozen("effnet", self.load_effnet())
             self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-            self.text_model = load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev)
-            self.image_model = load_clip_vision(cfg.clip_image_model_name, dtype=self.frozen_dtype, device=dev)
-        self.stage_b = self.stage_a = None
+            self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
+            self.add_frozen("image_model", load_clip_vision(cfg.clip_image_model_name, dtype=self.frozen_dtype,
+                                                            device=dev))
         if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews
-            self.stage_b = self._load_frozen_stage_b(cfg.stage_b_checkpoint_path)
-            self.stage_a = load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev)
+            self.add_frozen("stage_b", self.load_stage_b(cfg.stage_b_checkpoint_path))
+            self.add_frozen("stage_a", load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev),
+                            cast=False)  # 20M parameters, decode only: float32
 
-    def _load_frozen_stage_b(self, path: str) -> nn.Module:
+    def load_stage_b(self, path: str) -> nn.Module:
         """Stage B for preview decodes; its model_version is read from the file's layout."""
-        from safetensors import safe_open
+        from modules.loading import detect_model_version, load_model
 
-        from modules.loading import load_model
-        from modules.registry import describe_model_version
-
-        shapes = {}
-        if path.endswith(".safetensors"):
-            with safe_open(path, framework="pt") as fh:
-                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        version = describe_model_version("stage_b", shapes) if shapes else None
+        version = detect_model_version("stage_b", path)
         if version is None:
             raise UserError(f"config key 'stage_b_checkpoint_path': {path} is not a Stage B checkpoint "
                             f"(3B, 700M or tiny)")
         return load_model("stage_b", version, path, dtype=self.frozen_dtype, device=self.device)
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.effnet, self.previewer, self.text_model, self.image_model, self.stage_b,
-                            self.stage_a) if m is not None]
-
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
-        from core.cache import CachedPipeline
+        from train.stage_c_cache import build_cache_pipeline
 
-        return CachedPipeline(self.cfg.cache_path, batch_size, rank=self.dist.rank,
-                              world_size=self.dist.world_size, state=state)
+        return build_cache_pipeline(self.cfg.cache_path, batch_size, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, seed=self.cfg.seed,
+                                    num_workers=self.cfg.num_workers, state=state)
 
     # -- conditions and latents -------------------------------------------------------------
+    @property
+    def clip_image_width(self) -> int:
+        """Width of the CLIP image embedding the generator takes."""
+        return int(self.unwrapped("generator").clip_img_mapper.in_features)
+
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        eval_image_embeds: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (training.md §3.1).
-
-        Training draws, per sample from its own generator: text kept iff rand > text_dropout, then
-        image embedding used iff rand > 1 - image_embed_prob."""
+        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (training.md §3.1); training draws
+        come from :func:`condition_dropout`."""
         from modules.conditioning import encode_images_clip, encode_text
 
         captions = list(batch["captions"])
         n = len(captions)
-        use_img = torch.zeros(n, dtype=torch.bool)
+        use_img = [False] * n
         if is_unconditional:
             captions = [""] * n
         elif not is_eval:
             generators = generators if generators is not None else self.sample_generators(n)
-            for i, g in enumerate(generators):
-                if torch.rand(1, generator=g).item() <= self.cfg.text_dropout:
-                    captions[i] = ""
-                use_img[i] = torch.rand(1, generator=g).item() > 1.0 - self.cfg.image_embed_prob
+            drop, use_img = condition_dropout(generators, self.cfg.text_dropout, self.cfg.image_embed_prob)
+            captions = ["" if d else c for c, d in zip(captions, drop)]
         elif eval_image_embeds:
-            use_img[:] = True
+            use_img = [True] * n
         # frozen_dtype (bf16) encoder outputs -> the generator's input dtype (as the cache path gives)
         clip_text, clip_text_pooled = (t.to(self.model_dtype) for t in encode_text(self.tokenizer, self.text_model,
                                                                                     captions))
         c_img = self.image_model.config.projection_dim
         clip_img = torch.zeros(n, 1, c_img, device=self.device, dtype=clip_text.dtype)
-        if use_img.any():
-            idx = use_img.nonzero().flatten().tolist()
+        idx = [i for i, u in enumerate(use_img) if u]
+        if idx:
             images = batch["images"][idx].to(self.device)
             clip_img[idx] = encode_images_clip(self.image_model, images).to(clip_img.dtype)
         return {"clip_text": clip_text, "clip_text_pooled": clip_text_pooled, "clip_img": clip_img}
 
     def cached_conditions(self, batch: dict, generators: list[torch.Generator]) -> dict[str, Any]:
-        """The conditions of a cached training batch, with the same per-sample draws (and order) as
+        """The conditions of a cached training batch, drawn by :func:`condition_dropout` like
         :meth:`get_conditions`; a dropped caption gets the cached CLIP('')."""
-        from core.cache import cached_conditions
+        from train.stage_c_cache import cached_conditions
 
-        c_img = self.unwrapped("generator").clip_img_mapper.in_features
         return cached_conditions(batch, self.uncond, generators, self.cfg.text_dropout, self.cfg.image_embed_prob,
-                                 c_img=c_img, device=self.device, dtype=self.model_dtype)
+                                 c_img=self.clip_image_width, device=self.device, dtype=self.model_dtype)
 
     def conditions_and_latents(self, batch: dict, generators: list[torch.Generator]) -> tuple[dict, torch.Tensor]:
         """Training conditions and target latents of a batch: from the frozen encoders, or from the
@@ -188,11 +193,8 @@ class StageCTrainer(TrainingCore):
         return conditions, self.encode_latents(batch["images"].to(self.device))
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """EfficientNet latents of [0,1] images (ImageNet-normalised, frozen encoder, fp32)."""
-        from modules.effnet import imagenet_normalize
-
-        x = imagenet_normalize(images.float()).contiguous(memory_format=torch.channels_last)
-        return self.effnet(x).float()
+        """Stage C latents of [0,1] images: the frozen EfficientNet's output."""
+        return self.encode_effnet(images)
 
     # -- step -------------------------------------------------------------------------------
     def extra_model_inputs(self, batch: dict, conditions: dict) -> dict[str, Any]:
@@ -204,22 +206,17 @@ class StageCTrainer(TrainingCore):
         with torch.no_grad():
             conditions, latents = self.conditions_and_latents(batch, generators)
         conditions.update(self.extra_model_inputs(batch, conditions))
-        loss, per_sample = self.diffusion_loss(
-            self.gdf, lambda x, r: self.generator(x, r, **conditions), latents, generators)
+        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators)
         return loss, {"raw_loss": per_sample.mean()}
 
     # -- previews ---------------------------------------------------------------------------
     def sample_latents(self, model: nn.Module, conditions: dict, unconditions: dict,
                        shape: tuple[int, ...]) -> torch.Tensor:
-        from gdf import presets
+        """A Stage C sample with the official preview settings, through inference's sampler."""
+        from inference.sampling import from_preset, run_sampler
 
-        settings = presets.sampling_kwargs(self.preview_sampling, self.gdf)
-        x0 = None
-        with self.autocast():
-            for x0, _x, _pred in self.gdf.sample(model, conditions, shape, unconditions, device=self.device,
-                                                 generator=self._preview_generator, **settings):
-                pass
-        return x0.float()
+        return run_sampler(model, self.gdf, conditions, unconditions, shape, from_preset(self.preview_sampling),
+                           generator=self.preview_generator, device=self.device, autocast=self.autocast())
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         if "latents" in batch:  # cached run: no text encoder for the preview prompts; use the cached captions
@@ -236,13 +233,10 @@ class StageCTrainer(TrainingCore):
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
         # What the Previewer makes of the real latents of the preview images: the best a sample can look.
         grids = {"reference": self.previewer(reference).float()}
-        models = {"generator": self.unwrapped("generator")}
-        if self.ema is not None:
-            models["generator_ema"] = self.ema.module
-        for name, model in models.items():
+        for name, model in self.preview_models().items():
             latents = self.sample_latents(model, cond, uncond, shape)
             grids[name] = self.previewer(latents).float().clamp(0, 1)
-            if self.stage_b is not None:
+            if getattr(self, "stage_b", None) is not None:
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
         return grids
@@ -250,9 +244,8 @@ class StageCTrainer(TrainingCore):
     def cached_preview_conditions(self, batch: dict) -> tuple[dict, dict]:
         """Eval conditions (caption kept, no image embedding) and unconditions of cached samples."""
         n = len(batch["latents"])
-        c_img = self.unwrapped("generator").clip_img_mapper.in_features
         text, pooled = batch["clip_text"], batch["clip_text_pooled"]
-        zeros = torch.zeros(n, 1, c_img)
+        zeros = torch.zeros(n, 1, self.clip_image_width)
         cond = {"clip_text": text, "clip_text_pooled": pooled, "clip_img": zeros}
         uncond = {"clip_text": self.uncond["clip_text"].expand_as(text),
                   "clip_text_pooled": self.uncond["clip_text_pooled"].expand_as(pooled), "clip_img": zeros}
@@ -263,19 +256,13 @@ class StageCTrainer(TrainingCore):
                     size: tuple[int, int]) -> torch.Tensor:
         """Stage C latents -> Stage B sample (official inference settings) -> Stage A decode."""
         from gdf import presets
+        from inference.sampling import STAGE_B_INFERENCE, decode_stage_a, run_sampler, stage_b_conditions
 
-        gdf_b = presets.stage_b()
-        settings = presets.sampling_kwargs("stage_b_inference", gdf_b)
-        n = latents_c.shape[0]
-        shape = (n, 4, size[0] // 4, size[1] // 4)
-        cond = {"effnet": latents_c, "clip": pooled}
-        uncond = {"effnet": torch.zeros_like(latents_c), "clip": pooled_uncond}
-        x0 = None
-        with self.autocast():
-            for x0, _x, _pred in gdf_b.sample(self.stage_b, cond, shape, uncond, device=self.device,
-                                              generator=self._preview_generator, **settings):
-                pass
-        return self.stage_a.decode(x0.float()).float().clamp(0, 1)
+        cond, uncond = stage_b_conditions(pooled, pooled_uncond, latents_c)
+        shape = (latents_c.shape[0], 4, size[0] // 4, size[1] // 4)
+        x0 = run_sampler(self.stage_b, presets.stage_b(), cond, uncond, shape, STAGE_B_INFERENCE,
+                         generator=self.preview_generator, device=self.device, autocast=self.autocast())
+        return decode_stage_a(self.stage_a, x0)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 
 from core.config import REQUIRED, doc
 from core.errors import UserError, run_cli
-from core.training import derive_seed
+from core.seeding import derive_seed
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.controlnet")
@@ -87,8 +87,7 @@ class StageCControlNetTrainer(StageCTrainer):
     description = "Train a ControlNet for a frozen Stage C."
 
     @classmethod
-    def dry_run(cls, cfg: Any) -> None:
-        super().dry_run(cfg)
+    def describe(cls, cfg: Any) -> list[str]:
         from modules import filters
         from modules.controlnet import ControlNet
         from modules.registry import build_model
@@ -99,24 +98,38 @@ class StageCControlNetTrainer(StageCTrainer):
             net = ControlNet(c_in=c_in, c_proj=c_proj, proj_blocks=list(cfg.controlnet_blocks),
                              bottleneck_mode=cfg.controlnet_bottleneck_mode)
         n = sum(p.numel() for p in net.parameters())
-        print(f"# ControlNet\n{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
-              f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters")
+        return super().describe(cfg) + [
+            "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
+                            f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
+
+    @classmethod
+    def memory_spec(cls, cfg: Any) -> Any:
+        from train.memory_specs import controlnet_spec
+
+        return controlnet_spec(cfg)
 
     # -- models -------------------------------------------------------------------------------
-    def build_models(self) -> None:
+    def make_gdf(self) -> Any:
         from gdf import presets
+
+        offset = float(self.cfg.offset_noise or 0.0)
+        if self.cfg.adaptive_loss_weight:
+            return presets.stage_c(adaptive_loss_weight=True, offset_noise=offset)
+        return presets.controlnet(offset)
+
+    def build_generator(self) -> None:
+        """Stage C is frozen (eval, no grad, frozen dtype); the ControlNet's gradients still flow
+        back through its activations, so gradient checkpointing applies to it too."""
+        generator = self.add_frozen("generator", self.load_generator())
+        if self.cfg.gradient_checkpointing:
+            generator.set_gradient_checkpointing(True)
+
+    def build_models(self) -> None:
         from modules.controlnet import ControlNet
-        from modules.loading import read_state_dict
+        from modules.loading import load_state_dict_strict, read_state_dict
 
         super().build_models()
         cfg = self.cfg
-        offset = float(cfg.offset_noise or 0.0)
-        self.gdf = (presets.stage_c(adaptive_loss_weight=True, offset_noise=offset) if cfg.adaptive_loss_weight
-                    else presets.controlnet(offset))
-        # Frozen: the core only moves TRAINED modules to the device, so move Stage C here.
-        self.generator = self.generator.to(self.device, self.frozen_dtype).eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:  # the ControlNet's gradients flow back through Stage C's activations
-            self.generator.set_gradient_checkpointing(True)
         self.cnet_filter = self.build_filter()
         c_in = int(self.cnet_filter.num_channels())
         if cfg.control_image_key is not None and c_in not in (1, 3):
@@ -124,26 +137,25 @@ class StageCControlNetTrainer(StageCTrainer):
                             f"{cfg.controlnet_filter} needs {c_in}; remove control_image_key for this filter")
         self.control_reader = None
         if cfg.control_image_key is not None:
-            from core.control_images import ControlImageReader
+            from train.control_images import ControlImageReader
 
             self.control_reader = ControlImageReader(cfg.control_image_key)
-        c_proj = controlnet_c_proj(self.generator)
         try:
             with torch.random.fork_rng(devices=[]):  # the init repeats for a seed, whatever ran before
                 torch.manual_seed(derive_seed(cfg.seed, "controlnet-init"))
-                self.controlnet = ControlNet(c_in=c_in, c_proj=c_proj, proj_blocks=list(cfg.controlnet_blocks),
-                                             bottleneck_mode=cfg.controlnet_bottleneck_mode)
+                controlnet = ControlNet(c_in=c_in, c_proj=controlnet_c_proj(self.generator),
+                                        proj_blocks=list(cfg.controlnet_blocks),
+                                        bottleneck_mode=cfg.controlnet_bottleneck_mode)
         except ValueError as exc:
             raise UserError(f"ControlNet: {exc}") from None
         self.check_blocks()
         if cfg.controlnet_checkpoint_path:
-            sd = read_state_dict(cfg.controlnet_checkpoint_path)
-            from core.training import _load_strict  # same strict check as the generator files
-
-            _load_strict(self.controlnet, sd, cfg.controlnet_checkpoint_path)
+            load_state_dict_strict(controlnet, read_state_dict(cfg.controlnet_checkpoint_path),
+                                   cfg.controlnet_checkpoint_path)
             log.info("loaded ControlNet weights from %s", cfg.controlnet_checkpoint_path)
-        elif self.controlnet.bottleneck_mode == "effnet":
-            init_backbone_from_effnet(self.controlnet, self.effnet)
+        elif controlnet.bottleneck_mode == "effnet":
+            init_backbone_from_effnet(controlnet, self.effnet)
+        self.add_trained("controlnet", controlnet, save_as="controlnet")
         self._preview_control: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def build_filter(self) -> Any:
@@ -176,15 +188,6 @@ class StageCControlNetTrainer(StageCTrainer):
             raise UserError(f"config key 'controlnet_blocks': {bad} exceed the {calls} ResBlock calls of Stage C "
                             f"{self.cfg.model_version} (valid: 0..{calls - 1})")
 
-    def trained_modules(self) -> list[str]:
-        return ["controlnet"]
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return super().frozen_modules() + [self.generator]
-
-    def models_to_save(self) -> dict[str, nn.Module]:
-        return {"controlnet": self.unwrapped("controlnet")}
-
     # -- step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def control_input(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +209,7 @@ class StageCControlNetTrainer(StageCTrainer):
         return control, preview
 
     def extra_model_inputs(self, batch: dict, conditions: dict) -> dict[str, Any]:
-        step, micro = self._micro
+        step, micro = self.micro_step
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "filter", self.dist.rank, step, micro))
         control, preview = self.control_input(batch, g)
         if self._preview_control is None:  # the preview grid reuses the first batch's control inputs
@@ -230,10 +233,7 @@ class StageCControlNetTrainer(StageCTrainer):
         h, w = images.shape[-2:]
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
         grids = {"control": control_preview.clamp(0, 1), "images": images.float()}
-        nets = {"controlnet": self.unwrapped("controlnet")}
-        if self.ema is not None:
-            nets["controlnet_ema"] = self.ema.module
-        for name, net in nets.items():
+        for name, net in self.preview_models().items():
             param = next(net.parameters())
             with self.autocast():
                 cnet = net(control.to(param.device, param.dtype))

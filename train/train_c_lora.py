@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,7 +30,8 @@ from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli
-from core.training import derive_seed
+from core.seeding import derive_seed
+from modules.lora import apply_lora
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.lora")
@@ -61,7 +61,7 @@ class LoraConfig(StageCConfig):
                                                   "dropout, as the official run after its first preview).")
 
     def validate_lora(self) -> None:
-        from core.lora_tokens import validate_train_tokens
+        from modules.lora_tokens import validate_train_tokens
 
         if self.rank < 1:
             raise UserError(f"config key 'rank' must be >= 1, got {self.rank}")
@@ -86,71 +86,85 @@ class StageCLoraTrainer(StageCTrainer):
     description = "Train a LoRA (and optionally new/existing tokens) on a frozen Stage C."
 
     @classmethod
-    def dry_run(cls, cfg: Any) -> None:
-        super().dry_run(cfg)
-        from core.lora_io import stage_c_targets
+    def describe(cls, cfg: Any) -> list[str]:
+        from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
         n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) for t in targets)
-        print(f"# LoRA\nfilters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
-              f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}")
+        return super().describe(cfg) + [
+            "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
+                      f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}"]
+
+    @classmethod
+    def memory_spec(cls, cfg: Any) -> Any:
+        from train.memory_specs import lora_spec
+
+        return lora_spec(cfg)
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
-        from core.lora_tokens import add_train_tokens
-        from modules.lora import apply_lora, apply_retoken
-
         cfg = self.cfg
         if self.dist.world_size > 1 and cfg.use_fsdp:
             raise UserError("use_fsdp is not supported for LoRA training: the generator is frozen and the LoRA is "
                             "small, so every GPU holds a full copy; set use_fsdp: false (DDP is used)")
         super().build_models()
-        self.generator.requires_grad_(False).to(self.frozen_dtype)  # frozen: bf16 on GPU halves its memory
-        if cfg.generator_dropout is not None:
-            # nn.MultiheadAttention keeps its dropout as a float, not an nn.Dropout module.
-            for m in self.generator.modules():
-                if isinstance(m, nn.MultiheadAttention):
-                    m.dropout = float(cfg.generator_dropout)
+        self.build_tokens()
+        self.register_files()
+        if cfg.lora_checkpoint_path:
+            self.load_lora_file(cfg.lora_checkpoint_path)
 
-        if cfg.cache_path:  # no text model in a cached run (train_tokens is refused by the config)
-            from core.lora_tokens import TrainedTokens
-
-            self.tokens = TrainedTokens()
-        else:
-            self.tokens = add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
-        self.retoken = None
-        if self.tokens.ids:
-            self.text_model.eval().requires_grad_(False)
-            self.retoken = apply_retoken(self.text_model.get_input_embeddings(), self.tokens.ids)
-            self.retoken.float().embeddings.requires_grad_(True)
-            log.info("training %d token row(s): %s", len(self.tokens.ids), self.tokens.token_strings(self.tokenizer))
-
+    def build_generator(self) -> None:
+        """The frozen generator (frozen dtype: bf16 on GPU halves its memory) carrying the LoRAs,
+        the only parameters of it that train (float32 even on a bf16 base)."""
+        cfg = self.cfg
+        generator = self.load_generator().requires_grad_(False).to(self.frozen_dtype)
         # lora_up ~ N(0, 1) comes from the global RNG: seed it so runs and ranks agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
             try:
-                self.loras = apply_lora(self.generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha)
+                self.loras = apply_lora(generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha)
             except ValueError as exc:
                 raise UserError(f"config key 'module_filters': {exc}") from None
+        params = []
         for _, lora in self.loras:
-            lora.float()  # train in float32 even on a bf16 generator; the update is cast to the weight dtype
-        n = sum(p.numel() for _, lora in self.loras for p in lora.parameters())
+            params += list(lora.float().parameters())
         log.info("LoRA: %d adapted weights (filters %s, rank %d, alpha %g), %d trainable parameters",
-                 len(self.loras), list(cfg.module_filters), cfg.rank, cfg.alpha, n)
-        if cfg.lora_checkpoint_path:
-            self.load_lora_file(cfg.lora_checkpoint_path)
+                 len(self.loras), list(cfg.module_filters), cfg.rank, cfg.alpha, sum(p.numel() for p in params))
+        self.add_trained("generator", generator, params=params)
 
-    def frozen_modules(self) -> list[nn.Module]:
-        modules = [self.effnet, self.previewer, self.image_model]
-        if self.retoken is None:  # the text model carries the trainable ReToken otherwise
-            modules.append(self.text_model)
-        return [m for m in modules if m is not None]  # a cached run has no encoders
+    def build_tokens(self) -> None:
+        """``train_tokens``: new/selected CLIP token rows train through a ReToken in the frozen text model."""
+        from modules.lora import apply_retoken
+        from modules.lora_tokens import TrainedTokens, add_train_tokens
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = super().trainable_parameters()
-        if self.retoken is not None:
-            params.append(self.retoken.embeddings)
-        return params
+        if self.cfg.cache_path:  # no text model in a cached run (train_tokens is refused by the config)
+            self.tokens = TrainedTokens()
+        else:
+            self.tokens = add_train_tokens(self.tokenizer, self.text_model, self.cfg.train_tokens)
+        self.retoken = None
+        if self.tokens.ids:
+            retoken = apply_retoken(self.text_model.get_input_embeddings(), self.tokens.ids).float()
+            self.add_trained("retoken", retoken, params=[retoken.embeddings], wrap=False)
+            log.info("training %d token row(s): %s", len(self.tokens.ids), self.tokens.token_strings(self.tokenizer))
+
+    def register_files(self) -> None:
+        """The LoRA files of every save point (run folder + state folder); only the named file is read back."""
+        from core.state import FileState
+
+        meta = self.lora_metadata
+        self.register_state(LORA_FILE, FileState(self.lora_state_dict, meta, lambda p: self.load_lora_file(p, exact=True)),
+                            publish=True, required=True)
+        if self.tokens.ids:
+            tokens = FileState(lambda: self.tokens.to_json(self.tokenizer) | {"train_tokens": self.cfg.train_tokens})
+            self.register_state(TOKENS_FILE, tokens, publish=True, restore=False)
+        if self.cfg.save_official_layout:
+            self.register_state(OFFICIAL_FILE, FileState(self.official_state_dict, meta), publish=True, restore=False)
+        if self.cfg.export_comfyui:
+            self.register_state(COMFY_FILE, FileState(lambda: self.comfyui_files()[0], meta), publish=True,
+                                restore=False)
+            if self.retoken is not None:
+                embeddings = FileState(lambda: self.comfyui_files()[1][0], lambda: self.comfyui_files()[1][1])
+                self.register_state(COMFY_EMBEDDINGS_FILE, embeddings, publish=True, restore=False)
 
     # -- step ---------------------------------------------------------------------------------
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -162,31 +176,25 @@ class StageCLoraTrainer(StageCTrainer):
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
             latents = self.encode_latents(images)
-        loss, per_sample = self.diffusion_loss(
-            self.gdf, lambda x, r: self.generator(x, r, **conditions), latents, generators)
+        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators)
         return loss, {"raw_loss": per_sample.mean()}
-
-    def _clip_gradients(self) -> float:
-        # The ReToken lives in the (un-wrapped) text model, so DDP does not average its gradient.
-        if self.retoken is not None and self.dist.world_size > 1:
-            g = self.retoken.embeddings.grad
-            if g is None:
-                g = self.retoken.embeddings.grad = torch.zeros_like(self.retoken.embeddings)
-            torch.distributed.all_reduce(g)
-            g.div_(self.dist.world_size)
-        return super()._clip_gradients()
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from core.lora_io import named_state_dict
+        from modules.lora_formats import named_state_dict
 
         idx = deltas = None
         if self.retoken is not None:
             idx, deltas = self.retoken.indices, self.retoken.embeddings
         return named_state_dict(self.loras, self.cfg.alpha, idx, deltas)
 
-    def lora_metadata(self, step: int) -> dict[str, str]:
-        from core.lora_io import FORMAT_NAME, FORMAT_VERSION
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        from modules.lora_formats import official_state_dict
+
+        return official_state_dict(self.lora_state_dict(), [t for t, _ in self.loras])
+
+    def lora_metadata(self) -> dict[str, str]:
+        from modules.lora_formats import FORMAT_NAME, FORMAT_VERSION
 
         cfg = self.cfg
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "c",
@@ -194,37 +202,14 @@ class StageCLoraTrainer(StageCTrainer):
                 "module_filters": json.dumps(list(cfg.module_filters)),
                 "train_tokens": json.dumps(cfg.train_tokens or []),
                 "tokens": json.dumps(self.tokens.token_strings(self.tokenizer) if self.tokens.ids else []),
-                "token_ids": json.dumps(self.tokens.ids), "step": str(step),
+                "token_ids": json.dumps(self.tokens.ids), "step": str(self.step),
                 "targets": str(len(self.loras)), "clip_text_model_name": str(cfg.clip_text_model_name)}
 
-    def models_to_save(self) -> dict[str, nn.Module]:
-        return {}  # the LoRA files are written by extra_state (with metadata) and published below
-
-    def extra_state(self) -> dict[str, Any]:
-        from core.lora_io import official_state_dict
-        from modules.loading import save_safetensors
-
-        step = self.step
-        named = self.lora_state_dict()
-        meta = self.lora_metadata(step)
-        out: dict[str, Any] = {LORA_FILE: lambda p: save_safetensors(named, p, metadata=meta)}
-        if self.tokens.ids:
-            out[TOKENS_FILE] = self.tokens.to_json(self.tokenizer) | {"train_tokens": self.cfg.train_tokens}
-        if self.cfg.save_official_layout:
-            official = official_state_dict(named, [t for t, _ in self.loras])
-            out[OFFICIAL_FILE] = lambda p: save_safetensors(official, p, metadata=meta)
-        if self.cfg.export_comfyui:
-            comfy, embeddings = self.comfyui_files(named)
-            out[COMFY_FILE] = lambda p: save_safetensors(comfy, p, metadata=meta)
-            if embeddings is not None:
-                out[COMFY_EMBEDDINGS_FILE] = lambda p: save_safetensors(embeddings[0], p, metadata=embeddings[1])
-        return out
-
-    def comfyui_files(self, named: dict[str, torch.Tensor]) -> tuple[dict, Optional[tuple[dict, dict]]]:
-        from core.lora_io import entries_from_named, export_comfyui, token_embedding_file
+    def comfyui_files(self) -> tuple[dict, Optional[tuple[dict, dict]]]:
+        from modules.lora_formats import entries_from_named, export_comfyui, token_embedding_file
 
         shapes = {t: _base_shape(self.unwrapped("generator"), t) for t, _ in self.loras}
-        comfy = export_comfyui(entries_from_named(named), shapes)
+        comfy = export_comfyui(entries_from_named(self.lora_state_dict()), shapes)
         embeddings = None
         if self.retoken is not None:
             with torch.no_grad():
@@ -232,36 +217,10 @@ class StageCLoraTrainer(StageCTrainer):
             embeddings = token_embedding_file(vectors, self.tokens.token_strings(self.tokenizer))
         return comfy, embeddings
 
-    def save_checkpoint(self, step: int) -> None:
-        super().save_checkpoint(step)
-        if self.is_main:
-            self._publish(step)
-
-    def _publish(self, step: int) -> None:
-        """Copy the step's LoRA files to the top of the run folder (and keep backups)."""
-        from core.atomic import atomic_write_with
-        from core.checkpoint import backup_name
-
-        paths = self.ckpt.load(step)
-        backup = self.backup_in_last_save  # decided by the core's save (boundary crossed since the last save)
-        for name in (LORA_FILE, TOKENS_FILE, OFFICIAL_FILE, COMFY_FILE, COMFY_EMBEDDINGS_FILE):
-            src = paths.get(name)
-            if src is None:
-                continue
-            targets = [name] + ([backup_name(name, step)] if backup else [])
-            for target in targets:
-                atomic_write_with(str(self.run_dir / target), lambda tmp, s=src: shutil.copyfile(s, tmp))
-
-    def load_saved_models(self, paths: dict[str, str]) -> None:
-        path = paths.get(LORA_FILE)
-        if path is None:
-            raise UserError(f"resume: {LORA_FILE} is missing from the checkpoint in {self.run_dir}")
-        self.load_lora_file(path, exact=True)
-
     @torch.no_grad()
     def load_lora_file(self, path: str, exact: bool = False) -> None:
         """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
-        from core.lora_io import load_into_loras, read_entries, read_tokens, stage_c_targets
+        from modules.lora_formats import load_into_loras, read_entries, read_tokens, stage_c_targets
         from modules.loading import read_state_dict
 
         cfg = self.cfg

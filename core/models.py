@@ -1,0 +1,126 @@
+"""The networks a job registered: which train, which stay frozen, and what the core does to them.
+
+Frozen networks go to eval mode, ``requires_grad_(False)``, the frozen dtype and the device.
+Trained networks get their trainable parameters marked, the ``generator_dropout`` override,
+gradient checkpointing, the device, train mode, then ``compile`` and the DDP/FSDP wrapper of
+core/distributed.py. The networks stay attributes of the job (wrapping replaces the attribute).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from core import distributed as D
+from core.precision import cast_frozen
+
+__all__ = ["ModelSet"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Trained:
+    params: Optional[list[nn.Parameter]]  # None: every parameter trains
+    save_as: Optional[str]
+    wrap: bool
+
+
+class ModelSet:
+    """Registered networks of ``owner`` (the job object holding them as attributes)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.trained: dict[str, _Trained] = {}
+        self.frozen: dict[str, bool] = {}  # name -> cast to the frozen dtype
+
+    def add_trained(self, name: str, module: nn.Module, params: Optional[list[nn.Parameter]],
+                    save_as: Optional[str], wrap: bool) -> nn.Module:
+        if name in self.trained or name in self.frozen:
+            raise ValueError(f"module {name!r} is registered twice")
+        self.trained[name] = _Trained(params, save_as, wrap)
+        setattr(self.owner, name, module)
+        return module
+
+    def add_frozen(self, name: str, module: nn.Module, dtype: Optional[torch.dtype], device: torch.device) -> nn.Module:
+        """Freeze now (eval, no grad, ``dtype`` unless None, device), so trained parts a job adds
+        inside it later (e.g. token rows) keep their own dtype."""
+        if name in self.trained or name in self.frozen:
+            raise ValueError(f"module {name!r} is registered twice")
+        self.frozen[name] = dtype is not None
+        module.eval().requires_grad_(False)
+        if dtype is not None:
+            cast_frozen(module, dtype)
+        setattr(self.owner, name, module.to(device))
+        return module
+
+    def get(self, name: str) -> nn.Module:
+        return getattr(self.owner, name)
+
+    def first_trained(self) -> str:
+        """The network EMA and previews follow: the first trained one with a file, else the first."""
+        return next((n for n, t in self.trained.items() if t.save_as), next(iter(self.trained)))
+
+    def prepare(self, cfg: Any, device: torch.device) -> None:
+        """Apply the trained set-up (see the module docstring) before wrapping; frozen networks
+        are (again) in eval mode without gradients, except trained parts registered inside them."""
+        for name in self.frozen:
+            self.get(name).eval().requires_grad_(False)
+        for name, t in self.trained.items():
+            module = self.get(name)
+            if t.params is not None:
+                module.requires_grad_(False)
+                for p in t.params:
+                    p.requires_grad_(True)
+            if cfg.generator_dropout is not None:
+                for m in module.modules():
+                    if isinstance(m, nn.Dropout):
+                        m.p = float(cfg.generator_dropout)
+                    elif isinstance(m, nn.MultiheadAttention):  # attention-weight dropout is a float
+                        m.dropout = float(cfg.generator_dropout)
+            if cfg.gradient_checkpointing and hasattr(module, "set_gradient_checkpointing"):
+                module.set_gradient_checkpointing(True)
+            module.to(device).train()
+        unregistered = [k for k, v in vars(self.owner).items() if isinstance(v, nn.Module)
+                        and k not in self.trained and k not in self.frozen]
+        if unregistered:  # the core would leave them in train mode with gradients: a silent defect
+            raise RuntimeError(f"{type(self.owner).__name__} built modules it did not register: {unregistered}")
+
+    def wrap(self, cfg: Any, dist: D.DistInfo, block_types: tuple[type, ...],
+             autocast_dtype: Optional[torch.dtype]) -> None:
+        """``compile`` (in place: official keys kept) and DDP / FSDP2 for every wrapped trained network."""
+        mode = "none"
+        if dist.world_size > 1:
+            mode = "fsdp" if cfg.use_fsdp else "ddp"
+        elif cfg.use_fsdp:
+            log.info("use_fsdp is set but there is one process: training without sharding")
+        for name, t in self.trained.items():
+            if not t.wrap:
+                continue
+            module = self.get(name)
+            if cfg.compile:
+                module.compile()
+            setattr(self.owner, name, D.wrap_model(
+                module, dist, mode, block_types=block_types, param_dtype=autocast_dtype,
+                reduce_dtype=torch.float32 if autocast_dtype else None))
+
+    def wrapped(self) -> list[nn.Module]:
+        return [self.get(n) for n, t in self.trained.items() if t.wrap]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The trained networks' parameters that require grad, in registration/module order."""
+        seen: set[int] = set()
+        out = []
+        for name in self.trained:
+            for p in self.get(name).parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def unwrapped_trainable(self) -> list[nn.Parameter]:
+        """Trainable parameters no wrapper reduces (their gradients are averaged by the core)."""
+        return [p for n, t in self.trained.items() if not t.wrap for p in self.get(n).parameters() if p.requires_grad]

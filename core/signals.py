@@ -1,0 +1,47 @@
+"""Graceful stop: SIGTERM / SIGUSR1 (slurm preemption) finish the current update, save, exit 0."""
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Optional
+
+import torch
+
+from core import distributed as D
+
+__all__ = ["StopSignals"]
+
+log = logging.getLogger("cascade.train")
+
+
+class StopSignals:
+    """Catches the stop signals while installed; ``requested`` agrees over all ranks."""
+
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            self.received = signal.Signals(signum).name
+            log.warning("%s received: finishing the current update, then saving", self.received)
+
+        for name in self.NAMES:
+            if hasattr(signal, name):
+                try:
+                    self._old[name] = signal.signal(getattr(signal, name), handler)
+                except ValueError:  # not the main thread (e.g. a notebook worker)
+                    pass
+
+    def requested(self, device: torch.device) -> Optional[str]:
+        """The signal's name when any rank received one (collective), else None."""
+        if D.any_rank(self.received is not None, device):
+            return self.received or "a stop signal (on another rank)"
+        return None
+
+    def restore(self) -> None:
+        for name, previous in self._old.items():
+            signal.signal(getattr(signal, name), previous)
+        self._old = {}

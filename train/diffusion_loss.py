@@ -1,0 +1,50 @@
+"""The diffusion training loss of the Stage B / Stage C jobs (training.md §3.3), as an object
+handed to the loop (edm2 style).
+
+Per sample, from its own generator: ``gdf.diffuse`` draws t and the noise; the loss is the MSE of
+the prediction against the target per sample, times the GDF loss weight, averaged over the batch.
+With an AdaptiveLossWeight the per-sample raw losses update its buckets, gathered over all ranks,
+and only once the step proved finite (``defer``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+import torch
+
+from core.distributed import all_gather_cat
+
+__all__ = ["DiffusionLoss", "has_buckets"]
+
+
+def has_buckets(loss_weight: Any) -> bool:
+    """Whether a GDF loss weight learns from the losses (AdaptiveLossWeight)."""
+    return hasattr(loss_weight, "update_buckets")
+
+
+class DiffusionLoss:
+    """``loss(model, x0, generators, epsilon=None) -> (loss, per-sample raw losses)``."""
+
+    def __init__(self, gdf: Any, defer: Callable[[Callable[[], None]], None],
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.gdf, self.defer, self.autocast = gdf, defer, autocast
+
+    def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                 generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = []
+        with torch.no_grad():
+            for i, g in enumerate(generators):
+                eps_i = None if epsilon is None else epsilon[i:i + 1]
+                parts.append(self.gdf.diffuse(x0[i:i + 1], shift=1, loss_shift=1, epsilon=eps_i, generator=g))
+            noised, _eps, target, log_snr, noise_cond, loss_weight = (torch.cat(t) for t in zip(*parts))
+        with self.autocast():
+            pred = model(noised, noise_cond)
+        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weight.float().view(-1)).mean()
+        if has_buckets(self.gdf.loss_weight):
+            log_snr, raw = log_snr.detach(), per_sample.detach()
+            self.defer(lambda: self.gdf.loss_weight.update_buckets(all_gather_cat(log_snr).float().cpu(),
+                                                                   all_gather_cat(raw).float().cpu()))
+        return loss, per_sample.detach()
