@@ -93,7 +93,7 @@ class StageCTrainer(TrainingCore):
         self.effnet = self.tokenizer = self.text_model = self.image_model = None
         self.uncond = None
         if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
-            from core.cache import load_unconditional
+            from train.stage_c_cache import load_unconditional
 
             self.uncond = load_unconditional(cfg.cache_path)
         else:
@@ -131,10 +131,12 @@ class StageCTrainer(TrainingCore):
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
-        from core.cache import CachedPipeline
+        from train.stage_c_cache import build_cache_pipeline
 
-        return CachedPipeline(self.cfg.cache_path, batch_size, rank=self.dist.rank,
-                              world_size=self.dist.world_size, state=state)
+        cfg = self.cfg
+        return build_cache_pipeline(cfg.cache_path, batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    seed=cfg.seed, num_workers=cfg.num_workers, state=state,
+                                    shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict)
 
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
@@ -173,7 +175,7 @@ class StageCTrainer(TrainingCore):
     def cached_conditions(self, batch: dict, generators: list[torch.Generator]) -> dict[str, Any]:
         """The conditions of a cached training batch, with the same per-sample draws (and order) as
         :meth:`get_conditions`; a dropped caption gets the cached CLIP('')."""
-        from core.cache import cached_conditions
+        from train.stage_c_cache import cached_conditions
 
         c_img = self.unwrapped("generator").clip_img_mapper.in_features
         return cached_conditions(batch, self.uncond, generators, self.cfg.text_dropout, self.cfg.image_embed_prob,
