@@ -72,7 +72,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
             entry = ws.buckets[bucket].pop()
             if decode:
                 try:
-                    load_to_bucket(entry.image, bucket, "center", np.random.default_rng(0))
+                    load_to_bucket(entry.data, bucket, "center", np.random.default_rng(0))
                 except BadImage as e:
                     ws.stats.bad_sample("undecodable_image", url, s.key, str(e))
                     continue
