@@ -36,17 +36,17 @@ def _time_steps(step, batches, n: int) -> list[float]:
 
 
 def bench(config: str, steps: int, overrides: list[str]) -> dict:
-    from core.cache import CachedPipeline, cached_conditions, load_unconditional
     from core.config import load_config
     from core.data import build_pipeline
     from core.distributed import DistInfo
     from tools.cache_dataset import cache_dataset
+    from train.stage_c_cache import build_cache_pipeline, cached_conditions, load_unconditional
     from train.train_c import StageCConfig, StageCTrainer
 
     work = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     cfg = load_config(StageCConfig, config, list(overrides) + [f"checkpoint_path={work}/ck", f"output_path={work}/out"])
     per_rank = cfg.per_rank_batch(1)
-    cache_dataset(cfg, str(work / "cache"), batch_size=per_rank, max_samples=per_rank * (steps + 1))
+    cache_dataset(cfg, str(work / "cache"), batch_size=per_rank, max_samples=per_rank * (steps + 1), progress=False)
     trainer = StageCTrainer(cfg, dist=DistInfo())
     trainer.build_models()
     for m in trainer.frozen_modules():
@@ -74,7 +74,11 @@ def bench(config: str, steps: int, overrides: list[str]) -> dict:
 
     images = iter(build_pipeline(cfg, batch_size=per_rank, seed=cfg.seed, num_workers=cfg.num_workers))
     t_img = _time_steps(image_step, images, steps)
-    t_cache = _time_steps(cache_step, iter(CachedPipeline(work / "cache", batch_size=per_rank)), steps)
+    cached = build_cache_pipeline(work / "cache", per_rank, seed=cfg.seed, num_workers=cfg.num_workers)
+    try:
+        t_cache = _time_steps(cache_step, cached, steps)
+    finally:
+        cached.close()
     img_sps, cache_sps = 1 / statistics.median(t_img), 1 / statistics.median(t_cache)
     return {"bench": "cache_speedup", "config": config, "overrides": overrides, "model_version": cfg.model_version,
             "batch_size": per_rank, "image_size": cfg.image_size, "steps": steps,

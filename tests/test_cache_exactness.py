@@ -2,7 +2,6 @@
 from the cache equals the loss computed from the images for the same samples and seeds."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,74 +11,62 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.cache_assets import tiny_config, tool_cache, train_assets  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    # same folder and arguments as tests/test_train_e2e.py: one build per test session
-    folder = tmp_path_factory.getbasetemp() / "train_assets"
-    if not (folder / "READY").is_file():
-        from tools.make_demo_assets import make_dataset, make_models
-
-        make_models(folder, calibration_size=64)
-        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
-        (folder / "READY").write_text("ok\n")
-    return folder
-
-
-def tiny_config(assets: Path, tmp: Path, config_cls=None, yaml_file: str = "tiny_c.yaml", **extra):
-    from core.config import load_config
-    from train.train_c import StageCConfig
-
-    values = {"webdataset_path": str(assets / "shards"),
-              "effnet_checkpoint_path": str(assets / "effnet_encoder.safetensors"),
-              "previewer_checkpoint_path": str(assets / "previewer.safetensors"),
-              "clip_text_model_name": str(assets / "clip/text"),
-              "clip_image_model_name": str(assets / "clip/vision"),
-              "checkpoint_path": str(tmp / "ck"), "output_path": str(tmp / "out"),
-              "image_size": 64, "batch_size": 4, "num_workers": 0,
-              # high probabilities so both dropout branches occur in a 4-sample batch
-              "text_dropout": 0.5, "image_embed_prob": 0.5, **extra}
-    sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
-    return load_config(config_cls or StageCConfig, str(ROOT / "configs/training" / yaml_file), sets)
+    return train_assets(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
 def cache_dir(assets, tmp_path_factory):
-    from tools.cache_dataset import cache_dataset
-
-    out = tmp_path_factory.getbasetemp() / "cache_out"
-    cfg = tiny_config(assets, out)
-    info = cache_dataset(cfg, str(out / "cache"), batch_size=4, shard_size=5)
+    cache, info = tool_cache(tmp_path_factory.getbasetemp())
     assert info["samples"] == 16 and len(info["shards"]) == 4     # 8 photos x 2 variants, one pass
-    return out / "cache"
+    return cache
+
+
+def cached_by_key(cache_dir) -> dict[str, dict]:
+    """Every cached sample (tensors without the batch dimension, caption) by key: one epoch of the
+    cache pipeline with batches of one."""
+    from train.stage_c_cache import build_cache_pipeline
+
+    out: dict[str, dict] = {}
+    with build_cache_pipeline(cache_dir, 1, seed=0, num_workers=0) as pipe:
+        while True:
+            b = next(pipe)
+            if b["epoch"] > 0:
+                return out
+            out[b["keys"][0]] = {**{k: v[0] for k, v in b.items() if isinstance(v, torch.Tensor)},
+                                 "caption": b["captions"][0]}
+
+
+def collate(samples: list[dict]) -> dict:
+    from train.stage_c_cache import FIELDS
+
+    batch = {k: torch.stack([s[k] for s in samples]) for k in FIELDS if k in samples[0]}
+    batch["captions"] = [s["caption"] for s in samples]
+    return batch
 
 
 def test_reader_yields_training_batches(cache_dir):
-    from core.cache import CachedPipeline, load_unconditional
+    from train.stage_c_cache import build_cache_pipeline, load_unconditional
 
-    pipe = CachedPipeline(cache_dir, batch_size=3)
-    it = iter(pipe)
-    batches = [next(it) for _ in range(7)]                         # 21 > 16 samples: the cache repeats
+    with build_cache_pipeline(cache_dir, 3, seed=0, num_workers=0) as pipe:
+        batches = [next(pipe) for _ in range(7)]                   # past the 16 samples: epochs repeat
     b = batches[0]
     assert b["latents"].shape == (3, 16, 2, 2) and b["clip_text"].shape == (3, 77, 32)
     assert b["clip_text_pooled"].shape == (3, 1, 32) and b["clip_img"].shape == (3, 1, 24)
-    assert len(b["captions"]) == 3 and all(b["captions"])
-    assert pipe.state_dict() == {"position": 21}
+    assert all(b[k].dtype == torch.float32 for k in ("latents", "clip_text", "clip_text_pooled", "clip_img"))
+    assert len(b["captions"]) == 3 and all(b["captions"]) and len(b["keys"]) == len(b["urls"]) == 3
+    assert [x["epoch"] for x in batches] == [0] * 6 + [1]           # 5 full batches + the flushed one
     uncond = load_unconditional(cache_dir)
     assert uncond["clip_text"].shape == (77, 32) and uncond["clip_text_pooled"].shape == (1, 32)
-    # resume: a pipeline started from the saved position continues with the same samples
-    again = CachedPipeline(cache_dir, batch_size=3, state={"position": 3})
-    assert next(iter(again))["keys"] == batches[1]["keys"]
-    # two ranks split the samples
-    keys0 = set(next(iter(CachedPipeline(cache_dir, batch_size=4, rank=0, world_size=2)))["keys"])
-    keys1 = set(next(iter(CachedPipeline(cache_dir, batch_size=4, rank=1, world_size=2)))["keys"])
-    assert not keys0 & keys1
 
 
 def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
     """Both losses come from the real trainer's compute_loss: one trainer encodes the images, the
     other (cache_path set) reads the cache and never builds the encoders."""
-    from core.cache import collate, iter_cached_samples, cache_shards
     from core.data import build_pipeline
     from core.distributed import DistInfo
     from train.train_c import StageCTrainer
@@ -99,7 +86,9 @@ def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
     cached_trainer.generator.load_state_dict(trainer.generator.state_dict())
     batch = next(iter(build_pipeline(cfg, batch_size=4, seed=cfg.seed, num_workers=0)))
 
-    cached = {s["key"]: s for s in iter_cached_samples(cache_shards(cache_dir))}
+    # the cache pipeline reads in its own (shuffled) order: gather the same samples by key
+    cached = cached_by_key(cache_dir)
+    assert len(cached) == 16
     cbatch = collate([cached[k] for k in batch["keys"]])
     assert cbatch["captions"] == list(batch["captions"])
 

@@ -50,7 +50,7 @@ def test_fixed_size_batches(shards):
         assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
         assert b["images"].std() > 0.05  # real photos, not flat colours
         assert all(c.startswith("a photo of ") for c in b["captions"])
-        assert b["caption_dropped"] == [False] * 8
+        assert set(b) == {"images", "captions", "keys", "urls", "json", "epoch"}
         assert all(u in shards for u in b["urls"])
         assert all(isinstance(j, dict) and j["index"] == int(k) for j, k in zip(b["json"], b["keys"]))
         assert b["epoch"] == 0
@@ -117,19 +117,6 @@ def test_multi_aspect_one_bucket_per_batch(shards):
     assert seen[True] > 0.8 * sum(seen.values())
     st = pipe.stats()
     assert sum(st["buckets"].values()) == st["samples"] and len(st["buckets"]) >= 3
-    pipe.close()
-
-
-def test_caption_dropout_rate(shards):
-    pipe = build_pipeline(cfg(shards, caption_dropout=0.3), batch_size=16)
-    dropped = total = 0
-    for _ in range(40):  # ~6.7 epochs
-        b = next(pipe)
-        for c, d in zip(b["captions"], b["caption_dropped"]):
-            assert (c == "") == d
-            dropped += d
-            total += 1
-    assert total == 640 and abs(dropped / total - 0.3) < 0.06  # ~3.3 sigma
     pipe.close()
 
 

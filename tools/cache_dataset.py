@@ -1,4 +1,4 @@
-"""Run the frozen Stage C encoders once over a dataset and write cache shards (see core/cache.py).
+"""Run the frozen Stage C encoders once over a dataset and write cache shards (see train/stage_c_cache.py).
 
     python3 tools/cache_dataset.py configs/training/finetune_c_3b.yaml --out /data/cache_c \
         [--set image_size=1024] [--shard-size 1000] [--max-samples N] [--no-image-embeds] [--dtype bfloat16]
@@ -6,13 +6,13 @@
 The training YAML gives the data (webdataset_path, buckets, filters, captions) and the encoders
 (effnet_checkpoint_path, clip_text_model_name, clip_image_model_name). One pass over the dataset:
 each sample is cached once, at the bucket size the data layer gives it. Caption dropout is NOT
-applied here (the training run applies it, swapping in the cached CLIP('') embedding). Train from
-the cache with ``--set cache_path=/data/cache_c``.
+applied here (the training run applies it, swapping in the cached CLIP('') embedding). The shards
+are ordinary webdataset tar shards of tensor samples (written with core.data's ShardWriter), read
+back by core.data's pipeline. Train from the cache with ``--set cache_path=/data/cache_c``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,42 +39,56 @@ def build_encoders(cfg, device: torch.device, dtype: torch.dtype, image_embeds: 
 
 def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000, max_samples: int | None = None,
                   image_embeds: bool = True, store_dtype: torch.dtype | None = None,
-                  device: torch.device | str = "cpu") -> dict:
-    """One pass over ``cfg``'s dataset -> cache shards in ``out_dir``; returns the manifest."""
-    from core.cache import CacheWriter, encode_batch, encode_unconditional
+                  device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """One pass over ``cfg``'s dataset -> cache shards in ``out_dir``; returns the manifest.
+
+    ``progress`` shows a tqdm bar of the samples cached (on stderr)."""
+    from tqdm.auto import tqdm
+
     from core.data import build_pipeline
+    from train.stage_c_cache import CacheWriter, encode_batch, encode_unconditional
 
     device = torch.device(device)
     model_dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     enc = build_encoders(cfg, device, model_dtype, image_embeds)
-    data_cfg = dataclasses.replace(cfg, caption_dropout=0.0)
-    pipeline = build_pipeline(data_cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
+    pipeline = build_pipeline(cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
                               num_workers=cfg.num_workers)
     writer = CacheWriter(out_dir, shard_size=shard_size, dtype=store_dtype)
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()   # (shard url, key): keys repeat across shards
     started = time.perf_counter()
-    for batch in pipeline:
-        fresh = [i for i, k in enumerate(batch["keys"]) if k not in seen]
-        if not fresh or (max_samples is not None and writer.count >= max_samples):
-            break  # the stream came round to samples already cached: one pass is done
-        if max_samples is not None:
-            fresh = fresh[:max_samples - writer.count]
-        sub = {"images": batch["images"][fresh], "captions": [batch["captions"][i] for i in fresh],
-               "keys": [batch["keys"][i] for i in fresh], "urls": [(batch.get("urls") or [None] * 10**6)[i] for i in fresh]}
-        encoded = encode_batch(sub["images"], sub["captions"], enc["effnet"], enc["tokenizer"], enc["text_model"],
-                               enc["vision_model"])
-        writer.add_batch(sub, encoded)
-        seen.update(sub["keys"])
-    close = getattr(pipeline, "close", None)
-    if callable(close):
-        close()
+    bar = tqdm(total=max_samples, unit="sample", desc="caching", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in pipeline:
+            if max_samples is not None and writer.count >= max_samples:
+                break
+            urls = batch.get("urls") or [""] * len(batch["keys"])
+            # epoch mode: every sample of a later epoch was cached already; resampled mode has no
+            # epochs, so it stops at the first batch that brings nothing new
+            first_pass = cfg.resampled or batch["epoch"] == 0
+            fresh = [i for i, k in enumerate(batch["keys"]) if first_pass and (urls[i], k) not in seen]
+            if not fresh and cfg.resampled:
+                break
+            if max_samples is not None:
+                fresh = fresh[:max_samples - writer.count]
+            if fresh:
+                sub = {"images": batch["images"][fresh], "captions": [batch["captions"][i] for i in fresh],
+                       "keys": [batch["keys"][i] for i in fresh], "urls": [urls[i] for i in fresh]}
+                encoded = encode_batch(sub["images"], sub["captions"], enc["effnet"], enc["tokenizer"],
+                                       enc["text_model"], enc["vision_model"])
+                writer.add_batch(sub, encoded)
+                seen.update(zip(sub["urls"], sub["keys"]))
+                bar.update(len(fresh))
+            if not cfg.resampled and pipeline.epoch >= 1:
+                break  # every worker has finished epoch 0: each sample was cached once
+    finally:
+        bar.close()
+        pipeline.close()
     manifest = {"kind": "stage_c", "effnet": cfg.effnet_checkpoint_path, "clip_text": cfg.clip_text_model_name,
                 "clip_image": cfg.clip_image_model_name if image_embeds else None,
                 "encoder_dtype": str(model_dtype).replace("torch.", ""),
                 "store_dtype": str(store_dtype).replace("torch.", "") if store_dtype else "float32",
                 "image_size": cfg.image_size, "seconds": round(time.perf_counter() - started, 3)}
-    writer.close(encode_unconditional(enc["tokenizer"], enc["text_model"]), manifest)
-    return {"samples": writer.count, "shards": writer.shards, **manifest}
+    return writer.close(encode_unconditional(enc["tokenizer"], enc["text_model"]), manifest)
 
 
 def main(argv: list[str] | None = None) -> int:

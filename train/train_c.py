@@ -41,9 +41,10 @@ class StageCConfig(CascadeConfig):
     image_embed_prob: float = doc(0.1, "Probability of conditioning a sample on the CLIP image embedding of its own image (zeros otherwise).")
     cache_path: Optional[str] = doc(
         None, "Folder written by tools/cache_dataset.py: train from its cached EfficientNet latents and CLIP "
-              "embeddings; the effnet and CLIP text/vision models are then never loaded (webdataset_path and the "
-              "data keys are not read; caption dropout uses the cached CLIP(''); crops are the cached ones). "
-              "None = encode the images every step.")
+              "embeddings; the effnet and CLIP text/vision models are then never loaded. The cache shards go through "
+              "the same data pipeline as images (per-epoch shuffle, rank/worker split, exact resume; seed, "
+              "num_workers, shuffle_buffer and strict apply; webdataset_path, crops and filters are the cached "
+              "ones); caption dropout uses the cached CLIP(''). None = encode the images every step.")
 
     def validate_stage_c(self) -> None:
         self.check_versions("stage_c", "Stage C")
@@ -137,9 +138,10 @@ class StageCTrainer(CascadeTrainer):
             return super().build_pipeline(batch_size, state)
         from train.stage_c_cache import build_cache_pipeline
 
-        return build_cache_pipeline(self.cfg.cache_path, batch_size, rank=self.dist.rank,
-                                    world_size=self.dist.world_size, seed=self.cfg.seed,
-                                    num_workers=self.cfg.num_workers, state=state)
+        cfg = self.cfg
+        return build_cache_pipeline(cfg.cache_path, batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    seed=cfg.seed, num_workers=cfg.num_workers, state=state,
+                                    shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict)
 
     # -- conditions and latents -------------------------------------------------------------
     @property

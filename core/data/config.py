@@ -56,9 +56,6 @@ class DataConfig:
     bucket_random_ratio: float = _doc(
         0.05, "Probability that an image goes to a uniformly random bucket (official 0.05; the "
               "official name `bucketeer_random_ratio` is accepted too).")
-    caption_dropout: float = _doc(
-        0.0, "Probability of replacing a caption by the empty string (classifier-free guidance "
-             "training); batches report which ones in `caption_dropped`.")
     shuffle_buffer: int = _doc(
         690, "Samples per shuffle block (official buffer 690): each block read is permuted.")
     num_workers: int = field(default_factory=_default_workers, metadata={"doc": (
@@ -106,10 +103,9 @@ class DataConfig:
         if self.crop not in ("random", "center"):
             raise DataError(f"crop: expected 'random' or 'center', got {self.crop!r} "
                             f"(SmartCrop is not available)")
-        for key in ("bucket_random_ratio", "caption_dropout"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise DataError(f"{key}: expected a probability in [0, 1], got {v!r}")
+        v = self.bucket_random_ratio
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise DataError(f"bucket_random_ratio: expected a probability in [0, 1], got {v!r}")
         for key, lo in (("shuffle_buffer", 1), ("num_workers", 0), ("report_every", 1)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

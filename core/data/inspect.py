@@ -61,7 +61,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
     spec = StreamSpec(plan=_InOrder(urls, 0, 0, 1, 1, False), batch_size=1 << 30, table=table,
                       crop="center", filters=parse_filters(cfg.dataset_filters),
                       captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
-                      caption_dropout=0.0, shuffle_buffer=1, strict=False)
+                      shuffle_buffer=1, strict=False)
     ws = WorkerStream(spec, 0)
     hist: Counter[str] = Counter()
     seen = kept = 0
@@ -72,7 +72,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
             entry = ws.buckets[bucket].pop()
             if decode:
                 try:
-                    load_to_bucket(entry.image, bucket, "center", np.random.default_rng(0))
+                    load_to_bucket(entry.data, bucket, "center", np.random.default_rng(0))
                 except BadImage as e:
                     ws.stats.bad_sample("undecodable_image", url, s.key, str(e))
                     continue

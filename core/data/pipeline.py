@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterator
+import os
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -15,7 +16,7 @@ from .filters import parse_filters
 from .plan import ShardPlan
 from .sources import expand_sources
 from .stats import Stats, log_report
-from .worker import StreamSpec, WorkerStream
+from .worker import SAMPLE_FORMATS, StreamSpec, WorkerStream
 
 log = logging.getLogger("core.data")
 
@@ -54,15 +55,19 @@ def _fingerprint(urls: list[str], spec_bits: tuple) -> str:
 class DataPipeline:
     """Endless iterator of single-bucket batches with an exact-resume position.
 
-    Batches: ``images`` (B,3,h,w) float in [0,1], ``captions``, ``caption_dropped``, ``keys``,
-    ``urls``, ``json`` (lists of length B) and ``epoch``. Epochs advance by themselves.
+    Batches of ``sample_format='image'``: ``images`` (B,3,h,w) float in [0,1], ``captions``,
+    ``keys``, ``urls``, ``json`` (lists of length B) and ``epoch``. Of ``'tensors'``: one stacked
+    tensor (B, *shape) per tensor name of the samples, in its stored dtype, instead of ``images``.
+    Epochs advance by themselves.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
-                 transform_size: int | None = None):
+                 transform_size: int | None = None, sample_format: str = "image"):
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
+        if sample_format not in SAMPLE_FORMATS:
+            raise DataError(f"sample_format: expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size: the per-rank batch size must be an integer >= 1, got {batch_size!r}")
         if not (0 <= rank < world_size):
@@ -81,10 +86,11 @@ class DataPipeline:
             plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=cfg.crop,
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
-            caption_dropout=float(cfg.caption_dropout), shuffle_buffer=cfg.shuffle_buffer,
-            strict=cfg.strict)
-        self._fp = _fingerprint(urls, (seed, rank, world_size, self.workers, cfg.resampled,
-                                       cfg.shuffle_buffer))
+            shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format)
+        bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
+        if sample_format != "image":  # image fingerprints stay what they were (saved states remain valid)
+            bits += (sample_format,)
+        self._fp = _fingerprint(urls, bits)
         self._stats = Stats()
         self._pending: list[dict] = []   # bad-sample records not logged yet
         self._batches = 0
@@ -161,8 +167,9 @@ class DataPipeline:
             self._batches += 1
             if self._batches % self.cfg.report_every == 0:
                 self._report()
-            return {k: item[k] for k in ("images", "captions", "caption_dropped", "keys", "urls",
-                                          "json", "epoch")}
+            batch = item["data"]
+            batch["epoch"] = item["epoch"]
+            return batch
 
     def _epoch_end(self, epoch: int, worker: int, produced: int) -> None:
         got = self._epoch_ends.setdefault(epoch, [])
@@ -222,13 +229,25 @@ class DataPipeline:
             pass
 
 
-def build_pipeline(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+Source = Union[DataConfig, str, os.PathLike, Sequence[str]]
+
+
+def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int = 1,
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
-                   transform_size: int | None = None) -> DataPipeline:
+                   transform_size: int | None = None, sample_format: str = "image") -> DataPipeline:
     """Build the data pipeline of one rank.
 
-    ``batch_size`` is per rank; ``num_workers`` overrides ``cfg.num_workers``; ``state`` is a
-    previous ``state_dict()`` to resume from; ``transform_size`` overrides ``cfg.image_size``
-    (e.g. a job that trains at another resolution than the config's bucket area).
+    ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
+    every other key at its default). ``batch_size`` is per rank; ``num_workers`` overrides
+    ``cfg.num_workers``; ``state`` is a previous ``state_dict()`` to resume from;
+    ``transform_size`` overrides ``cfg.image_size`` (e.g. a job that trains at another resolution
+    than the config's bucket area). ``sample_format``: ``'image'`` (encoded images, bucketed by
+    aspect ratio) or ``'tensors'`` (``KEY.tensors.safetensors`` members, batched by equal tensor
+    shapes; the image keys ``image_size``, ``multi_aspect_ratio``, ``bucket_random_ratio`` and
+    ``crop`` are then unused).
     """
-    return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size)
+    if not isinstance(cfg, DataConfig):
+        path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
+        cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
+    return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
+                        sample_format)

@@ -1,5 +1,10 @@
 """The per-worker stream: read shards, shuffle, filter, bucket, decode, batch.
 
+Two sample formats share everything but the per-sample decoding: ``image`` samples (an encoded
+image, bucketed by the bucket table, decoded when their bucket fills) and ``tensors`` samples
+(a ``KEY.tensors.safetensors`` member, bucketed by the names/dtypes/shapes of its tensors, see
+``tensors.py``), so a tensor dataset gets the same shard plan, shuffling, split and resume.
+
 Everything per-sample happens here, inside a DataLoader worker process (or the main process when
 ``num_workers=0``). The stream is deterministic given (seed, epoch, rank, worker), and after every
 item it reports a small *cursor* from which a new stream continues exactly:
@@ -9,10 +14,11 @@ item it reports a small *cursor* from which a new stream continues exactly:
   shuffled in blocks of ``shuffle_buffer`` so a block can be re-read and re-permuted on resume;
 * ``left``: references (epoch, shard index, byte offset) of the samples waiting in buckets. Only
   encoded bytes wait in buckets (decoding happens when a bucket fills) and on resume they are
-  fetched again by offset;
+  fetched again by offset (buckets are listed in a fixed order, so the re-admitted samples
+  rebuild the same buckets);
 * ``epoch`` and ``produced`` (samples emitted this epoch).
 
-All randomness of a sample (random bucket, caption choice, dropout, crop) comes from a generator
+All randomness of a sample (random bucket, caption choice, crop) comes from a generator
 seeded by the sample's identity, so it does not depend on the order of processing.
 """
 from __future__ import annotations
@@ -34,9 +40,13 @@ from .plan import ShardPlan
 from .sources import open_shard
 from .stats import Stats
 from .tario import RawSample, TarTruncated, iter_samples
+from .tensors import TENSORS_EXT, BadTensors, decode_tensors, probe_signature, signature_label
 
-# Independent random streams of one sample.
-_S_BUCKET, _S_CAPTION, _S_DROPOUT, _S_CROP = range(4)
+# Independent random streams of one sample. 2 was caption dropout (now owned by the training jobs):
+# the crop keeps stream 3 so image batches stay bitwise what they were.
+_S_BUCKET, _S_CAPTION, _S_CROP = 0, 1, 3
+
+SAMPLE_FORMATS = ("image", "tensors")
 
 
 @dataclass
@@ -49,21 +59,20 @@ class StreamSpec:
     crop: str
     filters: list[FilterRule]
     captions: CaptionGetter
-    caption_dropout: float
     shuffle_buffer: int
     strict: bool
+    sample_format: str = "image"   # one of SAMPLE_FORMATS
 
 
 @dataclass
 class Entry:
-    """A sample waiting in a bucket (encoded image only)."""
+    """A sample waiting in a bucket (encoded bytes only)."""
 
     ref: list[int]                  # [epoch, shard index, byte offset]
     url: str
     key: str
-    image: bytes
+    data: bytes                     # the encoded image, or the safetensors member
     caption: str
-    dropped: bool
     meta: dict | None
     seed: int
 
@@ -104,12 +113,19 @@ class WorkerStream:
         self.g = spec.plan.global_worker(worker)
         self.cursor = cursor
         self.stats = Stats()
-        self.buckets: dict[tuple[int, int], list[Entry]] = {b: [] for b in spec.table.buckets}
+        self.tensors = spec.sample_format == "tensors"
+        # image buckets are the fixed table; tensor buckets (signatures) appear as samples come
+        self.buckets: dict[tuple, list[Entry]] = {} if self.tensors else {b: [] for b in spec.table.buckets}
         self.epoch = 0
         self.produced = 0
         self._shard_cache: dict[int, list[str]] = {}
         # With the sample-modulo split every worker reads every shard: let one report shard faults
         self._reports_shards = spec.plan.sample_modulo(worker) is None or self.g == 0
+
+    def _bucket_order(self) -> list[tuple]:
+        """Buckets in the order they are flushed and listed in the cursor (fixed, so that a
+        resumed stream, which re-creates its buckets, flushes them in the same order)."""
+        return list(self.spec.table.buckets) if not self.tensors else sorted(self.buckets)
 
     def _shards(self, epoch: int) -> list[str]:
         got = self._shard_cache.get(epoch)
@@ -174,7 +190,7 @@ class WorkerStream:
             f.close()
 
     # ------------------------------------------------------------- per sample
-    def _admit(self, epoch: int, pos: _Pos, url: str, s: RawSample) -> tuple[int, int] | None:
+    def _admit(self, epoch: int, pos: _Pos, url: str, s: RawSample) -> tuple | None:
         """Filter, caption and bucket one sample; returns its bucket, or None if dropped."""
         spec = self.spec
         meta = None
@@ -197,10 +213,16 @@ class WorkerStream:
             if not ok:
                 self.stats.filtered[rule.key] += 1
                 return None
-        ext = image_ext(s.files)
-        if ext is None:
-            self._bad("missing_image", url, s.key, f"files: {sorted(s.files)}")
-            return None
+        if self.tensors:
+            ext: str | None = TENSORS_EXT if TENSORS_EXT in s.files else None
+            if ext is None:
+                self._bad("missing_tensors", url, s.key, f"no .{TENSORS_EXT}; files: {sorted(s.files)}")
+                return None
+        else:
+            ext = image_ext(s.files)
+            if ext is None:
+                self._bad("missing_image", url, s.key, f"files: {sorted(s.files)}")
+                return None
         seed = sample_seed(self.spec.plan.seed, epoch, self.g, url, s.key)
         try:
             caption = spec.captions(s.files, meta if isinstance(meta, dict) else None,
@@ -208,33 +230,48 @@ class WorkerStream:
         except MissingCaption as e:
             self._bad("missing_caption", url, s.key, f"{spec.captions.describe()}: {e}")
             return None
-        try:
-            h, w = probe_size(s.files[ext])
-        except BadImage as e:
-            self._bad("undecodable_image", url, s.key, str(e))
-            return None
-        bucket = spec.table.choose(h, w, _rng(seed, _S_BUCKET))
-        dropped = bool(spec.caption_dropout > 0 and _rng(seed, _S_DROPOUT).random() < spec.caption_dropout)
-        self.buckets[bucket].append(Entry(
-            ref=[epoch, pos.seq, s.offset], url=url, key=s.key, image=s.files[ext],
-            caption="" if dropped else caption, dropped=dropped,
+        if self.tensors:
+            try:
+                bucket: tuple = probe_signature(s.files[ext])
+            except BadTensors as e:
+                self._bad("undecodable_tensors", url, s.key, str(e))
+                return None
+        else:
+            try:
+                h, w = probe_size(s.files[ext])
+            except BadImage as e:
+                self._bad("undecodable_image", url, s.key, str(e))
+                return None
+            bucket = spec.table.choose(h, w, _rng(seed, _S_BUCKET))
+        self.buckets.setdefault(bucket, []).append(Entry(
+            ref=[epoch, pos.seq, s.offset], url=url, key=s.key, data=s.files[ext], caption=caption,
             meta=meta if isinstance(meta, dict) else None, seed=seed))
         return bucket
 
-    def _make_batch(self, bucket: tuple[int, int], flush: bool) -> dict | None:
-        """Decode the bucket's first ``batch_size`` entries; None if bad images left it short."""
+    def _decode(self, e: Entry, bucket: tuple) -> object:
+        if self.tensors:
+            got = decode_tensors(e.data)
+            # the header promised these names and shapes; a member that lies about them is damaged
+            if sorted((k, tuple(v.shape)) for k, v in got.items()) != [(n, shape) for n, _d, shape in bucket]:
+                raise BadTensors("decoded tensors differ from the header's names/shapes")
+            return got
+        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP))
+
+    def _make_batch(self, bucket: tuple, flush: bool) -> dict | None:
+        """Decode the bucket's first ``batch_size`` entries; None if bad samples left it short."""
         entries = self.buckets[bucket]
         want = min(len(entries), self.spec.batch_size)
+        reason = "undecodable_tensors" if self.tensors else "undecodable_image"
         while True:
             take, images = entries[:want], []
             good: list[Entry] = []
             for e in take:
                 try:
-                    images.append(load_to_bucket(e.image, bucket, self.spec.crop, _rng(e.seed, _S_CROP)))
+                    images.append(self._decode(e, bucket))
                     good.append(e)
-                except BadImage as exc:
+                except (BadImage, BadTensors) as exc:
                     entries.remove(e)
-                    self._bad("undecodable_image", e.url, e.key, str(exc))
+                    self._bad(reason, e.url, e.key, str(exc))
             if len(good) == len(take):
                 break
             if not flush and len(entries) < want:
@@ -243,26 +280,38 @@ class WorkerStream:
         if not good:
             return None
         del entries[:len(good)]
-        self.stats.buckets[f"{bucket[0]}x{bucket[1]}"] += len(good)
+        label = signature_label(bucket) if self.tensors else f"{bucket[0]}x{bucket[1]}"
+        self.stats.buckets[label] += len(good)
         self.stats.samples += len(good)
         self.produced += len(good)
-        h, w = bucket
-        out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+        data = self._stack_tensors(bucket, images) if self.tensors else {"images": self._stack_images(bucket, images)}
+        data.update(captions=[e.caption for e in good], keys=[e.key for e in good],
+                    urls=[e.url for e in good], json=[e.meta for e in good])
+        return {"kind": "batch", "data": data}
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
         if self.shared_memory:
             out.share_memory_()
+        return out
+
+    def _stack_images(self, bucket: tuple, images: list) -> torch.Tensor:
+        h, w = bucket
+        out = self._empty((len(images), 3, h, w), torch.float32)
         dst = out.numpy()
         for i, img in enumerate(images):
             # numpy (single-threaded) for the uint8 -> float step, written in place
             np.divide(img, np.float32(255.0), out=dst[i], casting="unsafe")
-        return {
-            "kind": "batch",
-            "images": out,
-            "captions": [e.caption for e in good],
-            "caption_dropped": [e.dropped for e in good],
-            "keys": [e.key for e in good],
-            "urls": [e.url for e in good],
-            "json": [e.meta for e in good],
-        }
+        return out
+
+    def _stack_tensors(self, bucket: tuple, samples: list) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, _dtype, shape in bucket:
+            first = samples[0][name]
+            out[name] = dst = self._empty((len(samples), *shape), first.dtype)
+            for i, t in enumerate(samples):
+                dst[i].copy_(t[name])
+        return out
 
     # ---------------------------------------------------------------- driving
     def _item(self, item: dict, pos: _Pos, taken: int) -> dict:
@@ -270,7 +319,7 @@ class WorkerStream:
         item["epoch"] = self.epoch if item["kind"] != "epoch_end" else item["epoch"]
         item["cursor"] = {
             "epoch": self.epoch, "pos": pos.as_list(), "taken": taken, "produced": self.produced,
-            "left": [e.ref for b in self.spec.table.buckets for e in self.buckets[b]],
+            "left": [e.ref for b in self._bucket_order() for e in self.buckets[b]],
         }
         item["stats"] = self.stats.take()
         return item
@@ -331,7 +380,7 @@ class WorkerStream:
             end = _Pos(len(self._shards(self.epoch)), 0, 0)
             if not spec.plan.resampled:
                 # Leftovers are flushed as smaller batches so every sample is used in its epoch.
-                for b in spec.table.buckets:
+                for b in self._bucket_order():
                     while self.buckets[b]:
                         batch = self._make_batch(b, flush=True)
                         if batch is not None:
@@ -341,3 +390,4 @@ class WorkerStream:
             self.produced = 0
             pos = _Pos()
             yield self._item({"kind": "epoch_end", "epoch": done_epoch, "produced": produced}, pos, 0)
+
