@@ -6,7 +6,7 @@
 Caches the first ``batch_size x (steps + 1)`` samples of the config's dataset with
 ``tools/cache_dataset.py``, then times the same number of full steps (loss, backward, AdamW step)
 both ways through the Stage C trainer's own loss code: ``compute_loss`` on image batches, and the
-cached conditions (same random draws) + ``diffusion_loss`` on cache batches. The first step of each
+cached conditions (same random draws) + the job's diffusion loss on cache batches. The first step of each
 path is warm-up. One summary line; ``--out`` writes JSON.
 """
 from __future__ import annotations
@@ -48,26 +48,24 @@ def bench(config: str, steps: int, overrides: list[str]) -> dict:
     per_rank = cfg.per_rank_batch(1)
     cache_dataset(cfg, str(work / "cache"), batch_size=per_rank, max_samples=per_rank * (steps + 1), progress=False)
     trainer = StageCTrainer(cfg, dist=DistInfo())
-    trainer.build_models()
-    for m in trainer.frozen_modules():
-        m.eval().requires_grad_(False)
+    trainer.build_models()  # registered frozen parts are frozen on registration
     gen = trainer.generator.train()
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-5)
     uncond = load_unconditional(work / "cache")
     c_img = trainer.image_model.config.projection_dim
 
     def image_step(batch, i):
-        trainer._micro = (i + 1, 0)
+        trainer.micro_step = (i + 1, 0)
         loss, _ = trainer.compute_loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def cache_step(batch, i):
-        trainer._micro = (i + 1, 0)
+        trainer.micro_step = (i + 1, 0)
         gens = trainer.sample_generators(len(batch["latents"]))
         cond = cached_conditions(batch, uncond, gens, cfg.text_dropout, cfg.image_embed_prob, c_img)
-        loss, _ = trainer.diffusion_loss(trainer.gdf, lambda x, r: gen(x, r, **cond), batch["latents"], gens)
+        loss, _ = trainer.loss(lambda x, r: gen(x, r, **cond), batch["latents"], gens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

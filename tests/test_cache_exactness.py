@@ -73,9 +73,7 @@ def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
 
     cfg = tiny_config(assets, tmp_path)
     trainer = StageCTrainer(cfg, dist=DistInfo())
-    trainer.build_models()
-    for m in trainer.frozen_modules():
-        m.eval().requires_grad_(False)
+    trainer.build_models()  # registered frozen parts are frozen on registration
     torch.manual_seed(0)
     with torch.no_grad():  # a fresh Stage C has zero output layers; make the loss depend on everything
         for p in trainer.generator.parameters():
@@ -93,14 +91,15 @@ def test_loss_from_cache_equals_loss_from_images(assets, cache_dir, tmp_path):
     assert cbatch["captions"] == list(batch["captions"])
 
     def draws(step):
-        trainer._micro = (step, 0)
-        gens = trainer.sample_generators(4)
-        return [(torch.rand(1, generator=g).item() <= cfg.text_dropout,
-                 torch.rand(1, generator=g).item() > 1.0 - cfg.image_embed_prob) for g in gens]
+        from train.stage_c_conditions import condition_dropout
+
+        trainer.micro_step = (step, 0)
+        drop, use_img = condition_dropout(trainer.sample_generators(4), cfg.text_dropout, cfg.image_embed_prob)
+        return list(zip(drop, use_img))
 
     # a step where some captions are dropped and some kept, and some samples use the image embedding
     step = next(s for s in range(1, 200) if 0 < sum(d for d, _ in draws(s)) < 4 and any(i for _, i in draws(s)))
-    trainer._micro = cached_trainer._micro = (step, 0)
+    trainer.micro_step = cached_trainer.micro_step = (step, 0)
     torch.manual_seed(7)                                           # module dropout RNG
     loss_img, _ = trainer.compute_loss(batch)
     torch.manual_seed(7)

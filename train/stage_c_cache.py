@@ -214,19 +214,23 @@ def build_cache_pipeline(cache_path: str | os.PathLike, batch_size: int, rank: i
 def cached_conditions(batch: dict, uncond: dict[str, torch.Tensor], generators: Sequence[torch.Generator],
                       text_dropout: float, image_embed_prob: float, c_img: int,
                       device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> dict:
-    """Stage C conditions of a cached training batch: per sample, from its generator, text kept iff
-    rand > text_dropout (else CLIP('') from the cache's side file), then the image embedding used iff
-    rand > 1 - image_embed_prob (else zeros). Same order and comparisons as the image path."""
+    """Stage C conditions of a cached training batch, with the draws of the image path
+    (:func:`train.stage_c_conditions.condition_dropout`): a dropped caption gets CLIP('') from the
+    cache's side file, an unused image embedding zeros."""
+    from train.stage_c_conditions import condition_dropout
+
     text = batch["clip_text"].clone()
     pooled = batch["clip_text_pooled"].clone()
     n = len(text)
-    assert len(generators) == n
+    if len(generators) != n:
+        raise ValueError(f"cached_conditions: {len(generators)} generators for {n} samples")
     clip_img = torch.zeros(n, 1, c_img, dtype=text.dtype)
-    for i, g in enumerate(generators):
-        if torch.rand(1, generator=g).item() <= text_dropout:
+    drop, use_img = condition_dropout(list(generators), text_dropout, image_embed_prob)
+    for i in range(n):
+        if drop[i]:
             text[i] = uncond["clip_text"].to(text.dtype)
             pooled[i] = uncond["clip_text_pooled"].to(pooled.dtype)
-        if torch.rand(1, generator=g).item() > 1.0 - image_embed_prob:
+        if use_img[i]:
             if "clip_img" not in batch:
                 raise UserError("the cache has no image embeddings (cached without the CLIP vision model) but "
                                 "image_embed_prob > 0; re-cache with the vision model or set image_embed_prob: 0")

@@ -20,7 +20,6 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli

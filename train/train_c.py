@@ -107,7 +107,8 @@ class StageCTrainer(CascadeTrainer):
 
         cfg, dev = self.cfg, self.device
         self.add_frozen("previewer", load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev))
-        self.tokenizer = self.uncond = None
+        self.tokenizer = self.uncond = self.effnet = self.text_model = self.image_model = None
+        self.stage_b = self.stage_a = None
         if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
             from train.stage_c_cache import load_unconditional
 
@@ -238,7 +239,7 @@ class StageCTrainer(CascadeTrainer):
         for name, model in self.preview_models().items():
             latents = self.sample_latents(model, cond, uncond, shape)
             grids[name] = self.previewer(latents).float().clamp(0, 1)
-            if getattr(self, "stage_b", None) is not None:
+            if self.stage_b is not None:
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
         return grids
