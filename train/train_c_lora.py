@@ -61,7 +61,7 @@ class LoraConfig(StageCConfig):
                                                   "dropout, as the official run after its first preview).")
 
     def validate_lora(self) -> None:
-        from core.lora_tokens import validate_train_tokens
+        from modules.lora_tokens import validate_train_tokens
 
         if self.rank < 1:
             raise UserError(f"config key 'rank' must be >= 1, got {self.rank}")
@@ -88,7 +88,7 @@ class StageCLoraTrainer(StageCTrainer):
     @classmethod
     def dry_run(cls, cfg: Any) -> None:
         super().dry_run(cfg)
-        from core.lora_io import stage_c_targets
+        from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
         n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) for t in targets)
@@ -97,7 +97,7 @@ class StageCLoraTrainer(StageCTrainer):
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
-        from core.lora_tokens import add_train_tokens
+        from modules.lora_tokens import add_train_tokens
         from modules.lora import apply_lora, apply_retoken
 
         cfg = self.cfg
@@ -113,7 +113,7 @@ class StageCLoraTrainer(StageCTrainer):
                     m.dropout = float(cfg.generator_dropout)
 
         if cfg.cache_path:  # no text model in a cached run (train_tokens is refused by the config)
-            from core.lora_tokens import TrainedTokens
+            from modules.lora_tokens import TrainedTokens
 
             self.tokens = TrainedTokens()
         else:
@@ -178,7 +178,7 @@ class StageCLoraTrainer(StageCTrainer):
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from core.lora_io import named_state_dict
+        from modules.lora_formats import named_state_dict
 
         idx = deltas = None
         if self.retoken is not None:
@@ -186,7 +186,7 @@ class StageCLoraTrainer(StageCTrainer):
         return named_state_dict(self.loras, self.cfg.alpha, idx, deltas)
 
     def lora_metadata(self, step: int) -> dict[str, str]:
-        from core.lora_io import FORMAT_NAME, FORMAT_VERSION
+        from modules.lora_formats import FORMAT_NAME, FORMAT_VERSION
 
         cfg = self.cfg
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "c",
@@ -201,7 +201,7 @@ class StageCLoraTrainer(StageCTrainer):
         return {}  # the LoRA files are written by extra_state (with metadata) and published below
 
     def extra_state(self) -> dict[str, Any]:
-        from core.lora_io import official_state_dict
+        from modules.lora_formats import official_state_dict
         from modules.loading import save_safetensors
 
         step = self.step
@@ -221,7 +221,7 @@ class StageCLoraTrainer(StageCTrainer):
         return out
 
     def comfyui_files(self, named: dict[str, torch.Tensor]) -> tuple[dict, Optional[tuple[dict, dict]]]:
-        from core.lora_io import entries_from_named, export_comfyui, token_embedding_file
+        from modules.lora_formats import entries_from_named, export_comfyui, token_embedding_file
 
         shapes = {t: _base_shape(self.unwrapped("generator"), t) for t, _ in self.loras}
         comfy = export_comfyui(entries_from_named(named), shapes)
@@ -261,7 +261,7 @@ class StageCLoraTrainer(StageCTrainer):
     @torch.no_grad()
     def load_lora_file(self, path: str, exact: bool = False) -> None:
         """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
-        from core.lora_io import load_into_loras, read_entries, read_tokens, stage_c_targets
+        from modules.lora_formats import load_into_loras, read_entries, read_tokens, stage_c_targets
         from modules.loading import read_state_dict
 
         cfg = self.cfg
