@@ -94,7 +94,7 @@ def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> 
     if "embeddings.embeddings" in sd:
         return "tokens"
     raise LoraFormatError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
-                    f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
+                          f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
 
 
 def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,10 +123,10 @@ def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[st
     count = len({k.split(".")[1] for k in sd if re.fullmatch(r"weights\.\d+\.lora_(down|up)", k)})
     if targets is None:
         raise LoraFormatError(f"{source}: official positional layout needs module_filters and model_version "
-                        f"to know which module weights.N adapts")
+                              f"to know which module weights.N adapts")
     if count != len(targets):
         raise LoraFormatError(f"{source}: holds {count} positional LoRAs (weights.N) but module_filters select "
-                        f"{len(targets)} modules in this model; set module_filters/model_version as in training")
+                              f"{len(targets)} modules in this model; set module_filters/model_version as in training")
     out = []
     for i, target in enumerate(targets):
         down, up = sd.get(f"weights.{i}.lora_down"), sd.get(f"weights.{i}.lora_up")
@@ -160,7 +160,7 @@ def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], sour
     unknown = [s for s in stems if s not in table]
     if unknown:
         raise LoraFormatError(f"{source}: {len(unknown)} ComfyUI LoRA names match no Stage C module, e.g. "
-                        f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
+                              f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
     out = []
     for stem in stems:
         down, up = sd.get(stem + ".lora_down.weight"), sd.get(stem + ".lora_up.weight")
@@ -202,13 +202,13 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
         if sorted(parts) != [0, 1, 2]:
             have = [QKV[b] for b in sorted(parts)]
             raise LoraFormatError(f"{source}: {target} has LoRAs only for {have}; a packed attention LoRA needs "
-                            f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
+                                  f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
         q = parts[0]
         for b in (1, 2):
             if parts[b].down.shape != q.down.shape or not torch.equal(parts[b].down, q.down):
                 raise LoraFormatError(f"{source}: {target}: to_q/to_k/to_v have different lora_down, so they cannot "
-                                f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
-                                f"tools/lora_merge.py (or sample with it) instead of resuming from it")
+                                      f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
+                                      f"tools/lora_merge.py (or sample with it) instead of resuming from it")
         ups = [parts[b].up.float() * (parts[b].alpha / q.alpha) for b in range(3)]
         plain.append(LoraEntry(target, q.down, torch.cat(ups).to(q.up.dtype), q.alpha))
     return plain
@@ -329,20 +329,21 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
     extra = [t for t in by_target if t not in ours]
     if missing or extra:
         raise LoraFormatError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
-                        f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
-                        f"set module_filters as the LoRA was trained")
+                              f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
+                              f"set module_filters as the LoRA was trained")
     for target, lora in loras:
         e = by_target[target]
         down = e.down
         if down.dim() == 4:
             if not torch.equal(down, down[..., :1, :1].expand_as(down)):
                 raise LoraFormatError(f"{source}: {target}: the conv LoRA varies over the kernel; our LoRA is "
-                                f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
+                                      f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
             down = down[..., 0, 0]
         if tuple(down.shape) != tuple(lora.lora_down.shape) or tuple(e.up.shape) != tuple(lora.lora_up.shape):
-            raise LoraFormatError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} do not fit "
-                            f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
-                            f"set rank to {e.rank} or check model_version")
+            raise LoraFormatError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} "
+                                  f"do not fit "
+                                  f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
+                                  f"set rank to {e.rank} or check model_version")
         lora.lora_down.copy_(down.to(lora.lora_down.dtype))
         lora.lora_up.copy_((e.up.float() * (e.alpha / float(alpha))).to(lora.lora_up.dtype))
 
@@ -362,7 +363,8 @@ def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEnt
             d = e.delta(tuple(w.shape)) * float(strength)
         except RuntimeError:
             raise LoraFormatError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
-                            f"does not fit the weight {tuple(w.shape)} (LoRA for another model_version?)") from None
+                                  f"does not fit the weight {tuple(w.shape)} "
+                                  f"(LoRA for another model_version?)") from None
         merged = w.float().clone()
         if e.block is None:
             merged += d
@@ -378,7 +380,8 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
     return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
 
 
-__all__ = ["LoraEntry", "LoraFormatError", "read_lora_file", "metadata_list", "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
+__all__ = ["LoraEntry", "LoraFormatError", "read_lora_file", "metadata_list",
+           "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version"]
@@ -408,7 +411,8 @@ def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -
     from modules.registry import MODEL_CONFIGS
 
     if model_version not in MODEL_CONFIGS["stage_c"]:
-        raise LoraFormatError(f"unknown Stage C model_version '{model_version}' (known: {', '.join(MODEL_CONFIGS['stage_c'])})")
+        raise LoraFormatError(f"unknown Stage C model_version '{model_version}' "
+                              f"(known: {', '.join(MODEL_CONFIGS['stage_c'])})")
     targets, shapes = _stage_c_facts(model_version, tuple(filters))
     return list(targets), dict(shapes)
 
@@ -425,7 +429,7 @@ def check_stage_c_version(state_dict: Mapping[str, torch.Tensor], model_version:
             return version
     what = f"Stage C {model_version}" if model_version else f"any Stage C version ({', '.join(MODEL_CONFIGS['stage_c'])})"
     raise LoraFormatError(f"{source} does not match {what}; is it a Stage C checkpoint in the official layout "
-                    f"(and the right model_version)?")
+                          f"(and the right model_version)?")
 
 
 def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -70,17 +70,19 @@ def validate_train_tokens(train_tokens: Any) -> list[tuple[str, Optional[str]]]:
         if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
                 or not (entry[1] is None or isinstance(entry[1], str))):
             raise TrainTokensError(f"config key 'train_tokens' entry {i} ({entry!r}) must be [token_or_regex, "
-                            f"init_regex_or_null], e.g. ['[fernando]', '^dog</w>'] or ['^snail', null]")
+                                   f"init_regex_or_null], e.g. ['[fernando]', '^dog</w>'] or ['^snail', null]")
         spec, init = entry[0], entry[1]
         for what, pattern in (("token regex", None if is_new_token(spec) else spec), ("init regex", init)):
             if pattern is not None:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise TrainTokensError(f"config key 'train_tokens' entry {i}: invalid {what} {pattern!r} ({exc})") from None
+                    raise TrainTokensError(f"config key 'train_tokens' entry {i}: invalid {what} {pattern!r} "
+                                           f"({exc})") from None
         if not is_new_token(spec) and init is not None:
-            raise TrainTokensError(f"config key 'train_tokens' entry {i}: {spec!r} is an existing-token regex (no brackets), "
-                            f"so its init regex must be null; write '[{spec}]' to add a new token")
+            raise TrainTokensError(f"config key 'train_tokens' entry {i}: {spec!r} is an existing-token regex "
+                                   f"(no brackets), "
+                                   f"so its init regex must be null; write '[{spec}]' to add a new token")
         out.append((spec, init))
     return out
 
@@ -109,7 +111,7 @@ def add_train_tokens(tokenizer: Any, text_model: Any, train_tokens: Any) -> Trai
             init_ids = _matching_ids(vocab, init, rows) if init is not None else []
             if init is not None and not init_ids:
                 raise TrainTokensError(f"train_tokens: init regex {init!r} for new token {spec} matches no vocabulary "
-                                f"entry (vocabulary strings look like 'dog</w>', 'snail</w>')")
+                                       f"entry (vocabulary strings look like 'dog</w>', 'snail</w>')")
             weight = text_model.get_input_embeddings().weight
             row = weight[init_ids].float().mean(0) if init_ids else torch.zeros(weight.shape[1])
             tokenizer.add_tokens([spec])
@@ -124,7 +126,7 @@ def add_train_tokens(tokenizer: Any, text_model: Any, train_tokens: Any) -> Trai
             ids = _matching_ids(vocab, spec, rows)
             if not ids:
                 raise TrainTokensError(f"train_tokens: regex {spec!r} matches no vocabulary entry (strings look like "
-                                f"'snail</w>'); write '[{spec}]' to add it as a new token")
+                                       f"'snail</w>'); write '[{spec}]' to add it as a new token")
             selected.update(ids)
             result.existing.append({"regex": spec, "ids": ids})
     result.ids = sorted(selected)
@@ -147,4 +149,5 @@ def fix_eos_pooling(text_model: Any, tokenizer: Any) -> bool:
     return True
 
 
-__all__ = ["TrainTokensError", "TrainedTokens", "add_train_tokens", "fix_eos_pooling", "is_new_token", "validate_train_tokens"]
+__all__ = ["TrainTokensError", "TrainedTokens", "add_train_tokens", "fix_eos_pooling", "is_new_token",
+           "validate_train_tokens"]
