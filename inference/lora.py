@@ -1,11 +1,12 @@
 """LoRA files at inference: read any supported layout and MERGE the deltas into the weights.
 
 The layouts (official positional ``weights.{i}.*``, our named ``<target>.lora_down/up/alpha``,
-ComfyUI ``lora_prior_unet_*``) are read by ``core.lora_io`` -- the same code the LoRA trainer
-writes them with -- and trained tokens are replayed by ``core.lora_tokens``. This module adds what
-inference needs on top: the official positional targets of a LIVE model, and merging with a
-strength that can be changed later (W += strength * alpha/rank * up @ down). Merging makes sampling
-as fast as the base model, and strength 0 leaves every weight bit-identical.
+ComfyUI ``lora_prior_unet_*``) are read by ``modules.lora_formats`` -- the same code the LoRA
+trainer writes them with -- and trained tokens are replayed by ``modules.lora_tokens``; the
+official positional targets of a LIVE model come from ``modules.lora.lora_targets``. This module
+adds what inference needs on top: merging with a strength that can be changed later
+(W += strength * alpha/rank * up @ down). Merging makes sampling as fast as the base model, and
+strength 0 leaves every weight bit-identical.
 """
 from __future__ import annotations
 
@@ -16,55 +17,20 @@ import torch
 from torch import nn
 
 from inference.errors import UserError
+from modules.lora import lora_targets
+from modules.lora_formats import LoraFormatError, detect_layout, read_entries, read_tokens
 
 OFFICIAL_FILTERS = (".attn",)
 
 
 @dataclass
 class LoraWeights:
-    """A LoRA file in normalised form: ``core.lora_io.LoraEntry`` updates + trained tokens."""
+    """A LoRA file in normalised form: ``modules.lora_formats.LoraEntry`` updates + trained tokens."""
 
     layout: str
     entries: list = field(default_factory=list)
     token_indices: Optional[torch.Tensor] = None
     token_deltas: Optional[torch.Tensor] = None
-
-
-def _lora_target(module: nn.Module) -> Optional[str]:
-    """The parameter ``apply_lora`` would wrap: ``weight``, else MHA's ``in_proj_weight``."""
-    if isinstance(getattr(module, "weight", None), nn.Parameter):
-        return "weight"
-    if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
-        return "in_proj_weight"
-    return None
-
-
-def official_lora_targets(model: nn.Module, filters: Sequence[str]) -> list[str]:
-    """Targets of the official positional layout, in the order ``weights.{i}`` uses.
-
-    ``apply_lora`` registers each LoRA in its module's ``parametrizations`` child, which comes after
-    the module's own children, so ``model.modules()`` reaches it after the module's whole subtree:
-    sort by the end of that subtree, the deeper module first on ties (out_proj before in_proj).
-    Computed on the live model without modifying it (any stage, any model_version).
-    """
-    names = [name for name, _ in model.named_modules()]
-    position = {name: i for i, name in enumerate(names)}
-    chosen = []
-    for name, module in model.named_modules():
-        attr = _lora_target(module)
-        if attr is None or not any(f in name for f in filters):
-            continue
-        prefix = name + "." if name else ""
-        end = max([position[name]] + [position[n] for n in names if n.startswith(prefix)])
-        chosen.append((end, -position[name], f"{name}.{attr}" if name else attr))
-    return [target for *_key, target in sorted(chosen)]
-
-
-def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "LoRA file") -> str:
-    """``official``, ``named``, ``comfyui`` or ``tokens`` (see ``core.lora_io``)."""
-    from core.lora_io import detect_layout as detect
-
-    return detect(state_dict, source)
 
 
 def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
@@ -75,20 +41,24 @@ def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
     ``filters`` (config ``module_filters``, default the official ``['.attn']``) and ``rank``
     only matter for the official positional layout, whose keys do not name their targets.
     """
-    from core.lora_io import read_entries, read_tokens
-
-    layout = detect_layout(state_dict, source)
-    targets = None
-    if layout == "official":
-        targets = official_lora_targets(model, list(filters or OFFICIAL_FILTERS))
-    entries = read_entries(state_dict, [n for n, _ in model.named_parameters()], targets, source)
+    try:
+        layout = detect_layout(state_dict, source)
+        targets = None
+        if layout == "official":
+            try:
+                targets = lora_targets(model, list(filters or OFFICIAL_FILTERS))
+            except ValueError as exc:
+                raise UserError(f"{source}: module_filters: {exc}") from None
+        entries = read_entries(state_dict, [n for n, _ in model.named_parameters()], targets, source)
+        tokens = read_tokens(state_dict)
+    except LoraFormatError as exc:  # inference raises one error type (inference.errors)
+        raise UserError(str(exc)) from None
     if rank is not None and layout == "official":
         ranks = {e.rank for e in entries}
         if ranks != {rank}:
             raise UserError(f"{source}: LoRA rank is {sorted(ranks)} but the config says rank {rank}; "
                             f"fix 'rank'")
     lora = LoraWeights(layout, entries)
-    tokens = read_tokens(state_dict)
     if tokens is not None:
         lora.token_indices, lora.token_deltas = tokens
     return lora

@@ -51,7 +51,7 @@ def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False)
     from modules.controlnet import ControlNet
     from modules.loading import save_safetensors
 
-    from inference.lora import official_lora_targets
+    from modules.lora import lora_targets
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False)
             save_safetensors(_build(kind, "default", gen), paths[kind])
         lora = {"embeddings.embeddings": torch.randn(1, 32, generator=gen) * 0.1,
                 "embeddings.indices": torch.tensor([49408], dtype=torch.long)}
-        for i, target in enumerate(official_lora_targets(stage_c, TINY_LORA_FILTERS)):
+        for i, target in enumerate(lora_targets(stage_c, TINY_LORA_FILTERS)):
             weight = stage_c.get_parameter(target)
             lora[f"weights.{i}.lora_down"] = torch.randn(TINY_LORA_RANK, weight.size(1), generator=gen)
             lora[f"weights.{i}.lora_up"] = torch.randn(weight.size(0), TINY_LORA_RANK, generator=gen)

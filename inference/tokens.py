@@ -1,6 +1,6 @@
 """Replay LoRA-trained tokens into the tokenizer and CLIP text embedding (training.md 7.1).
 
-Training (``core.lora_tokens``) adds each new token (``[name]`` or ``<name>``) to the tokenizer and appends one embedding
+Training (``modules.lora_tokens``) adds each new token (``[name]`` or ``<name>``) to the tokenizer and appends one embedding
 row, initialised to the mean of the rows whose vocabulary string matches the init regex. The LoRA
 file only stores the trained DELTAS for the rows listed in ``embeddings.indices``; replaying the
 same ``train_tokens`` in the same order recreates the ids those indices refer to.
@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from inference.errors import UserError
+from modules.lora_tokens import TrainTokensError
+from modules.lora_tokens import add_train_tokens as _add_train_tokens
 
 
 def _token_embedding(text_model: Any) -> torch.nn.Embedding:
@@ -20,13 +22,14 @@ def _token_embedding(text_model: Any) -> torch.nn.Embedding:
 
 def add_train_tokens(tokenizer: Any, text_model: Any,
                      train_tokens: Optional[Sequence[Sequence[Optional[str]]]]) -> list[int]:
-    """Replay ``train_tokens`` exactly as the LoRA trainer does (``core.lora_tokens``: new tokens,
+    """Replay ``train_tokens`` exactly as the LoRA trainer does (``modules.lora_tokens``: new tokens,
     mean-initialised rows, first-EOS pooling fix); returns the trained ids."""
-    from core.lora_tokens import add_train_tokens as replay
-
     if not train_tokens:
         return []
-    return replay(tokenizer, text_model, train_tokens).ids
+    try:
+        return _add_train_tokens(tokenizer, text_model, train_tokens).ids
+    except TrainTokensError as exc:  # inference raises one error type (inference.errors)
+        raise UserError(str(exc)) from None
 
 
 @torch.no_grad()

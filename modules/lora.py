@@ -77,42 +77,72 @@ def _target(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _no_match_message(model: nn.Module, filters: Optional[Sequence[str]]) -> str:
+    # Show name patterns (indices as '*') so the hint covers the whole model in a few entries.
+    patterns = list(dict.fromkeys(
+        ".".join("*" if part.isdigit() else part for part in n.split("."))
+        for n, m in model.named_modules() if _target(m) is not None))
+    return (f"apply_lora: filters {list(filters or [])} match no module with a weight; "
+            f"module names look like {patterns[:12]}")
+
+
+def lora_targets(model: nn.Module, filters: Optional[Sequence[str]] = None) -> List[str]:
+    """The parameters ``apply_lora(model, filters)`` adapts, in the order it returns them (the
+    official ``model.modules()`` order that gives ``weights.{i}`` of the positional layout its
+    meaning), computed without modifying ``model``. Raises ValueError when nothing matches.
+
+    A LoRA lives in its module's ``parametrizations`` child, registered after the module's own
+    children, so ``model.modules()`` reaches it right after the module's whole subtree: the order
+    is by the end of that subtree, the deeper module first on ties (out_proj before in_proj).
+    """
+    if isinstance(filters, str):
+        filters = [filters]
+    names = [n for n, _ in model.named_modules()]
+    # named_modules() is a pre-order walk, so each subtree is a contiguous run of positions.
+    ends = list(range(len(names)))
+    open_: List[int] = []
+    for i, name in enumerate(names):
+        while open_ and not (names[open_[-1]] == "" or name.startswith(names[open_[-1]] + ".")):
+            ends[open_.pop()] = i - 1
+        open_.append(i)
+    for j in open_:
+        ends[j] = len(names) - 1
+    chosen = []
+    for i, (name, module) in enumerate(model.named_modules()):
+        if filters is not None and not any(f in name for f in filters):
+            continue
+        attr = _target(module)
+        if attr is not None:
+            chosen.append((ends[i], -i, f"{name}.{attr}" if name else attr))
+    if not chosen:
+        raise ValueError(_no_match_message(model, filters))
+    return [target for _end, _depth, target in sorted(chosen)]
+
+
 def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: int = 16,
                alpha: Optional[float] = None) -> List[Tuple[str, LoRA]]:
     """Attach LoRA to every module whose qualified name contains any filter substring.
 
     Returns ``[(target, lora)]`` with targets such as ``down_blocks.0.2.attention.attn.in_proj_weight``
-    in the official ``model.modules()`` order (an attention's out_proj LoRA before its in_proj LoRA),
-    which is the order of the official checkpoint's ``weights.{i}``.
+    in the official ``model.modules()`` order (``lora_targets``: an attention's out_proj LoRA before
+    its in_proj LoRA), which is the order of the official checkpoint's ``weights.{i}``.
     """
     if isinstance(filters, str):
         filters = [filters]
-    chosen = [(n, m) for n, m in model.named_modules()
-              if filters is None or any(f in n for f in filters)]
-    new = set()
-    for n, m in chosen:
+    order = lora_targets(model, filters)
+    wanted = set(order)
+    made: Dict[str, LoRA] = {}
+    # Registration follows module order: each LoRA draws its lora_up from the global RNG here.
+    for n, m in list(model.named_modules()):
         attr = _target(m)
-        if attr is None:
+        target = (f"{n}.{attr}" if n else attr) if attr is not None else None
+        if target not in wanted:
             continue
         lora = LoRA(m, attr, rank=rank, alpha=alpha)
         lora._param_order = list(m._parameters)  # lets remove_lora restore the state-dict order
         parametrize.register_parametrization(m, attr, lora)
-        new.add(id(lora))
-    if not new:
-        # Show name patterns (indices as '*') so the hint covers the whole model in a few entries.
-        patterns = list(dict.fromkeys(
-            ".".join("*" if part.isdigit() else part for part in n.split("."))
-            for n, m in model.named_modules() if _target(m) is not None))
-        names = patterns[:12]
-        raise ValueError(f"apply_lora: filters {list(filters or [])} match no module with a weight; "
-                         f"module names look like {names}")
-    out = []
-    for n, m in model.named_modules():
-        if id(m) in new:
-            # n = '<owner>.parametrizations.<tensor>.<index>' -> '<owner>.<tensor>'
-            owner, tensor = n.rsplit(".parametrizations.", 1)
-            out.append((f"{owner}.{tensor.rsplit('.', 1)[0]}", m))
-    return out
+        made[target] = lora
+    return [(target, made[target]) for target in order]
 
 
 def remove_lora(model: nn.Module, leave_parametrized: bool = True) -> None:

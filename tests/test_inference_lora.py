@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from inference.errors import UserError
-from inference.lora import (MergedLora, detect_layout, merge_lora, official_lora_targets, read_lora)
+from inference.lora import MergedLora, merge_lora, read_lora
+from modules.lora import lora_targets
+from modules.lora_formats import detect_layout
 
 RANK = 2
 
@@ -27,7 +29,7 @@ def model():
 def official(model):
     gen = torch.Generator().manual_seed(1)
     sd = {}
-    for i, target in enumerate(official_lora_targets(model, [".attn"])):
+    for i, target in enumerate(lora_targets(model, [".attn"])):
         w = model.get_parameter(target)
         sd[f"weights.{i}.lora_down"] = torch.randn(RANK, w.size(1), generator=gen)
         sd[f"weights.{i}.lora_up"] = torch.randn(w.size(0), RANK, generator=gen)
@@ -47,7 +49,7 @@ def test_official_order_matches_modules_lora(model):
 
     twin = copy.deepcopy(model)
     targets = [name for name, _ in apply_lora(twin, [".attn"], rank=RANK)]
-    assert official_lora_targets(model, [".attn"]) == targets
+    assert lora_targets(model, [".attn"]) == targets
     assert targets[0].endswith("out_proj.weight") and targets[1].endswith("in_proj_weight")
 
 
@@ -66,10 +68,10 @@ def test_merge_equals_parametrized_lora(model, official):
 
 def test_named_and_comfy_layouts_equal_official(model, official):
     """Files in the trainer's named layout and its ComfyUI export merge to the same weights."""
-    from core.lora_io import entries_from_named, export_comfyui
+    from modules.lora_formats import entries_from_named, export_comfyui
 
     named = {}
-    for i, target in enumerate(official_lora_targets(model, [".attn"])):
+    for i, target in enumerate(lora_targets(model, [".attn"])):
         named[f"{target}.lora_down"] = official[f"weights.{i}.lora_down"]
         named[f"{target}.lora_up"] = official[f"weights.{i}.lora_up"]
         named[f"{target}.alpha"] = torch.tensor(1.0)
@@ -91,7 +93,7 @@ def test_strength_zero_is_exact_and_switchable(model, official):
     twin = copy.deepcopy(model)
     merged = MergedLora(twin, read_lora(official, twin, [".attn"], RANK))
     merged.set_strength(1.0)
-    key = official_lora_targets(model, [".attn"])[0]
+    key = lora_targets(model, [".attn"])[0]
     assert not torch.equal(twin.get_parameter(key), model.get_parameter(key))
     merged.set_strength(0.0)
     for (name, a), b in zip(twin.state_dict().items(), model.state_dict().values()):
@@ -107,4 +109,4 @@ def test_mismatches_are_user_errors(model, official):
         bad = {"nope.weight.lora_down": torch.zeros(2, 3), "nope.weight.lora_up": torch.zeros(3, 2)}
         merge_lora(model, read_lora(bad, model))
     with pytest.raises(UserError, match="no LoRA keys"):
-        detect_layout({"something": torch.zeros(1)})
+        read_lora({"something": torch.zeros(1)}, model)

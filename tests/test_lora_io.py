@@ -11,9 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError  # noqa: E402
-from core.lora_io import (  # noqa: E402
-    LoraEntry, detect_layout, entries_from_named, export_comfyui, load_into_loras, merge_entries,
+from modules.lora_formats import (  # noqa: E402
+    LoraEntry, LoraFormatError, detect_layout, entries_from_named, export_comfyui, load_into_loras, merge_entries,
     named_state_dict, official_state_dict, pack_qkv, read_entries, stage_c_targets,
 )
 from modules.lora import apply_lora, remove_lora  # noqa: E402
@@ -139,7 +138,7 @@ def test_official_positional_targets_of_the_3b_manifest():
     manifest = json.loads((REF / "lora_c_3b_rank4.json").read_text())
     targets, _ = stage_c_targets("3.6B", [".attn"], rank=4)
     assert targets == manifest["lora_targets_in_order"]
-    with pytest.raises(UserError, match="positional"):
+    with pytest.raises(LoraFormatError, match="positional"):
         read_entries({"weights.0.lora_down": torch.zeros(4, 8), "weights.0.lora_up": torch.zeros(8, 4)},
                      [], official_targets=targets)
 
@@ -148,7 +147,7 @@ def test_qkv_with_different_downs_merges_but_does_not_repack():
     target = "a.attn.in_proj_weight"
     downs = [torch.randn(2, 4) for _ in range(3)]
     entries = [LoraEntry(target, downs[b], torch.randn(4, 2), 2.0, block=b) for b in range(3)]
-    with pytest.raises(UserError, match="different lora_down"):
+    with pytest.raises(LoraFormatError, match="different lora_down"):
         pack_qkv(entries)
     base = {target: torch.zeros(12, 4)}
     merged = merge_entries(base, entries)[target]
@@ -159,17 +158,17 @@ def test_qkv_with_different_downs_merges_but_does_not_repack():
     torch.testing.assert_close(merge_entries(base, [packed])[target], merge_entries(base, same)[target])
 
 
-def test_unknown_comfyui_names_and_rank_mismatch_are_user_errors():
+def test_unknown_comfyui_names_and_rank_mismatch_are_format_errors():
     model, loras = _tiny_with_random_lora(rank=2)
     shapes = {k: tuple(v.shape) for k, v in _base_state_dict(model).items()}
-    with pytest.raises(UserError, match="match no Stage C module"):
+    with pytest.raises(LoraFormatError, match="match no Stage C module"):
         read_entries({"lora_prior_unet_nope.lora_down.weight": torch.zeros(2, 2),
                       "lora_prior_unet_nope.lora_up.weight": torch.zeros(2, 2)}, shapes)
     _, rank4 = _tiny_with_random_lora(rank=4)
-    with pytest.raises(UserError, match="set rank to 4"):
+    with pytest.raises(LoraFormatError, match="set rank to 4"):
         load_into_loras(loras, entries_from_named(named_state_dict(rank4, 1.0)), alpha=1.0)
 
 
 def test_filters_matching_nothing_name_existing_modules():
-    with pytest.raises(UserError, match="module names look like"):
+    with pytest.raises(LoraFormatError, match="module names look like"):
         stage_c_targets("tiny", [".nothing_like_this"])

@@ -10,8 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.errors import UserError  # noqa: E402
-from core.lora_tokens import add_train_tokens, validate_train_tokens  # noqa: E402
+from modules.lora_tokens import TrainTokensError, add_train_tokens, validate_train_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +45,12 @@ def test_new_token_is_the_mean_of_matching_rows_and_old_rows_are_untouched(clip_
 
 def test_regex_matching_nothing_and_malformed_entries_are_errors(clip_dir):
     tok, model = _load(clip_dir)
-    with pytest.raises(UserError, match="matches no vocabulary entry"):
+    with pytest.raises(TrainTokensError, match="matches no vocabulary entry"):
         add_train_tokens(tok, model, [["[x]", "^zzzqqq_nothing"]])
-    with pytest.raises(UserError, match="matches no vocabulary entry"):
+    with pytest.raises(TrainTokensError, match="matches no vocabulary entry"):
         add_train_tokens(tok, model, [["^zzzqqq_nothing", None]])
     for bad in ([["[x]"]], [[1, None]], "abc", [["snail", "^dog"]], [["(", None]]):
-        with pytest.raises(UserError):
+        with pytest.raises(TrainTokensError):
             validate_train_tokens(bad)
 
 

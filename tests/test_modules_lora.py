@@ -1,11 +1,13 @@
 """LoRA / ReToken parametrizations on tiny models."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from modules.lora import (
     LoRA, ReToken, apply_lora, apply_retoken, load_lora_state_dict_official, lora_module_dict, lora_state_dict_named,
-    lora_state_dict_official, remove_lora)
+    lora_state_dict_official, lora_targets, remove_lora)
 from modules.registry import build_model
 
 
@@ -95,6 +97,17 @@ def test_filters_matching_nothing():
     model = build_model("stage_c", "tiny", device="meta")
     with pytest.raises(ValueError, match="down_blocks"):
         apply_lora(model, filters=["no_such_layer"])
+
+
+def test_lora_targets_is_apply_lora_order_without_touching_the_model():
+    model = build_model("stage_c", "tiny", device="meta")
+    keys = list(model.state_dict())
+    for filters in ([".attn"], [".attn", "mapper"], None):
+        targets = lora_targets(model, filters)
+        assert list(model.state_dict()) == keys  # nothing was registered
+        assert [n for n, _ in apply_lora(copy.deepcopy(model), filters, rank=1)] == targets
+    with pytest.raises(ValueError, match="down_blocks"):
+        lora_targets(model, ["no_such_layer"])
 
 
 def test_official_and_named_state_dicts_round_trip():

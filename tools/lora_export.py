@@ -31,8 +31,8 @@ def token_vectors(sd: dict, meta: dict, clip_text_model: str):
     """``(final rows (n, width), token strings)`` of the trained tokens, rebuilt from the CLIP model."""
     import torch
 
-    from core.lora_io import metadata_list, read_tokens
-    from core.lora_tokens import add_train_tokens
+    from modules.lora_formats import metadata_list, read_tokens
+    from modules.lora_tokens import add_train_tokens
     from modules.conditioning import load_clip_text, load_tokenizer
 
     indices, deltas = read_tokens(sd)
@@ -52,7 +52,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
                 model_version: str | None = None, module_filters: list[str] | None = None) -> dict:
     import torch
 
-    from core.lora_io import (export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file, read_tokens,
+    from modules.lora_formats import (export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file, read_tokens,
                               stage_c_targets, token_embedding_file)
     from modules.loading import save_safetensors
 

@@ -31,7 +31,7 @@ def merge_files(base: str, lora: str, out: str, strength: float = 1.0, module_fi
     """Merge ``lora`` into ``base`` and write ``out``; returns a summary dict."""
     import torch
 
-    from core.lora_io import (check_stage_c_version, merge_entries, metadata_list, read_entries, read_lora_file,
+    from modules.lora_formats import (check_stage_c_version, merge_entries, metadata_list, read_entries, read_lora_file,
                               read_tokens, stage_c_targets)
     from modules.loading import read_state_dict, save_safetensors
 

@@ -16,8 +16,10 @@ Layouts (``detect_layout``):
   ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
   not loaded as a trainable packed LoRA (that would need rank 3r): ``pack_qkv`` says so.
 
-Everything here works on plain state dicts (also on the meta device), so tools need no model
-weights. Errors a user can fix raise :class:`core.errors.UserError`.
+Everything here works on plain state dicts and tensors (also on the meta device), so tools need
+no model weights; the only file access is :func:`read_lora_file`. Errors a user can fix raise
+:class:`LoraFormatError`, a :class:`modules.loading.CheckpointError`, which the project's CLIs print
+as one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -29,13 +31,19 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from core.errors import UserError
+from modules.loading import CheckpointError, read_state_dict
+from modules.lora import lora_targets
 
 COMFY_PREFIX = "lora_prior_unet_"
 QKV = ("to_q", "to_k", "to_v")
 FORMAT_NAME = "cascade-train-lora"
 FORMAT_VERSION = "1"
 _COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+class LoraFormatError(CheckpointError):
+    """A LoRA file, or the settings that say how to read it (module_filters, model_version, rank),
+    does not fit the model."""
 
 
 @dataclass
@@ -85,8 +93,8 @@ def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> 
         return "named"
     if "embeddings.embeddings" in sd:
         return "tokens"
-    raise UserError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
-                    f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
+    raise LoraFormatError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
+                          f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
 
 
 def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -94,7 +102,7 @@ def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, 
     if "embeddings.embeddings" not in sd:
         return None
     if "embeddings.indices" not in sd:
-        raise UserError("LoRA file has embeddings.embeddings but no embeddings.indices")
+        raise LoraFormatError("LoRA file has embeddings.embeddings but no embeddings.indices")
     return sd["embeddings.indices"].long(), sd["embeddings.embeddings"]
 
 
@@ -105,7 +113,7 @@ def _read_named(sd: Mapping[str, torch.Tensor], source: str) -> list[LoraEntry]:
             continue
         target = key[: -len(".lora_down")]
         if target + ".lora_up" not in sd:
-            raise UserError(f"{source}: {key} has no matching {target}.lora_up")
+            raise LoraFormatError(f"{source}: {key} has no matching {target}.lora_up")
         alpha = float(sd[target + ".alpha"]) if target + ".alpha" in sd else 1.0
         out.append(LoraEntry(target, sd[key], sd[target + ".lora_up"], alpha))
     return out
@@ -114,30 +122,30 @@ def _read_named(sd: Mapping[str, torch.Tensor], source: str) -> list[LoraEntry]:
 def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[str]], source: str) -> list[LoraEntry]:
     count = len({k.split(".")[1] for k in sd if re.fullmatch(r"weights\.\d+\.lora_(down|up)", k)})
     if targets is None:
-        raise UserError(f"{source}: official positional layout needs module_filters and model_version "
-                        f"to know which module weights.N adapts")
+        raise LoraFormatError(f"{source}: official positional layout needs module_filters and model_version "
+                              f"to know which module weights.N adapts")
     if count != len(targets):
-        raise UserError(f"{source}: holds {count} positional LoRAs (weights.N) but module_filters select "
-                        f"{len(targets)} modules in this model; set module_filters/model_version as in training")
+        raise LoraFormatError(f"{source}: holds {count} positional LoRAs (weights.N) but module_filters select "
+                              f"{len(targets)} modules in this model; set module_filters/model_version as in training")
     out = []
     for i, target in enumerate(targets):
         down, up = sd.get(f"weights.{i}.lora_down"), sd.get(f"weights.{i}.lora_up")
         if down is None or up is None:
-            raise UserError(f"{source}: weights.{i}.lora_down or weights.{i}.lora_up is missing")
+            raise LoraFormatError(f"{source}: weights.{i}.lora_down or weights.{i}.lora_up is missing")
         out.append(LoraEntry(target, down, up, 1.0))  # official scale 1/rank
     return out
 
 
 def comfy_stem_table(param_names: Iterable[str]) -> dict[str, tuple[str, Optional[int]]]:
-    """ComfyUI LoRA stem -> (our parameter name, q/k/v block or None) for adaptable parameters."""
+    """ComfyUI LoRA stem -> (our parameter name, q/k/v block or None) for adaptable parameters
+    (the inverse of :func:`comfyui_key_stems`)."""
     table: dict[str, tuple[str, Optional[int]]] = {}
     for name in param_names:
-        if name.endswith(".in_proj_weight"):
-            stem = COMFY_PREFIX + name[: -len(".in_proj_weight")].replace(".", "_")
-            for block, part in enumerate(QKV):
-                table[f"{stem}_{part}"] = (name, block)
-        elif name.endswith(".weight"):
-            table[COMFY_PREFIX + name[: -len(".weight")].replace(".", "_")] = (name, None)
+        if not name.endswith((".weight", ".in_proj_weight")):
+            continue
+        stems = comfyui_key_stems([name])
+        for block, stem in enumerate(stems):
+            table[stem] = (name, block if len(stems) == len(QKV) else None)
     return table
 
 
@@ -151,13 +159,13 @@ def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], sour
     table = comfy_stem_table(param_names)
     unknown = [s for s in stems if s not in table]
     if unknown:
-        raise UserError(f"{source}: {len(unknown)} ComfyUI LoRA names match no Stage C module, e.g. "
-                        f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
+        raise LoraFormatError(f"{source}: {len(unknown)} ComfyUI LoRA names match no Stage C module, e.g. "
+                              f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
     out = []
     for stem in stems:
         down, up = sd.get(stem + ".lora_down.weight"), sd.get(stem + ".lora_up.weight")
         if down is None or up is None:
-            raise UserError(f"{source}: {stem} lacks lora_down.weight or lora_up.weight")
+            raise LoraFormatError(f"{source}: {stem} lacks lora_down.weight or lora_up.weight")
         if down.dim() == 4 and down.shape[-2:] == (1, 1):
             down = down.flatten(1)
         alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.shape[0])
@@ -183,7 +191,7 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
     """Re-pack ComfyUI ``to_q``/``to_k``/``to_v`` thirds into one ``in_proj_weight`` LoRA.
 
     They must share ``lora_down`` (what ``export_comfyui`` writes); differing alphas are folded
-    into the ``up`` rows. Raises UserError for thirds with different ``lora_down`` or a missing third.
+    into the ``up`` rows. Raises LoraFormatError for thirds with different ``lora_down`` or a missing third.
     """
     plain = [e for e in entries if e.block is None]
     groups: dict[str, dict[int, LoraEntry]] = {}
@@ -193,14 +201,14 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
     for target, parts in groups.items():
         if sorted(parts) != [0, 1, 2]:
             have = [QKV[b] for b in sorted(parts)]
-            raise UserError(f"{source}: {target} has LoRAs only for {have}; a packed attention LoRA needs "
-                            f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
+            raise LoraFormatError(f"{source}: {target} has LoRAs only for {have}; a packed attention LoRA needs "
+                                  f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
         q = parts[0]
         for b in (1, 2):
             if parts[b].down.shape != q.down.shape or not torch.equal(parts[b].down, q.down):
-                raise UserError(f"{source}: {target}: to_q/to_k/to_v have different lora_down, so they cannot "
-                                f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
-                                f"tools/lora_merge.py (or sample with it) instead of resuming from it")
+                raise LoraFormatError(f"{source}: {target}: to_q/to_k/to_v have different lora_down, so they cannot "
+                                      f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
+                                      f"tools/lora_merge.py (or sample with it) instead of resuming from it")
         ups = [parts[b].up.float() * (parts[b].alpha / q.alpha) for b in range(3)]
         plain.append(LoraEntry(target, q.down, torch.cat(ups).to(q.up.dtype), q.alpha))
     return plain
@@ -212,23 +220,23 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
 def named_state_dict(loras: Sequence[tuple[str, Any]], alpha: float,
                      token_indices: Optional[torch.Tensor] = None,
                      token_deltas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """The ``named`` layout from ``apply_lora``'s ``[(target, LoRA)]`` (detached CPU copies)."""
+    """The ``named`` layout from ``apply_lora``'s ``[(target, LoRA)]`` (detached CPU copies).
+
+    The LoRA parameters must be plain tensors (a sharded DTensor is gathered by the caller)."""
     sd: dict[str, torch.Tensor] = {}
     if token_deltas is not None:
         sd["embeddings.embeddings"] = token_deltas.detach().float().cpu().clone()
         sd["embeddings.indices"] = token_indices.detach().long().cpu().clone()
     for target, lora in loras:
-        sd[f"{target}.lora_down"] = _full(lora.lora_down)
-        sd[f"{target}.lora_up"] = _full(lora.lora_up)
+        sd[f"{target}.lora_down"] = _copy(lora.lora_down)
+        sd[f"{target}.lora_up"] = _copy(lora.lora_up)
         sd[f"{target}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return sd
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    if hasattr(t, "full_tensor"):  # DTensor (FSDP2)
-        t = t.full_tensor()
+def _copy(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
-    return t.clone() if t.is_meta else t.cpu().clone()
+    return t.clone() if t.is_meta else t.cpu().clone()  # meta: export names without weights
 
 
 def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -256,7 +264,7 @@ def comfyui_key_stems(targets: Iterable[str]) -> list[str]:
         elif target.endswith(".weight"):
             out.append(COMFY_PREFIX + target[: -len(".weight")].replace(".", "_"))
         else:
-            raise UserError(f"cannot export a LoRA on {target} to ComfyUI (only .weight / in_proj_weight)")
+            raise LoraFormatError(f"cannot export a LoRA on {target} to ComfyUI (only .weight / in_proj_weight)")
     return out
 
 
@@ -279,7 +287,7 @@ def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[
 
     for e in entries:
         if e.block is not None:
-            raise UserError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
+            raise LoraFormatError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
         stems = comfyui_key_stems([e.target])
         down, up = e.down, e.up
         shape = (param_shapes or {}).get(e.target)
@@ -320,21 +328,22 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
     missing = [t for t, _ in loras if t not in by_target]
     extra = [t for t in by_target if t not in ours]
     if missing or extra:
-        raise UserError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
-                        f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
-                        f"set module_filters as the LoRA was trained")
+        raise LoraFormatError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
+                              f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
+                              f"set module_filters as the LoRA was trained")
     for target, lora in loras:
         e = by_target[target]
         down = e.down
         if down.dim() == 4:
             if not torch.equal(down, down[..., :1, :1].expand_as(down)):
-                raise UserError(f"{source}: {target}: the conv LoRA varies over the kernel; our LoRA is "
-                                f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
+                raise LoraFormatError(f"{source}: {target}: the conv LoRA varies over the kernel; our LoRA is "
+                                      f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
             down = down[..., 0, 0]
         if tuple(down.shape) != tuple(lora.lora_down.shape) or tuple(e.up.shape) != tuple(lora.lora_up.shape):
-            raise UserError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} do not fit "
-                            f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
-                            f"set rank to {e.rank} or check model_version")
+            raise LoraFormatError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} "
+                                  f"do not fit "
+                                  f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
+                                  f"set rank to {e.rank} or check model_version")
         lora.lora_down.copy_(down.to(lora.lora_down.dtype))
         lora.lora_up.copy_((e.up.float() * (e.alpha / float(alpha))).to(lora.lora_up.dtype))
 
@@ -349,12 +358,13 @@ def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEnt
     for e in entries:
         w = out.get(e.target)
         if w is None:
-            raise UserError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
+            raise LoraFormatError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
         try:
             d = e.delta(tuple(w.shape)) * float(strength)
         except RuntimeError:
-            raise UserError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
-                            f"does not fit the weight {tuple(w.shape)} (LoRA for another model_version?)") from None
+            raise LoraFormatError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
+                                  f"does not fit the weight {tuple(w.shape)} "
+                                  f"(LoRA for another model_version?)") from None
         merged = w.float().clone()
         if e.block is None:
             merged += d
@@ -370,7 +380,8 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
     return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
 
 
-__all__ = ["LoraEntry", "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
+__all__ = ["LoraEntry", "LoraFormatError", "read_lora_file", "metadata_list",
+           "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version"]
@@ -381,7 +392,6 @@ __all__ = ["LoraEntry", "detect_layout", "read_tokens", "read_entries", "pack_qk
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _stage_c_facts(model_version: str, filters: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
-    from modules.lora import apply_lora
     from modules.registry import build_model
 
     model = build_model("stage_c", model_version, device="meta")
@@ -389,9 +399,9 @@ def _stage_c_facts(model_version: str, filters: tuple[str, ...]) -> tuple[tuple[
     if not filters:
         return (), shapes
     try:
-        targets = tuple(name for name, _ in apply_lora(model, list(filters), rank=1))
+        targets = tuple(lora_targets(model, list(filters)))
     except ValueError as exc:
-        raise UserError(f"module_filters: {exc}") from None
+        raise LoraFormatError(f"module_filters: {exc}") from None
     return targets, shapes
 
 
@@ -401,7 +411,8 @@ def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -
     from modules.registry import MODEL_CONFIGS
 
     if model_version not in MODEL_CONFIGS["stage_c"]:
-        raise UserError(f"unknown Stage C model_version '{model_version}' (known: {', '.join(MODEL_CONFIGS['stage_c'])})")
+        raise LoraFormatError(f"unknown Stage C model_version '{model_version}' "
+                              f"(known: {', '.join(MODEL_CONFIGS['stage_c'])})")
     targets, shapes = _stage_c_facts(model_version, tuple(filters))
     return list(targets), dict(shapes)
 
@@ -409,7 +420,7 @@ def stage_c_targets(model_version: str, filters: Sequence[str], rank: int = 1) -
 def check_stage_c_version(state_dict: Mapping[str, torch.Tensor], model_version: Optional[str] = None,
                           source: str = "checkpoint") -> str:
     """``model_version`` (or, if None, the registry version) that ``state_dict`` matches exactly;
-    UserError otherwise. Each candidate costs one meta-device build, so pass the version if known."""
+    LoraFormatError otherwise. Each candidate costs one meta-device build, so pass the version if known."""
     from modules.registry import MODEL_CONFIGS
 
     have = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -417,14 +428,12 @@ def check_stage_c_version(state_dict: Mapping[str, torch.Tensor], model_version:
         if dict(_stage_c_facts(version, ())[1]) == have:
             return version
     what = f"Stage C {model_version}" if model_version else f"any Stage C version ({', '.join(MODEL_CONFIGS['stage_c'])})"
-    raise UserError(f"{source} does not match {what}; is it a Stage C checkpoint in the official layout "
-                    f"(and the right model_version)?")
+    raise LoraFormatError(f"{source} does not match {what}; is it a Stage C checkpoint in the official layout "
+                          f"(and the right model_version)?")
 
 
 def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, safetensors metadata)`` of a LoRA file (.safetensors, or .pt/.ckpt without metadata)."""
-    from modules.loading import read_state_dict
-
     sd = read_state_dict(path)
     meta: dict[str, str] = {}
     if str(path).endswith(".safetensors"):

@@ -17,6 +17,8 @@ Pooling: HF's CLIP text model pools at ``argmax(input_ids)`` when its config has
 ``eos_token_id == 2`` (the bigG config does); a new token has an id ABOVE the EOS id 49407 and
 would steal the pooled position. :func:`fix_eos_pooling` switches such a model to "first EOS id"
 pooling, which gives identical results for every prompt without new tokens.
+
+Errors a user can fix raise :class:`TrainTokensError` (a ``CheckpointError``: printed as one line).
 """
 from __future__ import annotations
 
@@ -26,7 +28,13 @@ from typing import Any, Optional
 
 import torch
 
-from core.errors import UserError
+from modules.lora_formats import LoraFormatError
+
+
+class TrainTokensError(LoraFormatError):
+    """``train_tokens`` is malformed or does not fit the tokenizer. A LoRA file's
+    ``embeddings.indices`` only mean something with the token list that created them, so this is
+    part of reading the LoRA format."""
 
 
 def is_new_token(spec: str) -> bool:
@@ -56,23 +64,25 @@ def validate_train_tokens(train_tokens: Any) -> list[tuple[str, Optional[str]]]:
     if train_tokens is None:
         return []
     if not isinstance(train_tokens, (list, tuple)):
-        raise UserError("config key 'train_tokens' must be a list of [token_or_regex, init_regex_or_null] pairs")
+        raise TrainTokensError("config key 'train_tokens' must be a list of [token_or_regex, init_regex_or_null] pairs")
     out = []
     for i, entry in enumerate(train_tokens):
         if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
                 or not (entry[1] is None or isinstance(entry[1], str))):
-            raise UserError(f"config key 'train_tokens' entry {i} ({entry!r}) must be [token_or_regex, "
-                            f"init_regex_or_null], e.g. ['[fernando]', '^dog</w>'] or ['^snail', null]")
+            raise TrainTokensError(f"config key 'train_tokens' entry {i} ({entry!r}) must be [token_or_regex, "
+                                   f"init_regex_or_null], e.g. ['[fernando]', '^dog</w>'] or ['^snail', null]")
         spec, init = entry[0], entry[1]
         for what, pattern in (("token regex", None if is_new_token(spec) else spec), ("init regex", init)):
             if pattern is not None:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise UserError(f"config key 'train_tokens' entry {i}: invalid {what} {pattern!r} ({exc})") from None
+                    raise TrainTokensError(f"config key 'train_tokens' entry {i}: invalid {what} {pattern!r} "
+                                           f"({exc})") from None
         if not is_new_token(spec) and init is not None:
-            raise UserError(f"config key 'train_tokens' entry {i}: {spec!r} is an existing-token regex (no brackets), "
-                            f"so its init regex must be null; write '[{spec}]' to add a new token")
+            raise TrainTokensError(f"config key 'train_tokens' entry {i}: {spec!r} is an existing-token regex "
+                                   f"(no brackets), "
+                                   f"so its init regex must be null; write '[{spec}]' to add a new token")
         out.append((spec, init))
     return out
 
@@ -100,8 +110,8 @@ def add_train_tokens(tokenizer: Any, text_model: Any, train_tokens: Any) -> Trai
                 continue
             init_ids = _matching_ids(vocab, init, rows) if init is not None else []
             if init is not None and not init_ids:
-                raise UserError(f"train_tokens: init regex {init!r} for new token {spec} matches no vocabulary "
-                                f"entry (vocabulary strings look like 'dog</w>', 'snail</w>')")
+                raise TrainTokensError(f"train_tokens: init regex {init!r} for new token {spec} matches no vocabulary "
+                                       f"entry (vocabulary strings look like 'dog</w>', 'snail</w>')")
             weight = text_model.get_input_embeddings().weight
             row = weight[init_ids].float().mean(0) if init_ids else torch.zeros(weight.shape[1])
             tokenizer.add_tokens([spec])
@@ -115,8 +125,8 @@ def add_train_tokens(tokenizer: Any, text_model: Any, train_tokens: Any) -> Trai
         else:
             ids = _matching_ids(vocab, spec, rows)
             if not ids:
-                raise UserError(f"train_tokens: regex {spec!r} matches no vocabulary entry (strings look like "
-                                f"'snail</w>'); write '[{spec}]' to add it as a new token")
+                raise TrainTokensError(f"train_tokens: regex {spec!r} matches no vocabulary entry (strings look like "
+                                       f"'snail</w>'); write '[{spec}]' to add it as a new token")
             selected.update(ids)
             result.existing.append({"regex": spec, "ids": ids})
     result.ids = sorted(selected)
@@ -139,4 +149,5 @@ def fix_eos_pooling(text_model: Any, tokenizer: Any) -> bool:
     return True
 
 
-__all__ = ["TrainedTokens", "add_train_tokens", "fix_eos_pooling", "is_new_token", "validate_train_tokens"]
+__all__ = ["TrainTokensError", "TrainedTokens", "add_train_tokens", "fix_eos_pooling", "is_new_token",
+           "validate_train_tokens"]
