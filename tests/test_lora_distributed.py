@@ -35,7 +35,7 @@ def _free_port() -> int:
 def assets(tmp_path_factory):
     """The shared assets plus a shard repeating ONE photo and caption (so the per-rank split of
     the global batch cannot change the math)."""
-    from core.data.testing import jpeg_bytes, photo_variant, write_tar
+    from tools.photo_shards import jpeg_bytes, photo_variant, write_tar
 
     folder = make_adapter_assets(tmp_path_factory.getbasetemp())
     same = folder / "same_shards" / "same-0000.tar"

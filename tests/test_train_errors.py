@@ -76,7 +76,7 @@ def test_wrong_model_version_for_checkpoint(assets, tmp_path, capsys):
 
 
 def test_empty_dataset(assets, tmp_path, capsys):
-    from core.data.testing import write_tar
+    from tools.photo_shards import write_tar
 
     empty = write_tar(str(tmp_path / "empty" / "empty-0000.tar"), [])
     code, err = run_in_process(config_args(C_CONFIG, assets, tmp_path, webdataset_path=empty), capsys)

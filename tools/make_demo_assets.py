@@ -95,7 +95,7 @@ def variants(image: Image.Image, n: int, size: int, rng: random.Random) -> list[
 def write_shards(samples: list[dict], folder: Path, n_shards: int, prefix: str = "demo") -> list[Path]:
     """Write ``samples`` ({'__key__', 'jpg' bytes, 'txt' str, 'json' dict}) into ``n_shards`` tars
     with the data layer's shard writer."""
-    from core.data.testing import write_tar
+    from core.data.tarwrite import write_tar
 
     folder.mkdir(parents=True, exist_ok=True)
     per = (len(samples) + n_shards - 1) // n_shards
