@@ -47,7 +47,7 @@ def _build(kind: str, version: str, generator: torch.Generator) -> nn.Module:
 
 def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write every tiny file under ``folder`` (skipped when already there); returns the paths."""
-    from modules.conditioning import write_tiny_clip
+    from tools.tiny_clip import write_tiny_clip
     from modules.controlnet import ControlNet
     from modules.loading import save_safetensors
 

@@ -16,7 +16,7 @@ from core.lora_tokens import add_train_tokens, validate_train_tokens  # noqa: E4
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from modules.conditioning import write_tiny_clip
+    from tools.tiny_clip import write_tiny_clip
 
     text, _ = write_tiny_clip(tmp_path_factory.mktemp("clip"), text_width=32, projection_dim=32)
     return str(text)
