@@ -17,6 +17,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapter_assets(tmp_path_factory, one_thread):
     """Tiny frozen parts, a tiny 'pretrained' Stage C and a 4-photo shard (built once per session)."""
-    from tests.adapter_assets import make_adapter_assets
+    from tests.helpers.adapter_assets import make_adapter_assets
 
     return make_adapter_assets(tmp_path_factory.getbasetemp())

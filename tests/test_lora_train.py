@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
+from tests.helpers.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
 
 CONFIG = str(ROOT / "configs/training/tiny_c_lora.yaml")
 TOKENS = [["[tinytok]", "^dog</w>"], ["^photo</w>", None]]
