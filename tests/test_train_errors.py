@@ -6,20 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.test_train_e2e import C_CONFIG, config_args, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.test_train_e2e import C_CONFIG, config_args, make_assets, subprocess_env  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_assets(tmp_path_factory)
-    torch.set_num_threads(threads)
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
