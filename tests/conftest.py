@@ -7,9 +7,11 @@
 * ``train_assets`` (session): the demo assets the Stage C / Stage B training tests train on.
 * ``adapter_assets`` (module, with ``one_thread``): the LoRA / ControlNet assets; the folder is
   built once per session.
+* ``repo_on_pythonpath`` (test): the repository root on PYTHONPATH for child Python processes.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +50,17 @@ def train_assets(tmp_path_factory) -> Path:
         make_models(folder, calibration_size=64)
         make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
     return folder
+
+
+@pytest.fixture
+def repo_on_pythonpath(monkeypatch):
+    """The repository root first on PYTHONPATH during the test (restored after).
+
+    For child scripts written outside the repository: pytest's ``pythonpath`` setting only reaches
+    this process, and a script's own folder, not the working directory, starts its ``sys.path``.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
 
 
 @pytest.fixture(scope="module")

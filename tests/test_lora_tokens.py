@@ -1,17 +1,11 @@
 """train_tokens: new tokens (mean-initialised rows), finetuned existing tokens, errors, EOS pooling."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core.errors import UserError  # noqa: E402
-from core.lora_tokens import add_train_tokens, validate_train_tokens  # noqa: E402
+from core.errors import UserError
+from core.lora_tokens import add_train_tokens, validate_train_tokens
 
 
 @pytest.fixture(scope="module")
