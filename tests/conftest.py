@@ -1,22 +1,71 @@
-"""Shared fixtures of the test suite: one intra-op thread, and the offline tiny assets."""
+"""Shared fixtures of the test suite: one intra-op thread, and the offline tiny assets.
+
+* ``one_thread`` (module): one intra-op thread for a module's tests, the previous count restored
+  after the module. Modules ask for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``
+  (or through a fixture that depends on it); it is not autouse because most modules run tiny
+  tensors in a few milliseconds either way.
+* ``train_assets`` (session): the demo assets the Stage C / Stage B training tests train on.
+* ``adapter_assets`` (module, with ``one_thread``): the LoRA / ControlNet assets; the folder is
+  built once per session.
+* ``repo_on_pythonpath`` (test): the repository root on PYTHONPATH for child Python processes.
+"""
 from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
 
+@contextmanager
+def one_intraop_thread() -> Iterator[None]:
+    """One intra-op thread inside the block, the previous count after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on a busy (oversubscribed) machine OpenMP spin-waiting slows tiny kernels a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intraop_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory) -> Path:
+    """The demo assets at test size: tiny frozen parts (random-init, seeded), tiny CLIP, and 2 shards
+    holding 2 random 64 px crops of each of 8 photographs (16 samples)."""
+    from tools.make_demo_assets import make_dataset, make_models
+
+    folder = tmp_path_factory.mktemp("train_assets", numbered=False)
+    # a session fixture cannot use the module-scoped one_thread; the build wants one thread too
+    with one_intraop_thread():
+        make_models(folder, calibration_size=64)
+        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
+    return folder
+
+
+@pytest.fixture
+def repo_on_pythonpath(monkeypatch):
+    """The repository root first on PYTHONPATH during the test (restored after).
+
+    For child scripts written outside the repository: pytest's ``pythonpath`` setting only reaches
+    this process, and a script's own folder, not the working directory, starts its ``sys.path``.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
 
 
 @pytest.fixture(scope="module")
 def adapter_assets(tmp_path_factory, one_thread):
     """Tiny frozen parts, a tiny 'pretrained' Stage C and a 4-photo shard (built once per session)."""
-    from tests.adapter_assets import make_adapter_assets
+    from tests.helpers.adapter_assets import make_adapter_assets
 
     return make_adapter_assets(tmp_path_factory.getbasetemp())

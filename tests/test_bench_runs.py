@@ -3,26 +3,17 @@ asserted: the machine running the tests says nothing about performance)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    # same folder and arguments as tests/test_train_e2e.py: one build per test session
-    folder = tmp_path_factory.getbasetemp() / "train_assets"
-    if not (folder / "READY").is_file():
-        from tools.make_demo_assets import make_dataset, make_models
-
-        make_models(folder, calibration_size=64)
-        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
-        (folder / "READY").write_text("ok\n")
-    return folder
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
 
 
 def tiny_sets(assets: Path) -> list[str]:

@@ -2,26 +2,24 @@
 from the cache equals the loss computed from the images for the same samples and seeds."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.cache_assets import tiny_config, tool_cache, train_assets  # noqa: E402
+from tests.helpers.cache_assets import tiny_config, tool_cache
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return train_assets(tmp_path_factory.getbasetemp())
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
 
 
 @pytest.fixture(scope="module")
 def cache_dir(assets, tmp_path_factory):
-    cache, info = tool_cache(tmp_path_factory.getbasetemp())
+    cache, info = tool_cache(assets, tmp_path_factory.getbasetemp())
     assert info["samples"] == 16 and len(info["shards"]) == 4     # 8 photos x 2 variants, one pass
     return cache
 

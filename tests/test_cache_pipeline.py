@@ -6,31 +6,25 @@ the data-layer tests at the end use synthetic tensor shards (the data layer know
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.cache_assets import tool_cache, train_assets  # noqa: E402
+from tests.helpers.cache_assets import tool_cache
 
 N = 16   # cached samples: 8 photos x 2 variants, in 4 shards
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, one_thread):
-    train_assets(tmp_path_factory.getbasetemp())
-    return tool_cache(tmp_path_factory.getbasetemp())[0]
+def cache_dir(train_assets, tmp_path_factory, one_thread):
+    return tool_cache(train_assets, tmp_path_factory.getbasetemp())[0]
 
 
 @pytest.fixture(scope="module")
-def bucketed_cache(tmp_path_factory, one_thread):
+def bucketed_cache(train_assets, tmp_path_factory, one_thread):
     """Square, 1:2 and 2:1 buckets; half the samples go to a random bucket, so both latent shapes occur."""
-    train_assets(tmp_path_factory.getbasetemp())
-    cache, info = tool_cache(tmp_path_factory.getbasetemp(), "cache_bucketed",
+    cache, info = tool_cache(train_assets, tmp_path_factory.getbasetemp(), "cache_bucketed",
                              multi_aspect_ratio=["1/1", "1/2"], bucket_random_ratio=0.5)
     assert info["samples"] == N
     return cache
@@ -118,7 +112,7 @@ def test_former_reader_state_starts_fresh(cache_dir, caplog):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "image_shards", "lost_shard"])
-def test_bad_cache_folder_is_one_line_naming_it(case, tmp_path, cache_dir):
+def test_bad_cache_folder_is_one_line_naming_it(case, tmp_path, cache_dir, train_assets):
     import shutil
 
     from core.errors import UserError
@@ -128,7 +122,7 @@ def test_bad_cache_folder_is_one_line_naming_it(case, tmp_path, cache_dir):
     if case == "empty":
         folder.mkdir()
     elif case == "image_shards":    # a dataset folder given as the cache
-        shutil.copytree(train_assets(cache_dir.parents[1]) / "shards", folder)
+        shutil.copytree(train_assets / "shards", folder)
     elif case == "lost_shard":
         shutil.copytree(cache_dir, folder)
         (folder / "cache-000002.tar").unlink()

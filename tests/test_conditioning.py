@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from modules import conditioning as cond
+from tools import tiny_clip as tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_clip")
-    text_dir, vision_dir = cond.write_tiny_clip(root, text_width=32, vision_width=24, projection_dim=16,
+    text_dir, vision_dir = tiny.write_tiny_clip(root, text_width=32, vision_width=24, projection_dim=16,
                                                 vision_projection_dim=8, heads=2, image_size=32, patch_size=8)
     tokenizer = cond.load_tokenizer(str(text_dir), local_files_only=True)
     text_model = cond.load_clip_text(str(text_dir), local_files_only=True)
@@ -17,7 +18,7 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_vocab_layout():
-    vocab, merges = cond.clip_bpe_vocab()
+    vocab, merges = tiny.clip_bpe_vocab()
     assert len(vocab) == 49408 and len(merges) == 48894
     assert vocab["!"] == 0 and vocab["!</w>"] == 256
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
@@ -131,11 +132,11 @@ def test_missing_local_folder(tmp_path):
 
 
 def test_cli_writes_tiny_clip(tmp_path):
-    assert cond.main(["write-tiny", str(tmp_path / "clip"), "--text-width", "16"]) == 0
+    assert tiny.main([str(tmp_path / "clip"), "--text-width", "16"]) == 0
     assert (tmp_path / "clip" / "text" / "tokenizer.json").is_file()
     assert (tmp_path / "clip" / "vision" / "config.json").is_file()
 
 
 def test_write_tiny_clip_validates(tmp_path):
     with pytest.raises(ValueError, match="patch_size"):
-        cond.write_tiny_clip(tmp_path, image_size=30, patch_size=8)
+        tiny.write_tiny_clip(tmp_path, image_size=30, patch_size=8)

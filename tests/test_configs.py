@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TRAINING = sorted((ROOT / "configs" / "training").glob("*.yaml"))
 INFERENCE = sorted((ROOT / "configs" / "inference").glob("*.yaml"))

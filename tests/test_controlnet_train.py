@@ -2,17 +2,16 @@
 images; frozen Stage C, official-layout output, exact resume, falling loss."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.helpers.adapter_assets import cli_args, losses, overrides
 
-from tests.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CANNY = str(ROOT / "configs/training/tiny_c_controlnet_canny.yaml")
 SR = str(ROOT / "configs/training/tiny_c_controlnet_sr.yaml")
@@ -28,18 +27,10 @@ def _trainer(assets, root, config=CANNY, **extra):
     return StageCControlNetTrainer(cfg, dist=init_distributed(), resume="auto")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy (oversubscribed) machine OpenMP spin-waiting slows tiny kernels a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, one_thread):
-    return make_adapter_assets(tmp_path_factory.getbasetemp())
+def assets(adapter_assets):
+    """This module's name for the shared adapter assets (tests/conftest.py)."""
+    return adapter_assets
 
 
 @torch.no_grad()

@@ -19,8 +19,6 @@ from core.checkpoint import (CheckpointManager, atomic_json, atomic_torch_save, 
                              capture_rng_state, load_json, load_torch, restore_rng_state)
 from core.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def model_sd(value: float) -> dict:
     return {"w": torch.full((4, 4), value), "b": torch.full((4,), value)}
@@ -105,7 +103,6 @@ def test_unwritable_run_dir_is_a_user_error(tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, sys, time
-    sys.path.insert(0, {root!r})
     import torch
     import core.checkpoint as ck
     run, phase, flag = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -141,9 +138,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(root=str(ROOT)))
+    script.write_text(CHILD.format())
     phases = ("state", "before_latest")  # killed while writing state / after the model files moved
     procs = {}
     for phase in phases:  # both children at once: their start-up (torch import) dominates

@@ -179,11 +179,10 @@ def test_parse_cli():
         parse_cli(["c.yaml", "--bogus"])
 
 
+@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_run_cli_exit_codes(tmp_path):
     script = tmp_path / "cli.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
+    script.write_text(textwrap.dedent("""
         from core.errors import UserError, run_cli
         class DataError(Exception):
             pass

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from core.data import DataConfig, DataError, build_pipeline
-from core.data.testing import make_sample, write_tar
+from tools.photo_shards import make_sample, write_tar
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.data import DataConfig, DataError, build_pipeline, expand_sources
-from core.data.testing import write_photo_shards
+from tools.photo_shards import write_photo_shards
 
 N = 96          # samples
 SHARD = 8       # samples per shard -> 12 shards
@@ -125,7 +125,7 @@ def test_filters_end_to_end(shards):
     with build_pipeline(c, batch_size=4) as pipe:
         keys = [k for b in take_epoch(pipe, 0) for k in b["keys"]]
         st = pipe.stats()
-    from core.data.testing import DEFAULT_SIZES
+    from tools.photo_shards import DEFAULT_SIZES
     expect = [i for i in range(N) if round(3.0 + (i * 0.37) % 4.0, 3) > 4.5
               and DEFAULT_SIZES[i % len(DEFAULT_SIZES)][1] >= 96]
     assert sorted(int(k) for k in keys) == expect
@@ -231,7 +231,7 @@ def test_draft_decode_matches_full_decode():
     from PIL import Image
 
     from core.data.images import load_to_bucket
-    from core.data.testing import jpeg_bytes, photo_variant
+    from tools.photo_shards import jpeg_bytes, photo_variant
     data = jpeg_bytes(photo_variant(1, 600, 800), quality=95)
     fast = load_to_bucket(data, (128, 128), "center", np.random.default_rng(0))
     with Image.open(io.BytesIO(data)) as im:

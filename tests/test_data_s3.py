@@ -5,8 +5,8 @@ import pytest
 
 from core.data import DataConfig, DataError, build_pipeline, expand_sources
 from core.data import s3 as s3mod
-from core.data.testing import make_sample, write_photo_shards
-from tests.data_s3server import FlakyProxy, MotoS3
+from tools.photo_shards import make_sample, write_photo_shards
+from tests.helpers.data_s3server import FlakyProxy, MotoS3
 
 BUCKET = "train-data"
 N, SHARD = 60, 6

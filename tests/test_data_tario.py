@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from core.data import DataConfig
 from core.data.tario import TarTruncated, iter_samples
-from core.data.testing import make_sample
+from tools.photo_shards import make_sample
 
 
 def _tar(samples, fmt=tarfile.PAX_FORMAT):
@@ -62,7 +62,7 @@ def test_any_truncation_yields_only_complete_samples(cut):
 
 
 def test_spec_pickles_for_spawned_workers(tmp_path):
-    from core.data.testing import write_tar
+    from tools.photo_shards import write_tar
     from core.data import build_pipeline
     p = write_tar(str(tmp_path / "a.tar"), [("k0", make_sample(0, 64, 64))])
     cfg = DataConfig(webdataset_path=p, image_size=64, num_workers=0,

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from core.data import DataConfig, build_pipeline
-from core.data.testing import make_sample, write_photo_shards
+from tools.photo_shards import make_sample, write_photo_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

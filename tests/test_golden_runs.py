@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.golden_runs import JOBS, run_job
+from tests.helpers.golden_runs import JOBS, run_job
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_runs.json").read_text())
 

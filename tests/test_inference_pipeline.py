@@ -9,7 +9,7 @@ from PIL import Image
 
 from inference import sampling
 from inference.pipeline import CascadePipeline
-from inference.tiny import TINY_TOKEN, write_tiny_setup
+from tools.make_tiny_inference_assets import TINY_TOKEN, write_tiny_setup
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "inference"
 FAST = dict(height=64, width=64, steps_c=3, steps_b=2)

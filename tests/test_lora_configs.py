@@ -2,13 +2,11 @@
 LoRA-specific keys reject bad values with one clear line."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 LORA_CONFIGS = ["finetune_c_3b_lora.yaml", "finetune_c_1b_lora.yaml", "tiny_c_lora.yaml"]
 CNET_CONFIGS = ["controlnet_c_3b_canny.yaml", "controlnet_c_3b_inpainting.yaml", "controlnet_c_3b_identity.yaml",

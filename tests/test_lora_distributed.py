@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.helpers.adapter_assets import cli_args, losses, overrides
 
-from tests.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = str(ROOT / "configs/training/tiny_c_lora.yaml")
 
@@ -32,12 +31,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(adapter_assets):
     """The shared assets plus a shard repeating ONE photo and caption (so the per-rank split of
     the global batch cannot change the math)."""
-    from core.data.testing import jpeg_bytes, photo_variant, write_tar
+    from tools.photo_shards import jpeg_bytes, photo_variant, write_tar
 
-    folder = make_adapter_assets(tmp_path_factory.getbasetemp())
+    folder = adapter_assets
     same = folder / "same_shards" / "same-0000.tar"
     if not same.is_file():
         jpg = jpeg_bytes(photo_variant(0, 64, 64, seed=1), 95)

@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from modules.lora_formats import (  # noqa: E402
+from modules.lora_formats import (
     LoraEntry, LoraFormatError, detect_layout, entries_from_named, export_comfyui, load_into_loras, merge_entries,
     named_state_dict, official_state_dict, pack_qkv, read_entries, stage_c_targets,
 )
-from modules.lora import apply_lora, remove_lora  # noqa: E402
-from modules.registry import build_model  # noqa: E402
+from modules.lora import apply_lora, remove_lora
+from modules.registry import build_model
 
+ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "data" / "reference"
 
 

@@ -1,21 +1,15 @@
 """train_tokens: new tokens (mean-initialised rows), finetuned existing tokens, errors, EOS pooling."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from modules.lora_tokens import TrainTokensError, add_train_tokens, validate_train_tokens  # noqa: E402
+from modules.lora_tokens import TrainTokensError, add_train_tokens, validate_train_tokens
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from modules.conditioning import write_tiny_clip
+    from tools.tiny_clip import write_tiny_clip
 
     text, _ = write_tiny_clip(tmp_path_factory.mktemp("clip"), text_width=32, projection_dim=32)
     return str(text)

@@ -4,7 +4,6 @@ One straight run and one interrupted+resumed run; the checks share them (module 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.helpers.adapter_assets import cli_args, losses, overrides
 
-from tests.adapter_assets import cli_args, losses, make_adapter_assets, overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = str(ROOT / "configs/training/tiny_c_lora.yaml")
 TOKENS = [["[tinytok]", "^dog</w>"], ["^photo</w>", None]]
@@ -31,18 +30,10 @@ def _trainer(assets, root, experiment_id, **extra):
     return StageCLoraTrainer(cfg, dist=init_distributed(), resume="auto")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy (oversubscribed) machine OpenMP spin-waiting slows tiny kernels a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, one_thread):
-    return make_adapter_assets(tmp_path_factory.getbasetemp())
+def assets(adapter_assets):
+    """This module's name for the shared adapter assets (tests/conftest.py)."""
+    return adapter_assets
 
 
 @pytest.fixture(scope="module")

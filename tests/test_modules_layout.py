@@ -9,13 +9,9 @@ from modules.lora import ReToken, apply_lora, lora_state_dict_official
 from modules.registry import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 REF = Path(__file__).parent / "data" / "reference"
 

@@ -11,13 +11,8 @@ from modules.loading import CheckpointError, load_model, mismatch_report, read_s
 from modules.registry import build_model, describe_model_version, registered_shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model, seed=0):

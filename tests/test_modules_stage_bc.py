@@ -11,13 +11,8 @@ from modules.lora import apply_lora
 from modules.registry import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one intra-op thread is faster and avoids OpenMP oversubscription on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model, seed=0, std=0.1):

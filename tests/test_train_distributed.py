@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.test_train_e2e import C_CONFIG, config_args, losses, subprocess_env
 
-from tests.test_train_e2e import C_CONFIG, config_args, losses, subprocess_env  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +27,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def same_image_assets(tmp_path_factory):
+def same_image_assets(tmp_path_factory, one_thread):
     from tools.make_demo_assets import make_dataset, make_models
 
     folder = tmp_path_factory.mktemp("dist_assets")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     make_models(folder, calibration_size=64)
     make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=4, same_image=True)
-    yield folder
-    torch.set_num_threads(threads)
+    return folder
 
 
 def run(assets: Path, root: Path, name: str, nproc: int, **extra) -> Path:

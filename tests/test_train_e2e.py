@@ -15,22 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 C_CONFIG = str(ROOT / "configs/training/tiny_c.yaml")
 B_CONFIG = str(ROOT / "configs/training/tiny_b.yaml")
-
-
-def make_assets(tmp_path_factory) -> Path:
-    """Demo assets shared by every training test of the session (built once)."""
-    folder = tmp_path_factory.getbasetemp() / "train_assets"
-    if not (folder / "READY").is_file():
-        from tools.make_demo_assets import make_dataset, make_models
-
-        make_models(folder, calibration_size=64)
-        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
-        (folder / "READY").write_text("ok\n")
-    return folder
 
 
 def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
@@ -78,17 +67,10 @@ def subprocess_env(**extra: str) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, one_thread):
-    return make_assets(tmp_path_factory)
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
 
 
 def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):

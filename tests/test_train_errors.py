@@ -6,20 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.test_train_e2e import C_CONFIG, config_args, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.test_train_e2e import C_CONFIG, config_args, make_assets, subprocess_env  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_assets(tmp_path_factory)
-    torch.set_num_threads(threads)
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
 
 
 def run_in_process(args: list[str], capsys) -> tuple[int, str]:
@@ -76,7 +74,7 @@ def test_wrong_model_version_for_checkpoint(assets, tmp_path, capsys):
 
 
 def test_empty_dataset(assets, tmp_path, capsys):
-    from core.data.testing import write_tar
+    from tools.photo_shards import write_tar
 
     empty = write_tar(str(tmp_path / "empty" / "empty-0000.tar"), [])
     code, err = run_in_process(config_args(C_CONFIG, assets, tmp_path, webdataset_path=empty), capsys)

@@ -2,18 +2,19 @@
 optimizer picks core.optim's optimizer, gradient_checkpointing switches the generator's blocks."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.test_cache_exactness import assets, tiny_config  # noqa: E402,F401  (shared asset fixture)
+from tests.test_cache_exactness import tiny_config
 
 
-def test_frozen_dtype_optimizer_and_checkpointing_reach_the_trainer(assets, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def assets(train_assets):
+    """This module's name for the shared training assets (tests/conftest.py)."""
+    return train_assets
+
+
+def test_frozen_dtype_optimizer_and_checkpointing_reach_the_trainer(assets, tmp_path, monkeypatch):
     import core.optim
     from core.distributed import DistInfo
     from modules.stage_c import StageC

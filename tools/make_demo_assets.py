@@ -7,7 +7,7 @@ Writes, under OUT_DIR:
   scikit-image: astronaut, coffee, chelsea the cat, a rocket launch, motorcycles, ...), each with
   a hand-written caption and several random crops / horizontal flips for variety;
 * ``clip/text``, ``clip/vision``  tiny random CLIP text/vision models with a working tokenizer
-  (``modules.conditioning.write_tiny_clip``), sized for the ``tiny`` Stage C / Stage B;
+  (``tools/tiny_clip.py``), sized for the ``tiny`` Stage C / Stage B;
 * ``effnet_encoder.safetensors``, ``previewer.safetensors``, ``stage_a.safetensors``: frozen
   encoder/decoder weights with RANDOM initialisation (seeded). These are demo assets, not the
   official weights: the demo and tests train a tiny Stage C / Stage B on top of them. The
@@ -95,7 +95,7 @@ def variants(image: Image.Image, n: int, size: int, rng: random.Random) -> list[
 def write_shards(samples: list[dict], folder: Path, n_shards: int, prefix: str = "demo") -> list[Path]:
     """Write ``samples`` ({'__key__', 'jpg' bytes, 'txt' str, 'json' dict}) into ``n_shards`` tars
     with the data layer's shard writer."""
-    from core.data.testing import write_tar
+    from core.data.tarwrite import write_tar
 
     folder.mkdir(parents=True, exist_ok=True)
     per = (len(samples) + n_shards - 1) // n_shards
@@ -185,7 +185,7 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0,
     """Random-init (seeded) frozen encoder/decoder weights + tiny CLIP folders.
 
     ``previewer_steps`` > 0 also fits the Previewer to the demo photographs (demo only)."""
-    from modules.conditioning import write_tiny_clip
+    from tools.tiny_clip import write_tiny_clip
     from modules.loading import save_safetensors
     from modules.registry import build_model
 

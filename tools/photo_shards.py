@@ -1,4 +1,4 @@
-"""Shard writers for tests, demos and benchmarks: real photographs, real tar shards.
+"""Shard writers for tests and benchmarks: real photographs, real tar shards.
 
 The photos are scikit-image's bundled sample photographs, cropped and resized to the requested
 sizes and JPEG-encoded, so decoding and resizing behave like on real data.
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .tarwrite import write_tar
+from core.data.tarwrite import write_tar
 
 __all__ = ["write_photo_shards", "write_tar", "make_sample", "photo_variant", "jpeg_bytes"]
 

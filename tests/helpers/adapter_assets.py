@@ -21,7 +21,7 @@ def make_adapter_assets(base: Path) -> Path:
     folder = base / "adapter_assets"
     if (folder / "READY").is_file():
         return folder
-    from core.data.testing import jpeg_bytes, photo_variant, write_tar
+    from tools.photo_shards import jpeg_bytes, photo_variant, write_tar
     from modules.filters import CannyFilter
     from modules.loading import save_safetensors
     from modules.registry import build_model

@@ -1,7 +1,8 @@
 """Golden tiny runs of the four training jobs: per-update losses and hashes of the final weights.
 
-``python3 -m tests.golden_runs OUT.json`` records them (done once before the core redesign, kept in
-``tests/data/golden_runs.json``); ``tests/test_golden_runs.py`` reruns the jobs and compares bitwise.
+``python3 -m tests.helpers.golden_runs OUT.json`` (from the repository root) records them (done once
+before the core redesign, kept in ``tests/data/golden_runs.json``); ``tests/test_golden_runs.py`` reruns
+the jobs and compares bitwise.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: job -> (script module, trainer class, config, extra overrides)
 JOBS = {
@@ -40,7 +41,7 @@ def tensor_hashes(path: Path) -> dict[str, str]:
 def run_job(name: str, assets: Path, root: Path) -> dict:
     import importlib
 
-    from tests.adapter_assets import cli_args, losses
+    from tests.helpers.adapter_assets import cli_args, losses
 
     module, cls, config, extra = JOBS[name]
     extra = dict(dict(experiment_id=name, updates=4, save_every=4), **extra)
@@ -59,7 +60,7 @@ def run_job(name: str, assets: Path, root: Path) -> dict:
 
 
 def run_all(base: Path) -> dict:
-    from tests.adapter_assets import make_adapter_assets
+    from tests.helpers.adapter_assets import make_adapter_assets
 
     torch.set_num_threads(1)
     assets = make_adapter_assets(base)
@@ -69,7 +70,6 @@ def run_all(base: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
-    sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         result = run_all(Path(tmp))
     Path(sys.argv[1]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

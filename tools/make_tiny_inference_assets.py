@@ -1,6 +1,7 @@
 """Tiny random-weight files for the CPU tests and demo of ``configs/inference/tiny_*.yaml``.
 
-    python3 -m inference.tiny OUT_DIR      # then: --config configs/inference/tiny_c.yaml --root OUT_DIR
+    python3 tools/make_tiny_inference_assets.py OUT_DIR
+    # then: python3 -m inference.sample --config configs/inference/tiny_c.yaml --root OUT_DIR ...
 
 Writes seeded random weights (zero-initialised layers are filled, otherwise every generator would
 output zeros), a tiny CLIP folder, an official-layout LoRA with one trained token and a small
@@ -12,6 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
@@ -47,7 +51,7 @@ def _build(kind: str, version: str, generator: torch.Generator) -> nn.Module:
 
 def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write every tiny file under ``folder`` (skipped when already there); returns the paths."""
-    from modules.conditioning import write_tiny_clip
+    from tools.tiny_clip import write_tiny_clip
     from modules.controlnet import ControlNet
     from modules.loading import save_safetensors
 
@@ -84,7 +88,8 @@ def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: write the tiny files into OUT_DIR."""
-    parser = argparse.ArgumentParser(prog="python3 -m inference.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 tools/make_tiny_inference_assets.py",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

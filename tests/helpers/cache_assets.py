@@ -1,24 +1,11 @@
-"""Shared offline assets of the encoder-cache tests (not a test module): the tiny demo models and
-photo shards, a Stage C config over them, and caches written by the real tools/cache_dataset.py."""
+"""Shared helpers of the encoder-cache tests: a tiny Stage C config over the ``train_assets``
+fixture's models and photo shards, and caches written by the real tools/cache_dataset.py."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def train_assets(base: Path) -> Path:
-    """Tiny models + 16 photo samples in 2 shards (same folder and arguments as tests/test_train_e2e.py:
-    one build per test session)."""
-    folder = base / "train_assets"
-    if not (folder / "READY").is_file():
-        from tools.make_demo_assets import make_dataset, make_models
-
-        make_models(folder, calibration_size=64)
-        make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
-        (folder / "READY").write_text("ok\n")
-    return folder
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(assets: Path, tmp: Path, config_cls=None, yaml_file: str = "tiny_c.yaml", **extra):
@@ -39,13 +26,14 @@ def tiny_config(assets: Path, tmp: Path, config_cls=None, yaml_file: str = "tiny
     return load_config(config_cls or StageCConfig, str(ROOT / "configs/training" / yaml_file), sets)
 
 
-def tool_cache(base: Path, name: str = "cache_out", **data_keys) -> tuple[Path, dict]:
-    """A cache of the 16 photo samples (4 shards of <= 5) written by tools/cache_dataset.py, once per
-    session per ``name``; ``data_keys`` (e.g. multi_aspect_ratio) go into the data config."""
+def tool_cache(assets: Path, base: Path, name: str = "cache_out", **data_keys) -> tuple[Path, dict]:
+    """A cache of the 16 photo samples of ``assets`` (the ``train_assets`` fixture; 4 shards of <= 5)
+    written by tools/cache_dataset.py under ``base``, once per session per ``name``; ``data_keys``
+    (e.g. multi_aspect_ratio) go into the data config."""
     from tools.cache_dataset import cache_dataset
 
     out = base / name
     if not (out / "cache" / "cache.json").is_file():
-        cfg = tiny_config(train_assets(base), out, **data_keys)
+        cfg = tiny_config(assets, out, **data_keys)
         cache_dataset(cfg, str(out / "cache"), batch_size=4, shard_size=5, progress=False)
     return out / "cache", json.loads((out / "cache" / "cache.json").read_text())

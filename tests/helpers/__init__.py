@@ -1,0 +1,1 @@
+"""Builders and servers the tests share; not test modules (pytest collects nothing here)."""
