@@ -2,7 +2,6 @@
 from the cache equals the loss computed from the images for the same samples and seeds."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -33,6 +33,8 @@ class ExtraConfig:
     params: dict[str, float] = doc({}, "params")
     needed: str = doc(REQUIRED, "always required")
     calls: list[str] = doc([], "validator calls (test bookkeeping)")
+    weights_checkpoint_path: Optional[str] = doc(None, "a file")
+    other_checkpoint_path: Optional[str] = doc(None, "another file")
 
     def validate_extra(self) -> None:
         self.calls.append("extra")
@@ -51,7 +53,8 @@ def write(tmp_path: Path, data: dict, name: str = "c.yaml") -> str:
 
 
 def load(tmp_path, data, *overrides, cls=Composed, **kw):
-    return load_config(cls, write(tmp_path, {"needed": "x", **BASE, **data} if cls is Composed else data),
+    with_base = issubclass(cls, RunConfig) and issubclass(cls, ExtraConfig)
+    return load_config(cls, write(tmp_path, {"needed": "x", **BASE, **data} if with_base else data),
                        list(overrides), **kw)
 
 
@@ -83,8 +86,7 @@ def test_yaml11_float_strings_and_overrides(tmp_path):
     ({"mode": "c"}, ["'mode'", "one of 'a', 'b'"]),
     ({"dataset_filters": [["k", {"x": 1}]]}, ["'dataset_filters'", "list[list[str | int | float | None]] | None"]),
     ({"pair": [1, 2, 3]}, ["'pair'", "tuple[int, float]"]),
-    ({"adaptive_loss_weight": "yes"}, ["'adaptive_loss_weight'", "expects bool"]),
-    ({"edm_objective": True}, ["edm_objective", "not implemented"]),
+    ({"use_fsdp": "yes"}, ["'use_fsdp'", "expects bool"]),
     ({"grad_accum_steps": 0}, ["'grad_accum_steps' must be >= 1"]),
 ])
 def test_errors_name_key_and_type(tmp_path, data, pieces):
@@ -107,13 +109,33 @@ def test_required_keys_and_training_flag(tmp_path):
         load_config(Composed, write(tmp_path, {"model_version": "3B", "training": False}))
 
 
-def test_bool_strings_and_official_compat_keys(tmp_path, caplog):
+def test_bool_strings(tmp_path):
     for text, expected in (("True", True), ("false", False), ("TRUE", True)):
-        assert load(tmp_path, {"adaptive_loss_weight": text}).adaptive_loss_weight is expected
-    assert load(tmp_path, {"edm_objective": False}).edm_objective is False
+        assert load(tmp_path, {"use_fsdp": text}).use_fsdp is expected
+
+
+def test_official_compat_keys_of_the_stage_jobs(tmp_path, caplog):
+    """Stage keys live in the jobs' config (train/cascade.py), not in core's RunConfig."""
+    from train.cascade import CascadeConfig
+
+    @dataclass
+    class Job(CascadeConfig, ExtraConfig):
+        pass
+
+    for text, expected in (("True", True), ("false", False)):
+        assert load(tmp_path, {"adaptive_loss_weight": text}, cls=Job).adaptive_loss_weight is expected
+    assert load(tmp_path, {"edm_objective": False}, cls=Job).edm_objective is False
+    with pytest.raises(UserError, match="edm_objective.*not implemented"):
+        load(tmp_path, {"edm_objective": True}, cls=Job)
     with caplog.at_level(logging.WARNING):
-        cfg = load(tmp_path, {"shift": 4})
+        cfg = load(tmp_path, {"shift": 4}, cls=Job)
     assert cfg.shift == 4.0 and "shift" in caplog.text and "ignored" in caplog.text
+    # caption_dropout is the alias users know for text_dropout; both at once is an error
+    assert load(tmp_path, {"caption_dropout": 0.2}, cls=Job).text_dropout == 0.2
+    with pytest.raises(UserError, match="'caption_dropout' and 'text_dropout' are the same setting"):
+        load(tmp_path, {"caption_dropout": 0.2, "text_dropout": 0.1}, cls=Job)
+    with pytest.raises(UserError, match="unknown config key 'adaptive_loss_weight'"):
+        load(tmp_path, {"adaptive_loss_weight": True})  # not a key of the generic run config
 
 
 def test_batch_size_is_global_and_must_divide(tmp_path):
@@ -161,13 +183,13 @@ def test_file_errors(tmp_path):
 
 
 def test_check_file_and_validate_only(tmp_path):
-    cfg = load(tmp_path, {"effnet_checkpoint_path": "/path/to/effnet.safetensors"}, validate_only=True)
-    cfg.check_file("effnet_checkpoint_path")  # placeholders allowed in validate-only mode
-    cfg = load(tmp_path, {"effnet_checkpoint_path": str(tmp_path / "missing.safetensors")})
-    with pytest.raises(UserError, match="effnet_checkpoint_path.*file not found"):
-        cfg.check_file("effnet_checkpoint_path")
-    with pytest.raises(UserError, match="'stage_a_checkpoint_path' is required"):
-        cfg.require("stage_a_checkpoint_path")
+    cfg = load(tmp_path, {"weights_checkpoint_path": "/path/to/effnet.safetensors"}, validate_only=True)
+    cfg.check_file("weights_checkpoint_path")  # placeholders allowed in validate-only mode
+    cfg = load(tmp_path, {"weights_checkpoint_path": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(UserError, match="weights_checkpoint_path.*file not found"):
+        cfg.check_file("weights_checkpoint_path")
+    with pytest.raises(UserError, match="'other_checkpoint_path' is required"):
+        cfg.require("other_checkpoint_path")
 
 
 def test_parse_cli():

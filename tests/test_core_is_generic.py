@@ -70,3 +70,30 @@ def test_core_names_no_stage_network_or_adapter():
             if FORBIDDEN.search(text):
                 hits.append(f"{path.relative_to(ROOT)}:{node_line}: {text!r}")
     assert not hits, "core/ names stages/networks/adapters:\n" + "\n".join(hits)
+
+
+def _private_self_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "trainer"):
+            names.add(node.attr)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_") \
+                and not node.name.startswith("__"):
+            names.add(node.name)
+    return names
+
+
+def test_jobs_use_only_public_names_of_the_core():
+    core_private = _private_self_names(ROOT / "core" / "training.py")
+    offenders = {}
+    for path in sorted((ROOT / "train").glob("*.py")):
+        used = _private_self_names(path) & core_private
+        if used:
+            offenders[path.name] = sorted(used)
+    assert not offenders, f"jobs reach into TrainingCore's private state: {offenders}"
+
+
+def test_training_core_is_short():
+    lines = (ROOT / "core" / "training.py").read_text().count("\n")
+    assert lines <= 450, f"core/training.py has {lines} lines; the loop and its contract should stay short"

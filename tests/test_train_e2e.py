@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.adapter_assets import STAGE_C_ONLY
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +24,7 @@ C_CONFIG = str(ROOT / "configs/training/tiny_c.yaml")
 B_CONFIG = str(ROOT / "configs/training/tiny_b.yaml")
 
 
-def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
+def overrides(assets: Path, run_root: Path, config_is_stage_b: bool = False, **extra) -> list[str]:
     values = {
         "webdataset_path": str(assets / "shards"),
         "effnet_checkpoint_path": str(assets / "effnet_encoder.safetensors"),
@@ -38,12 +40,14 @@ def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
     values.update(extra)
     out = []
     for k, v in values.items():
+        if config_is_stage_b and k in STAGE_C_ONLY:
+            continue
         out += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     return out
 
 
 def config_args(config: str, assets: Path, run_root: Path, **extra) -> list[str]:
-    return [config, *overrides(assets, run_root, **extra)]
+    return [config, *overrides(assets, run_root, config_is_stage_b=config == B_CONFIG, **extra)]
 
 
 def train_c(args: list[str]) -> int:

@@ -52,8 +52,13 @@ def make_adapter_assets(base: Path) -> Path:
     return folder
 
 
-def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
-    """``key=value`` overrides pointing a tiny config at the assets and ``run_root``."""
+#: keys only the Stage C jobs have (a Stage B config rejects them)
+STAGE_C_ONLY = ("previewer_checkpoint_path", "clip_image_model_name")
+
+
+def overrides(assets: Path, run_root: Path, drop: tuple[str, ...] = (), **extra) -> list[str]:
+    """``key=value`` overrides pointing a tiny config at the assets and ``run_root`` (without the
+    keys in ``drop``)."""
     values = {
         "webdataset_path": str(assets / "shards"),
         "effnet_checkpoint_path": str(assets / "effnet_encoder.safetensors"),
@@ -66,13 +71,13 @@ def overrides(assets: Path, run_root: Path, **extra) -> list[str]:
         "preview_every": 0, "num_preview_images": 2,
     }
     values.update(extra)
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items() if k not in drop]
 
 
-def cli_args(config: str, assets: Path, run_root: Path, **extra) -> list[str]:
+def cli_args(config: str, assets: Path, run_root: Path, drop: tuple[str, ...] = (), **extra) -> list[str]:
     """Command-line arguments of a training script for ``config`` with ``overrides``."""
     out = [config]
-    for item in overrides(assets, run_root, **extra):
+    for item in overrides(assets, run_root, drop=drop, **extra):
         out += ["--set", item]
     return out
 

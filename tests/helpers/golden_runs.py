@@ -41,16 +41,14 @@ def tensor_hashes(path: Path) -> dict[str, str]:
 def run_job(name: str, assets: Path, root: Path) -> dict:
     import importlib
 
-    from tests.helpers.adapter_assets import cli_args, losses
+    from tests.helpers.adapter_assets import STAGE_C_ONLY, cli_args, losses
 
     module, cls, config, extra = JOBS[name]
     extra = dict(dict(experiment_id=name, updates=4, save_every=4), **extra)
     if name == "stage_b":
         extra["stage_a_checkpoint_path"] = str(assets / "stage_a.safetensors")
-    args = cli_args(str(ROOT / config), assets, root, **extra)
-    if name == "stage_b":  # keys of the Stage C jobs only
-        args = [a for i, a in enumerate(args) if not a.startswith(("previewer_checkpoint_path=", "clip_image_model_name="))
-                and not (a == "--set" and args[i + 1].startswith(("previewer_checkpoint_path=", "clip_image_model_name=")))]
+    drop = STAGE_C_ONLY if name == "stage_b" else ()
+    args = cli_args(str(ROOT / config), assets, root, drop=drop, **extra)
     trainer_cls = getattr(importlib.import_module(module), cls)
     code = trainer_cls.main(args)
     assert code == 0, f"{name}: exit {code}"
