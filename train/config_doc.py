@@ -67,6 +67,10 @@ def render() -> str:
     for cls in (RunConfig, OptimConfig, EMAConfig, DataConfig):
         parts.append(config_reference(cls))
     parts.append(script_table(TrainingConfig, RunConfig, OptimConfig, EMAConfig, DataConfig))
+    from train.cascade import CascadeConfig
+
+    parts.append("## Keys of every Stage B / Stage C job (`train/cascade.py`)\n")
+    parts.append(script_table(CascadeConfig, TrainingConfig))
     parts.append("## Keys added by each training script\n")
     for script in SCRIPTS:
         try:
@@ -76,7 +80,11 @@ def render() -> str:
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, TrainingCore) and cls.__module__ == module.__name__:
                 parts.append(f"### `train/{script}.py`\n")
-                table = script_table(cls.Config, TrainingConfig) if cls.Config is not TrainingConfig else ""
+                # document only what the script adds to its parent job's keys (or to the shared ones)
+                parent = next(k.Config for k in cls.__mro__[1:] if getattr(k, "Config", cls.Config) is not cls.Config)
+                base = parent if issubclass(parent, CascadeConfig) else (
+                    CascadeConfig if issubclass(cls.Config, CascadeConfig) else TrainingConfig)
+                table = script_table(cls.Config, base) if cls.Config is not base else ""
                 parts.append(table or "(no keys of its own)\n")
     return "\n".join(parts)
 
