@@ -69,6 +69,8 @@ def merge_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0,
                source: str = "LoRA file") -> int:
     """Add ``strength * alpha/rank * up @ down`` to every target weight (in float32, cast back to
     the weight's dtype); returns how many updates were merged."""
+    from modules.lora_formats import LoraFormatError, merged_weight
+
     params = dict(model.named_parameters())
     for entry in lora.entries:
         weight = params.get(entry.target)
@@ -76,17 +78,9 @@ def merge_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0,
             raise UserError(f"{source}: LoRA target {entry.target} is not a parameter of this "
                             f"model (wrong model_version or a LoRA for another stage?)")
         try:
-            delta = entry.delta(tuple(weight.shape)) * float(strength)
-        except RuntimeError:
-            raise UserError(f"{source}: LoRA for {entry.target} ({tuple(entry.up.shape)} @ "
-                            f"{tuple(entry.down.shape)}) does not fit the weight "
-                            f"{tuple(weight.shape)} (LoRA for another model_version?)") from None
-        rows = slice(None)
-        if entry.block is not None:
-            third = weight.size(0) // 3
-            rows = slice(entry.block * third, (entry.block + 1) * third)
-        part = weight[rows]
-        part.copy_((part.float() + delta.to(part.device)).to(weight.dtype))
+            weight.copy_(merged_weight(weight, entry, strength, source))
+        except LoraFormatError as exc:
+            raise UserError(str(exc)) from None
     return len(lora.entries)
 
 

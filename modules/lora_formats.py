@@ -349,9 +349,28 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
 
 
 @torch.no_grad()
+def merged_weight(weight: torch.Tensor, e: LoraEntry, strength: float = 1.0, source: str = "LoRA file") -> torch.Tensor:
+    """``weight`` plus ``strength`` times the entry's update (its third of a packed q/k/v weight
+    when ``e.block`` is set), computed in float32 and cast back to the weight's dtype."""
+    try:
+        d = e.delta(tuple(weight.shape)) * float(strength)
+    except RuntimeError:
+        raise LoraFormatError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
+                              f"does not fit the weight {tuple(weight.shape)} "
+                              f"(LoRA for another model_version?)") from None
+    merged = weight.float().clone()
+    if e.block is None:
+        merged += d.to(merged.device)
+    else:
+        rows = weight.shape[0] // 3
+        merged[e.block * rows:(e.block + 1) * rows] += d.to(merged.device)
+    return merged.to(weight.dtype)
+
+
+@torch.no_grad()
 def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEntry], strength: float = 1.0,
                   source: str = "LoRA file") -> dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` with every update added (in float32, cast back to each weight's dtype).
+    """A copy of ``state_dict`` with every update added (:func:`merged_weight`).
 
     The state dict uses official (plain) key names, so the target names are the keys."""
     out = dict(state_dict)
@@ -359,19 +378,7 @@ def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEnt
         w = out.get(e.target)
         if w is None:
             raise LoraFormatError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
-        try:
-            d = e.delta(tuple(w.shape)) * float(strength)
-        except RuntimeError:
-            raise LoraFormatError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
-                                  f"does not fit the weight {tuple(w.shape)} "
-                                  f"(LoRA for another model_version?)") from None
-        merged = w.float().clone()
-        if e.block is None:
-            merged += d
-        else:
-            rows = w.shape[0] // 3
-            merged[e.block * rows:(e.block + 1) * rows] += d
-        out[e.target] = merged.to(w.dtype)
+        out[e.target] = merged_weight(w, e, strength, source)
     return out
 
 
@@ -380,7 +387,7 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
     return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
 
 
-__all__ = ["LoraEntry", "LoraFormatError", "read_lora_file", "metadata_list",
+__all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "metadata_list",
            "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",

@@ -135,13 +135,13 @@ def write_tiny_clip(
     root = Path(folder)
     text_dir, vision_dir = root / "text", root / "vision"
     tokenizer = build_clip_tokenizer()
+    def transformer(width: int) -> dict:  # the part both towers share: width, 4x MLP, depth, heads
+        return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+
     text_cfg = CLIPTextConfig(
+        **transformer(text_width),
         vocab_size=len(tokenizer),
-        hidden_size=text_width,
-        intermediate_size=4 * text_width,
         projection_dim=projection_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
         max_position_embeddings=MAX_LENGTH,
         hidden_act="gelu",  # bigG uses exact GELU (OpenAI's ViT-L uses quick_gelu)
         # eos_token_id != 2 makes transformers pool at the FIRST eos position, which is the real EOS
@@ -151,11 +151,8 @@ def write_tiny_clip(
         pad_token_id=tokenizer.pad_token_id,
     )
     vision_cfg = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=4 * vision_width,
+        **transformer(vision_width),
         projection_dim=vision_projection_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
         image_size=image_size,
         patch_size=patch_size,
         hidden_act="quick_gelu",

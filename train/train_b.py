@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
+from train.memory_specs import stage_b_spec
 
 
 @dataclass
@@ -55,11 +56,7 @@ class StageBTrainer(CascadeTrainer):
         return {"generator": ("stage_b", cfg.model_version), "effnet": ("effnet", "default"),
                 "stage_a": ("stage_a", "default")}
 
-    @classmethod
-    def memory_spec(cls, cfg: Any) -> Any:
-        from train.memory_specs import stage_b_spec
-
-        return stage_b_spec(cfg)
+    memory_spec = classmethod(lambda cls, cfg: stage_b_spec(cfg))  # the dry run's memory estimate
 
     # -- models ---------------------------------------------------------------------------
     def make_gdf(self) -> Any:

@@ -28,6 +28,7 @@ from torch import nn
 from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
+from train.memory_specs import stage_c_spec
 from train.stage_c_conditions import condition_dropout
 
 
@@ -79,11 +80,7 @@ class StageCTrainer(CascadeTrainer):
         return {"generator": ("stage_c", cfg.model_version), "effnet": ("effnet", "default"),
                 "previewer": ("previewer", "default")}
 
-    @classmethod
-    def memory_spec(cls, cfg: Any) -> Any:
-        from train.memory_specs import stage_c_spec
-
-        return stage_c_spec(cfg)
+    memory_spec = classmethod(lambda cls, cfg: stage_c_spec(cfg))  # the dry run's memory estimate
 
     # -- models ---------------------------------------------------------------------------
     def make_gdf(self) -> Any:

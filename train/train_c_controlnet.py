@@ -30,6 +30,7 @@ from torch import nn
 from core.config import REQUIRED, doc
 from core.errors import UserError, run_cli
 from core.seeding import derive_seed
+from train.memory_specs import controlnet_spec
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.controlnet")
@@ -102,11 +103,7 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    @classmethod
-    def memory_spec(cls, cfg: Any) -> Any:
-        from train.memory_specs import controlnet_spec
-
-        return controlnet_spec(cfg)
+    memory_spec = classmethod(lambda cls, cfg: controlnet_spec(cfg))  # the dry run's memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:

@@ -32,6 +32,7 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from core.seeding import derive_seed
 from modules.lora import apply_lora
+from train.memory_specs import lora_spec
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.lora")
@@ -95,11 +96,7 @@ class StageCLoraTrainer(StageCTrainer):
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
                       f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}"]
 
-    @classmethod
-    def memory_spec(cls, cfg: Any) -> Any:
-        from train.memory_specs import lora_spec
-
-        return lora_spec(cfg)
+    memory_spec = classmethod(lambda cls, cfg: lora_spec(cfg))  # the dry run's memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
