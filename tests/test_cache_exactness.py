@@ -159,3 +159,33 @@ def test_backups_when_a_backup_every_boundary_is_crossed(assets, cache_dir, tmp_
     assert {"lora_6.safetensors", "lora_9.safetensors"} <= names, sorted(names)   # the LoRA job's published copies
     assert not any(n.startswith("lora_3") for n in names), sorted(names)
     assert "lora_official_6.safetensors" in names
+
+
+def test_cached_run_resumes_exactly_across_epochs(assets, cache_dir, tmp_path):
+    """A Stage C run from the cache (16 samples, batch 4: an epoch every 4 updates), stopped after 3
+    updates and resumed to 6, gives the losses and weights of the run that never stopped."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from core.distributed import DistInfo
+    from train.train_c import StageCTrainer
+
+    def run(root, updates):
+        cfg = tiny_config(assets, root, cache_path=str(cache_dir), generator_checkpoint_path=None, updates=updates,
+                          save_every=3, preview_every=0, log_every=1, experiment_id="cached")
+        trainer = StageCTrainer(cfg, dist=DistInfo(), resume="auto")
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        folder = root / "ck" / "cached"
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in lines if "loss" in r}, load_file(str(folder / "generator.safetensors"))
+
+    straight_losses, straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "resumed", 3)
+    resumed_losses, resumed = run(tmp_path / "resumed", 6)
+    assert sorted(straight_losses) == list(range(1, 7))
+    assert resumed_losses == straight_losses
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -13,6 +13,7 @@ from core.config import doc
 from core.errors import UserError
 from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
+from modules.common import BLOCK_TYPES
 from train.diffusion_loss import DiffusionLoss, has_buckets
 
 log = logging.getLogger("cascade.train")
@@ -56,12 +57,8 @@ class CascadeTrainer(TrainingCore):
 
     #: registry kind of the trained network ("stage_c" / "stage_b")
     model_kind: str = ""
-
-    @classmethod
-    def block_types_of(cls) -> tuple[type, ...]:
-        from modules.common import BLOCK_TYPES
-
-        return BLOCK_TYPES
+    #: FSDP shards each residual/attention/timestep/feed-forward block before the root
+    block_types = BLOCK_TYPES
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
@@ -80,10 +77,6 @@ class CascadeTrainer(TrainingCore):
             except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not fail here
                 lines.append(f"{name}: {kind} {version}: size unavailable ({exc})")
         return lines
-
-    def __init__(self, cfg: Any, dist: Any = None, resume: str = "auto") -> None:
-        super().__init__(cfg, dist=dist, resume=resume)
-        self.block_types = self.block_types_of()
 
     # -- building blocks of build_models() ------------------------------------------------
     def make_gdf(self) -> Any:
