@@ -39,14 +39,14 @@ import torch
 from torch import nn
 
 from core import distributed as D
-from core.config import RunConfig, config_to_dict, doc, save_config
 from core.batches import Batches
+from core.config import RunConfig, config_to_dict, doc, save_config
 from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
-from core.optim import OptimConfig
 from core.faults import FaultInjection
 from core.models import ModelSet
+from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
@@ -252,8 +252,8 @@ class TrainingCore:
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
-        self.register_state("optimizer.pt", OptimizerState(self.optimizer, self._models.wrapped, fsdp, self.is_main,
-                                                           str(self.run_dir)))
+        trained = lambda: [getattr(self, n) for n in self._models.trained]  # noqa: E731
+        self.register_state("optimizer.pt", OptimizerState(self.optimizer, trained, fsdp, self.is_main, str(self.run_dir)))
         self.register_state("scheduler.pt", self.scheduler)
         self.register_state("rng.pt", ValueState(capture_rng_state, restore_rng_state))
         self.register_state("data.json", self.batches, restore=False)
