@@ -13,11 +13,22 @@ BLOCK = 512
 
 
 class TarTruncated(Exception):
-    """The stream ended inside a member or without the end-of-archive block."""
+    """The shard cannot be read past some point: the stream ended inside a member or without the
+    end-of-archive block (this class), or a header is damaged (:class:`TarMalformed`).
 
-    def __init__(self, message: str, key: str | None):
+    ``key`` is the member name (then, from :func:`iter_samples`, the sample key) at the cut, if
+    known; ``offset`` the byte offset in the shard where reading stopped.
+    """
+
+    def __init__(self, message: str, key: str | None, offset: int | None = None):
         super().__init__(message)
         self.key = key
+        self.offset = offset
+
+
+class TarMalformed(TarTruncated):
+    """A header that cannot be interpreted: bad checksum, or a numeric field that is not octal
+    (a subclass of TarTruncated so that readers which stop at a cut stop here too)."""
 
 
 @dataclass
@@ -40,11 +51,20 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _octal(field_bytes: bytes) -> int:
+_OCTAL_DIGITS = frozenset(b"01234567")
+
+
+def _octal(field_bytes: bytes) -> int | None:
+    """The number in a header field, or None when the field is not octal (damaged header)."""
     if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field_bytes[1:], "big")
-    text = field_bytes.rstrip(b"\0 ").strip()
-    return int(text, 8) if text else 0
+    # NUL or space terminated; int() alone would also take '+', '_' or '0o' spellings
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if not _OCTAL_DIGITS.issuperset(text):
+        return None
+    return int(text, 8)
 
 
 def _checksum_ok(hdr: bytes) -> bool:
@@ -53,14 +73,25 @@ def _checksum_ok(hdr: bytes) -> bool:
     return stored == total
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header (records are '<len> key=value\\n')."""
+def _member_name(hdr: bytes) -> str:
+    return hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _pax_path(data: bytes, offset: int) -> str | None:
+    """The ``path`` record of a pax extended header (records are '<len> key=value\\n').
+
+    ``offset``: where the header starts in the shard, for the TarMalformed message.
+    """
     pos, path = 0, None
     while pos < len(data):
         sp = data.find(b" ", pos)
         if sp < 0:
             break
-        length = int(data[pos:sp])
+        digits = data[pos:sp]
+        length = int(digits) if digits.isdigit() else 0
+        if length <= sp - pos:
+            raise TarMalformed(f"malformed tar header at byte {offset}: pax record length "
+                               f"{digits[:20]!r} is not a valid length", None, offset)
         record = data[sp + 1:pos + length - 1]
         k, _, v = record.partition(b"=")
         if k == b"path":
@@ -73,7 +104,8 @@ def iter_members(f: BinaryIO, start: int = 0) -> Iterator[tuple[int, str, bytes]
     """Yield (offset of the member's first header, name, data) for regular files.
 
     ``start`` is the byte offset ``f`` is positioned at (offsets are absolute in the shard).
-    Raises TarTruncated when the stream stops early or a header is damaged.
+    Raises TarTruncated when the stream stops early, TarMalformed when a header is damaged
+    (both carry the byte offset where reading stopped).
     """
     pos = start
     long_name: str | None = None
@@ -81,23 +113,31 @@ def iter_members(f: BinaryIO, start: int = 0) -> Iterator[tuple[int, str, bytes]
     while True:
         hdr = _read_exact(f, BLOCK)
         if not hdr:
-            raise TarTruncated(f"stream ended at byte {pos} without the end-of-archive block", None)
+            raise TarTruncated(f"stream ended at byte {pos} without the end-of-archive block", None, pos)
         if len(hdr) < BLOCK:
-            raise TarTruncated(f"stream ended inside a header at byte {pos}", None)
+            raise TarTruncated(f"stream ended inside a header at byte {pos}", None, pos)
         if member_start is None:
             member_start = pos
         pos += BLOCK
         if hdr == b"\0" * BLOCK:
             return
+        here = pos - BLOCK
         if not _checksum_ok(hdr):
-            raise TarTruncated(f"damaged tar header at byte {pos - BLOCK}", None)
+            # the name field of a damaged header cannot be trusted: no key
+            raise TarMalformed(f"damaged tar header at byte {here} (checksum mismatch)", None, here)
         size = _octal(hdr[124:136])
+        if size is None:
+            # a valid checksum over a garbage size: the member's length, hence where the next
+            # header starts, is unknown, so nothing after this point can be read
+            raise TarMalformed(f"malformed tar header at byte {here}: size field "
+                               f"{hdr[124:136]!r} is not octal", _member_name(hdr) or None, here)
         kind = hdr[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data = _read_exact(f, padded)
         if len(data) < padded:
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            raise TarTruncated(f"stream ended inside member {name!r} (byte {pos + len(data)})", name)
+            name = _member_name(hdr)
+            raise TarTruncated(f"stream ended inside member {name!r} (byte {pos + len(data)})", name,
+                               pos + len(data))
         pos += padded
         data = data[:size]
         if kind == b"L":  # GNU long name for the next member
@@ -105,9 +145,9 @@ def iter_members(f: BinaryIO, start: int = 0) -> Iterator[tuple[int, str, bytes]
             continue
         if kind in (b"x", b"g"):
             if kind == b"x":
-                long_name = _pax_path(data) or long_name
+                long_name = _pax_path(data, here) or long_name
             continue
-        name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        name = _member_name(hdr)
         if hdr[257:262] == b"ustar":
             prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
             if prefix:
@@ -154,6 +194,6 @@ def iter_samples(f: BinaryIO, start: int = 0) -> Iterator[RawSample]:
             # the cut member starts a new sample, so the one before it is complete
             yield current
             current = None
-        raise TarTruncated(str(e), cut[0] if cut else (current.key if current else None)) from None
+        raise type(e)(str(e), cut[0] if cut else (current.key if current else None), e.offset) from None
     if current is not None:
         yield current
