@@ -10,6 +10,7 @@ from .buckets import BucketTable
 from .captions import make_caption_getter
 from .errors import DataError
 from .filters import parse_filters
+from .images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
 
 def _default_workers() -> int:
@@ -61,12 +62,17 @@ class DataConfig:
     num_workers: int = field(default_factory=_default_workers, metadata={"doc": (
         "DataLoader worker processes per rank (default min(4, CPUs); 0 = decode in the main process).")})
     strict: bool = _doc(
-        False, "Make bad data fatal (undecodable image, missing image or caption, truncated tar, "
-               "missing shard) instead of skipping and reporting it.")
+        False, "Make bad data fatal (undecodable or oversized image, missing image or caption, "
+               "truncated or malformed tar, missing shard) instead of skipping and reporting it.")
     resampled: bool = _doc(
         False, "false: epochs, every sample exactly once per epoch across ranks and workers. true: "
                "the official endless stream drawing shards with replacement per worker.")
     report_every: int = _doc(1000, "Batches between two logged bad-data summaries (also logged at close).")
+    max_image_pixels: int = _doc(
+        DEFAULT_MAX_PIXELS, "Largest image (width x height, read from the header before decoding) "
+                            "that is decoded; a larger one is bad data (`oversized_image`, skipped "
+                            "and reported, fatal with `strict`). At most 268435456 (PIL's "
+                            "decompression-bomb limit).")
 
     @classmethod
     def from_dict(cls, data: dict, ignore_unknown: bool = True) -> "DataConfig":
@@ -110,6 +116,10 @@ class DataConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise DataError(f"{key}: expected an integer >= {lo}, got {v!r}")
+        v = self.max_image_pixels
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= PIL_MAX_PIXELS:
+            raise DataError(f"max_image_pixels: expected an integer in [1, {PIL_MAX_PIXELS}] (above "
+                            f"that PIL refuses the image as a decompression bomb), got {v!r}")
         for key in ("strict", "resampled"):
             if not isinstance(getattr(self, key), bool):
                 raise DataError(f"{key}: expected true or false, got {getattr(self, key)!r}")

@@ -2,6 +2,26 @@
 
 JPEGs are decoded with PIL's draft mode straight to the smallest DCT scale that is still at least
 the resize target, which skips most of the decode work for large photos.
+
+Every mode PIL reads becomes 8-bit RGB by one rule (:func:`to_rgb`):
+
+* ``RGB`` as is; ``L``, ``1`` (1-bit), ``CMYK``, ``YCbCr`` (and other colour modes PIL converts)
+  through PIL's own conversion;
+* 16-bit and 32-bit integer grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``) scaled from
+  [0, 65535] (the 16-bit range; ``I`` is what older PIL versions return for 16-bit PNGs) to
+  [0, 255] with rounding, values outside clipped. 16-bit RGB(A) PNGs are read by PIL as 8-bit
+  RGB(A) holding the high byte, which is already the scaled value;
+* floating-point grey (``F``) as intensities in [0, 1] (the convention of float images in
+  scikit-image, OpenCV, torchvision), values outside clipped; a NaN or infinite pixel makes the
+  image bad data;
+* transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, palette or colour-key
+  ``transparency`` in the PNG/GIF info) composited over white: the colour under fully transparent
+  pixels is arbitrary (often black or garbage) and these images (logos, cut-outs, stickers) are
+  made to be seen on a light page, which is also what browsers show. The official code dropped
+  the alpha channel instead (``convert('RGB')``), exposing that arbitrary colour.
+
+Images larger than ``max_pixels`` (``DataConfig.max_image_pixels``) are refused from the header
+size, before any pixel is decoded (:class:`ImageTooLarge`).
 """
 from __future__ import annotations
 
@@ -15,12 +35,30 @@ from .buckets import resize_shorter_side, resized_hw
 #: webdataset extensions tried for the image, first present wins (official: jpg then png)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
+#: Upper bound of ``max_image_pixels``: PIL's decompression-bomb limit as set here (PIL warns
+#: above it and refuses twice as many pixels on its own).
+PIL_MAX_PIXELS = 1 << 28
+
 # Refuse decompression bombs early but allow big legitimate photos.
-Image.MAX_IMAGE_PIXELS = 1 << 28
+Image.MAX_IMAGE_PIXELS = PIL_MAX_PIXELS
+
+#: Default of ``DataConfig.max_image_pixels``: 100 megapixels (a decoded 100 MP image needs
+#: 300 MB as RGB, a few times that while converting).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+_WHITE = (255, 255, 255)
+_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# round(v * 255 / 65535) for every 16-bit value, in integers: 32768 (mid-grey) -> 128
+_LUT16 = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 class BadImage(Exception):
     """The image bytes cannot be decoded."""
+
+
+class ImageTooLarge(BadImage):
+    """The image's header size exceeds the configured pixel-count limit (never decoded)."""
 
 
 def image_ext(files: dict[str, bytes]) -> str | None:
@@ -31,28 +69,78 @@ def image_ext(files: dict[str, bytes]) -> str | None:
     return None
 
 
-def probe_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the header only (no pixel decode)."""
+def _open(data: bytes) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise BadImage(f"{type(e).__name__}: {e}") from None
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own bound, above any allowed limit
+        raise ImageTooLarge(f"DecompressionBombError: {e}") from None
+
+
+def _check_size(w: int, h: int, max_pixels: int | None) -> None:
     if w <= 0 or h <= 0:
         raise BadImage("empty image")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels exceeds max_image_pixels = {max_pixels} "
+                            f"(not decoded)")
+
+
+def probe_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) from the header only (no pixel decode).
+
+    Raises ImageTooLarge when width x height exceeds ``max_pixels`` (None: no limit but PIL's).
+    """
+    try:
+        with _open(data) as im:
+            w, h = im.size
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+    _check_size(w, h, max_pixels)
     return h, w
 
 
+def _grey_to_rgb(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "L").convert("RGB")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` (any mode PIL reads) as an 8-bit RGB image, by the rules of the module docstring."""
+    mode = im.mode
+    if mode in _INT_MODES:
+        a = np.asarray(im)
+        if a.dtype.itemsize > 2:  # mode I: 32-bit signed
+            a = np.minimum(np.maximum(a, 0), 65535)
+        # a table lookup keeps the peak at one uint8 image beyond the decoded one
+        return _grey_to_rgb(_LUT16[a])
+    if mode == "F":
+        a = np.array(im, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise BadImage("mode F image holds NaN or infinite pixel values")
+        np.maximum(a, 0.0, out=a)
+        np.minimum(a, 1.0, out=a)
+        a *= 255.0
+        return _grey_to_rgb(np.rint(a, out=a))
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _WHITE)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
 def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
-                   rng: np.random.Generator) -> np.ndarray:
+                   rng: np.random.Generator, max_pixels: int | None = None) -> np.ndarray:
     """Decode, resize the shorter side by the official rule, crop to ``bucket`` -> uint8 (3,h,w).
 
     The target size is computed from the header size so draft mode does not change the result
     size; the crop offsets come from the per-sample ``rng`` so they are reproducible on resume.
+    An image over ``max_pixels`` raises ImageTooLarge before its pixels are decoded.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _open(data) as im:
             W, H = im.size
+            _check_size(W, H, max_pixels)
             short = resize_shorter_side(H, W, bucket)
             th, tw = resized_hw(H, W, short)
             # float rounding in int(s * long / short) must never leave the image smaller than the bucket
@@ -60,7 +148,7 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
             if im.format == "JPEG":
                 # Largest DCT reduction that keeps both sides >= the target.
                 im.draft("RGB", (tw, th))
-            im = im.convert("RGB")
+            im = to_rgb(im)
             h, w = bucket
             if crop == "center":
                 top, left = (th - h) // 2, (tw - w) // 2
@@ -78,6 +166,8 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
                 sx, sy = im.size[0] / tw, im.size[1] / th
                 box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
                 arr = np.asarray(im.resize((w, h), Image.BILINEAR, box=box))
+    except BadImage:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise BadImage(f"{type(e).__name__}: {e}") from None
     return arr.transpose(2, 0, 1)
