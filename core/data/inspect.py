@@ -21,7 +21,7 @@ from .captions import make_caption_getter
 from .config import DataConfig
 from .errors import DataError
 from .filters import parse_filters
-from .images import BadImage, load_to_bucket
+from .images import BadImage, ImageTooLarge, load_to_bucket
 from .plan import ShardPlan
 from .sources import expand_sources
 from .worker import StreamSpec, WorkerStream, _Pos
@@ -61,7 +61,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
     spec = StreamSpec(plan=_InOrder(urls, 0, 0, 1, 1, False), batch_size=1 << 30, table=table,
                       crop="center", filters=parse_filters(cfg.dataset_filters),
                       captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
-                      shuffle_buffer=1, strict=False)
+                      shuffle_buffer=1, strict=False, max_pixels=cfg.max_image_pixels)
     ws = WorkerStream(spec, 0)
     hist: Counter[str] = Counter()
     seen = kept = 0
@@ -72,9 +72,11 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
             entry = ws.buckets[bucket].pop()
             if decode:
                 try:
-                    load_to_bucket(entry.data, bucket, "center", np.random.default_rng(0))
+                    load_to_bucket(entry.data, bucket, "center", np.random.default_rng(0),
+                                   cfg.max_image_pixels)
                 except BadImage as e:
-                    ws.stats.bad_sample("undecodable_image", url, s.key, str(e))
+                    ws.stats.bad_sample("oversized_image" if isinstance(e, ImageTooLarge)
+                                        else "undecodable_image", url, s.key, str(e))
                     continue
             kept += 1
             hist[f"{bucket[0]}x{bucket[1]}"] += 1
@@ -86,7 +88,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
         "shards": len(urls), "samples": seen, "usable": kept,
         "filter_pass_rate": (passed_filters / seen) if seen else 0.0,
         "filtered": dict(st.filtered), "missing_filter_key": dict(st.missing_key),
-        "bad": dict(st.bad), "bad_samples": st.records,
+        "bad": dict(st.bad), "bad_samples": st.records + st.shard_faults,
         "buckets": {f"{h}x{w}": hist.get(f"{h}x{w}", 0) for h, w in table.buckets},
     }
 

@@ -15,7 +15,7 @@ from .errors import DataError
 from .filters import parse_filters
 from .plan import ShardPlan
 from .sources import expand_sources
-from .stats import Stats, log_report
+from .stats import Stats, log_report, log_shard_fault
 from .worker import SAMPLE_FORMATS, StreamSpec, WorkerStream
 
 log = logging.getLogger("core.data")
@@ -86,7 +86,8 @@ class DataPipeline:
             plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=cfg.crop,
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
-            shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format)
+            shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
+            max_pixels=cfg.max_image_pixels)
         bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
         if sample_format != "image":  # image fingerprints stay what they were (saved states remain valid)
             bits += (sample_format,)
@@ -127,6 +128,8 @@ class DataPipeline:
             self._cursors = {w: {"epoch": nxt} for w in range(self.workers)}
             return
         self._cursors = workers
+        # the samples waiting in buckets at the save are read again by the workers
+        self._stats.resumed = sum(len(c.get("left") or []) for c in workers.values())
         self._next = int(state.get("next_worker", 0)) % self.workers
         self._batches = int(state.get("batches", 0))
 
@@ -155,8 +158,10 @@ class DataPipeline:
         while True:
             item = next(self._it)
             w = item["worker"]
-            self._pending.extend(item["stats"].get("records", []))
+            self._pending.extend(Stats.new_records(item["stats"]))
             self._stats.merge(item["stats"])
+            for fault in item["stats"].get("shard_faults", []):
+                log_shard_fault(fault)  # now, not only in the next summary
             if item["kind"] == "error":
                 raise DataError(item["message"])
             self._cursors[w] = item["cursor"]
@@ -191,14 +196,23 @@ class DataPipeline:
                 f"dataset_filters")
 
     # ------------------------------------------------------------- reporting
+    def _waiting(self) -> int:
+        """Samples waiting in the workers' buckets (as of each worker's last item)."""
+        return sum(len(c.get("left") or []) for c in self._cursors.values())
+
     def _report(self) -> None:
-        log_report(self._stats, self._pending)
+        log_report(self._stats, self._pending, waiting=self._waiting())
         self._pending = []
 
     def stats(self) -> dict:
-        """Counters so far: bad samples by reason (+ recent records with URL/key), filter drops,
-        samples per bucket, samples read/emitted, batches, current epoch."""
+        """Counters so far: bad samples by reason (+ recent records with URL/key; shard faults
+        also in ``bad_shards`` / ``shard_faults`` with the byte offset), filter drops, samples per
+        bucket, batches, current epoch, and the totals that add up: ``read`` (``seen`` +
+        ``resumed``) = ``samples`` (emitted) + ``waiting`` (in buckets) + filtered + lacking a
+        filter key + ``bad_samples``."""
         d = self._stats.as_dict()
+        d["waiting"] = self._waiting()
+        d["read"] = self._stats.seen + self._stats.resumed
         d["batches"] = self._batches
         d["epoch"] = self.epoch
         return d

@@ -35,11 +35,11 @@ from .buckets import BucketTable
 from .captions import CaptionGetter, MissingCaption
 from .errors import DataError, ShardMissing
 from .filters import FilterRule
-from .images import BadImage, image_ext, load_to_bucket, probe_size
+from .images import DEFAULT_MAX_PIXELS, BadImage, ImageTooLarge, image_ext, load_to_bucket, probe_size
 from .plan import ShardPlan
 from .sources import open_shard
 from .stats import Stats
-from .tario import RawSample, TarTruncated, iter_samples
+from .tario import RawSample, TarMalformed, TarTruncated, iter_samples
 from .tensors import TENSORS_EXT, BadTensors, decode_tensors, probe_signature, signature_label
 
 # Independent random streams of one sample. 2 was caption dropout (now owned by the training jobs):
@@ -62,6 +62,7 @@ class StreamSpec:
     shuffle_buffer: int
     strict: bool
     sample_format: str = "image"   # one of SAMPLE_FORMATS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS   # DataConfig.max_image_pixels
 
 
 @dataclass
@@ -137,13 +138,18 @@ class WorkerStream:
 
     # ---------------------------------------------------------------- reading
     def _bad(self, reason: str, url: str, key: str | None, detail: str = "",
-             shard_level: bool = False) -> None:
+             shard_level: bool = False, offset: int | None = None) -> None:
+        """Count a dropped sample, or with ``shard_level`` a shard fault (no sample was read:
+        the shard, or its part from ``offset`` on, is skipped)."""
         if self.spec.strict:
             where = f"{url} key={key}" if key else url
+            if offset is not None:
+                where += f" byte {offset}"
             raise DataError(f"bad data ({reason}) in {where}: {detail} (strict: true)")
-        if shard_level and not self._reports_shards:
-            return
-        self.stats.bad_sample(reason, url, key, detail)
+        if not shard_level:
+            self.stats.bad_sample(reason, url, key, detail)
+        elif self._reports_shards:
+            self.stats.shard_fault(reason, url, key, detail, offset)
 
     def _read(self, epoch: int, pos: _Pos) -> Iterator[tuple[_Pos, str, RawSample]]:
         """Samples of this worker's shards from ``pos`` on, each with its own position."""
@@ -170,7 +176,8 @@ class WorkerStream:
                         continue
                     yield here, url, s
             except TarTruncated as e:
-                self._bad("truncated_tar", url, e.key, str(e), shard_level=True)
+                reason = "malformed_tar" if isinstance(e, TarMalformed) else "truncated_tar"
+                self._bad(reason, url, e.key, str(e), shard_level=True, offset=e.offset)
             finally:
                 f.close()
 
@@ -238,7 +245,10 @@ class WorkerStream:
                 return None
         else:
             try:
-                h, w = probe_size(s.files[ext])
+                h, w = probe_size(s.files[ext], spec.max_pixels)
+            except ImageTooLarge as e:
+                self._bad("oversized_image", url, s.key, str(e))
+                return None
             except BadImage as e:
                 self._bad("undecodable_image", url, s.key, str(e))
                 return None
@@ -255,7 +265,7 @@ class WorkerStream:
             if sorted((k, tuple(v.shape)) for k, v in got.items()) != [(n, shape) for n, _d, shape in bucket]:
                 raise BadTensors("decoded tensors differ from the header's names/shapes")
             return got
-        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP))
+        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP), self.spec.max_pixels)
 
     def _make_batch(self, bucket: tuple, flush: bool) -> dict | None:
         """Decode the bucket's first ``batch_size`` entries; None if bad samples left it short."""
@@ -271,7 +281,8 @@ class WorkerStream:
                     good.append(e)
                 except (BadImage, BadTensors) as exc:
                     entries.remove(e)
-                    self._bad(reason, e.url, e.key, str(exc))
+                    self._bad("oversized_image" if isinstance(exc, ImageTooLarge) else reason,
+                              e.url, e.key, str(exc))
             if len(good) == len(take):
                 break
             if not flush and len(entries) < want:
@@ -325,16 +336,16 @@ class WorkerStream:
         return item
 
     def _restore_leftovers(self, refs: list[list[int]]) -> None:
-        quiet, self.stats = self.stats, Stats()  # already counted before the restart
-        try:
-            for ref in refs:
-                got = self._fetch(ref)
-                if got is None:
-                    continue
-                url, s = got
-                self._admit(ref[0], _Pos(ref[1], ref[2], 0), url, s)
-        finally:
-            self.stats = quiet
+        # The pipeline counts these samples as read (``Stats.resumed``) when it restores the
+        # position; here each ends up waiting again, or counted as dropped, so the counts add up.
+        for ref in refs:
+            got = self._fetch(ref)
+            if got is None:
+                self._bad("lost_on_resume", self._shards(ref[0])[ref[1]], None,
+                          f"the sample at byte {ref[2]} that was waiting in a bucket cannot be read again")
+                continue
+            url, s = got
+            self._admit(ref[0], _Pos(ref[1], ref[2], 0), url, s)
 
     def __iter__(self) -> Iterator[dict]:
         try:
