@@ -1,10 +1,12 @@
-"""Print core.memory's estimate for an explicit run shape (the GPU rows of bench/README.md).
+"""Print core.memory's per-rank estimate for an explicit run shape (the GPU rows of bench/README.md).
 
 The run is described by the jobs' memory specs (train/memory_specs.py), fed a config holding the
-command line's keys.
+command line's keys. ``--batch-size`` is the per-rank micro-batch; ``--world-size N`` runs N ranks
+(global batch N x that), ``--fsdp`` shards them as ``use_fsdp: true`` does.
 
     python3 bench/memory_estimate.py --version 3.6B --mode lora --batch-size 4 --image-size 1024
     python3 bench/memory_estimate.py --version 3.6B --weight-dtype bfloat16 --optimizer adafactor
+    python3 bench/memory_estimate.py --version 3.6B --world-size 8 --fsdp
 
 For a training YAML use the trainer's ``--dry-run`` instead (same estimate, from the config).
 """
@@ -25,15 +27,15 @@ def run_spec(a: argparse.Namespace) -> MemorySpec:
     """The job's memory spec for the command line's run shape (a config with just those keys)."""
     from train.memory_specs import controlnet_spec, lora_spec, stage_b_spec, stage_c_spec
 
-    cfg = SimpleNamespace(model_version=a.version, batch_size=a.batch_size, image_size=a.image_size,
+    cfg = SimpleNamespace(model_version=a.version, batch_size=a.batch_size * a.world_size, image_size=a.image_size,
                           optimizer=a.optimizer, dtype=a.weight_dtype, frozen_dtype=a.frozen_dtype,
                           precision="auto", cache_path="<cache>" if a.cached else None, rank=a.lora_rank,
-                          module_filters=[".attn"])
+                          module_filters=[".attn"], grad_accum_steps=1, use_fsdp=a.fsdp)
     if a.mode == "lora":
-        return lora_spec(cfg)
+        return lora_spec(cfg, a.world_size)
     if a.mode == "controlnet":
-        return controlnet_spec(cfg)
-    return stage_b_spec(cfg) if a.kind == "stage_b" else stage_c_spec(cfg)
+        return controlnet_spec(cfg, a.world_size)
+    return (stage_b_spec if a.kind == "stage_b" else stage_c_spec)(cfg, a.world_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="stage_c", choices=["stage_c", "stage_b"])
     p.add_argument("--version", default="3.6B")
     p.add_argument("--mode", default="full", choices=["full", "lora", "controlnet"])
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="per-rank micro-batch")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) of the run")
+    p.add_argument("--fsdp", action="store_true", help="shard over the ranks (use_fsdp: true)")
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused", "adafactor", "adamw8bit"])
     p.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.kind == "stage_b" and a.mode != "full":
         p.error("--mode lora/controlnet train on Stage C (--kind stage_c)")
+    if a.world_size < 1 or a.batch_size < 1:
+        p.error("--world-size and --batch-size must be >= 1")
     est = estimate_memory(run_spec(a))
     print(format_estimate(est))
     if a.json:

@@ -1,8 +1,10 @@
 """The command line of every training script: ``python3 train/<job>.py CONFIG [options]``.
 
 ``--set KEY=VALUE`` overrides (YAML values), ``--validate-only`` checks a config (placeholder paths
-allowed), ``--dry-run`` prints the resolved config, what the job would build, the data and batch
-split and the memory estimate, then exits; ``--resume auto|never|PATH``. A user error exits with
+allowed), ``--dry-run`` runs the same checks, then prints the resolved config, what the job would
+build, the data and batch split and the per-rank memory estimate, then exits; ``--resume
+auto|never|PATH``. Both check the batch split against the launcher's world size
+(``WORLD_SIZE`` / ``SLURM_NTASKS``, :func:`core.distributed.world_size_from_env`), as the run does. A user error exits with
 status 2 and one line (``core.errors.run_cli``); a finished or preempted run exits 0.
 """
 from __future__ import annotations
@@ -30,16 +32,18 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
     """Run the job class ``job`` (a TrainingCore subclass) as its script's command line."""
     args = parse_cli(argv, prog=Path(sys.argv[0]).name, description=job.description)
     setup_python_logging()
-    if args.validate_only:
-        cfg = load_config(job.Config, args.config, args.overrides, validate_only=True)
-        print(f"config OK: {args.config} ({job.__name__}, model_version {getattr(cfg, 'model_version', '-')})")
+    world_size = world_size_from_env()
+    if args.validate_only or args.dry_run:
+        # One validation for both, the run's own (batch split over the launcher's world size
+        # included), lenient only about files that are not downloaded yet.
+        cfg = load_config(job.Config, args.config, args.overrides, validate_only=True, world_size=world_size)
+        if args.dry_run:  # says which files are missing
+            dry_run(job, cfg, world_size)
+        else:
+            print(f"config OK: {args.config} ({job.__name__}, model_version {getattr(cfg, 'model_version', '-')}, "
+                  f"world size {world_size}: per-rank micro-batch {cfg.per_rank_batch(world_size)})")
         return 0
-    if args.dry_run:  # lenient about files that are not downloaded yet; says which are missing
-        cfg = load_config(job.Config, args.config, args.overrides, validate_only=True,
-                          world_size=world_size_from_env())
-        dry_run(job, cfg)
-        return 0
-    cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size_from_env())
+    cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size)
     from core.distributed import init_distributed
 
     trainer = job(cfg, dist=init_distributed(), resume=args.resume)
@@ -50,11 +54,13 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def dry_run(job: type, cfg: Any) -> None:
+def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
     """Print the resolved config, missing files, the job's description of what it builds, the
-    dataset's first shard, the batch split and the memory estimate of the job's spec."""
+    dataset's first shard, the batch split and the per-rank memory estimate of the job's spec,
+    for ``world_size`` ranks (default: the launcher's environment)."""
     import yaml
 
+    ws = world_size_from_env() if world_size is None else world_size
     print("# resolved config")
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     missing = [f"{k}={getattr(cfg, k)}" for k in dir(cfg) if k.endswith("_checkpoint_path")
@@ -69,19 +75,18 @@ def dry_run(job: type, cfg: Any) -> None:
         print(f"shards: {len(shards)}; first: {shards[0]}")
     else:
         print(f"webdataset_path: {cfg.webdataset_path} (could not list shards)")
-    ws = world_size_from_env()
     print(f"batch: global {cfg.batch_size} = world_size {ws} x grad_accum_steps {cfg.grad_accum_steps} "
           f"x per-rank {cfg.per_rank_batch(ws)}")
-    _print_memory_estimate(job, cfg)
+    _print_memory_estimate(job, cfg, ws)
 
 
-def _print_memory_estimate(job: type, cfg: Any) -> None:
-    """The analytic GPU memory estimate of the job's memory spec (fake tensors only: nothing is
-    loaded or allocated)."""
+def _print_memory_estimate(job: type, cfg: Any, world_size: int) -> None:
+    """The analytic per-rank GPU memory estimate of the job's memory spec (fake tensors only:
+    nothing is loaded or allocated)."""
     from core.memory import estimate_memory, format_estimate
 
     try:
-        spec = job.memory_spec(cfg)
+        spec = job.memory_spec(cfg, world_size)
         if spec is None:
             return
         est = estimate_memory(spec)

@@ -166,10 +166,16 @@ def get_world_size() -> int:
 
 
 def world_size_from_env() -> int:
-    """The world size a launcher announced (torchrun / slurm), without initialising anything."""
+    """The world size a launcher announced (torchrun's ``WORLD_SIZE``, else slurm's
+    ``SLURM_NTASKS``; 1 without either), without initialising anything. What ``--validate-only``,
+    ``--dry-run`` and the run check the batch split against; a value that is not a positive
+    integer is a :class:`UserError` naming the variable."""
     for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
+        if os.environ.get(var, "").strip():
+            value = _env_int(var)
+            if value < 1:
+                raise UserError(f"environment variable {var}={value} must be >= 1 (check the launcher)")
+            return value
     return 1
 
 

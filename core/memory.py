@@ -1,9 +1,10 @@
-"""Analytic GPU memory estimate of a training run (printed by ``--dry-run`` and ``bench/``).
+"""Analytic per-rank GPU memory estimate of a training run (printed by ``--dry-run`` and ``bench/``).
 
 Why an estimate: users need to know BEFORE renting a GPU whether a configuration fits. The job
 describes its run as a :class:`MemorySpec` (which networks it trains, how one training forward
-looks at the per-GPU batch and image size, what else it keeps loaded); :func:`estimate_memory`
-turns that into bytes. The figure is the sum of
+looks at the per-rank micro-batch and image size, what else it keeps loaded, how many ranks share
+the work and which networks FSDP shards); :func:`estimate_memory` turns that into bytes held by
+ONE rank (one GPU). The figure is the sum of
 
 * weights of the networks the spec builds: trainable parameters, and frozen parameters + buffers
   of those networks (a frozen generator under an adapter, say), each at its built dtype;
@@ -14,7 +15,19 @@ turns that into bytes. The figure is the sum of
   row/column second moments; adamw8bit: 2 one-byte states + a float32 absmax per 256-element block,
   bitsandbytes' rule that tensors under 4096 elements keep 32-bit states);
 * activations saved for backward at the spec's batch and image size, with and without gradient
-  checkpointing, plus a backward workspace of one checkpoint unit.
+  checkpointing, plus a backward workspace of one checkpoint unit;
+* with several ranks, what data parallelism adds (see below).
+
+Several ranks (``world_size > 1``): without FSDP (DDP) every rank holds everything above, plus
+DDP's gradient buckets (a flat copy of every gradient, DDP's default layout). With FSDP
+(``fsdp_networks``) the parameters of those networks are split along dim 0 as FSDP2 does
+(each rank keeps ``ceil(dim0 / world_size)`` rows of every tensor, zero-padded), so their weights,
+gradients and optimizer states are the per-rank shards (about ``full / world_size``); buffers, the
+counted frozen parts, the networks not listed and the activations stay whole on every rank. A rank
+also holds, transiently, the all-gathered shard units: the parameters of its networks outside any
+unit (the root group) + the two largest units (the running one and the prefetched next one) in the
+compute dtype (bf16 under autocast, FSDP's ``param_dtype``), and the unsharded gradients of the
+largest unit in the reduce dtype (float32 under autocast) before their reduce-scatter.
 
 Activations are not guessed from formulas: the real modules run ONE forward on fake tensors
 (``FakeTensorMode``: shapes and dtypes, no storage, a few seconds even for billions of parameters)
@@ -26,7 +39,7 @@ what is saved outside the checkpoint units + the inputs of every unit (kept aliv
 recomputation) + the largest unit's own saved set (alive while it is recomputed in backward).
 
 Not counted: the CUDA context (~0.5 GiB, outside ``max_memory_allocated``), allocator
-fragmentation, NCCL buffers, the frozen parts' transient no-grad activations, activations of
+fragmentation, NCCL's own buffers, the frozen parts' transient no-grad activations, activations of
 networks outside the spec's forward.
 
 The job-specific specs (which networks, which inputs) live with the jobs (``train/memory_specs.py``);
@@ -66,13 +79,14 @@ class MemorySpec:
     #: Builds every network the trained forward touches, with ``requires_grad`` set on the trained
     #: parameters; frozen parameters and buffers of these networks count as frozen weights.
     build: Callable[[], nn.Module]
-    #: One training forward of the built networks at the per-GPU batch and image size, returning
-    #: the loss (it creates its own example inputs).
+    #: One training forward of the built networks at the per-rank micro-batch and image size,
+    #: returning the loss (it creates its own example inputs).
     forward: Callable[[nn.Module], torch.Tensor]
-    #: Per-GPU micro-batch size and image size (height, width) that ``forward`` uses (for the header).
+    #: Per-rank micro-batch size and image size (height, width) that ``forward`` uses (for the header).
     batch_size: int
     image_size: tuple[int, int]
-    #: Every submodule of these classes is one gradient-checkpointing unit.
+    #: Every submodule of these classes is one gradient-checkpointing unit, and one FSDP shard unit
+    #: inside the ``fsdp_networks``.
     unit_types: tuple[type, ...] = ()
     #: Further checkpointing units that are not found by class (e.g. a network's top-level stages).
     extra_units: Optional[Callable[[nn.Module], Sequence[nn.Module]]] = None
@@ -98,6 +112,14 @@ class MemorySpec:
     frozen_label: str = "weights (frozen)"
     #: The job's own description of the run, copied into the estimate's ``shape``.
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: Ranks of the run (processes, one GPU each); the estimate is what ONE rank holds.
+    world_size: int = 1
+    #: FSDP: names (``get_submodule`` paths of ``build()``'s result) of the networks whose parameters
+    #: are sharded over the ``world_size`` ranks; None = no sharding (DDP when ``world_size > 1``).
+    fsdp_networks: Optional[Sequence[str]] = None
+    #: The device the dtypes above assume (printed; e.g. a GPU kind and its default precision),
+    #: since the estimate usually runs on another machine.
+    device: str = ""
 
 
 def _dtype(name: Union[str, torch.dtype, None]) -> torch.dtype:
@@ -270,6 +292,45 @@ def _frozen_parts(spec: MemorySpec) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _shard(p: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The local shard FSDP2 gives one rank: ``ceil(dim0 / world_size)`` rows (padded), other dims
+    whole; a 0-d tensor is one element. Created under the caller's fake mode (no storage)."""
+    shape = tuple(p.shape) or (1,)
+    return torch.empty((-(-shape[0] // world_size),) + shape[1:], dtype=p.dtype)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _fsdp_gather_bytes(roots: Sequence[nn.Module], unit_types: tuple[type, ...], trainable_ids: set[int],
+                       autocast: bool) -> int:
+    """Transient all-gather memory of FSDP on one rank (see the module docstring)."""
+    def compute(p: torch.Tensor) -> int:
+        return p.numel() * (2 if autocast and p.is_floating_point() else p.element_size())
+
+    def reduce(p: torch.Tensor) -> int:
+        return p.numel() * (4 if autocast else p.element_size())
+
+    total, units = 0, []
+    for root in roots:
+        owner: dict[int, int] = {}               # parameter -> innermost unit (pre-order: inner ones come later)
+        params: dict[int, torch.Tensor] = {id(p): p for p in root.parameters()}
+        root_units = modules_of_types(root, unit_types)
+        for i, unit in enumerate(root_units):
+            for p in unit.parameters():
+                owner[id(p)] = len(units) + i
+        units += [[0, 0] for _ in root_units]    # [compute bytes, reduce bytes of trained params]
+        for key, p in params.items():
+            if key not in owner:
+                total += compute(p)              # the root group stays gathered around its forward/backward
+            else:
+                units[owner[key]][0] += compute(p)
+                units[owner[key]][1] += reduce(p) if key in trainable_ids else 0
+    sizes = sorted((u[0] for u in units), reverse=True)
+    return total + sum(sizes[:2]) + max((u[1] for u in units), default=0)
+
+
 def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
     """Memory estimate (bytes) of the run ``spec`` describes.
 
@@ -284,6 +345,10 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
         raise ValueError(f"unknown optimizer {spec.optimizer!r}; known: {OPTIMIZERS}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    ws = int(spec.world_size)
+    if ws < 1:
+        raise ValueError(f"MemorySpec.world_size must be >= 1, got {ws}")
+    mode = "fsdp" if ws > 1 and spec.fsdp_networks is not None else "ddp" if ws > 1 else "single"
     with FakeTensorMode():
         networks = spec.build()
         trainable = (list(spec.trainable(networks)) if spec.trainable is not None
@@ -292,44 +357,74 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
         units = modules_of_types(networks, tuple(spec.unit_types))
         if spec.extra_units is not None:
             units += list(spec.extra_units(networks))
-        trained_w = sum(p.numel() * p.element_size() for p in trainable)
-        frozen_w = sum(p.numel() * p.element_size() for p in networks.parameters() if id(p) not in trainable_ids)
-        frozen_w += sum(b.numel() * b.element_size() for b in networks.buffers())
+        roots = [networks.get_submodule(name) for name in spec.fsdp_networks or ()] if mode == "fsdp" else []
+        sharded_ids = {id(p) for root in roots for p in root.parameters()}
+
+        def local(p: torch.Tensor) -> torch.Tensor:  # what this rank stores of ``p``
+            return _shard(p, ws) if id(p) in sharded_ids else p
+
+        trained_local = [local(p) for p in trainable]
+        trained_w = sum(_nbytes(p) for p in trained_local)
+        frozen_w = sum(_nbytes(local(p)) for p in networks.parameters() if id(p) not in trainable_ids)
+        frozen_w += sum(_nbytes(b) for b in networks.buffers())
         grads = trained_w
-        optim = optimizer_state_bytes(trainable, spec.optimizer)
+        optim = optimizer_state_bytes(trained_local, spec.optimizer)
+        if mode == "fsdp":
+            parallel = _fsdp_gather_bytes(roots, tuple(spec.unit_types), trainable_ids, spec.autocast)
+        else:  # DDP's reducer copies every gradient into its flat buckets
+            parallel = grads if mode == "ddp" else 0
         acts = (count_activations(networks, lambda: spec.forward(networks), units, spec.autocast)
                 if activations else ActivationCount(0, 0, 0))
         counts = dict(spec.param_counts(networks)) if spec.param_counts is not None else {}
         n_trainable = sum(p.numel() for p in trainable)
     parts = _frozen_parts(spec)
     frozen_bytes = sum(b for _n, b in parts.values())
-    base = trained_w + frozen_w + frozen_bytes + grads + optim
+    base = trained_w + frozen_w + frozen_bytes + grads + optim + parallel
     rows = {"weights_trained": trained_w, "weights_frozen": frozen_w, "encoders": frozen_bytes,
-            "gradients": grads, "optimizer": optim, "activations": acts.full,
+            "gradients": grads, "optimizer": optim, "parallel": parallel, "activations": acts.full,
             "activations_checkpointed": acts.checkpointed, "backward_workspace": acts.largest_unit}
     shape = {"title": spec.title, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.details.items()},
              "batch_size": spec.batch_size, "image_size": list(spec.image_size), "optimizer": spec.optimizer,
              "weight_dtype": spec.weight_dtype, "frozen_dtype": spec.frozen_dtype, "autocast": spec.autocast,
-             "cached": spec.cached}
+             "cached": spec.cached, "world_size": ws, "parallel": mode,
+             "fsdp_networks": list(spec.fsdp_networks or ()) if mode == "fsdp" else [], "device": spec.device}
     return {"shape": shape, "params": {**counts, "trainable": n_trainable, **{k: n for k, (n, _b) in parts.items()}},
             "bytes": rows, "total": base + acts.full + acts.largest_unit,
             "total_checkpointed": base + acts.checkpointed + acts.largest_unit,
             "configured_checkpointing": spec.gradient_checkpointing, "frozen_label": spec.frozen_label}
 
 
+def _parallel_line(s: dict) -> str:
+    ws = s.get("world_size", 1)
+    if s.get("parallel", "single") == "single":
+        return "# 1 process: this rank holds everything"
+    if s["parallel"] == "ddp":
+        return (f"# world size {ws}, DDP: every rank holds the full weights, gradients and optimizer states "
+                f"(+ DDP gradient buckets)")
+    names = ", ".join(s["fsdp_networks"])
+    return (f"# world size {ws}, FSDP: weights, gradients and optimizer states of {names} sharded {ws} ways "
+            f"(ceil(dim0 / {ws}) rows per tensor); replicated on every rank: the frozen encoders, buffers, "
+            f"any other network and the activations")
+
+
 def format_estimate(est: dict) -> str:
-    """A small fixed-width table (GiB) for ``--dry-run``."""
+    """A small fixed-width table (GiB) for ``--dry-run``: what ONE rank holds."""
     b, s = est["bytes"], est["shape"]
     rows = [("weights (trained)", b["weights_trained"]), (est.get("frozen_label", "weights (frozen)"), b["weights_frozen"]),
             ("frozen encoders", b["encoders"]), ("gradients", b["gradients"]),
-            (f"optimizer states ({s['optimizer']})", b["optimizer"]),
-            ("activations, no checkpointing", b["activations"]),
-            ("activations, gradient checkpointing", b["activations_checkpointed"]),
-            ("backward workspace", b["backward_workspace"])]
+            (f"optimizer states ({s['optimizer']})", b["optimizer"])]
+    mode = s.get("parallel", "single")
+    if mode != "single":
+        rows.append(("FSDP all-gathered units" if mode == "fsdp" else "DDP gradient buckets", b.get("parallel", 0)))
+    rows += [("activations, no checkpointing", b["activations"]),
+             ("activations, gradient checkpointing", b["activations_checkpointed"]),
+             ("backward workspace", b["backward_workspace"])]
     on = est["configured_checkpointing"]
-    lines = [f"# memory estimate: {s['title']}, per-GPU batch {s['batch_size']}, "
+    lines = [f"# memory estimate per rank: {s['title']}, per-rank micro-batch {s['batch_size']}, "
              f"{s['image_size'][0]}x{s['image_size'][1]}, weights {s['weight_dtype']}, frozen {s['frozen_dtype']}"
-             f"{', from cache' if s['cached'] else ''}"]
+             f"{', from cache' if s['cached'] else ''}", _parallel_line(s)]
+    if s.get("device"):
+        lines.append(f"# target device: {s['device']}")
     lines += [f"{name:<38}{val / GIB:>9.2f} GiB" for name, val in rows]
     lines.append(f"{'peak, no checkpointing' + (' ' if on else ' (configured)'):<38}{est['total'] / GIB:>9.2f} GiB")
     lines.append(f"{'peak, checkpointing' + (' (configured)' if on else ''):<38}"

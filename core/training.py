@@ -13,7 +13,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
 * optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
-  ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg)`` (core/memory.py), ``block_types``.
+  ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
 The core does the rest: frozen modules go to eval mode, ``requires_grad_(False)``, the frozen dtype
 and the device; trained modules get the dropout override, gradient checkpointing, compile and the
@@ -90,8 +90,9 @@ class TrainingCore:
         return []
 
     @classmethod
-    def memory_spec(cls, cfg: Any) -> Any:
-        """The job's ``core.memory.MemorySpec`` for the dry-run estimate (None: no estimate)."""
+    def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
+        """The job's ``core.memory.MemorySpec`` of ONE rank of a ``world_size``-rank run, for the
+        dry-run estimate (None: no estimate)."""
         return None
 
     # -- construction --------------------------------------------------------------------

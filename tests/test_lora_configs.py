@@ -62,7 +62,7 @@ def test_dry_runs_report_the_official_adapter_sizes(capsys):
     out = capsys.readouterr().out
     assert "128 adapted weights, rank 4, 3,145,728 LoRA parameters" in out
     # the memory estimate of the configured run (fake tensors: no weights needed)
-    assert "# memory estimate: stage_c 3.6B lora, per-GPU batch 8, 768x768" in out
+    assert "# memory estimate per rank: stage_c 3.6B lora, per-rank micro-batch 8, 768x768" in out
     for line in ("weights (trained)", "gradients", "optimizer states (adamw)", "activations, no checkpointing",
                  "activations, gradient checkpointing", "peak, no checkpointing", "peak, checkpointing"):
         assert f"\n{line}" in out and " GiB" in out.split(f"\n{line}", 1)[1].split("\n", 1)[0], line

@@ -2,11 +2,14 @@
 specs of the four jobs (train/memory_specs.py)."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from core.memory import MemorySpec, estimate_memory, format_estimate, optimizer_state_bytes
 from train.memory_specs import clip_text_params, clip_vision_params, controlnet_spec, lora_spec, stage_b_spec, stage_c_spec
@@ -39,9 +42,95 @@ def test_lora_freezes_the_generator_in_bf16():
 
 def test_cached_run_loads_no_encoders():
     assert estimate_memory(stage_c_spec(run_cfg(cache_path="cache")), activations=False)["bytes"]["encoders"] == 0
+    # the job loads the CLIP vision tower whatever image_embed_prob says, so the estimate counts it
     full = estimate_memory(stage_c_spec(run_cfg(image_embed_prob=0.0)), activations=False)
-    assert "clip_vision" not in full["params"] and full["params"]["clip_text"] == 694_659_840
+    assert full["params"]["clip_vision"] == 303_966_208 and full["params"]["clip_text"] == 694_659_840
     assert clip_text_params() == 694_659_840 and clip_vision_params() == 303_966_208
+
+
+def test_stage_a_is_counted_in_float32():
+    """The Stage B job registers Stage A uncast (float32) while the other encoders take frozen_dtype."""
+    est = estimate_memory(stage_b_spec(run_cfg(model_version="tiny")), activations=False)
+    p = est["params"]
+    assert est["bytes"]["encoders"] == (p["clip_text"] + p["effnet"]) * 2 + p["stage_a"] * 4
+
+
+def fsdp_shard_bytes(module: nn.Module, world_size: int, element_size: Optional[int] = None) -> int:
+    """Bytes one rank keeps of ``module``'s parameters under FSDP2: ceil(dim0 / ws) rows of each."""
+    total = 0
+    for p in module.parameters():
+        shape = tuple(p.shape) or (1,)
+        rows = -(-shape[0] // world_size)
+        total += rows * math.prod(shape[1:]) * (element_size or p.element_size())
+    return total
+
+
+def test_fsdp_estimate_is_per_rank_and_sharded():
+    """world_size 8 + use_fsdp: the per-rank micro-batch is 512 / 8 / grad_accum, the generator's
+    weights, gradients and AdamW states are the FSDP2 shards (ceil(dim0 / 8) rows, about full / 8),
+    the encoders stay whole."""
+    from modules.registry import build_model
+
+    cfg = run_cfg(model_version="3.6B", batch_size=512, grad_accum_steps=2, use_fsdp=True)
+    one = estimate_memory(stage_c_spec(cfg), activations=False)
+    spec = stage_c_spec(cfg, 8)
+    assert spec.batch_size == 512 // 8 // 2 and spec.world_size == 8 and list(spec.fsdp_networks) == ["generator"]
+    assert "CUDA GPU with bf16" in spec.device and "frozen_dtype unset: bfloat16" in spec.device
+    est = estimate_memory(spec, activations=False)
+    b = est["bytes"]
+    shard = fsdp_shard_bytes(build_model("stage_c", "3.6B", device="meta"), 8, element_size=4)
+    assert b["weights_trained"] == b["gradients"] == shard
+    assert b["optimizer"] == 2 * shard
+    assert N_3B * 4 / 8 <= shard < N_3B * 4 / 8 * 1.005              # padding: under 0.5 %
+    assert b["encoders"] == one["bytes"]["encoders"] and b["weights_frozen"] == one["bytes"]["weights_frozen"]
+    assert 0 < b["parallel"] < one["bytes"]["weights_trained"] / 8    # root group + two blocks, bf16
+    assert est["shape"]["parallel"] == "fsdp" and est["shape"]["world_size"] == 8
+    assert one["shape"]["parallel"] == "single" and one["bytes"]["parallel"] == 0
+    table = format_estimate(est)
+    assert "per-rank micro-batch 32" in table and "FSDP" in table and "sharded 8 ways" in table
+    # DDP: full copies on every rank, plus the gradient buckets; the micro-batch is still per rank
+    ddp = estimate_memory(stage_c_spec(run_cfg(model_version="3.6B", batch_size=512, use_fsdp=False), 8),
+                          activations=False)
+    assert ddp["bytes"]["weights_trained"] == N_3B * 4 and ddp["bytes"]["parallel"] == N_3B * 4
+    assert ddp["shape"]["batch_size"] == 64 and ddp["shape"]["parallel"] == "ddp"
+    # use_fsdp on one process trains unsharded, so the estimate does not shard either
+    assert estimate_memory(stage_c_spec(cfg, 1), activations=False)["bytes"] == one["bytes"]
+
+
+def test_fsdp_shards_the_frozen_base_of_adapter_runs():
+    from modules.registry import build_model
+
+    gen = build_model("stage_c", "3.6B", device="meta")
+    for make in (lora_spec, controlnet_spec):
+        cfg = run_cfg(model_version="3.6B", batch_size=64, use_fsdp=True, rank=4, module_filters=[".attn"])
+        spec = make(cfg, 4)
+        est = estimate_memory(spec, activations=False)
+        assert est["shape"]["batch_size"] == 16
+        with FakeTensorMode():   # buffers (the ControlNet's norms) stay whole on every rank
+            buffers = sum(b.numel() * b.element_size() for b in spec.build().buffers())
+        # the bf16 base, sharded 4 ways, is the frozen part
+        assert est["bytes"]["weights_frozen"] == fsdp_shard_bytes(gen, 4, element_size=2) + buffers, make
+    with pytest.raises(ValueError, match="divisible"):
+        stage_c_spec(run_cfg(batch_size=6), 4)
+
+
+def test_fsdp_arithmetic_of_a_generic_spec():
+    """Shards, optimizer states and the all-gather buffers of a spec core.memory knows nothing about."""
+    def build() -> nn.Module:
+        return nn.ModuleDict({"net": nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 63)),
+                              "head": nn.Linear(8, 8)})
+
+    spec = MemorySpec(title="mlp", build=build, forward=lambda m: m["net"](torch.empty(2, 64)).pow(2).mean(),
+                      batch_size=2, image_size=(1, 1), unit_types=(nn.Linear,), autocast=True, world_size=3,
+                      fsdp_networks=["net"])
+    b = estimate_memory(spec, activations=False)["bytes"]
+    rows = {"w0": 86 * 64, "b0": 86, "w1": 21 * 256, "b1": 21}          # ceil(256/3), ceil(63/3) rows
+    head = 8 * 8 + 8                                                     # not sharded
+    assert b["weights_trained"] == b["gradients"] == (sum(rows.values()) + head) * 4
+    assert b["optimizer"] == 2 * b["weights_trained"]
+    # two largest units in bf16 (both Linear layers of net) + the largest unit's float32 gradients
+    units = [(256 * 64 + 256), (63 * 256 + 63)]
+    assert b["parallel"] == 2 * sum(units) + 4 * max(units)
 
 
 def test_optimizer_state_rules():
@@ -79,7 +168,9 @@ def test_estimate_from_a_config_and_the_table():
     est = estimate_memory(spec)
     table = format_estimate(est)
     print(table)
-    assert table.startswith("# memory estimate: stage_c tiny full, per-GPU batch 4, 128x128, weights float32")
+    assert table.startswith("# memory estimate per rank: stage_c tiny full, per-rank micro-batch 4, 128x128, "
+                            "weights float32")
+    assert "\n# 1 process" in table and "\n# target device: CUDA GPU with bf16" in table
     assert "activations, gradient checkpointing" in table and "(configured)" in table
     assert "weights (frozen generator/cnet)" in table
     assert est["shape"]["optimizer"] == "adafactor"

@@ -3,7 +3,10 @@
 ``core.memory`` estimates any run from a :class:`core.memory.MemorySpec`; this module says what a
 Stable Cascade run is, from the job's config (the dataclass ``core.config.load_config`` returns for
 the job's Config class; any object with the same attributes works, missing keys take the job
-defaults):
+defaults) and the run's world size (the launcher's, ``core.distributed.world_size_from_env``).
+Every spec is what ONE rank holds: the per-rank micro-batch ``batch_size / (world_size *
+grad_accum_steps)``, and with ``use_fsdp`` on several ranks the networks of
+:data:`FSDP_SHARDED` sharded over them:
 
 * :func:`stage_c_spec` - Stage C full finetune (``train/train_c.py``);
 * :func:`stage_b_spec` - Stage B full finetune (``train/train_b.py``);
@@ -13,6 +16,12 @@ defaults):
 The frozen encoders (CLIP text/vision, EfficientNet, Previewer, Stage A) are counted, not built:
 CLIP from its config formulas (a dry run must not download 1.4 GB to print a number), the others
 on the meta device. A cached run (``cache_path``) loads none of them.
+
+The dtypes are those of the run on its target device, a CUDA GPU with bfloat16 (the dry run itself
+usually runs elsewhere, e.g. a CPU login node, where the run would choose float32): frozen networks
+in ``frozen_dtype`` (unset: bfloat16, core.precision), Stage A in float32 (the jobs register it
+uncast), the trained network in ``dtype`` (unset: float32), the forward under bf16 autocast unless
+``precision: fp32``.
 """
 from __future__ import annotations
 
@@ -28,6 +37,10 @@ from core.memory import MemorySpec, default_dtype
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 #: The ControlNet the estimate builds unless told otherwise: the official canny one.
 DEFAULT_CONTROLNET = {"c_in": 1, "proj_blocks": CNET_PROJ_BLOCKS, "bottleneck_mode": "effnet"}
+#: Per spec mode, the networks FSDP2 shards with ``use_fsdp`` on several ranks: the trained
+#: generator, and for the adapter jobs the frozen base with the adapter (issue 12: "FSDP2 shards
+#: the frozen base"); the encoders stay whole on every rank.
+FSDP_SHARDED = {"full": ("generator",), "lora": ("generator",), "controlnet": ("generator", "controlnet")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,31 +76,49 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _run_fields(cfg: Any) -> dict[str, Any]:
-    """Batch, size, dtypes, optimizer and flags of a training config (any of the job dataclasses)."""
+def _per_rank_batch(cfg: Any, world_size: int) -> int:
+    """Images one rank runs per micro-step: batch_size / (world_size * grad_accum_steps)."""
+    batch, accum = int(_get(cfg, "batch_size", 1)), int(_get(cfg, "grad_accum_steps", 1) or 1)
+    if world_size < 1 or batch % (world_size * accum):
+        raise ValueError(f"batch_size {batch} is not divisible by world_size {world_size} x grad_accum_steps {accum}")
+    return batch // (world_size * accum)
+
+
+def _target_device(cfg: Any) -> str:
+    """What the dtypes assume, in words (printed with the estimate)."""
+    precision = _get(cfg, "precision", "auto") or "auto"
+    compute = {"fp32": "fp32 forward", "fp16": "fp16 autocast"}.get(precision, "bf16 autocast")
+    frozen = _get(cfg, "frozen_dtype")
+    frozen_text = f"frozen_dtype {frozen}" if frozen else "frozen_dtype unset: bfloat16"
+    return f"CUDA GPU with bf16 (precision {precision}: {compute}; {frozen_text})"
+
+
+def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
+    """Batch, size, dtypes, optimizer and flags of a training config (any of the job dataclasses)
+    for one rank of a ``world_size``-rank run."""
     size = int(_get(cfg, "image_size", 768))
-    per_rank = cfg.per_rank_batch(1) if hasattr(cfg, "per_rank_batch") else _get(cfg, "batch_size", 1)
-    return {"model_version": str(_get(cfg, "model_version")), "batch_size": int(per_rank),
+    return {"model_version": str(_get(cfg, "model_version")), "batch_size": _per_rank_batch(cfg, world_size),
             "image_size": (size, size), "optimizer": _get(cfg, "optimizer", "adamw") or "adamw",
             "weight_dtype": _get(cfg, "dtype") or "float32",
             "frozen_dtype": _get(cfg, "frozen_dtype") or "bfloat16",
             "autocast": _get(cfg, "precision", "auto") != "fp32",
             "cached": bool(_get(cfg, "cache_path")),
             "image_conditioning": float(_get(cfg, "image_embed_prob", 0.1) or 0) > 0,
-            "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False))}
+            "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False)),
+            "world_size": int(world_size), "fsdp": bool(_get(cfg, "use_fsdp", False)) and world_size > 1,
+            "device": _target_device(cfg)}
 
 
-def _encoders(kind: str, f: dict[str, Any]) -> dict[str, int]:
+def _encoders(kind: str, f: dict[str, Any]) -> dict[str, Any]:
     """Parameter counts of the frozen encoders/decoders the run loads (none when reading a cache)."""
     if f["cached"]:
         return {}
-    out = {"clip_text": clip_text_params(), "effnet": _meta_params("effnet")}
+    out: dict[str, Any] = {"clip_text": clip_text_params(), "effnet": _meta_params("effnet")}
     if kind == "stage_c":
-        if f["image_conditioning"]:
-            out["clip_vision"] = clip_vision_params()
+        out["clip_vision"] = clip_vision_params()  # the job loads it whatever image_embed_prob says
         out["previewer"] = _meta_params("previewer")
     else:
-        out["stage_a"] = _meta_params("stage_a")
+        out["stage_a"] = (_meta_params("stage_a"), "float32")  # registered uncast (decode only)
     return out
 
 
@@ -108,15 +139,15 @@ def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[
     return x, cond
 
 
-def _spec(cfg: Any, kind: str, mode: str, lora: Optional[tuple[int, Sequence[str]]] = None,
+def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tuple[int, Sequence[str]]] = None,
           controlnet: Optional[dict] = None) -> MemorySpec:
-    """The spec of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
+    """The spec of one rank of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
     ``lora = (rank, filters)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
     kwargs) that feeds it frozen."""
     from modules.common import BLOCK_TYPES
     from modules.registry import build_model, model_config
 
-    f = _run_fields(cfg)
+    f = _run_fields(cfg, world_size)
     version = f["model_version"]
     b, (h, w) = f["batch_size"], f["image_size"]
     full = mode == "full"
@@ -172,39 +203,41 @@ def _spec(cfg: Any, kind: str, mode: str, lora: Optional[tuple[int, Sequence[str
         frozen=_encoders(kind, f), weight_dtype=f["weight_dtype"], frozen_dtype=f["frozen_dtype"],
         optimizer=f["optimizer"], autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
         cached=f["cached"], param_counts=param_counts, frozen_label="weights (frozen generator/cnet)",
-        details=details)
+        details=details, world_size=f["world_size"], fsdp_networks=FSDP_SHARDED[mode] if f["fsdp"] else None,
+        device=f["device"])
 
 
 # ------------------------------------------------------------------------------------------------
 # The four jobs
 # ------------------------------------------------------------------------------------------------
-def stage_c_spec(cfg: Any) -> MemorySpec:
-    """Stage C full finetune: the generator trains in ``dtype``; CLIP text (+ vision when
-    ``image_embed_prob > 0``), EfficientNet and Previewer are loaded frozen unless ``cache_path``."""
-    return _spec(cfg, "stage_c", "full")
+def stage_c_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
+    """Stage C full finetune, one of ``world_size`` ranks: the generator trains in ``dtype``; CLIP
+    text + vision, EfficientNet and Previewer are loaded frozen unless ``cache_path``."""
+    return _spec(cfg, "stage_c", "full", world_size)
 
 
-def stage_b_spec(cfg: Any) -> MemorySpec:
-    """Stage B full finetune: the generator trains in ``dtype``; CLIP text, EfficientNet and Stage A
-    are loaded frozen unless ``cache_path``."""
-    return _spec(cfg, "stage_b", "full")
+def stage_b_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
+    """Stage B full finetune, one of ``world_size`` ranks: the generator trains in ``dtype``; CLIP
+    text and EfficientNet (frozen dtype) and Stage A (float32) are loaded unless ``cache_path``."""
+    return _spec(cfg, "stage_b", "full", world_size)
 
 
-def lora_spec(cfg: Any) -> MemorySpec:
-    """LoRA (``rank``, ``module_filters``) in float32 on a Stage C frozen in ``frozen_dtype``;
-    encoders as in :func:`stage_c_spec`. CLIP activations of trained tokens are not counted."""
+def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
+    """LoRA (``rank``, ``module_filters``) in float32 on a Stage C frozen in ``frozen_dtype``, one of
+    ``world_size`` ranks; encoders as in :func:`stage_c_spec`. CLIP activations of trained tokens
+    are not counted."""
     rank = int(_get(cfg, "rank", 4) or 4)
     filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
-    return _spec(cfg, "stage_c", "lora", lora=(rank, filters))
+    return _spec(cfg, "stage_c", "lora", world_size, lora=(rank, filters))
 
 
-def controlnet_spec(cfg: Any, *, controlnet: Optional[dict] = None) -> MemorySpec:
-    """A float32 ControlNet feeding a Stage C frozen in ``frozen_dtype``; encoders as in
-    :func:`stage_c_spec`. The ControlNet is ``controlnet`` (ControlNet kwargs except ``c_proj``,
-    which is the generator's width), by default the official canny one (:data:`DEFAULT_CONTROLNET`)
-    whatever the config's filter and blocks, as the estimate has always done."""
-    return _spec(cfg, "stage_c", "controlnet", controlnet=dict(controlnet or DEFAULT_CONTROLNET))
+def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
+    """A float32 ControlNet feeding a Stage C frozen in ``frozen_dtype``, one of ``world_size`` ranks;
+    encoders as in :func:`stage_c_spec`. The ControlNet is ``controlnet`` (ControlNet kwargs except
+    ``c_proj``, which is the generator's width), by default the official canny one
+    (:data:`DEFAULT_CONTROLNET`) whatever the config's filter and blocks, as the estimate has always done."""
+    return _spec(cfg, "stage_c", "controlnet", world_size, controlnet=dict(controlnet or DEFAULT_CONTROLNET))
 
 
 __all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "clip_text_params",
-           "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET"]
+           "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]

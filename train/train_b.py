@@ -56,7 +56,7 @@ class StageBTrainer(CascadeTrainer):
         return {"generator": ("stage_b", cfg.model_version), "effnet": ("effnet", "default"),
                 "stage_a": ("stage_a", "default")}
 
-    memory_spec = classmethod(lambda cls, cfg: stage_b_spec(cfg))  # the dry run's memory estimate
+    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_b_spec(cfg, world_size))  # dry-run estimate, per rank
 
     # -- models ---------------------------------------------------------------------------
     def make_gdf(self) -> Any:

@@ -80,7 +80,7 @@ class StageCTrainer(CascadeTrainer):
         return {"generator": ("stage_c", cfg.model_version), "effnet": ("effnet", "default"),
                 "previewer": ("previewer", "default")}
 
-    memory_spec = classmethod(lambda cls, cfg: stage_c_spec(cfg))  # the dry run's memory estimate
+    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_c_spec(cfg, world_size))  # dry-run estimate, per rank
 
     # -- models ---------------------------------------------------------------------------
     def make_gdf(self) -> Any:

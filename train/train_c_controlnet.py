@@ -103,7 +103,7 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    memory_spec = classmethod(lambda cls, cfg: controlnet_spec(cfg))  # the dry run's memory estimate
+    memory_spec = classmethod(lambda cls, cfg, world_size=1: controlnet_spec(cfg, world_size))  # dry-run estimate, per rank
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:

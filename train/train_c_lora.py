@@ -97,7 +97,7 @@ class StageCLoraTrainer(StageCTrainer):
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
                       f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}"]
 
-    memory_spec = classmethod(lambda cls, cfg: lora_spec(cfg))  # the dry run's memory estimate
+    memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
