@@ -21,7 +21,8 @@ item it reports a small *cursor* from which a new stream continues exactly:
 Every batch is full (``batch_size`` samples of one bucket): at the end of an epoch the partial
 buckets are NOT flushed, their samples wait and complete a batch with samples of the next epoch
 (their references keep the epoch they were read in, so resume re-reads them exactly). Each sample
-is therefore still used once per epoch cycle, only possibly one batch later. One-pass readers
+is therefore still used once per epoch cycle, only possibly later (a rare bucket may wait a few
+epochs to fill). One-pass readers
 (the encoder-cache tool) ask for ``partial_batches`` instead: the epoch's leftovers are flushed as
 short batches.
 
