@@ -196,14 +196,38 @@ def global_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+_GATHER_MAX_DIMS = 8
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` concatenated along dim 0 in rank order (``t`` for one process); the
-    tensors must have the same shape on every rank."""
+    """Every rank's ``t`` concatenated along dim 0 in rank order (``t`` for one process). The
+    ranks may hold different numbers of rows (dim 0); the other dimensions must agree (ValueError
+    on every rank otherwise), and so must the dtype."""
     if not is_initialized():
         return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    if t.dim() == 0 or t.dim() > _GATHER_MAX_DIMS:
+        raise ValueError(f"all_gather_cat: expected a tensor with 1 to {_GATHER_MAX_DIMS} dimensions, "
+                         f"got shape {tuple(t.shape)}")
+    world = dist.get_world_size()
+    # Shapes first (collectives need equal sizes): each rank pads its rows to the longest, and
+    # the padding is cut off after the gather.
+    header = torch.zeros(_GATHER_MAX_DIMS + 1, dtype=torch.int64, device=t.device)
+    header[0] = t.dim()
+    header[1:t.dim() + 1] = torch.tensor(t.shape, dtype=torch.int64)
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header)
+    shapes = [tuple(h[1:int(h[0]) + 1].tolist()) for h in headers]
+    if any(s[1:] != shapes[0][1:] or len(s) != len(shapes[0]) for s in shapes):
+        raise ValueError(f"all_gather_cat: the ranks' tensors differ beyond dim 0: shapes {shapes}")
+    rows = [s[0] for s in shapes]
+    longest = max(rows)
+    src = t.contiguous()
+    if src.shape[0] < longest:
+        pad = src.new_zeros((longest - src.shape[0], *src.shape[1:]))
+        src = torch.cat([src, pad])
+    out = [torch.empty_like(src) for _ in range(world)]
+    dist.all_gather(out, src)
+    return torch.cat([o[:n] for o, n in zip(out, rows)])
 
 
 def all_gather_object(obj: Any) -> list:

@@ -56,7 +56,9 @@ def test_reader_yields_training_batches(cache_dir):
     assert b["clip_text_pooled"].shape == (3, 1, 32) and b["clip_img"].shape == (3, 1, 24)
     assert all(b[k].dtype == torch.float32 for k in ("latents", "clip_text", "clip_text_pooled", "clip_img"))
     assert len(b["captions"]) == 3 and all(b["captions"]) and len(b["keys"]) == len(b["urls"]) == 3
-    assert [x["epoch"] for x in batches] == [0] * 6 + [1]           # 5 full batches + the flushed one
+    # 16 = 5 * 3 + 1: the 16th sample waits and opens epoch 1's first batch (batches are always full)
+    assert [x["epoch"] for x in batches] == [0] * 5 + [1] * 2 and all(len(x["keys"]) == 3 for x in batches)
+    assert batches[5]["sample_epochs"] == [0, 1, 1]
     uncond = load_unconditional(cache_dir)
     assert uncond["clip_text"].shape == (77, 32) and uncond["clip_text_pooled"].shape == (1, 32)
 

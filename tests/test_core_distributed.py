@@ -1,7 +1,7 @@
 """core.distributed with REAL processes: 2 CPU ranks over gloo on 127.0.0.1.
 
 One spawned job runs every multi-process check (process start-up dominates the cost): init from
-torchrun-style variables, all_reduce_mean, broadcast_object, DDP step == 1-process step on the same
+torchrun-style variables, all_reduce_mean, broadcast_object, all_gather_cat of unequal sizes, DDP step == 1-process step on the same
 global batch (with accumulation and no_sync), FSDP2 fully_shard step == 1-process step, full state
 dict with official keys, load_full_state_dict round trip, optimizer state gather.
 """
@@ -82,6 +82,13 @@ def worker(rank: int, port: int, out: str) -> None:
         assert (info.rank, info.world_size, info.backend, info.is_main) == (rank, 2, "gloo", rank == 0)
         assert D.all_reduce_mean(torch.tensor([float(rank), 2.0])).tolist() == [0.5, 2.0]
         assert D.broadcast_object({"from": rank}) == {"from": 0}
+        # unequal row counts (e.g. per-sample values of unequal batches): padded, gathered, trimmed
+        got = D.all_gather_cat(torch.full((rank + 1, 3), float(rank)))
+        assert got.tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
+        assert D.all_gather_cat(torch.arange(2 - rank, dtype=torch.int64)).tolist() == [0, 1, 0]
+        assert D.all_gather_cat(torch.zeros(0) if rank else torch.ones(2)).tolist() == [1.0, 1.0]
+        with pytest.raises(ValueError, match=r"differ beyond dim 0: shapes \[\(1, 2\), \(1, 3\)\]"):
+            D.all_gather_cat(torch.zeros(1, 2 + rank))   # every rank raises, none hangs
         D.barrier()
 
         model, x, y = make_model_and_batch()

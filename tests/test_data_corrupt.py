@@ -5,6 +5,7 @@ import os
 import pytest
 
 from core.data import DataConfig, DataError, build_pipeline
+from tests.helpers.epochs import epoch_keys
 from tools.photo_shards import make_sample, write_tar
 
 
@@ -51,13 +52,8 @@ def test_exactly_the_good_samples_and_reports(corrupt_set, caplog):
     paths, good = corrupt_set
     a, b, c = paths
     pipe = build_pipeline(cfg(paths, report_every=2), batch_size=3)
-    keys = []
     with caplog.at_level(logging.INFO, logger="core.data"):
-        for _ in range(50):
-            batch = next(pipe)
-            if batch["epoch"] > 0:
-                break
-            keys += batch["keys"]
+        keys = epoch_keys(pipe, 1)[0]
     assert "samples emitted" in caplog.text  # periodic summary every report_every batches
     assert sorted(keys) == sorted(good)
     st = pipe.stats()

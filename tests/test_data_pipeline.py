@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.data import DataConfig, DataError, build_pipeline, expand_sources
+from tests.helpers.epochs import epoch_keys, take_samples
 from tools.photo_shards import write_photo_shards
 
 N = 96          # samples
@@ -25,24 +26,6 @@ def cfg(path, **kw):
     return DataConfig(**base)
 
 
-def take_epochs(pipe, n=1, max_batches=500):
-    """Batches of epochs 0..n-1 (each worker ends its epoch on its own, so read past it)."""
-    out, seen_next = [[] for _ in range(n)], 0
-    for _ in range(max_batches):
-        b = next(pipe)
-        if b["epoch"] < n:
-            out[b["epoch"]].append(b)
-        else:
-            seen_next += 1
-            if seen_next >= 2 * max(1, pipe.num_workers):
-                break
-    return out
-
-
-def take_epoch(pipe, epoch=0):
-    return take_epochs(pipe, epoch + 1)[epoch]
-
-
 def test_fixed_size_batches(shards):
     with build_pipeline(cfg(os.path.dirname(shards[0])), batch_size=8) as pipe:
         b = next(pipe)
@@ -50,7 +33,7 @@ def test_fixed_size_batches(shards):
         assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
         assert b["images"].std() > 0.05  # real photos, not flat colours
         assert all(c.startswith("a photo of ") for c in b["captions"])
-        assert set(b) == {"images", "captions", "keys", "urls", "json", "epoch"}
+        assert set(b) == {"images", "captions", "keys", "urls", "json", "sample_epochs", "epoch"}
         assert all(u in shards for u in b["urls"])
         assert all(isinstance(j, dict) and j["index"] == int(k) for j, k in zip(b["json"], b["keys"]))
         assert b["epoch"] == 0
@@ -58,13 +41,13 @@ def test_fixed_size_batches(shards):
 
 def test_epoch_counts_and_reshuffle(shards):
     pipe = build_pipeline(cfg(shards, crop="center"), batch_size=10)
-    e0, e1 = take_epochs(pipe, 2)
-    keys = [k for b in e0 for k in b["keys"]]
+    (e0, e1), batches = take_samples(pipe, 2)   # every batch has 10 samples (checked there)
+    keys, keys1 = [s["key"] for s in e0], [s["key"] for s in e1]
     assert sorted(keys) == [f"{i:06d}" for i in range(N)]
-    # the last batch of the epoch is the flushed remainder (96 = 9 * 10 + 6)
-    assert [len(b["keys"]) for b in e0] == [10] * 9 + [6]
-    keys1 = [k for b in e1 for k in b["keys"]]
     assert sorted(keys1) == sorted(keys) and keys1 != keys
+    # 96 = 9 * 10 + 6: the 6 left over wait and open epoch 1's first batch
+    assert [b["epoch"] for b in batches[:10]] == [0] * 9 + [1]
+    assert batches[9]["sample_epochs"] == [0] * 6 + [1] * 4
     assert pipe.stats()["samples"] >= 2 * N
     pipe.close()
 
@@ -86,7 +69,7 @@ def test_exactly_once_2_ranks_2_workers(shards):
     per_rank = []
     for rank in range(2):
         pipe = build_pipeline(cfg(shards, num_workers=2), batch_size=5, rank=rank, world_size=2, seed=3)
-        per_rank.append([k for b in take_epoch(pipe, 0) for k in b["keys"]])
+        per_rank.append(epoch_keys(pipe, 1)[0])
         pipe.close()
     all_keys = per_rank[0] + per_rank[1]
     assert len(all_keys) == N and sorted(all_keys) == [f"{i:06d}" for i in range(N)]
@@ -98,7 +81,7 @@ def test_exactly_once_with_fewer_shards_than_workers(tmp_path):
     keys = []
     for rank in range(2):
         pipe = build_pipeline(cfg(paths, num_workers=2), batch_size=3, rank=rank, world_size=2)
-        keys += [k for b in take_epoch(pipe, 0) for k in b["keys"]]
+        keys += epoch_keys(pipe, 1)[0]
         pipe.close()
     assert sorted(keys) == [f"{i:06d}" for i in range(20)]
 
@@ -108,7 +91,7 @@ def test_multi_aspect_one_bucket_per_batch(shards):
     pipe = build_pipeline(cfg(shards, multi_aspect_ratio=ratios, num_workers=2), batch_size=4)
     table = pipe.spec.table
     seen = collections.Counter()
-    for b in take_epoch(pipe, 0):
+    for b in take_samples(pipe, 1)[1]:
         h, w = b["images"].shape[-2:]
         assert (h, w) in table.buckets
         for j in b["json"]:
@@ -123,7 +106,7 @@ def test_multi_aspect_one_bucket_per_batch(shards):
 def test_filters_end_to_end(shards):
     c = cfg(shards, dataset_filters=[["aesthetic_score", "lambda s: s > 4.5"], ["width", ">=", 96]])
     with build_pipeline(c, batch_size=4) as pipe:
-        keys = [k for b in take_epoch(pipe, 0) for k in b["keys"]]
+        keys = epoch_keys(pipe, 1)[0]
         st = pipe.stats()
     from tools.photo_shards import DEFAULT_SIZES
     expect = [i for i in range(N) if round(3.0 + (i * 0.37) % 4.0, 3) > 4.5
@@ -136,7 +119,7 @@ def test_missing_filter_key_counted(tmp_path):
     a = write_photo_shards(str(tmp_path / "a"), 10, 5, with_json=False, prefix="nojson")
     b = write_photo_shards(str(tmp_path / "b"), 10, 5)
     with build_pipeline(cfg(a + b, dataset_filters=[["index", ">=", 0]]), batch_size=2) as pipe:
-        keys = [k for batch in take_epoch(pipe, 0) for k in batch["keys"]]
+        keys = epoch_keys(pipe, 1)[0]
         assert len(keys) == 10
         assert set(pipe.stats()["missing_key"]) == {"index"}
         assert pipe.stats()["missing_key"]["index"] >= 10  # 10 in epoch 0 (+ read-ahead)
@@ -252,7 +235,7 @@ def test_state_is_small_and_json(shards):
     text = json.dumps(state)
     assert len(text) < 4000 and set(state["workers"]) == {"0", "1"}
     w = state["workers"]["0"]
-    assert {"epoch", "pos", "taken", "left", "produced"} <= set(w)
+    assert {"epoch", "pos", "taken", "left", "counts"} <= set(w)
 
 
 def test_changed_layout_restarts_next_epoch(shards, caplog):

@@ -50,14 +50,11 @@ def cfg(path, **kw):
     return DataConfig(**base)
 
 
-def epoch_keys(pipe, max_batches=200):
-    keys = []
-    for _ in range(max_batches):
-        b = next(pipe)
-        if b["epoch"] > 0:
-            return keys
-        keys += b["keys"]
-    raise AssertionError("epoch did not end")
+def epoch_keys(pipe):
+    """Keys of the samples read in epoch 0 (tests/helpers/epochs.py)."""
+    from tests.helpers.epochs import epoch_keys as by_epoch
+
+    return by_epoch(pipe, 1)[0]
 
 
 def test_listing_paginated(uploaded, monkeypatch):
@@ -66,6 +63,13 @@ def test_listing_paginated(uploaded, monkeypatch):
     assert expand_sources([f"s3://{BUCKET}/sets/photos/shard-{{0001..0002}}.tar"]) == uploaded[1:3]
     with pytest.raises(DataError, match=f"no .tar objects under s3://{BUCKET}/nothing/"):
         expand_sources(f"s3://{BUCKET}/nothing/")
+    # a shard's name within its source is the local one's (per-sample draws agree with a local copy)
+    from core.data import expand_named_sources
+    names = [f"0:shard-{i:04d}.tar" for i in range(len(uploaded))]
+    for listing in (f"s3://{BUCKET}/sets/photos/", f"s3://{BUCKET}/sets/photos"):
+        assert expand_named_sources(listing) == list(zip(uploaded, names))
+    assert [n for _, n in expand_named_sources(f"s3://{BUCKET}/sets/photos/shard-{{0001..0002}}.tar")] == names[1:3]
+    assert [n for _, n in expand_named_sources(uploaded[2])] == names[2:3]
 
 
 def test_streaming_epoch_with_workers(uploaded):

@@ -51,8 +51,9 @@ def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000
     device = torch.device(device)
     model_dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     enc = build_encoders(cfg, device, model_dtype, image_embeds)
+    # one pass: epoch 0's partial buckets come as short batches instead of waiting for epoch 1
     pipeline = build_pipeline(cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
-                              num_workers=cfg.num_workers)
+                              num_workers=cfg.num_workers, partial_batches=True)
     writer = CacheWriter(out_dir, shard_size=shard_size, dtype=store_dtype)
     seen: set[tuple[str, str]] = set()   # (shard url, key): keys repeat across shards
     started = time.perf_counter()

@@ -20,13 +20,13 @@ from .config import DataConfig
 from .errors import DataError, ShardMissing
 from .filters import FilterRule, parse_filter, parse_filters, parse_lambda
 from .pipeline import DataPipeline, build_pipeline
-from .sources import expand_sources
+from .sources import expand_named_sources, expand_sources
 from .tarwrite import ShardWriter, write_tar
 from .tensors import TENSORS_EXT, decode_tensors, encode_tensors
 
 __all__ = [
     "BucketTable", "CaptionGetter", "DataConfig", "DataError", "DataPipeline", "FilterRule",
     "ShardMissing", "ShardWriter", "TENSORS_EXT", "bucket_size", "build_pipeline", "decode_tensors",
-    "encode_tensors", "expand_sources", "make_caption_getter", "parse_filter", "parse_filters",
+    "encode_tensors", "expand_named_sources", "expand_sources", "make_caption_getter", "parse_filter", "parse_filters",
     "parse_lambda", "ratio_list", "resize_shorter_side", "resized_hw", "write_tar",
 ]

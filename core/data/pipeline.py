@@ -14,9 +14,9 @@ from .config import DataConfig
 from .errors import DataError
 from .filters import parse_filters
 from .plan import ShardPlan
-from .sources import expand_sources
+from .sources import expand_named_sources
 from .stats import Stats, log_report, log_shard_fault
-from .worker import SAMPLE_FORMATS, StreamSpec, WorkerStream
+from .worker import _ADMITTED, _DECODED, _PRODUCED, _UNDECODABLE, SAMPLE_FORMATS, StreamSpec, WorkerStream
 
 log = logging.getLogger("core.data")
 
@@ -47,8 +47,9 @@ class _Streams(IterableDataset):
                                  shared_memory=info is not None))
 
 
-def _fingerprint(urls: list[str], spec_bits: tuple) -> str:
-    h = hashlib.sha256(repr((urls, spec_bits)).encode())
+def _fingerprint(names: list[str], spec_bits: tuple) -> str:
+    # shard names, not URLs: a saved position stays valid when the dataset is moved
+    h = hashlib.sha256(repr((names, spec_bits)).encode())
     return h.hexdigest()[:16]
 
 
@@ -56,14 +57,18 @@ class DataPipeline:
     """Endless iterator of single-bucket batches with an exact-resume position.
 
     Batches of ``sample_format='image'``: ``images`` (B,3,h,w) float in [0,1], ``captions``,
-    ``keys``, ``urls``, ``json`` (lists of length B) and ``epoch``. Of ``'tensors'``: one stacked
-    tensor (B, *shape) per tensor name of the samples, in its stored dtype, instead of ``images``.
+    ``keys``, ``urls``, ``json``, ``sample_epochs`` (lists of length B: the epoch each sample
+    was read in) and ``epoch`` (the epoch the worker is in; a batch may open with samples carried
+    over from an earlier epoch). Of ``'tensors'``: one
+    stacked tensor (B, *shape) per tensor name of the samples, in its stored dtype, instead of
+    ``images``. Every batch holds exactly ``batch_size`` samples, unless ``partial_batches``.
     Epochs advance by themselves.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
-                 transform_size: int | None = None, sample_format: str = "image"):
+                 transform_size: int | None = None, sample_format: str = "image",
+                 partial_batches: bool = False):
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
         if sample_format not in SAMPLE_FORMATS:
@@ -76,8 +81,9 @@ class DataPipeline:
         self.batch_size = batch_size
         self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
         self.workers = max(1, self.num_workers)
-        urls = expand_sources(cfg.webdataset_path)
-        plan = ShardPlan(urls, seed, rank, world_size, self.workers, cfg.resampled)
+        named = expand_named_sources(cfg.webdataset_path)
+        urls, names = [u for u, _ in named], [n for _, n in named]
+        plan = ShardPlan(urls, seed, rank, world_size, self.workers, cfg.resampled, names)
         if plan.split_by_sample:
             log.warning("data: %d shard(s) for %d rank(s) x %d worker(s): every worker reads every "
                         "shard and keeps 1/%d of the samples; write more shards to avoid re-reading",
@@ -87,16 +93,17 @@ class DataPipeline:
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
             shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
-            max_pixels=cfg.max_image_pixels)
+            max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches))
         bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
         if sample_format != "image":  # image fingerprints stay what they were (saved states remain valid)
             bits += (sample_format,)
-        self._fp = _fingerprint(urls, bits)
+        self._fp = _fingerprint(names, bits)
         self._stats = Stats()
         self._pending: list[dict] = []   # bad-sample records not logged yet
         self._batches = 0
-        self._epoch_ends: dict[int, list[int]] = {}   # epoch -> samples produced per worker
+        self._epoch_ends: dict[int, list[list[int]]] = {}   # epoch -> each worker's epoch counts
         self._empty_streak = 0                         # consecutive epochs without any sample
+        self._decoded = False                          # some sample of this rank decoded, ever
         self._cursors: dict[int, dict] = {}
         self._next = 0
         self._restore(state)
@@ -132,12 +139,13 @@ class DataPipeline:
         self._stats.resumed = sum(len(c.get("left") or []) for c in workers.values())
         self._next = int(state.get("next_worker", 0)) % self.workers
         self._batches = int(state.get("batches", 0))
+        self._decoded = bool(state.get("decoded", self._batches > 0))
 
     def state_dict(self) -> dict:
         """Small JSON-able position: pass it as ``state=`` to continue exactly after the last batch."""
         return {
             "version": STATE_VERSION, "fingerprint": self._fp, "next_worker": self._next,
-            "batches": self._batches, "epoch": self.epoch,
+            "batches": self._batches, "epoch": self.epoch, "decoded": self._decoded,
             "workers": {str(w): c for w, c in sorted(self._cursors.items())},
         }
 
@@ -167,7 +175,7 @@ class DataPipeline:
             self._cursors[w] = item["cursor"]
             self._next = (w + 1) % self.workers
             if item["kind"] == "epoch_end":
-                self._epoch_end(item["epoch"], w, item["produced"])
+                self._epoch_end(item["epoch"], w, item["counts"])
                 continue
             self._batches += 1
             if self._batches % self.cfg.report_every == 0:
@@ -176,17 +184,28 @@ class DataPipeline:
             batch["epoch"] = item["epoch"]
             return batch
 
-    def _epoch_end(self, epoch: int, worker: int, produced: int) -> None:
+    def _epoch_end(self, epoch: int, worker: int, counts: list[int]) -> None:
         got = self._epoch_ends.setdefault(epoch, [])
-        got.append(produced)
+        got.append(counts)
         if len(got) < self.workers:
             return
         del self._epoch_ends[epoch]
-        self._empty_streak = self._empty_streak + 1 if sum(got) == 0 else 0
-        # An epoch covers all of this rank's shards, so one empty epoch proves there is nothing to
-        # read. A resampled pseudo-epoch is a random draw of shards: ask for several in a row.
+        total = [sum(c[i] for c in got) for i in range(4)]
+        self._decoded = self._decoded or total[_DECODED] > 0
+        self._empty_streak = self._empty_streak + 1 if total[_ADMITTED] == 0 else 0
+        s = self._stats
+        # Batches may wait for the next epoch (partial buckets carry over), so "no batch this
+        # epoch" proves nothing; an epoch in which no sample at all was admitted does: it covers
+        # all of this rank's shards. A resampled pseudo-epoch is a random draw of shards: ask for
+        # several in a row. And samples that are admitted but never decode never make a batch.
+        if total[_PRODUCED] == 0 and total[_UNDECODABLE] > 0 and not self._decoded:
+            last = s.records[-1] if s.records else None
+            where = f" (last: {last['url']} key={last['key']})" if last else ""
+            raise DataError(
+                f"no sample survived epoch {epoch} on rank {self.spec.plan.rank}: none could be decoded "
+                f"({total[_UNDECODABLE]} undecodable this epoch), bad: {dict(s.bad)}{where}; check the "
+                f"shards with python3 -m core.data.inspect --decode")
         if self._empty_streak >= (3 if self.cfg.resampled else 1):
-            s = self._stats
             raise DataError(
                 f"no sample survived epoch {epoch} on rank {self.spec.plan.rank} "
                 f"({self.spec.plan.total_workers} reader(s) over {len(self.spec.plan.urls)} shard(s)): "
@@ -248,7 +267,8 @@ Source = Union[DataConfig, str, os.PathLike, Sequence[str]]
 
 def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int = 1,
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
-                   transform_size: int | None = None, sample_format: str = "image") -> DataPipeline:
+                   transform_size: int | None = None, sample_format: str = "image",
+                   partial_batches: bool = False) -> DataPipeline:
     """Build the data pipeline of one rank.
 
     ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
@@ -258,10 +278,12 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
     than the config's bucket area). ``sample_format``: ``'image'`` (encoded images, bucketed by
     aspect ratio) or ``'tensors'`` (``KEY.tensors.safetensors`` members, batched by equal tensor
     shapes; the image keys ``image_size``, ``multi_aspect_ratio``, ``bucket_random_ratio`` and
-    ``crop`` are then unused).
+    ``crop`` are then unused). Every batch holds exactly ``batch_size`` samples: the partial
+    buckets of an epoch end carry over into the next epoch. ``partial_batches=True`` (for
+    one-pass readers that stop after epoch 0, never for training) flushes them as short batches.
     """
     if not isinstance(cfg, DataConfig):
         path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
         cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
     return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
-                        sample_format)
+                        sample_format, partial_batches)

@@ -25,6 +25,16 @@ class ShardPlan:
     world_size: int
     num_workers: int  # logical workers per rank (>= 1)
     resampled: bool = False
+    # each URL's identity within the dataset (sources.expand_named_sources); None: the URLs
+    names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.names is not None and len(self.names) != len(self.urls):
+            raise ValueError(f"ShardPlan: {len(self.names)} names for {len(self.urls)} shard URLs")
+
+    def name_map(self) -> dict[str, str]:
+        """URL -> shard name."""
+        return dict(zip(self.urls, self.names if self.names is not None else self.urls))
 
     @property
     def total_workers(self) -> int:

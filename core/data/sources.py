@@ -1,4 +1,20 @@
-"""Turn ``webdataset_path`` into the ordered list of shard URLs, and open a shard at an offset."""
+"""Turn ``webdataset_path`` into the ordered list of shard URLs, and open a shard at an offset.
+
+Every shard also gets a *name*: its identity within the dataset, independent of where the files
+are mounted. The name is ``"<entry>:<relative path>"``: ``entry`` is the position of the source
+entry that produced the shard (counting the leaf entries of ``.yml`` lists in order) and the
+relative path is the URL with the entry's fixed *base* cut off:
+
+* a directory (local, or an ``s3://bucket/prefix/`` listing): the directory / prefix itself,
+  so ``/data/set/x.tar`` under ``/data/set`` and ``s3://b/set/x.tar`` under ``s3://b/set/`` are
+  both ``0:x.tar``;
+* a pattern (braces ``{..}`` or a glob ``* ? [``): the folder of the text before the first
+  pattern character (``/data/{a,b}/x.tar`` gives ``0:a/x.tar``);
+* a single shard: its folder (``0:x.tar``).
+
+Names are hashed into the per-sample random draws and the resume fingerprint, so moving a
+dataset (or switching it between a local copy and S3) changes neither.
+"""
 from __future__ import annotations
 
 import glob
@@ -16,7 +32,34 @@ def _is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
-def _expand_entry(entry: str, depth: int) -> list[str]:
+_PATTERN_CHARS = "{*?["
+
+
+def _relative(url: str, base: str) -> str:
+    """``url`` below ``base`` (both absolute local paths, or both s3:// URLs)."""
+    if _is_s3(url):
+        return url[len(base):].lstrip("/")   # every listed / expanded URL starts with its base
+    return os.path.relpath(url, base)
+
+
+def _pattern_base(entry: str) -> str | None:
+    """The fixed folder in front of the first pattern character of ``entry``, or None if the
+    entry has no pattern."""
+    cut = min((i for i in (entry.find(c) for c in _PATTERN_CHARS) if i >= 0), default=-1)
+    if cut < 0:
+        return None
+    head = entry[:cut]
+    if _is_s3(head):
+        return head[:head.rfind("/") + 1]
+    path = os.path.abspath(os.path.expanduser(head))
+    # "/data/set/" is the folder itself; "/data/set/shard-" lies in /data/set
+    return path if head.endswith("/") else os.path.dirname(path)
+
+
+def _expand_entry(entry: str, depth: int, position: list[int] | None = None) -> list[tuple[str, str]]:
+    """``(url, name)`` of every shard of one configured entry (see the module docstring).
+    ``position`` is the running count of leaf entries, shared by nested ``.yml`` lists."""
+    position = [0] if position is None else position
     entry = entry.strip()
     if entry.startswith("pipe:"):
         raise DataError(f"webdataset_path: {entry!r}: shell pipes are not supported; give s3:// "
@@ -26,38 +69,46 @@ def _expand_entry(entry: str, depth: int) -> list[str]:
     elif entry.startswith("file:"):
         entry = entry[len("file:"):]
     if entry.lower().endswith((".yml", ".yaml")) and not _is_s3(entry):
-        return _expand_yaml(entry, depth)
-    urls: list[str] = []
+        return _expand_yaml(entry, depth, position)
+    index = position[0]
+    position[0] += 1
+    pattern_base = _pattern_base(entry)
+    out: list[tuple[str, str]] = []
+
+    def add(urls: list[str], base: str) -> None:
+        base = pattern_base if pattern_base is not None else base
+        out.extend((u, f"{index}:{_relative(u, base)}") for u in urls)
+
     for item in braceexpand.braceexpand(entry):
         if _is_s3(item):
             if item.endswith(".tar"):
-                urls.append(item)
+                add([item], item[:item.rfind("/") + 1])
             else:
                 from .s3 import list_tars
                 found = list_tars(item)
                 if not found:
                     raise DataError(f"webdataset_path: no .tar objects under {item}")
-                urls.extend(found)
+                add(found, item)  # a listing is a folder: its prefix is the base
             continue
         path = os.path.abspath(os.path.expanduser(item))
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
             if not found:
                 raise DataError(f"webdataset_path: directory {path} holds no .tar shards")
-            urls.extend(found)
+            add(found, path)
         elif any(c in item for c in "*?["):
             found = sorted(glob.glob(path))
             if not found:
                 raise DataError(f"webdataset_path: pattern {item!r} matches no file")
-            urls.extend(found)
+            add(found, os.path.dirname(path))
         else:
             # A missing single shard is not fatal here: it is skipped and reported while reading,
             # like a shard that disappears mid-run.
-            urls.append(path)
-    return urls
+            add([path], os.path.dirname(path))
+    return out
 
 
-def _expand_yaml(path: str, depth: int) -> list[str]:
+def _expand_yaml(path: str, depth: int, position: list[int]) -> list[tuple[str, str]]:
     import yaml
     if depth >= _MAX_YAML_DEPTH:
         raise DataError(f"webdataset_path: {path}: .yml lists nested too deeply")
@@ -72,24 +123,33 @@ def _expand_yaml(path: str, depth: int) -> list[str]:
         doc = [doc]
     if not isinstance(doc, list) or not all(isinstance(x, str) for x in doc):
         raise DataError(f"webdataset_path: {path} must hold a YAML list of paths/URLs")
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
     for x in doc:
-        out.extend(_expand_entry(x, depth + 1))
+        out.extend(_expand_entry(x, depth + 1, position))
     return out
 
 
 def expand_sources(webdataset_path: str | list[str]) -> list[str]:
     """All shard URLs, in configuration order; DataError if nothing usable is found."""
+    return [url for url, _name in expand_named_sources(webdataset_path)]
+
+
+def expand_named_sources(webdataset_path: str | list[str]) -> list[tuple[str, str]]:
+    """``(url, name)`` of every shard, in configuration order: ``name`` is the shard's identity
+    within the dataset (module docstring), the same wherever the files are mounted. DataError
+    if nothing usable is found."""
     entries = [webdataset_path] if isinstance(webdataset_path, str) else list(webdataset_path)
-    urls: list[str] = []
+    named: list[tuple[str, str]] = []
+    position = [0]
     for e in entries:
-        urls.extend(_expand_entry(e, 0))
+        named.extend(_expand_entry(e, 0, position))
+    urls = [u for u, _ in named]
     if not urls:
         raise DataError(f"webdataset_path: {webdataset_path!r} names no shards")
     if not any(_is_s3(u) or os.path.exists(u) for u in urls):
         raise DataError(f"webdataset_path: none of the {len(urls)} shard(s) exists "
                         f"(first: {urls[0]})")
-    return urls
+    return named
 
 
 def open_shard(url: str, offset: int = 0) -> BinaryIO:

@@ -21,7 +21,7 @@ import torch
 TENSORS_EXT = "tensors.safetensors"
 
 #: Batch fields the pipeline fills itself; a tensor may not take one of these names.
-RESERVED_NAMES = frozenset({"captions", "keys", "urls", "json", "epoch"})
+RESERVED_NAMES = frozenset({"captions", "keys", "urls", "json", "epoch", "sample_epochs"})
 
 #: A signature: ((name, dtype, shape), ...) sorted by name. Hashable and sortable.
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]

@@ -16,16 +16,26 @@ item it reports a small *cursor* from which a new stream continues exactly:
   encoded bytes wait in buckets (decoding happens when a bucket fills) and on resume they are
   fetched again by offset (buckets are listed in a fixed order, so the re-admitted samples
   rebuild the same buckets);
-* ``epoch`` and ``produced`` (samples emitted this epoch).
+* ``epoch`` and ``counts`` (this epoch's samples admitted / emitted / decoded / undecodable).
 
-All randomness of a sample (random bucket, caption choice, crop) comes from a generator
-seeded by the sample's identity, so it does not depend on the order of processing.
+Every batch is full (``batch_size`` samples of one bucket): at the end of an epoch the partial
+buckets are NOT flushed, their samples wait and complete a batch with samples of the next epoch
+(their references keep the epoch they were read in, so resume re-reads them exactly). Each sample
+is therefore still used once per epoch cycle, only possibly later (a rare bucket may wait a few
+epochs to fill). One-pass readers
+(the encoder-cache tool) ask for ``partial_batches`` instead: the epoch's leftovers are flushed as
+short batches.
+
+All randomness of a sample (random bucket, caption choice, crop) comes from a generator seeded by
+the sample's identity: (seed, epoch, shard name, key), where the shard name is the shard's path
+relative to its configured source (``sources.expand_named_sources``). It depends neither on the
+order of processing, nor on the rank/worker layout, nor on where the dataset is mounted.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -63,6 +73,7 @@ class StreamSpec:
     strict: bool
     sample_format: str = "image"   # one of SAMPLE_FORMATS
     max_pixels: int | None = DEFAULT_MAX_PIXELS   # DataConfig.max_image_pixels
+    partial_batches: bool = False  # flush partial buckets at an epoch end (one-pass readers only)
 
 
 @dataclass
@@ -88,9 +99,15 @@ class _Pos:
         return [self.seq, self.offset, self.raw]
 
 
-def sample_seed(seed: int, epoch: int, g: int, url: str, key: str) -> int:
-    h = hashlib.blake2b(f"{seed}|{epoch}|{g}|{url}|{key}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, epoch: int, name: str, key: str) -> int:
+    """The root of every random draw of one sample: ``name`` is its shard's name within the
+    dataset (not its URL, so moving the data keeps the draws), ``key`` its webdataset key."""
+    h = hashlib.blake2b(f"{seed}|{epoch}|{name}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little")
+
+
+# Per-epoch counters of a worker (cursor "counts" and the epoch_end item).
+_ADMITTED, _PRODUCED, _DECODED, _UNDECODABLE = range(4)
 
 
 def _rng(sample: int, stream: int) -> np.random.Generator:
@@ -118,7 +135,8 @@ class WorkerStream:
         # image buckets are the fixed table; tensor buckets (signatures) appear as samples come
         self.buckets: dict[tuple, list[Entry]] = {} if self.tensors else {b: [] for b in spec.table.buckets}
         self.epoch = 0
-        self.produced = 0
+        self.counts = [0, 0, 0, 0]    # this epoch's admitted / produced / decoded / undecodable
+        self._names = spec.plan.name_map()
         self._shard_cache: dict[int, list[str]] = {}
         # With the sample-modulo split every worker reads every shard: let one report shard faults
         self._reports_shards = spec.plan.sample_modulo(worker) is None or self.g == 0
@@ -230,7 +248,7 @@ class WorkerStream:
             if ext is None:
                 self._bad("missing_image", url, s.key, f"files: {sorted(s.files)}")
                 return None
-        seed = sample_seed(self.spec.plan.seed, epoch, self.g, url, s.key)
+        seed = sample_seed(self.spec.plan.seed, epoch, self._names[url], s.key)
         try:
             caption = spec.captions(s.files, meta if isinstance(meta, dict) else None,
                                     _rng(seed, _S_CAPTION))
@@ -279,8 +297,10 @@ class WorkerStream:
                 try:
                     images.append(self._decode(e, bucket))
                     good.append(e)
+                    self.counts[_DECODED] += 1
                 except (BadImage, BadTensors) as exc:
                     entries.remove(e)
+                    self.counts[_UNDECODABLE] += 1
                     self._bad("oversized_image" if isinstance(exc, ImageTooLarge) else reason,
                               e.url, e.key, str(exc))
             if len(good) == len(take):
@@ -294,10 +314,11 @@ class WorkerStream:
         label = signature_label(bucket) if self.tensors else f"{bucket[0]}x{bucket[1]}"
         self.stats.buckets[label] += len(good)
         self.stats.samples += len(good)
-        self.produced += len(good)
+        self.counts[_PRODUCED] += len(good)
         data = self._stack_tensors(bucket, images) if self.tensors else {"images": self._stack_images(bucket, images)}
         data.update(captions=[e.caption for e in good], keys=[e.key for e in good],
-                    urls=[e.url for e in good], json=[e.meta for e in good])
+                    urls=[e.url for e in good], json=[e.meta for e in good],
+                    sample_epochs=[e.ref[0] for e in good])
         return {"kind": "batch", "data": data}
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -329,7 +350,7 @@ class WorkerStream:
         item["worker"] = self.worker
         item["epoch"] = self.epoch if item["kind"] != "epoch_end" else item["epoch"]
         item["cursor"] = {
-            "epoch": self.epoch, "pos": pos.as_list(), "taken": taken, "produced": self.produced,
+            "epoch": self.epoch, "pos": pos.as_list(), "taken": taken, "counts": list(self.counts),
             "left": [e.ref for b in self._bucket_order() for e in self.buckets[b]],
         }
         item["stats"] = self.stats.take()
@@ -358,7 +379,7 @@ class WorkerStream:
         spec = self.spec
         c = self.cursor or {}
         self.epoch = int(c.get("epoch", 0))
-        self.produced = int(c.get("produced", 0))
+        self.counts = [int(x) for x in c.get("counts", [0, 0, 0, 0])]
         pos = _Pos(*c.get("pos", [0, 0, 0]))
         skip = int(c.get("taken", 0))
         if c.get("left"):
@@ -383,22 +404,26 @@ class WorkerStream:
                     p, url, s = chunk[int(order[j])]
                     self.stats.seen += 1
                     bucket = self._admit(self.epoch, p, url, s)
+                    if bucket is not None:
+                        self.counts[_ADMITTED] += 1
                     if bucket is not None and len(self.buckets[bucket]) >= spec.batch_size:
                         batch = self._make_batch(bucket, flush=False)
                         if batch is not None:
                             yield self._item(batch, start, j + 1)
                 skip = 0
             end = _Pos(len(self._shards(self.epoch)), 0, 0)
-            if not spec.plan.resampled:
-                # Leftovers are flushed as smaller batches so every sample is used in its epoch.
+            if spec.partial_batches and not spec.plan.resampled:
+                # one-pass readers: the leftovers as short batches, so the epoch holds every sample
                 for b in self._bucket_order():
                     while self.buckets[b]:
                         batch = self._make_batch(b, flush=True)
                         if batch is not None:
                             yield self._item(batch, end, 0)
-            done_epoch, produced = self.epoch, self.produced
+            # otherwise the partial buckets carry over: their samples complete batches of the
+            # next epoch, so every batch is full
+            done_epoch, counts = self.epoch, self.counts
             self.epoch += 1
-            self.produced = 0
+            self.counts = [0, 0, 0, 0]
             pos = _Pos()
-            yield self._item({"kind": "epoch_end", "epoch": done_epoch, "produced": produced}, pos, 0)
+            yield self._item({"kind": "epoch_end", "epoch": done_epoch, "counts": counts}, pos, 0)
 
