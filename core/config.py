@@ -284,6 +284,10 @@ def _read_yaml(path: str) -> dict:
     except DuplicateKey as exc:
         raise UserError(f"config file {path} line {exc.line}: key '{exc.key}' is set twice (first at line "
                         f"{exc.first_line}); keep one") from None
+    except OSError as exc:
+        raise UserError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path}: not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -264,3 +264,17 @@ def test_model_files_are_created_with_the_process_umask(tmp_path):
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+# --- the fault script ------------------------------------------------------------------------------
+def test_fault_campaign_lists_every_class_and_runs_a_case(assets, tmp_path, capsys):
+    from tools import fault_campaign
+
+    names = {case.name for case in fault_campaign.CASES}
+    assert {"lr_1e30", "disk_full_save", "truncated_optimizer", "png_16bit", "duplicate_yaml_key",
+            "shard_missing_mid_epoch", "controlnet_no_control"} <= names
+    code = fault_campaign.main(["--only", "duplicate_yaml_key", "--keep", str(tmp_path / "c"),
+                                "--assets", str(assets)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[PASS] duplicate_yaml_key" in out and "is set twice" in out
