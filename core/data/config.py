@@ -109,7 +109,7 @@ class DataConfig:
         if self.image_size > MAX_IMAGE_SIZE:
             raise DataError(f"image_size: {self.image_size} is above {MAX_IMAGE_SIZE}: one decoded "
                             f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} RGB image already takes 0.8 GB as float32 "
-                            f"(Stage C trains at 768-1024)")
+                            f"(the official configs train at 768-1024)")
         if self.crop not in ("random", "center"):
             raise DataError(f"crop: expected 'random' or 'center', got {self.crop!r} "
                             f"(SmartCrop is not available)")
