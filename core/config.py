@@ -19,20 +19,23 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar
 
 import yaml
 
-from core.config_types import TypeMismatch, coerce_value, type_name
+from core.config_types import DuplicateKey, TypeMismatch, coerce_value, load_yaml_unique, type_name
 from core.errors import UserError
 
 __all__ = [
     "REQUIRED", "REQUIRED_TRAIN", "MISSING", "RunConfig", "doc", "load_config", "validate_config",
     "config_to_dict", "save_config", "config_reference", "add_common_args", "parse_cli",
-    "parse_override", "is_placeholder_path", "config_aliases",
+    "parse_override", "is_placeholder_path", "config_aliases", "check_folder_name",
+    "MAX_LR", "MAX_BATCH_SIZE", "MAX_UPDATES", "MAX_PREVIEW_IMAGES",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,42 @@ class _Required:
 REQUIRED: Any = _Required("REQUIRED", when_training=False)
 REQUIRED_TRAIN: Any = _Required("REQUIRED_TRAIN", when_training=True)
 MISSING = REQUIRED  # alias used in the contract
+
+
+# Upper bounds of keys whose absurd values would otherwise be accepted and fail late (or never).
+# Each bound comes with the reason the error message gives.
+MAX_LR = 1.0
+_LR_REASON = ("AdamW moves every weight by about lr per update, so above 1 any network is destroyed "
+              "in one step (the official configs use 1e-4)")
+MAX_BATCH_SIZE = 2 ** 20
+_BATCH_REASON = ("it is the GLOBAL batch of one update over every process; the official runs use "
+                 "256-1024 and no cluster holds a million images per update")
+MAX_UPDATES = 10 ** 8 - 1
+_UPDATES_REASON = "state folders are named step_XXXXXXXX with 8 digits, which then stop sorting by step"
+MAX_PREVIEW_IMAGES = 256
+_PREVIEW_REASON = "every preview samples that many images with the full sampler"
+
+
+def check_folder_name(key: str, value: Any) -> None:
+    """UserError unless ``value`` is usable as ONE folder name (``key`` names the config key):
+    non-empty, no path separator, not '.' or '..', no control characters, no surrounding spaces,
+    at most 200 characters (file systems allow 255 bytes and the run adds suffixes)."""
+    problem = None
+    if not isinstance(value, str) or value == "":
+        problem = "is empty"
+    elif value in (".", ".."):
+        problem = f"is {value!r}, which names an existing folder, not a new one"
+    elif "/" in value or "\\" in value:
+        problem = "contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "contains a control character"
+    elif value != value.strip():
+        problem = "starts or ends with a space"
+    elif len(value.encode("utf-8")) > 200:
+        problem = f"is {len(value.encode('utf-8'))} bytes long (at most 200)"
+    if problem is not None:
+        raise UserError(f"config key '{key}' = {value!r} {problem}; it names the run's folder, "
+                        f"e.g. {key}: my_run_1")
 
 
 def doc(default: Any, text: str, **kwargs: Any) -> Any:
@@ -100,10 +139,10 @@ class RunConfig:
     wandb_entity: Optional[str] = doc(None, "Weights & Biases entity (user or team).")
     log_every: int = doc(10, "Write a metrics.jsonl line every N optimizer updates.")
     # --- optimisation
-    lr: float = doc(REQUIRED_TRAIN, "Learning rate (AdamW by default).")
-    batch_size: int = doc(REQUIRED_TRAIN, "GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly.")
+    lr: float = doc(REQUIRED_TRAIN, f"Learning rate (AdamW by default); finite, > 0 and <= {MAX_LR:g}.")
+    batch_size: int = doc(REQUIRED_TRAIN, f"GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly; at most {MAX_BATCH_SIZE}.")
     grad_accum_steps: int = doc(1, "Micro-steps (forward/backward) per optimizer update.")
-    updates: int = doc(REQUIRED_TRAIN, "Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps).")
+    updates: int = doc(REQUIRED_TRAIN, f"Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps); at most {MAX_UPDATES}.")
     warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr).")
     max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
     # --- checkpoints and previews
@@ -111,7 +150,7 @@ class RunConfig:
     backup_every: Optional[int] = doc(None, "Every N updates keep an extra copy of the model files, named {name}_{N}k.safetensors ({name}_{step}.safetensors when the step is not a multiple of 1000), that retention never deletes. None = no backups.")
     keep_last: int = doc(3, "Number of newest complete training-state folders kept (backups are kept too).")
     preview_every: Optional[int] = doc(None, "Preview period in updates (None = save_every; 0 = never).")
-    num_preview_images: int = doc(4, "Images per preview grid.")
+    num_preview_images: int = doc(4, f"Images per preview grid (at most {MAX_PREVIEW_IMAGES}).")
     preview_prompts: list[str] = doc(
         ["a photograph of a cat sitting on a sofa", "a red sports car on a mountain road",
          "an astronaut riding a horse", "a bowl of fresh fruit on a wooden table"],
@@ -151,7 +190,9 @@ class RunConfig:
         if path is None or isinstance(path, _Required) or self.validate_only:
             return
         if not os.path.isfile(path):
-            raise UserError(f"config key '{key}': file not found: {path} (download it or fix the path)")
+            from modules.loading import download_hint  # the error path only: keeps configs torch-free
+
+            raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
 
     def per_rank_batch(self, world_size: int) -> int:
         """Images per rank per micro-step: batch_size / (world_size * grad_accum_steps)."""
@@ -171,8 +212,24 @@ class RunConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value < 0:
                 raise UserError(f"config key '{key}' must be >= 0, got {value}")
-        if self.training and isinstance(self.lr, float) and not self.lr > 0:
-            raise UserError(f"config key 'lr' must be > 0, got {self.lr}")
+        if self.training and isinstance(self.lr, float):
+            if not math.isfinite(self.lr) or not self.lr > 0:
+                raise UserError(f"config key 'lr' must be a finite number > 0, got {self.lr}")
+            if self.lr > MAX_LR:
+                raise UserError(f"config key 'lr' = {self.lr:g} is above {MAX_LR:g}: {_LR_REASON}")
+        bounds = [("num_preview_images", MAX_PREVIEW_IMAGES, _PREVIEW_REASON)]
+        if self.training:
+            bounds += [("batch_size", MAX_BATCH_SIZE, _BATCH_REASON), ("updates", MAX_UPDATES, _UPDATES_REASON)]
+        for key, most, reason in bounds:
+            value = getattr(self, key)
+            if isinstance(value, int) and value > most:
+                raise UserError(f"config key '{key}' = {value} is above {most}: {reason}")
+        if self.training:
+            check_folder_name("experiment_id", self.experiment_id)
+            for key in ("checkpoint_path", "output_path"):
+                if getattr(self, key) == "":
+                    raise UserError(f"config key '{key}' is empty; give the root folder of the run's "
+                                    f"{'checkpoints' if key == 'checkpoint_path' else 'previews'}")
         if not self.preview_prompts:
             raise UserError("config key 'preview_prompts' must list at least one prompt")
         if world_size is not None and self.training and isinstance(self.batch_size, int):
@@ -223,7 +280,14 @@ def _read_yaml(path: str) -> dict:
         raise UserError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = load_yaml_unique(fh)
+    except DuplicateKey as exc:
+        raise UserError(f"config file {path} line {exc.line}: key '{exc.key}' is set twice (first at line "
+                        f"{exc.first_line}); keep one") from None
+    except OSError as exc:
+        raise UserError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path}: not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -234,6 +298,16 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
+
+
+def _int_hint(value: Any, tp: Any) -> str:
+    """Why a number was not taken as an int: YAML reads ``1e12`` as text and ``1.0e12`` as a float."""
+    if int not in (tp, *typing.get_args(tp)):
+        return ""
+    numeric_text = isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip())
+    if isinstance(value, float) or numeric_text:
+        return "; write a whole number without a decimal point or exponent, e.g. 1000"
+    return ""
 
 
 def _short(value: Any) -> str:
@@ -273,7 +347,11 @@ def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = ()
             values[key] = coerce_value(value, hints[key])
         except TypeMismatch:
             raise UserError(f"{source}: config key '{key}' expects {type_name(hints[key])}, "
-                            f"got {_short(value)} ({type(value).__name__})") from None
+                            f"got {_short(value)} ({type(value).__name__}){_int_hint(value, hints[key])}") from None
+        if isinstance(values[key], float) and not math.isfinite(values[key]):
+            # No key means anything with NaN or infinity; accepting one only moves the failure
+            # into the run (a NaN lr trains nothing and writes NaN weights).
+            raise UserError(f"{source}: config key '{key}' must be a finite number, got {values[key]}")
 
     cfg = cls(**values)
     training = bool(getattr(cfg, "training", True))

@@ -5,15 +5,21 @@ strings such as ``1e-4`` that PyYAML 1.1 reads as text), ``str``, ``bool`` (acce
 ``true``/``false`` in any case), ``Any``, ``Optional[X]``, ``Union[...]`` / ``X | Y``,
 ``list[X]``, ``tuple[X, ...]`` / ``tuple[X, Y]`` (from YAML lists), ``dict[K, V]`` and
 ``Literal[...]``, nested arbitrarily (e.g. ``list[list[str | int | float | None]]``).
+
+Also the YAML reader of configs, :func:`load_yaml_unique`: PyYAML keeps the last of two equal keys
+of a mapping without a word, so a config that sets ``lr`` twice would train with whichever came
+last; here a repeated key is an error naming the key and both lines.
 """
 from __future__ import annotations
 
 import re
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import IO, Any, Literal, Union
 
-__all__ = ["TypeMismatch", "coerce_value", "type_name"]
+import yaml
+
+__all__ = ["TypeMismatch", "DuplicateKey", "coerce_value", "type_name", "load_yaml_unique"]
 
 # What YAML 1.2 (and a human) reads as a float but PyYAML's YAML 1.1 resolver leaves as a string.
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -21,6 +27,41 @@ _FLOAT_TEXT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 class TypeMismatch(Exception):
     """A value does not match a type hint (caught and reworded by the config loader)."""
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A YAML mapping holds the same key twice. ``key``, ``line`` (1-based, the repeat) and
+    ``first_line`` (where the key was first set) say where."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first set at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings refuse repeated keys (at any nesting depth)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merge keys may repeat and are resolved by PyYAML itself
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML reports unhashable keys itself, with its own message
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_unique(stream: Union[str, bytes, IO]) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKey` (a ``yaml.YAMLError``) when a mapping
+    repeats a key."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def type_name(tp: Any) -> str:

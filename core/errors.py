@@ -9,14 +9,19 @@ from __future__ import annotations
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
-__all__ = ["UserError", "run_cli", "is_user_error", "USER_ERROR_EXIT", "INTERRUPT_EXIT"]
+__all__ = ["UserError", "run_cli", "is_user_error", "is_user_error_class", "USER_ERROR_CLASS_NAMES",
+           "USER_ERROR_EXIT", "INTERRUPT_EXIT"]
 
 USER_ERROR_EXIT = 2
 INTERRUPT_EXIT = 130
 
 # Errors raised by other packages that are user-fixable by contract. They are matched by class
-# name as well, so a failing import of those packages cannot hide the original error.
-_USER_ERROR_CLASS_NAMES = ("UserError", "CheckpointError", "DataError")
+# name as well, so a failing import of those packages cannot hide the original error. Every other
+# exception class of the project is either one of these (by inheritance: LoraFormatError,
+# ClipModelNotFoundError, ShardMissing, ...) or converted where user input raises it
+# (tests/test_faults_config.py lists them and checks the list is complete).
+USER_ERROR_CLASS_NAMES = ("UserError", "CheckpointError", "DataError")
+_USER_ERROR_CLASS_NAMES = USER_ERROR_CLASS_NAMES
 
 
 class UserError(Exception):
@@ -35,11 +40,16 @@ def _user_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def is_user_error_class(cls: type) -> bool:
+    """True when exceptions of class ``cls`` are user-fixable (by class, or by class name in its MRO)."""
+    if issubclass(cls, _user_error_types()):
+        return True
+    return any(k.__name__ in _USER_ERROR_CLASS_NAMES for k in cls.__mro__)
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True when ``exc`` is a user-fixable error (by class, or by class name in its MRO)."""
-    if isinstance(exc, _user_error_types()):
-        return True
-    return any(k.__name__ in _USER_ERROR_CLASS_NAMES for k in type(exc).__mro__)
+    return is_user_error_class(type(exc))
 
 
 def _one_line(message: str) -> str:

@@ -179,6 +179,33 @@ def resolve_model_name(name: str, root: Optional[Union[str, Path]]) -> str:
     return name
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a repeated mapping key (PyYAML keeps the last one silently). The
+    training configs' reader is core.config_types; inference imports nothing of core but
+    core.errors, hence this small twin."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_inference_config(source: Union[str, Path, Mapping[str, Any], InferenceConfig],
                           overrides: Sequence[str] = (),
                           root: Optional[Union[str, Path]] = None) -> InferenceConfig:
@@ -196,9 +223,12 @@ def load_inference_config(source: Union[str, Path, Mapping[str, Any], InferenceC
         where = str(source)
         try:
             with open(source, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle) or {}
+                data = yaml.load(handle, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
         except FileNotFoundError:
             raise UserError(f"{where}: config file not found") from None
+        except _DuplicateKey as exc:
+            raise UserError(f"{where} line {exc.line}: key '{exc.key}' is set twice (first at line "
+                            f"{exc.first_line}); keep one") from None
         except yaml.YAMLError as exc:
             raise UserError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -44,8 +44,10 @@ def require_file(cfg: InferenceConfig, key: str, why: str) -> str:
     if not path:
         raise UserError(f"config key '{key}' is not set; it is needed for {why}")
     if not os.path.isfile(path):
-        raise UserError(f"{key}: checkpoint file not found: {path} (download it, e.g. from "
-                        f"stabilityai/StableWurst, or fix the path / --root)")
+        from modules.loading import download_hint
+
+        raise UserError(f"{key}: checkpoint file not found: {path} ({download_hint(path)}; relative paths "
+                        f"resolve against --root)")
     return path
 
 

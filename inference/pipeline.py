@@ -51,6 +51,13 @@ def _repeat_to(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.repeat(batch, *([1] * (x.dim() - 1)))
 
 
+def no_control_image_message(filter_name: Optional[str]) -> str:
+    """The error for a ControlNet config sampled without a control image."""
+    return (f"the config loads a ControlNet (controlnet_filter {filter_name}) but no control image was "
+            f"given; pass --control-image IMAGE (control_image= in Python), or use a config without the "
+            f"controlnet_* keys to sample without control")
+
+
 class CascadePipeline:
     """The Stable Cascade inference pipeline built from the official inference configs.
 
@@ -325,17 +332,22 @@ class CascadePipeline:
             latents_b = self.sample_stage_b(latents_c, prompts, height, width, generator, settings_b)
             images = self.decode(latents_b)
             used = {"stage_c": settings_c.as_dict(), "stage_b": settings_b.as_dict()}
-        return self._annotate(to_pil(images), prompts, seed, mode, height, width, used)
+        # The metadata names the ControlNet only when a control image fed it: a ControlNet
+        # config sampled without one is plain Stage C sampling (the CLI refuses it).
+        control_used = stage_c_kwargs.get("control_image") is not None
+        return self._annotate(to_pil(images), prompts, seed, mode, height, width, used,
+                              control_used=control_used)
 
     def _annotate(self, images: list, prompts: Sequence[str], seed: Seed, mode: str, height: int,
-                  width: int, used: Mapping[str, Any]) -> list:
+                  width: int, used: Mapping[str, Any], control_used: bool = False) -> list:
         """Record what made each image in ``image.info`` (written as PNG text by the CLI)."""
         params = {"mode": mode, "height": height, "width": width, **used,
                   "stage_c_model": self.cfg_c and self.cfg_c.model_version,
                   "stage_b_model": self.cfg_b and self.cfg_b.model_version,
                   "lora": self.cfg_c.lora_checkpoint_path if self.lora is not None else None,
                   "lora_strength": self.lora.strength if self.lora is not None else None,
-                  "controlnet": self.cfg_c.controlnet_filter if self.controlnet is not None else None}
+                  "controlnet": self.cfg_c.controlnet_filter if self.controlnet is not None and control_used
+                  else None}
         seed_text = "generator" if isinstance(seed, torch.Generator) else str(seed)
         for index, (image, prompt) in enumerate(zip(images, prompts)):
             image.info.update({"prompt": prompt, "seed": seed_text, "batch_index": str(index),
@@ -354,7 +366,8 @@ class CascadePipeline:
 
         Without a Stage B config, or with ``preview_only``, the images are the Previewer's small
         Stage C previews (a quick look; Stage B and A are skipped). ``control_image`` feeds the
-        configured ControlNet.
+        configured ControlNet; without it a ControlNet config samples without control and the
+        metadata records ``"controlnet": null``.
         """
         batch = _prompt_list(prompts, num_images)
         settings_c = self.settings_c(timesteps=steps_c, cfg=cfg_c, shift=shift_c, sampler=sampler)

@@ -89,6 +89,19 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
 
 
+def _check_control(args: argparse.Namespace) -> None:
+    """A ControlNet config needs --control-image in every Stage C mode: checked on the config
+    alone, before any model loads."""
+    from inference.config import load_inference_config
+    from inference.pipeline import no_control_image_message
+
+    if args.control_image or args.reconstruct or not args.config:
+        return
+    cfg = load_inference_config(args.config, list(args.overrides), args.root)
+    if cfg.stage == "c" and cfg.uses_controlnet:
+        raise UserError(no_control_image_message(cfg.controlnet_filter))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit code (user errors raise UserError)."""
     from inference.images import save_png, side_by_side
@@ -96,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     _check(args)
+    _check_control(args)
     overrides = list(args.overrides)
     if args.lora_strength is not None:
         overrides.append(f"lora_strength={args.lora_strength}")

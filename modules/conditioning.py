@@ -21,13 +21,18 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from modules.loading import CheckpointError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LENGTH = 77  # CLIP's context length; Stage C's clip_text is always (B, 77, C)
 
 
-class ClipModelNotFoundError(OSError):
-    """A CLIP model/tokenizer is neither a local folder nor available from the (offline) hub cache."""
+class ClipModelNotFoundError(CheckpointError, OSError):
+    """A CLIP model/tokenizer is neither a local folder nor available from the (offline) hub cache.
+
+    A CheckpointError, so command lines print it as one line (a user-fixable path); still an
+    OSError, which callers caught before."""
 
 
 # --------------------------------------------------------------------------------------------------

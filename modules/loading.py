@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -34,10 +35,24 @@ class StateDictMismatchError(CheckpointError, ValueError):
     """
 
 
+# File names models/download_models.sh writes (stage_c_bf16.safetensors, controlnet/canny..., ...).
+_OFFICIAL_NAME = re.compile(r"(stage_[abc](_lite)?(_bf16)?|previewer|effnet_encoder|canny|inpainting|"
+                            r"super_resolution|lora_fernando_10k)\.safetensors")
+
+
+def download_hint(path: PathLike) -> str:
+    """How to get a missing file: the download command when ``path`` looks like an official file
+    (in a ``models/`` folder or named like one), else a plain "fix the path"."""
+    p = Path(path)
+    if "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name):
+        return "download the official weights with `bash models/download_models.sh` (see models/README.md) or fix the path"
+    return "check the path in your config"
+
+
 def _check_path(path: PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint file not found (check the path in your config)")
+        raise CheckpointError(f"{p}: checkpoint file not found ({download_hint(p)})")
     ext = p.suffix.lower()
     if ext != ".safetensors" and ext not in _TORCH_EXTS:
         raise CheckpointError(
@@ -167,6 +182,9 @@ def load_state_dict_strict(
     if report is not None:
         raise StateDictMismatchError(f"{source}: state dict does not match the module ({report})"
                                      f"{' ' + hint if hint else ''}")
+    wrong_dtype = dtype_mismatch(module.state_dict(), state_dict, source)
+    if wrong_dtype is not None:
+        raise StateDictMismatchError(wrong_dtype)
     if dtype is not None or device is not None:
         state_dict = {k: _convert(v, dtype or v.dtype, torch.device(device) if device is not None else v.device)
                       for k, v in state_dict.items()}
@@ -221,6 +239,22 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def dtype_mismatch(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+                   source: str) -> Optional[str]:
+    """A one-line report when a floating-point entry of ``own`` (a module's state dict) is an
+    integer/bool tensor in ``state_dict`` (torch would fail deep inside ``load_state_dict``);
+    None when every such entry is floating point too."""
+    wrong = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point()
+             and not (v.is_floating_point() or v.is_complex())]
+    if not wrong:
+        return None
+    first = wrong[0]
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    return (f"{source}: tensor '{first}'{more} is {state_dict[first].dtype} but the network's is floating point "
+            f"({own[first].dtype}); the file is not a model checkpoint of this network (corrupt, or written "
+            f"by another tool)")
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Integer tensors (num_batches_tracked, token indices) keep their dtype.
     if t.is_floating_point():
@@ -256,6 +290,9 @@ def load_model(
         if wrong:
             raise CheckpointError(mismatch_report(kind, model_version, {k: v.shape for k, v in sd.items()},
                                                   {k: v.shape for k, v in expected.items()}, str(p)))
+        wrong_dtype = dtype_mismatch(expected, sd, str(p))
+        if wrong_dtype is not None:
+            raise CheckpointError(wrong_dtype)
         res = model.load_state_dict({k: _convert(v, dtype, device) for k, v in sd.items()}, strict=False)
         if res.missing_keys or res.unexpected_keys:
             warnings.warn(f"{p}: loaded non-strictly; missing {res.missing_keys[:5]}, "
@@ -277,7 +314,12 @@ def load_model(
                 mod._buffers[name] = _convert(buf, dtype, device)
 
     items = preloaded.items() if preloaded is not None else _iter_safetensors(p)
-    converted = {k: _convert(v, dtype, device) for k, v in items}
+    converted = {}
+    for k, v in items:
+        wrong_dtype = dtype_mismatch(expected, {k: v}, str(p))
+        if wrong_dtype is not None:  # before torch's deep "can require gradients" failure
+            raise CheckpointError(wrong_dtype)
+        converted[k] = _convert(v, dtype, device)
     del preloaded
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -309,13 +351,29 @@ def _flat_tensors(state: Union[nn.Module, Mapping[str, torch.Tensor]], dtype: Op
     return out
 
 
+def _new_temp_file(path: Path) -> tuple[str, int]:
+    """Create an empty temp file beside ``path`` with mode 0666 & ~umask; returns (its path, that
+    mode). ``tempfile.mkstemp`` and safetensors' own writer make files 0600 and the rename keeps
+    that: others on a shared cluster could not read the model files."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        # the kernel applied the umask to 0666: that is the mode a plain open() gives
+        return tmp, os.stat(tmp).st_mode & 0o777
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
 def save_safetensors(
     state_dict_or_module: Union[nn.Module, Mapping[str, torch.Tensor]],
     path: PathLike,
     dtype: Optional[torch.dtype] = None,
     metadata: Optional[Mapping[str, str]] = None,
 ) -> None:
-    """Write a flat safetensors file atomically (temp file in the same folder, fsync, os.replace).
+    """Write a flat safetensors file atomically (temp file in the same folder, fsync, os.replace),
+    with the mode a plain ``open`` gives (0666 minus the process umask).
 
     ``dtype`` casts floating-point tensors only (integer buffers stay int64).
     """
@@ -326,10 +384,10 @@ def save_safetensors(
         raise TypeError("save_safetensors: metadata must map str to str")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
+    tmp, mode = _new_temp_file(path)
     try:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata is not None else None)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

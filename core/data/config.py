@@ -17,6 +17,11 @@ def _default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+# Upper bounds of counts whose absurd values fail late or exhaust the machine; the messages say why.
+MAX_IMAGE_SIZE = 8192          # a decoded 8192² RGB image is already 0.8 GB as float32
+MAX_SHUFFLE_BUFFER = 100_000   # every buffered sample keeps its encoded files in memory, per worker
+
+
 def _doc(default: Any, text: str) -> Any:
     """A field with its description in ``metadata["doc"]`` (same convention as ``core.config``)."""
     return field(default=default, metadata={"doc": text})
@@ -50,7 +55,7 @@ class DataConfig:
     multi_aspect_ratio: Optional[list] = _doc(
         None, "Width/height ratios (`'9/16'` strings or numbers) for multi-aspect-ratio bucketing "
               "(reciprocals are added); None = fixed square `image_size` training.")
-    image_size: int = _doc(768, "Square training size, or the bucket area `image_size**2` when bucketing.")
+    image_size: int = _doc(768, f"Square training size, or the bucket area `image_size**2` when bucketing; 32 to {MAX_IMAGE_SIZE}.")
     crop: str = _doc(
         "random", "Crop after resizing: `random` or `center`. Replaces the official SmartCrop, whose "
                   "saliency network weights are not available.")
@@ -58,9 +63,10 @@ class DataConfig:
         0.05, "Probability that an image goes to a uniformly random bucket (official 0.05; the "
               "official name `bucketeer_random_ratio` is accepted too).")
     shuffle_buffer: int = _doc(
-        690, "Samples per shuffle block (official buffer 690): each block read is permuted.")
+        690, f"Samples per shuffle block (official buffer 690): each block read is permuted; at most {MAX_SHUFFLE_BUFFER}.")
     num_workers: int = field(default_factory=_default_workers, metadata={"doc": (
-        "DataLoader worker processes per rank (default min(4, CPUs); 0 = decode in the main process).")})
+        "DataLoader worker processes per rank (default min(4, CPUs); 0 = decode in the main process; at most "
+        "the machine's CPU count).")})
     strict: bool = _doc(
         False, "Make bad data fatal (undecodable or oversized image, missing image or caption, "
                "truncated or malformed tar, missing shard) instead of skipping and reporting it.")
@@ -106,6 +112,10 @@ class DataConfig:
             raise DataError(f"webdataset_path: expected a path/URL or a list of them, got {wp!r}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
             raise DataError(f"image_size: expected an integer >= 32, got {self.image_size!r}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise DataError(f"image_size: {self.image_size} is above {MAX_IMAGE_SIZE}: one decoded "
+                            f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} RGB image already takes 0.8 GB as float32 "
+                            f"(the official configs train at 768-1024)")
         if self.crop not in ("random", "center"):
             raise DataError(f"crop: expected 'random' or 'center', got {self.crop!r} "
                             f"(SmartCrop is not available)")
@@ -120,6 +130,14 @@ class DataConfig:
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= PIL_MAX_PIXELS:
             raise DataError(f"max_image_pixels: expected an integer in [1, {PIL_MAX_PIXELS}] (above "
                             f"that PIL refuses the image as a decompression bomb), got {v!r}")
+        cpus = os.cpu_count() or 1
+        if self.num_workers > cpus:
+            raise DataError(f"num_workers: {self.num_workers} worker processes per rank is more than this "
+                            f"machine's {cpus} CPUs (each worker is a process decoding images); use at most "
+                            f"{cpus}, or 0 to decode in the main process")
+        if self.shuffle_buffer > MAX_SHUFFLE_BUFFER:
+            raise DataError(f"shuffle_buffer: {self.shuffle_buffer} is above {MAX_SHUFFLE_BUFFER}: every "
+                            f"buffered sample keeps its encoded files in memory in each worker")
         for key in ("strict", "resampled"):
             if not isinstance(getattr(self, key), bool):
                 raise DataError(f"{key}: expected true or false, got {getattr(self, key)!r}")

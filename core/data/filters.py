@@ -8,6 +8,11 @@ Two accepted forms per rule:
 * the plain ``[key, '>', 4.5]``.
 
 Rules are plain picklable objects so DataLoader workers (fork or spawn) can use them.
+
+Every accepted expression costs time and memory bounded by its length: ``**`` and shifts are not in
+the grammar, ``*`` and ``%`` refuse string/list operands (``'x' * 100000000000`` would allocate
+100 GB, ``'%999999999d' % s`` a GB), at config time for literals and at evaluation for values,
+and the text is at most ``MAX_LAMBDA_CHARS`` long.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ _CMP = {
     ast.Is: operator.is_, ast.IsNot: operator.is_not,
 }
 # Pow is left out on purpose: `s ** 10 ** 10` would let a config stall a worker.
+_NUMERIC_ONLY = (ast.Mult, ast.Mod)  # repetition / %-formatting of strings and lists is unbounded
+MAX_LAMBDA_CHARS = 1000
 _BIN = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -55,8 +62,14 @@ def _check(node: ast.AST, arg: str) -> None:
         if not all(type(op) in _CMP for op in node.ops):
             raise _Rejected("unsupported comparison")
     elif isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.Pow):
+            raise _Rejected("'**' is not allowed (its cost is unbounded, e.g. 10 ** 10 ** 10)")
         if type(node.op) not in _BIN:
             raise _Rejected(f"operator {type(node.op).__name__} is not allowed")
+        if isinstance(node.op, _NUMERIC_ONLY) and (_is_sequence_literal(node.left) or _is_sequence_literal(node.right)):
+            symbol = "*" if isinstance(node.op, ast.Mult) else "%"
+            raise _Rejected(f"'{symbol}' with a string or list operand is not allowed (repetition and "
+                            f"formatting cost unbounded memory); '{symbol}' is for numbers")
         _check(node.left, arg)
         _check(node.right, arg)
     elif isinstance(node, ast.Name):
@@ -71,6 +84,20 @@ def _check(node: ast.AST, arg: str) -> None:
                 raise _Rejected("containers may only hold literals")
     else:
         raise _Rejected(f"{type(node).__name__} is not allowed")
+
+
+def _is_sequence_literal(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(
+        node, (ast.Tuple, ast.List, ast.Set))
+
+
+def _numeric_only(op: ast.operator, left: Any, right: Any) -> Any:
+    """``*`` / ``%`` of two numbers; a string or list operand (from the sample's json) raises
+    instead of repeating or formatting it (a filter error counts the sample as filtered)."""
+    for x in (left, right):
+        if not isinstance(x, (int, float)):
+            raise TypeError(f"dataset filter: {type(op).__name__} needs numbers, got {type(x).__name__}")
+    return _BIN[type(op)](left, right)
 
 
 def _eval(node: ast.AST, value: Any) -> Any:
@@ -103,7 +130,10 @@ def _eval(node: ast.AST, value: Any) -> Any:
             left = right
         return True
     if isinstance(node, ast.BinOp):
-        return _BIN[type(node.op)](_eval(node.left, value), _eval(node.right, value))
+        left, right = _eval(node.left, value), _eval(node.right, value)
+        if isinstance(node.op, _NUMERIC_ONLY):
+            return _numeric_only(node.op, left, right)
+        return _BIN[type(node.op)](left, right)
     if isinstance(node, ast.Name):
         return value
     if isinstance(node, ast.Constant):
@@ -123,10 +153,13 @@ def parse_lambda(text: str, where: str = "dataset_filters") -> tuple[str, ast.AS
     Raises DataError quoting ``text`` when it is not a one-argument lambda whose body is a single
     comparison / boolean expression over that argument and literals.
     """
+    if len(text) > MAX_LAMBDA_CHARS:
+        raise DataError(f"{where}: the filter is {len(text)} characters long (at most {MAX_LAMBDA_CHARS}); "
+                        f"write e.g. 'lambda s: s > 4.5'")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as e:
-        raise DataError(f"{where}: cannot parse {text!r}: {e.msg}") from None
+    except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
+        raise DataError(f"{where}: cannot parse {text[:80]!r}: {getattr(e, 'msg', None) or type(e).__name__}") from None
     lam = tree.body
     if not isinstance(lam, ast.Lambda):
         raise DataError(f"{where}: {text!r} is not a lambda; write e.g. 'lambda s: s > 4.5'")
@@ -141,6 +174,8 @@ def parse_lambda(text: str, where: str = "dataset_filters") -> tuple[str, ast.AS
                         f"(e.g. 'lambda s: s > 4.5')")
     try:
         _check(body, arg)
+    except RecursionError:
+        raise DataError(f"{where}: {text[:80]!r} is nested too deeply") from None
     except _Rejected as e:
         raise DataError(f"{where}: {text!r} is not allowed: {e} (only comparisons, and/or/not, "
                         f"arithmetic and literals over the argument)") from None
