@@ -340,10 +340,11 @@ def test_shard_failing_mid_epoch_is_logged_at_once(tmp_path, caplog):
                 break
             if len(batches) == 1:
                 os.remove(urls[gone])
+    text = caplog.text  # before close(), which logs the summary (captured when INFO is enabled)
     pipe.close()
-    assert "samples emitted" not in caplog.text  # no summary yet: the lines came on their own
-    assert f"data: shard {urls['a']} failed at byte {cut} (truncated_tar)" in caplog.text
-    assert f"data: shard {urls[gone]} failed (missing_shard): no such file" in caplog.text
+    assert "samples emitted" not in text  # no summary yet: the lines came on their own
+    assert f"data: shard {urls['a']} failed at byte {cut} (truncated_tar)" in text
+    assert f"data: shard {urls[gone]} failed (missing_shard): no such file" in text
     assert sorted(logged_at) == sorted(["a", gone])
     for x in ("a", gone):
         later = set(order[order.index(x) + 1:]) | {"next epoch"}
