@@ -12,9 +12,10 @@ What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
 * outputs per save point (run folder, also in ``state/step_*/``): ``lora.safetensors`` (named keys +
   metadata), ``tokens.json``, ``lora_official.safetensors`` (positional layout of the official code)
   and optionally ``lora_comfyui.safetensors`` (+ ``lora_comfyui_embeddings.safetensors``);
-* DDP works (the LoRA lives in the DDP-wrapped generator; the token rows are registered unwrapped, so
-  the core averages their gradients over ranks);
-  FSDP is refused with a clear message: a frozen generator plus a LoRA fits one GPU, DDP is the tool.
+* DDP and FSDP work: the LoRA lives in the wrapped generator (under ``use_fsdp`` FSDP2 shards the
+  frozen base and the LoRA with each block; the files gather the LoRA shards on every rank); the
+  token rows are registered unwrapped inside the unsharded text model, so the core averages their
+  gradients over ranks.
 """
 from __future__ import annotations
 
