@@ -263,6 +263,7 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: WrapMode = "auto",
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = tuple(block_types)
+    kind = type(model).__name__  # before fully_shard renames the class
     wrapped = 0
     if blocks:
         # Children first (reverse pre-order) so each block becomes its own shard group.
@@ -271,7 +272,9 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: WrapMode = "auto",
                 fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
                 wrapped += 1
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    log.info("FSDP2: sharded %d blocks + root over %d ranks", wrapped, info.world_size)
+    trains = any(p.requires_grad for p in model.parameters())
+    log.info("FSDP2: sharded %d blocks + root of the %s %s over %d ranks", wrapped,
+             "trained" if trains else "frozen", kind, info.world_size)
     return model
 
 

@@ -97,7 +97,8 @@ def test_lora_fsdp_two_processes_match_one_and_resume(assets, tmp_path):
     script = "train/train_c_lora.py"
     assert StageCLoraTrainer.main(_args(LORA, assets, tmp_path, "single", updates=3, **common)) == 0
     first = _torchrun(script, _args(LORA, assets, tmp_path, "fsdp", updates=2, use_fsdp=True, **common))
-    assert "FSDP2: sharded 18 blocks + root over 2 ranks" in first  # the frozen base is sharded per block
+    # the generator with its frozen base and the LoRAs, sharded per block
+    assert "FSDP2: sharded 18 blocks + root of the trained StageC over 2 ranks" in first
     resumed = _torchrun(script, _args(LORA, assets, tmp_path, "fsdp", updates=3, use_fsdp=True, **common))
     single, fsdp = tmp_path / "ck" / "single", tmp_path / "ck" / "fsdp"
     _assert_sharded_resume(single, fsdp, resumed, files)
@@ -115,6 +116,7 @@ def test_controlnet_fsdp_two_processes_match_one_and_resume(assets, tmp_path):
     script = "train/train_c_controlnet.py"
     assert StageCControlNetTrainer.main(_args(CANNY, assets, tmp_path, "single", updates=3, **common)) == 0
     first = _torchrun(script, _args(CANNY, assets, tmp_path, "fsdp", updates=2, use_fsdp=True, **common))
-    assert "FSDP2: sharded 18 blocks + root over 2 ranks" in first  # the frozen Stage C
+    assert "FSDP2: sharded 18 blocks + root of the frozen StageC over 2 ranks" in first
+    assert "FSDP2: sharded 0 blocks + root of the trained ControlNet over 2 ranks" in first
     resumed = _torchrun(script, _args(CANNY, assets, tmp_path, "fsdp", updates=3, use_fsdp=True, **common))
     _assert_sharded_resume(tmp_path / "ck" / "single", tmp_path / "ck" / "fsdp", resumed, files)
