@@ -303,7 +303,8 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
     with torch.no_grad():
         norm_sharded = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in sharded]))
         norm_plain = torch.nn.utils.get_total_norm([p.grad for p in plain])
-        total = torch.linalg.vector_norm(torch.stack([norm_sharded.float(), norm_plain.float().to(norm_sharded.device)]))
+        norms = [norm_sharded.float(), norm_plain.float().to(norm_sharded.device)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
         # The factor clip_grad_norm_ uses, as a number: it multiplies DTensors and tensors alike.
         coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         for p in params:
