@@ -27,7 +27,7 @@ __all__ = [
     "wrap_model", "unwrap_model", "grad_sync", "full_state_dict", "load_full_state_dict",
     "full_optimizer_state_dict", "load_full_optimizer_state_dict", "is_initialized", "is_sharded",
     "full_tensor", "any_rank", "global_mean", "all_gather_cat", "all_gather_object", "average_gradients",
-    "world_size_from_env", "get_world_size",
+    "world_size_from_env", "get_world_size", "clip_grad_norm",
 ]
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,7 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: WrapMode = "auto",
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = tuple(block_types)
+    kind = type(model).__name__  # before fully_shard renames the class
     wrapped = 0
     if blocks:
         # Children first (reverse pre-order) so each block becomes its own shard group.
@@ -301,7 +302,9 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: WrapMode = "auto",
                 fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
                 wrapped += 1
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    log.info("FSDP2: sharded %d blocks + root over %d ranks", wrapped, info.world_size)
+    trains = any(p.requires_grad for p in model.parameters())
+    log.info("FSDP2: sharded %d blocks + root of the %s %s over %d ranks", wrapped,
+             "trained" if trains else "frozen", kind, info.world_size)
     return model
 
 
@@ -314,6 +317,29 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly FSDP2-sharded DTensor) tensor; collective for DTensors."""
     gather = getattr(tensor, "full_tensor", None)
     return gather() if callable(gather) else tensor
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm of ``params`` to ``max_norm`` in place and return the norm
+    before clipping (collective when some gradients are FSDP2 shards).
+
+    ``torch.nn.utils.clip_grad_norm_`` refuses a mix of sharded (DTensor) and plain gradients,
+    e.g. a sharded network plus trained rows inside an unsharded frozen one: the two groups' norms
+    are then combined here, and both groups are scaled by the same factor."""
+    sharded = [p for p in params if hasattr(p, "full_tensor")]
+    if not sharded or len(sharded) == len(params):
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    plain = [p for p in params if not hasattr(p, "full_tensor")]
+    with torch.no_grad():
+        norm_sharded = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in sharded]))
+        norm_plain = torch.nn.utils.get_total_norm([p.grad for p in plain])
+        norms = [norm_sharded.float(), norm_plain.float().to(norm_sharded.device)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        # The factor clip_grad_norm_ uses, as a number: it multiplies DTensors and tensors alike.
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for p in params:
+            p.grad.mul_(coef)
+    return float(total)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -375,11 +401,13 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         model.load_state_dict(state_dict, strict=strict)
 
 
-def _models_arg(models: Union[nn.Module, Sequence[nn.Module]]) -> Union[nn.Module, tuple[nn.Module, ...]]:
+def _models_arg(models: Union[nn.Module, Sequence[nn.Module]]) -> nn.Module:
+    """The one module torch's state-dict functions take: the model itself, or for several a
+    ``ModuleList`` holding them (parameter names then start with the model's index: ``1.weight``)."""
     if isinstance(models, nn.Module):
         return unwrap_model(models)
-    plain = tuple(unwrap_model(m) for m in models)
-    return plain[0] if len(plain) == 1 else plain
+    plain = [unwrap_model(m) for m in models]
+    return plain[0] if len(plain) == 1 else nn.ModuleList(plain)
 
 
 def full_optimizer_state_dict(models: Union[nn.Module, Sequence[nn.Module]], optimizer: torch.optim.Optimizer) -> dict:

@@ -3,7 +3,10 @@
 Frozen networks go to eval mode, ``requires_grad_(False)``, the frozen dtype and the device.
 Trained networks get their trainable parameters marked, the ``generator_dropout`` override,
 gradient checkpointing, the device, train mode, then ``compile`` and the DDP/FSDP wrapper of
-core/distributed.py. The networks stay attributes of the job (wrapping replaces the attribute).
+core/distributed.py. Under FSDP, frozen networks registered with ``shard=True`` are sharded the
+same way (per block, then the root; no wrapper under DDP or one process): a large frozen base
+then costs each rank 1/world of its weights. The networks stay attributes of the job (wrapping
+replaces the attribute).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class ModelSet:
         self.owner = owner
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, bool] = {}  # name -> cast to the frozen dtype
+        self.sharded_frozen: list[str] = []  # frozen networks FSDP shards (registered with shard=True)
 
     def add_trained(self, name: str, module: nn.Module, params: Optional[list[nn.Parameter]],
                     save_as: Optional[str], wrap: bool) -> nn.Module:
@@ -45,12 +49,16 @@ class ModelSet:
         setattr(self.owner, name, module)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, dtype: Optional[torch.dtype], device: torch.device) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, dtype: Optional[torch.dtype], device: torch.device,
+                   shard: bool = False) -> nn.Module:
         """Freeze now (eval, no grad, ``dtype`` unless None, device), so trained parts a job adds
-        inside it later (e.g. token rows) keep their own dtype."""
+        inside it later (e.g. token rows) keep their own dtype. ``shard``: FSDP shards it in
+        :meth:`wrap` (it must then be called the same number of times on every rank)."""
         if name in self.trained or name in self.frozen:
             raise ValueError(f"module {name!r} is registered twice")
         self.frozen[name] = dtype is not None
+        if shard:
+            self.sharded_frozen.append(name)
         module.eval().requires_grad_(False)
         if dtype is not None:
             cast_frozen(module, dtype)
@@ -91,12 +99,18 @@ class ModelSet:
 
     def wrap(self, cfg: Any, dist: D.DistInfo, block_types: tuple[type, ...],
              autocast_dtype: Optional[torch.dtype]) -> None:
-        """``compile`` (in place: official keys kept) and DDP / FSDP2 for every wrapped trained network."""
+        """``compile`` (in place: official keys kept) and DDP / FSDP2 for every wrapped trained
+        network; under FSDP also the frozen networks registered with ``shard=True``."""
         mode = "none"
         if dist.world_size > 1:
             mode = "fsdp" if cfg.use_fsdp else "ddp"
         elif cfg.use_fsdp:
             log.info("use_fsdp is set but there is one process: training without sharding")
+        if mode == "fsdp":
+            for name in self.sharded_frozen:
+                # No mixed-precision cast: a frozen network computes in the dtype it is stored in
+                # (frozen_dtype), as it does unsharded; it has no gradients to reduce.
+                setattr(self.owner, name, D.wrap_model(self.get(name), dist, mode, block_types=block_types))
         for name, t in self.trained.items():
             if not t.wrap:
                 continue

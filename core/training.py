@@ -8,7 +8,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
 
 * ``Config``: its config dataclass (a ``TrainingConfig`` subclass); ``description``: one line for --help;
 * ``build_models()``: build or load networks and register each one: ``add_trained(name, module,
-  params=None, save_as=None, wrap=True)`` or ``add_frozen(name, module, cast=True)``; register extra
+  params=None, save_as=None, wrap=True)`` or ``add_frozen(name, module, cast=True, shard=False)``; register extra
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
@@ -153,10 +153,13 @@ class TrainingCore:
                                 publish=True, required=True)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, cast: bool = True) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False) -> nn.Module:
         """Register a network that never trains, as attribute ``name``: eval mode, no gradients,
-        on the device, stored in the frozen dtype unless ``cast=False``."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device)
+        on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
+        ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
+        ``block_types`` block, then the root), for a large frozen base; every rank must then run
+        the same forwards through it (the core's previews do)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -361,7 +364,7 @@ class TrainingCore:
         if not params:
             return 0.0
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")  # None/0: measure only
-        return float(D.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        return D.clip_grad_norm(params, max_norm)
 
     def _skip_update(self, step: int, losses: list[float], grad_norm: float) -> None:
         self.nonfinite_total += 1

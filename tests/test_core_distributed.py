@@ -3,7 +3,8 @@
 One spawned job runs every multi-process check (process start-up dominates the cost): init from
 torchrun-style variables, all_reduce_mean, broadcast_object, all_gather_cat of unequal sizes, DDP step == 1-process step on the same
 global batch (with accumulation and no_sync), FSDP2 fully_shard step == 1-process step, full state
-dict with official keys, load_full_state_dict round trip, optimizer state gather.
+dict with official keys, gradient clipping over sharded + plain gradients, load_full_state_dict round
+trip, optimizer state gather.
 """
 from __future__ import annotations
 
@@ -122,6 +123,19 @@ def worker(rank: int, port: int, out: str) -> None:
         osd = D.full_optimizer_state_dict(fsdp_model, opt)
         if rank == 0:
             assert "blocks.0.lin.weight" in osd["state"]
+
+        # clip_grad_norm over sharded (DTensor) and plain gradients together: one global norm, one factor
+        nn.functional.mse_loss(fsdp_model(x[rank * 4:(rank + 1) * 4]), y[rank * 4:(rank + 1) * 4]).backward()
+        extra = nn.Parameter(torch.zeros(2))
+        extra.grad = torch.tensor([3.0, 4.0])
+        params = [*fsdp_model.parameters(), extra]
+        before = [D.full_tensor(p.grad).clone() for p in params]
+        norm = D.clip_grad_norm(params, max_norm=0.5)
+        expected_norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in before])))
+        assert abs(norm - expected_norm) < 1e-5 * expected_norm, (norm, expected_norm)
+        for p, g in zip(params, before):
+            torch.testing.assert_close(D.full_tensor(p.grad), g * (0.5 / expected_norm), rtol=1e-5, atol=1e-7)
+        fsdp_model.zero_grad(set_to_none=True)
 
         # load_full_state_dict round trip: every rank loads the same full dict
         fresh = {k: torch.full_like(v, 0.25) for k, v in expected.items()}

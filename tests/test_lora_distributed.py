@@ -1,5 +1,5 @@
 """LoRA with several processes: DDP (torchrun, 2 CPU processes, gloo) matches a 1-process run with the
-same global batch, token rows included; FSDP is refused with a one-line error."""
+same global batch, token rows included (FSDP: tests/test_adapter_fsdp.py)."""
 from __future__ import annotations
 
 import socket
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.adapter_assets import cli_args, losses, overrides
+from tests.helpers.adapter_assets import cli_args, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,18 +43,6 @@ def assets(adapter_assets):
         write_tar(str(same), [(f"{i:04d}", {"jpg": jpg, "txt": b"a photo of [tinytok] the astronaut"})
                               for i in range(8)])
     return folder
-
-
-def test_fsdp_is_refused_with_a_clear_message(assets, tmp_path):
-    from core.config import load_config
-    from core.distributed import DistInfo
-    from core.errors import UserError
-    from train.train_c_lora import LoraConfig, StageCLoraTrainer
-
-    cfg = load_config(LoraConfig, CONFIG, overrides(assets, tmp_path, experiment_id="fsdp", use_fsdp=True))
-    dist = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo", is_main=True)
-    with pytest.raises(UserError, match="use_fsdp is not supported for LoRA"):
-        StageCLoraTrainer(cfg, dist=dist).build_models()
 
 
 @pytest.mark.slow

@@ -12,9 +12,10 @@ What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
 * outputs per save point (run folder, also in ``state/step_*/``): ``lora.safetensors`` (named keys +
   metadata), ``tokens.json``, ``lora_official.safetensors`` (positional layout of the official code)
   and optionally ``lora_comfyui.safetensors`` (+ ``lora_comfyui_embeddings.safetensors``);
-* DDP works (the LoRA lives in the DDP-wrapped generator; the token rows are registered unwrapped, so
-  the core averages their gradients over ranks);
-  FSDP is refused with a clear message: a frozen generator plus a LoRA fits one GPU, DDP is the tool.
+* DDP and FSDP work: the LoRA lives in the wrapped generator (under ``use_fsdp`` FSDP2 shards the
+  frozen base and the LoRA with each block; the files gather the LoRA shards on every rank); the
+  token rows are registered unwrapped inside the unsharded text model, so the core averages their
+  gradients over ranks.
 """
 from __future__ import annotations
 
@@ -102,9 +103,6 @@ class StageCLoraTrainer(StageCTrainer):
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
         cfg = self.cfg
-        if self.dist.world_size > 1 and cfg.use_fsdp:
-            raise UserError("use_fsdp is not supported for LoRA training: the generator is frozen and the LoRA is "
-                            "small, so every GPU holds a full copy; set use_fsdp: false (DDP is used)")
         super().build_models()
         self.build_tokens()
         self.register_files()
@@ -158,10 +156,11 @@ class StageCLoraTrainer(StageCTrainer):
         if self.cfg.save_official_layout:
             self.register_state(OFFICIAL_FILE, FileState(self.official_state_dict, meta), publish=True, restore=False)
         if self.cfg.export_comfyui:
-            self.register_state(COMFY_FILE, FileState(lambda: self.comfyui_files()[0], meta), publish=True,
-                                restore=False)
+            self.register_state(COMFY_FILE, FileState(self.comfyui_lora, meta), publish=True, restore=False)
             if self.retoken is not None:
-                embeddings = FileState(lambda: self.comfyui_files()[1][0], lambda: self.comfyui_files()[1][1])
+                # Metadata callables run on the main rank only, so they never gather (the embeddings
+                # file reads the unsharded text model).
+                embeddings = FileState(lambda: self.comfyui_embeddings()[0], lambda: self.comfyui_embeddings()[1])
                 self.register_state(COMFY_EMBEDDINGS_FILE, embeddings, publish=True, restore=False)
 
     # -- step ---------------------------------------------------------------------------------
@@ -184,7 +183,19 @@ class StageCLoraTrainer(StageCTrainer):
         idx = deltas = None
         if self.retoken is not None:
             idx, deltas = self.retoken.indices, self.retoken.embeddings
-        return named_state_dict(self.loras, self.cfg.alpha, idx, deltas)
+        return named_state_dict(self.full_loras(), self.cfg.alpha, idx, deltas)
+
+    def full_loras(self) -> list[tuple[str, Any]]:
+        """``[(target, LoRA weights)]`` with whole tensors: under FSDP the LoRA parameters are
+        shards (DTensors) of the generator's blocks, gathered here. Collective then: every rank
+        calls it, at each save (the core's snapshot runs on every rank)."""
+        from types import SimpleNamespace
+
+        from core.distributed import full_tensor
+
+        return [(target, SimpleNamespace(lora_down=full_tensor(lora.lora_down.detach()),
+                                         lora_up=full_tensor(lora.lora_up.detach())))
+                for target, lora in self.loras]
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         from modules.lora_formats import official_state_dict
@@ -204,16 +215,23 @@ class StageCLoraTrainer(StageCTrainer):
                 "targets": str(len(self.loras)), "clip_text_model_name": str(cfg.clip_text_model_name)}
 
     def comfyui_files(self) -> tuple[dict, Optional[tuple[dict, dict]]]:
-        from modules.lora_formats import entries_from_named, export_comfyui, token_embedding_file
+        """``(ComfyUI LoRA state dict, (token embeddings, their metadata) or None)``."""
+        return self.comfyui_lora(), self.comfyui_embeddings() if self.retoken is not None else None
+
+    def comfyui_lora(self) -> dict[str, torch.Tensor]:
+        """The LoRA in the ComfyUI layout (collective under FSDP, like :meth:`lora_state_dict`)."""
+        from modules.lora_formats import entries_from_named, export_comfyui
 
         shapes = {t: _base_shape(self.unwrapped("generator"), t) for t, _ in self.loras}
-        comfy = export_comfyui(entries_from_named(self.lora_state_dict()), shapes)
-        embeddings = None
-        if self.retoken is not None:
-            with torch.no_grad():
-                vectors = self.text_model.get_input_embeddings().weight[self.retoken.indices].float()
-            embeddings = token_embedding_file(vectors, self.tokens.token_strings(self.tokenizer))
-        return comfy, embeddings
+        return export_comfyui(entries_from_named(self.lora_state_dict()), shapes)
+
+    def comfyui_embeddings(self) -> tuple[dict, dict]:
+        """The trained tokens' whole embedding rows as a ComfyUI embedding file (+ metadata)."""
+        from modules.lora_formats import token_embedding_file
+
+        with torch.no_grad():
+            vectors = self.text_model.get_input_embeddings().weight[self.retoken.indices].float()
+        return token_embedding_file(vectors, self.tokens.token_strings(self.tokenizer))
 
     @torch.no_grad()
     def load_lora_file(self, path: str, exact: bool = False) -> None:
