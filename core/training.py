@@ -27,7 +27,6 @@ re-seeded from ``(seed, rank, update, micro-step)`` before every micro-step.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -275,7 +274,9 @@ class TrainingCore:
         self._signals.install()
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
-        trainer = _read_json(paths.get("trainer.json"))
+        from core.checkpoint import load_json
+
+        trainer = load_json(paths["trainer.json"]) if paths.get("trainer.json") else {}
         saved, now = trainer.get("model_version"), getattr(self.cfg, "model_version", None)
         if saved is not None and saved != now:
             raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
@@ -436,16 +437,9 @@ class TrainingCore:
         if self.logger is not None:
             self.logger.close()
             self.logger = None
-        if getattr(self, "batches", None) is not None:
+        if self.batches is not None:
             self.batches.close()
         D.cleanup()
-
-
-def _read_json(path: Optional[str]) -> dict:
-    if not path:
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 __all__ = ["TrainingCore", "TrainingConfig", "derive_seed"]
