@@ -1,8 +1,10 @@
 """What a person watches: progress bar, metrics.jsonl, preview grids, loss curve, optional wandb.
 
-Local files are always written (main rank only); wandb is used when ``wandb_project`` is set: it is
-imported lazily, runs offline when ``WANDB_MODE=offline`` or the wandb server is unreachable, and a
-missing wandb package gives ONE warning instead of a crash.
+Local files are always written (main rank only); a write that fails for an operating-system reason
+(disk full, read-only file system) raises a one-line ``core.atomic.WriteError`` naming the file.
+wandb is used when ``wandb_project`` is set: it is imported lazily, runs offline when
+``WANDB_MODE=offline`` or the wandb server is unreachable, and a missing wandb package gives ONE
+warning instead of a crash.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from core.atomic import atomic_write_bytes
+from core.atomic import WriteError, atomic_write_bytes
 
 __all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss"]
 
@@ -235,8 +237,13 @@ class RunLogger:
         if not self.is_main:
             return
         record = {"step": int(step), "time": round(time.time(), 3), **_jsonable(dict(metrics))}
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # disk full, read-only file system: one line naming the file (a torn
+            # last line is skipped by read_metrics)
+            raise WriteError(self.metrics_path, exc.errno or 0, exc.strerror,
+                             context=f"cannot log update {int(step)}: ") from exc
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step))
         if self._bar is not None and step >= self._bar.n:

@@ -8,6 +8,11 @@ registering one object; :class:`core.checkpoint.CheckpointManager` writes the fi
 
 Published entries (the model files users load elsewhere) are also placed at the top of the run
 folder and backed up; the others live only in the step folder.
+
+Resume is all-or-nothing per folder: :func:`check_file` opens every file the way :meth:`restore`
+reads it (without reading tensor data) before anything is applied (core/checkpoint.py
+``check_state_folder``), so a broken folder is skipped whole. Before a save,
+:meth:`StateRegistry.nonfinite` finds a NaN/inf tensor in what is about to be written.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 
 from core.errors import UserError
 
-__all__ = ["Stateful", "StateRegistry", "ModuleState", "ValueState", "FileState"]
+__all__ = ["Stateful", "StateRegistry", "ModuleState", "ValueState", "FileState", "check_file", "first_nonfinite", "weights_finite"]
 
 
 class Stateful(Protocol):
@@ -81,10 +86,20 @@ class StateRegistry:
             (published if entry.publish else state)[name] = writer
         return published, state
 
+    def nonfinite(self, values: dict[str, Any]) -> Optional[str]:
+        """``"optimizer.pt (state.3.exp_avg_sq)"``: the first entry of a ``snapshot()`` holding a
+        floating tensor with a NaN or an infinity, or None when everything is finite."""
+        for name, value in values.items():
+            where = first_nonfinite(value)
+            if where is not None:
+                return f"{name} ({where})" if where else name
+        return None
+
     def restore(self, paths: dict[str, str], where: str) -> None:
         """Load every registered, not yet restored entry whose file is in ``paths``. Called again
         after more objects were registered, it restores only the new ones. Empty ``paths``: a
-        fresh run, nothing to restore."""
+        fresh run, nothing to restore. The files were checked before (``check_file``), so an error
+        here is a mismatch with this run: a one-line UserError naming the file."""
         if not paths:
             return
         for name, entry in self._entries.items():
@@ -96,10 +111,19 @@ class StateRegistry:
                     raise UserError(f"resume: {name} is missing from the checkpoint in {where}")
                 continue
             load_file = getattr(entry.obj, "load_file", None)
-            if callable(load_file):  # objects whose errors name the file (model files)
-                load_file(path)
-            else:
-                entry.obj.load_state_dict(_read(path))
+            try:
+                if callable(load_file):  # objects whose errors name the file (model files)
+                    load_file(path)
+                else:
+                    entry.obj.load_state_dict(_read(path))
+            except Exception as exc:  # noqa: BLE001 - user errors pass; the rest gets the file named
+                from core.errors import is_user_error
+
+                if is_user_error(exc):
+                    raise
+                raise UserError(f"resume: cannot restore {path} into this run ({type(exc).__name__}: "
+                                f"{str(exc).strip() or 'no message'}); resume with the config it was saved "
+                                f"with, or choose another checkpoint with --resume") from exc
             self._restored.add(name)
 
 
@@ -116,6 +140,77 @@ def _writer(name: str, value: Any, metadata: Optional[Callable[[], dict]]) -> Ca
     from core.atomic import atomic_torch_save
 
     return lambda path: atomic_torch_save(value, path)
+
+
+def check_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read back the way :meth:`StateRegistry.restore` reads it, or None.
+
+    Opens the format without reading tensor data: a JSON file is parsed; a safetensors file's
+    header is parsed and must cover the file exactly; a torch file must be a complete zip archive
+    whose pickle loads with its tensors memory-mapped. Catches truncated, overwritten and garbage
+    files; a flipped bit inside tensor data goes unnoticed (neither format has checksums that
+    torch or safetensors verify)."""
+    import zipfile
+
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+        elif path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as fh:
+                fh.keys()
+        elif path.endswith((".pt", ".pth", ".ckpt")):
+            if not zipfile.is_zipfile(path):
+                return "not a complete torch file (no zip archive: truncated or overwritten)"
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - OSError, JSON, safetensors, zip and unpickling errors share no base
+        return f"unreadable ({type(exc).__name__}: {_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """True when every tensor's float32 L2 norm is finite: no NaN, no infinity and no value beyond
+    ~1e19 (an exploded update, e.g. lr 1e30, leaves finite but useless floats). One fused norm
+    kernel per device (``torch._foreach_norm``, what ``clip_grad_norm_`` uses): about one read of
+    the weights, small next to a forward/backward. FSDP parameters are checked shard by shard."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.numel():
+            by_device.setdefault(local.device, []).append(local.detach())
+    for tensors in by_device.values():
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            return False
+    return True
+
+
+def first_nonfinite(value: Any, _path: str = "") -> Optional[str]:
+    """The key path (``"state.3.exp_avg"``, ``""`` for ``value`` itself) of the first floating
+    tensor in ``value`` (a tensor or nested dicts/lists/tuples) that holds a NaN or an infinity;
+    None when there is none."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            return _path
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_nonfinite(item, f"{_path}.{key}" if _path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _read(path: str) -> Any:

@@ -15,14 +15,12 @@ A job is a subclass that says what it builds, what trains and what its loss is:
 * optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
-The core does the rest: frozen modules go to eval mode, ``requires_grad_(False)``, the frozen dtype
-and the device; trained modules get the dropout override, gradient checkpointing, compile and the
-DDP/FSDP wrapper (core/distributed.py); every registered state object is saved atomically and
-restored on resume (core/state.py); EMA, warmup, non-finite guard, signals, logging and previews.
+The core does the rest (docs/ARCHITECTURE.md): freezing (eval, no grad, frozen dtype, device),
+wrapping (dropout override, checkpointing, compile, DDP/FSDP), saving and restoring every registered
+state object, EMA, warmup, non-finite guards, signals, logging and previews.
 
-Randomness: per-sample draws come from ``sample_generators(n)`` (seeded by seed, update,
-micro-step and GLOBAL sample index, see core/seeding.py); module dropout uses the global torch RNG,
-re-seeded from ``(seed, rank, update, micro-step)`` before every micro-step.
+Randomness: per-sample draws from ``sample_generators(n)`` (seed, update, micro-step, GLOBAL sample
+index: core/seeding.py); module dropout from the global RNG re-seeded per (seed, rank, update, micro-step).
 """
 from __future__ import annotations
 
@@ -39,6 +37,7 @@ from torch import nn
 
 from core import distributed as D
 from core.batches import Batches
+from core.checkpoint import load_json, refuse_broken_weights, refuse_nonfinite, write_on_main_rank
 from core.config import RunConfig, config_to_dict, doc, save_config
 from core.data import DataConfig
 from core.ema import EMAConfig
@@ -228,6 +227,7 @@ class TrainingCore:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
         self.ckpt = CheckpointManager(str(self.run_dir), keep_last=cfg.keep_last, is_main=self.is_main)
+        D.barrier()  # rank 0 cleaned up an interrupted save; find_resume checks files, skips broken folders
         found = find_resume(self.resume_mode, self.ckpt)
         paths, where = found if found is not None else ({}, str(self.run_dir))
         if found is not None:
@@ -256,11 +256,12 @@ class TrainingCore:
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         trained = lambda: [getattr(self, n) for n in self._models.trained]  # noqa: E731
-        self.register_state("optimizer.pt", OptimizerState(self.optimizer, trained, fsdp, self.is_main, str(self.run_dir)))
-        self.register_state("scheduler.pt", self.scheduler)
-        self.register_state("rng.pt", ValueState(capture_rng_state, restore_rng_state))
+        optimizer = OptimizerState(self.optimizer, trained, fsdp, self.is_main, str(self.run_dir))
+        self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
+        self.register_state("scheduler.pt", self.scheduler, required=True)
+        self.register_state("rng.pt", ValueState(capture_rng_state, restore_rng_state), required=True)
         self.register_state("data.json", self.batches, restore=False)
-        self.register_state("trainer.json", ValueState(self._trainer_state, self._load_trainer_state))
+        self.register_state("trainer.json", ValueState(self._trainer_state, self._load_trainer_state), required=True)
         self.state.restore(paths, where)
         if self.is_main:
             save_config(cfg, str(self.run_dir / "config.yaml"))
@@ -274,9 +275,7 @@ class TrainingCore:
         self._signals.install()
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
-        from core.checkpoint import load_json
-
-        trainer = load_json(paths["trainer.json"]) if paths.get("trainer.json") else {}
+        trainer = load_json(paths["trainer.json"]) if "trainer.json" in paths else {}
         saved, now = trainer.get("model_version"), getattr(self.cfg, "model_version", None)
         if saved is not None and saved != now:
             raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
@@ -335,6 +334,8 @@ class TrainingCore:
             finite = finite and math.isfinite(grad_norm)
             if finite:
                 self.optimizer.step()
+                self._faults.break_weights(self.trainable_parameters(), step)
+                refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(step)
@@ -417,10 +418,12 @@ class TrainingCore:
         return bool(every) and step // every > self.last_saved_step // every
 
     def save_checkpoint(self, step: int) -> None:
-        """Every registered state object; published files at the top level; `latest` written last."""
+        """Every registered state object (no NaN/inf), `latest` last; a failed write stops every rank."""
         backup = self.backup_due(step)
         values = self.state.snapshot()  # collective (FSDP gathers, data positions of every rank)
-        if self.is_main:
+        refuse_nonfinite(self.state.nonfinite(values) if self.is_main else None, step, self.ckpt, self.device)
+
+        def write() -> None:  # rank 0 only
             published, state = self.state.writers(values, self._faults.crash_writer(step))
             self.ckpt.save(step, published, state)
             if backup:
@@ -428,6 +431,8 @@ class TrainingCore:
             save_config(self.cfg, str(self.run_dir / "config.yaml"))
             self.logger.plot_loss(str(self.run_dir / "loss.png"))
             log.info("checkpoint of update %d written to %s", step, self.run_dir)
+
+        write_on_main_rank(write, self.is_main, self.device, f"the checkpoint of update {step}")
         self.last_saved_step = step
         D.barrier()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -25,7 +24,7 @@ _TORCH_EXTS = (".pt", ".ckpt", ".pth", ".bin")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not fit the requested model."""
+    """A checkpoint file is missing, unreadable, cannot be written or does not fit the requested model."""
 
 
 class StateDictMismatchError(CheckpointError, ValueError):
@@ -351,21 +350,6 @@ def _flat_tensors(state: Union[nn.Module, Mapping[str, torch.Tensor]], dtype: Op
     return out
 
 
-def _new_temp_file(path: Path) -> tuple[str, int]:
-    """Create an empty temp file beside ``path`` with mode 0666 & ~umask; returns (its path, that
-    mode). ``tempfile.mkstemp`` and safetensors' own writer make files 0600 and the rename keeps
-    that: others on a shared cluster could not read the model files."""
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            continue
-        # the kernel applied the umask to 0666: that is the mode a plain open() gives
-        return tmp, os.stat(tmp).st_mode & 0o777
-    raise FileExistsError(f"{path}: could not create a temporary file beside it")
-
-
 def save_safetensors(
     state_dict_or_module: Union[nn.Module, Mapping[str, torch.Tensor]],
     path: PathLike,
@@ -375,7 +359,10 @@ def save_safetensors(
     """Write a flat safetensors file atomically (temp file in the same folder, fsync, os.replace),
     with the mode a plain ``open`` gives (0666 minus the process umask).
 
-    ``dtype`` casts floating-point tensors only (integer buffers stay int64).
+    ``dtype`` casts floating-point tensors only (integer buffers stay int64). The file gets mode
+    0666 minus the umask. A write that fails for an operating-system reason (disk full, read-only
+    file system, ...) raises ``CheckpointError`` naming the file and the reason, chained to the
+    original error, and leaves no temp file.
     """
     from safetensors.torch import save_file
 
@@ -383,21 +370,55 @@ def save_safetensors(
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("save_safetensors: metadata must map str to str")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, mode = _new_temp_file(path)
+    tmp: Optional[Path] = None
     try:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata is not None else None)
-        os.chmod(tmp, mode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp_beside(path)
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 minus the umask, read without touching the umask
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        os.chmod(tmp, mode)  # safetensors renames a 0600 temp file of its own over ``tmp``
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except Exception as exc:
+        reason = _os_reason(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"{path}: cannot write the file: {reason}") from exc
+    finally:
+        if tmp is not None:  # removing can fail on a read-only file system; never hide the real error
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     with contextlib.suppress(OSError):  # persist the rename; not possible on every filesystem
         dir_fd = os.open(str(path.parent), os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _create_temp_beside(path: Path) -> Path:
+    """A new empty ``.NAME.XXXXXXXX.tmp`` beside ``path`` with mode 0666 minus the umask
+    (``tempfile.mkstemp`` forces 0600, which the renamed file would keep)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: no free temporary file name")
+
+
+def _os_reason(exc: BaseException) -> Optional[str]:
+    """"No space left on device (errno 28)" for an OSError, or for a safetensors error whose
+    message carries "(os error 28)"; None for anything else."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{exc.strerror or os.strerror(exc.errno)} (errno {exc.errno})"
+    match = re.search(r"os error (\d+)", str(exc))
+    if match:
+        code = int(match.group(1))
+        return f"{os.strerror(code)} (errno {code})"
+    return None

@@ -40,6 +40,7 @@ known key; a wrong type names the key and the expected type.
 | `OMP_NUM_THREADS`, `OMP_WAIT_POLICY=PASSIVE` | CPU threads; PASSIVE avoids huge slow-downs on a busy CPU |
 | `CASCADE_TRAIN_POISON_STEPS=3,4` | test hook: the batches of these updates become NaN (exercises the non-finite guard) |
 | `CASCADE_TRAIN_CRASH_IN_SAVE=N` | test hook: SIGKILL the process in the middle of the checkpoint of update N |
+| `CASCADE_TRAIN_NAN_WEIGHTS=N` | test hook: a NaN in the trained weights right after update N's optimizer step (exercises the weight guard) |
 
 """
 
