@@ -24,7 +24,6 @@ SHORT_BATCHES = pytest.mark.xfail(
     strict=False, reason="issue 12 point 1: at an epoch end the data layer flushes partial buckets as short "
                          "batches, so ranks hold different batch sizes (the adaptive-loss all-gather fails in "
                          "gloo, and the global batch is not batch_size)")
-LORA_FSDP = pytest.mark.xfail(strict=False, reason="issue 12 point 4: the LoRA job refuses use_fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +87,11 @@ def _cell(job: str, procs: str) -> Cell:
     return Cell(job, procs, bucketing=True, adaptive=True, workers=0, cache=False)
 
 
-def _marks(job: str, procs: str) -> list:
-    return [LORA_FSDP, SHORT_BATCHES] if (job, procs) == ("train_c_lora", "fsdp") else [SHORT_BATCHES]
-
-
-TWO_PROCESS = [pytest.param(_cell(job, procs), id=f"{job}-{procs}", marks=_marks(job, procs))
-               for job in JOBS for procs in ("ddp", "fsdp")]
+#: train_c with DDP and FSDP (and against 1 process); each other official config with the mode it ships
+#: with (use_fsdp: False for LoRA, True for ControlNet and Stage B). The other cells: the matrix script.
+TWO_PROCESS = [pytest.param(_cell(job, procs), id=f"{job}-{procs}", marks=SHORT_BATCHES)
+               for job, procs in (("train_c", "ddp"), ("train_c", "fsdp"), ("train_c_lora", "ddp"),
+                                  ("train_c_controlnet", "fsdp"), ("train_b", "fsdp"))]
 
 
 @pytest.fixture(scope="module")

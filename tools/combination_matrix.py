@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -145,6 +146,11 @@ def all_cells(jobs: Iterable[str] = JOBS, procs: Iterable[str] = PROCS) -> list[
             continue
         out.append(Cell(job, p, bucketing, adaptive, workers, cache))
     return out
+
+
+def select(cells: Iterable[Cell], **allowed: Optional[Sequence[object]]) -> list[Cell]:
+    """The cells whose field ``name`` is in ``allowed[name]`` for every given (non-None) field."""
+    return [c for c in cells if all(v is None or getattr(c, k) in v for k, v in allowed.items())]
 
 
 def quick_cells(jobs: Iterable[str] = JOBS, procs: Iterable[str] = PROCS) -> list[Cell]:
@@ -297,12 +303,48 @@ def command(cell: Cell, args: Sequence[str]) -> list[str]:
             f"--master_port={free_port()}", script, *args]
 
 
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def run_command(cmd: Sequence[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group (torchrun's workers included), killed as a group on a
+    timeout or when the matrix stops (``stop_all``); raises TimeoutExpired after killing."""
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all() -> None:
+    """Kill every training run the matrix started (its own process groups only)."""
+    with _RUNNING_LOCK:
+        for proc in list(_RUNNING):
+            _kill_group(proc)
+
+
 def train(cell: Cell, assets: Path, run_root: Path, *more: str, timeout: float = 600, **extra: object
           ) -> subprocess.CompletedProcess:
     """Run the cell's job once; ``more``: extra command-line arguments (e.g. ``--resume PATH``)."""
     args = [JOBS[cell.job].config, *set_args(cell_sets(cell, assets, run_root, **extra)), *more]
-    return subprocess.run(command(cell, args), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_command(command(cell, args), timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -377,9 +419,7 @@ def run_cell(cell: Cell, assets: Path, work: Path, resume: bool = True) -> Resul
             res.trains = True
         if res.trains and resume:
             state = run / "state" / f"step_{RESUME_AT:08d}"
-            resumed = cell_sets(cell, assets, root, experiment_id=cell.name + "-resumed")
-            proc = subprocess.run(command(cell, [JOBS[cell.job].config, *set_args(resumed), "--resume", str(state)]),
-                                  cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+            proc = train(cell, assets, root, "--resume", str(state), experiment_id=cell.name + "-resumed")
             other = root / "ck" / (cell.name + "-resumed")
             if proc.returncode != 0:
                 res.resume_exact, res.detail = False, "resumed run " + _fail_line(proc)
@@ -403,9 +443,8 @@ def compare_to_single(res: Result, single: Optional[Result], work: Path) -> None
     """Fill ``res.matches_one`` from the 1-process cell's straight run."""
     if res.cell.nproc == 1:
         return
-    if single is None or not single.trains or not res.trains:
-        res.matches_one = None if single is None else False
-        if single is not None and not res.detail:
+    if not res.trains or single is None or not single.trains:
+        if res.trains and not res.detail:  # this cell trained; what it is compared with did not
             res.detail = "no 1-process result to compare with"
         return
     one = Path(work) / single.cell.name / "ck" / single.cell.name
@@ -489,6 +528,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--procs", default=",".join(PROCS), help="comma-separated subset of 1,ddp,fsdp")
     parser.add_argument("--quick", action="store_true",
                         help="only bucketing + adaptive loss weight, num_workers 0, no cache")
+    for name in ("bucketing", "adaptive", "cache"):
+        parser.add_argument(f"--{name}", choices=("on", "off"), default=None, help=f"only cells with {name} on/off")
+    parser.add_argument("--workers", choices=("0", "2"), default=None, help="only cells with this num_workers")
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1,
                         help="CPU slots for cells running at once (a 2-process cell takes 2; default: CPU count)")
     parser.add_argument("--work", default=None, help="folder for assets and runs (default: a temporary folder)")
@@ -501,7 +543,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [j for j in jobs if j not in JOBS] + [p for p in procs if p not in PROCS]
     if unknown:
         parser.error(f"unknown job/procs {unknown}; jobs: {list(JOBS)}, procs: {list(PROCS)}")
-    cells = (quick_cells if args.quick else all_cells)(jobs, procs)
+    onoff = lambda v: None if v is None else [v == "on"]  # noqa: E731
+    cells = select((quick_cells if args.quick else all_cells)(jobs, procs), bucketing=onoff(args.bucketing),
+                   adaptive=onoff(args.adaptive), cache=onoff(args.cache),
+                   workers=None if args.workers is None else [int(args.workers)])
+    if not cells:
+        parser.error("no cell matches the selection")
     if args.list:
         print("\n".join(c.name for c in cells))
         return 0
@@ -517,7 +564,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{done[0]}] {res.cell.name}: {state} ({res.seconds:.0f} s){' ' + res.detail if res.detail else ''}",
               flush=True)
 
-    results = run_matrix(cells, assets, work, args.parallel, report)
+    signal.signal(signal.SIGTERM, lambda *_: (stop_all(), os._exit(143)))
+    try:
+        results = run_matrix(cells, assets, work, args.parallel, report)
+    except KeyboardInterrupt:
+        stop_all()
+        return 130
     print()
     print(format_table(results))
     print(f"total {time.perf_counter() - started:.0f} s")
