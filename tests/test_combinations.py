@@ -19,13 +19,6 @@ from tools.combination_matrix import (JOBS, UPDATES, Cell, all_cells, cell_sets,
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Known causes, each fixed by another part of issue 12; the lead removes a mark once its fix is merged.
-SHORT_BATCHES = pytest.mark.xfail(
-    strict=False, reason="issue 12 point 1: at an epoch end the data layer flushes partial buckets as short "
-                         "batches, so ranks hold different batch sizes (the adaptive-loss all-gather fails in "
-                         "gloo, and the global batch is not batch_size)")
-
-
 @pytest.fixture(scope="module")
 def matrix_assets(train_assets, tmp_path_factory, one_thread) -> Path:
     """The matrix data and tiny Stage C / Stage B files over the session's frozen parts (no caches)."""
@@ -89,13 +82,12 @@ def _cell(job: str, procs: str) -> Cell:
 
 
 #: Each official config with 2 processes, FSDP where it ships with use_fsdp: True (ControlNet, Stage B),
-#: DDP for Stage C (and against 1 process) and for LoRA (use_fsdp: False). The LoRA cell's per-rank batch
-#: is 1 (8 = 2 processes x 4 accumulation steps), so it never gets a short batch. Every other cell, FSDP
-#: Stage C included: the matrix script (this file keeps the suite's budget, about 2 minutes here).
-TWO_PROCESS = [pytest.param(_cell("train_c", "ddp"), id="train_c-ddp", marks=SHORT_BATCHES),
+#: DDP for Stage C (and against 1 process) and for LoRA (use_fsdp: False). Every other cell, FSDP Stage C
+#: and LoRA included: the matrix script (this file keeps the suite's budget, about 2 minutes here).
+TWO_PROCESS = [pytest.param(_cell("train_c", "ddp"), id="train_c-ddp"),
                pytest.param(_cell("train_c_lora", "ddp"), id="train_c_lora-ddp"),
-               pytest.param(_cell("train_c_controlnet", "fsdp"), id="train_c_controlnet-fsdp", marks=SHORT_BATCHES),
-               pytest.param(_cell("train_b", "fsdp"), id="train_b-fsdp", marks=SHORT_BATCHES)]
+               pytest.param(_cell("train_c_controlnet", "fsdp"), id="train_c_controlnet-fsdp"),
+               pytest.param(_cell("train_b", "fsdp"), id="train_b-fsdp")]
 
 
 @pytest.fixture(scope="module")
