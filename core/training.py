@@ -221,6 +221,9 @@ class TrainingCore:
         from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
 
         cfg = self.cfg
+        # First: a stop signal during a long setup (loading weights) then ends the run cleanly
+        # before its first update instead of killing it (train() checks once before the loop).
+        self._signals.install()
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -268,7 +271,6 @@ class TrainingCore:
                                 run_id=self.wandb_run_id, start_step=self.step,
                                 resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
-        self._signals.install()
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
         trainer = _read_json(paths.get("trainer.json"))
@@ -306,6 +308,11 @@ class TrainingCore:
                  self.step, cfg.updates, self.dist.world_size, cfg.batch_size, self.dist.world_size, accum,
                  cfg.per_rank_batch(self.dist.world_size))
         wrapped = self._models.wrapped()
+        stop = self._signals.requested(self.device)
+        if stop:  # nothing trained since the checkpoint this run started from: nothing to save
+            log.warning("received %s during setup: stopped before update %d; run the same command again to "
+                        "resume", stop, self.step + 1)
+            return
         while self.step < cfg.updates:
             step = self.step + 1
             started = time.perf_counter()
