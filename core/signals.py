@@ -1,4 +1,12 @@
-"""Graceful stop: SIGTERM / SIGUSR1 (slurm preemption) finish the current update, save, exit 0."""
+"""Graceful stop: SIGTERM / SIGUSR1 (slurm preemption) finish the current update, save, exit 0.
+
+Only the main process of each rank acts on them: the DataLoader workers ignore them (and SIGINT),
+so a signal sent to a whole process group (slurm signals every process of a job step) stops the
+run the same way as one sent to the main process alone (core/data/signals.py). Every rank learns
+at the same update that some rank received one (``requested`` is a collective), so all ranks save
+the same step together. SIGINT (Ctrl-C) is not caught: it stays KeyboardInterrupt, ends the run
+at once without saving (exit 130), and ``latest`` keeps naming the last complete checkpoint.
+"""
 from __future__ import annotations
 
 import logging
