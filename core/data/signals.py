@@ -5,7 +5,9 @@ Slurm delivers a job step's signals (SIGTERM at the time limit or on preemption,
 process group: the DataLoader workers receive them too. The main process decides what such a
 signal means (the training loop finishes the update, saves and exits); a worker must neither die
 of one (the main process would then fail with "DataLoader worker ... is killed by signal" before
-it saves) nor print a traceback. So every worker ignores them from its first instruction on:
+it saves) nor print a traceback. DataLoader's own worker set-up lets a worker die of any SIGTERM
+that does not come from its parent, and SIGUSR1 / SIGINT keep their defaults (terminate /
+KeyboardInterrupt). So every worker ignores them, and none can receive one before it does:
 
 * ``blocked_while_starting()`` holds the signals back in the process that starts the workers,
   so a worker, which inherits the signal mask, cannot receive one before it ignores them; the
