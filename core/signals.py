@@ -49,6 +49,15 @@ class StopSignals:
             return self.received or "a stop signal (on another rank)"
         return None
 
+    def stopped_during_setup(self, device: torch.device, next_update: int) -> bool:
+        """Collective, once before the loop: True (and says so) when a signal came during setup;
+        the run then ends before ``next_update``, with nothing trained to save."""
+        stop = self.requested(device)
+        if stop:
+            log.warning("received %s during setup: stopped before update %d; run the same command again to "
+                        "resume", stop, next_update)
+        return stop is not None
+
     def restore(self) -> None:
         for name, previous in self._old.items():
             signal.signal(getattr(signal, name), previous)

@@ -221,9 +221,7 @@ class TrainingCore:
         from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
 
         cfg = self.cfg
-        # First: a stop signal during a long setup (loading weights) then ends the run cleanly
-        # before its first update instead of killing it (train() checks once before the loop).
-        self._signals.install()
+        self._signals.install()  # first: a signal while weights load ends the run before its first update
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -308,10 +306,7 @@ class TrainingCore:
                  self.step, cfg.updates, self.dist.world_size, cfg.batch_size, self.dist.world_size, accum,
                  cfg.per_rank_batch(self.dist.world_size))
         wrapped = self._models.wrapped()
-        stop = self._signals.requested(self.device)
-        if stop:  # nothing trained since the checkpoint this run started from: nothing to save
-            log.warning("received %s during setup: stopped before update %d; run the same command again to "
-                        "resume", stop, self.step + 1)
+        if self._signals.stopped_during_setup(self.device, self.step + 1):
             return
         while self.step < cfg.updates:
             step = self.step + 1

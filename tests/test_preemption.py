@@ -1,7 +1,8 @@
 """Preemption as clusters deliver it: SIGTERM / SIGUSR1 sent to a whole process group (what slurm
 does to a job step, what `kill -TERM -PGID` does) reaches the DataLoader workers too
 (`num_workers: 2`). The workers ignore it; the main process finishes the update, saves one
-checkpoint that every rank agrees on, and exits 0; the same command then resumes from it.
+checkpoint that every rank agrees on, and exits 0; the same command then resumes from it. A
+signal during setup ends the run before its first update, also with 0.
 
 Real processes in their own process groups (1 process, torchrun with 2 processes, 2 tasks started
 the way srun starts them), real files, gloo on loopback."""
@@ -75,6 +76,14 @@ class Launch:
                 break
             time.sleep(0.2)
         raise AssertionError(f"the run did not reach {n} updates:\n{self.stderr()[-3000:]}")
+
+    def wait_for_output(self, text: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and text not in self.stdout():
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.05)
+        assert text in self.stdout(), self.stderr()[-3000:]
 
     def signal(self, sig: signal.Signals) -> None:
         os.killpg(self.pgid, sig)
@@ -185,7 +194,7 @@ def test_workers_ignore_group_signals_and_end_with_the_main_process(assets, tmp_
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_one_process_sigusr1_then_sigterm_to_the_group_save_exit_0_and_resume(assets, tmp_path):
+def test_one_process_group_sigusr1_sigterm_and_a_signal_during_setup_exit_0_and_resume(assets, tmp_path):
     run_dir = tmp_path / "ck" / "one"
     cmd = [([sys.executable, "train/train_c.py", *train_args(assets, tmp_path, "one")], subprocess_env())]
     first, codes = run_and_signal(cmd, run_dir, tmp_path / "logs1", signal.SIGUSR1)
@@ -196,7 +205,18 @@ def test_one_process_sigusr1_then_sigterm_to_the_group_save_exit_0_and_resume(as
     second, codes = run_and_signal(cmd, run_dir, tmp_path / "logs2", signal.SIGTERM, start=step)
     assert codes == [0], second.stderr()[-3000:]
     assert f"resuming from update {step} " in second.stdout() and "SIGTERM received" in second.stderr()
-    assert assert_one_checkpoint(run_dir, second.stderr(), ranks=1) > step
+    step = assert_one_checkpoint(run_dir, second.stderr(), ranks=1)
+    # a signal during setup (the resume is announced before the data and models are built)
+    third = Launch(cmd, tmp_path / "logs3")
+    try:
+        third.wait_for_output(f"resuming from update {step} ")
+        third.signal(signal.SIGTERM)
+        codes = third.wait()
+    finally:
+        third.close()
+    assert codes == [0], third.stderr()[-3000:]
+    assert f"received SIGTERM during setup: stopped before update {step + 1};" in third.stderr()
+    assert CheckpointManager(str(run_dir)).latest_step() == step == max(losses(run_dir))
 
 
 def test_two_processes_torchrun_sigterm_then_srun_tasks_sigusr1(assets, tmp_path):

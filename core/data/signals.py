@@ -6,8 +6,8 @@ process group: the DataLoader workers receive them too. The main process decides
 signal means (the training loop finishes the update, saves and exits); a worker must neither die
 of one (the main process would then fail with "DataLoader worker ... is killed by signal" before
 it saves) nor print a traceback. DataLoader's own worker set-up lets a worker die of any SIGTERM
-that does not come from its parent, and SIGUSR1 / SIGINT keep their defaults (terminate /
-KeyboardInterrupt). So every worker ignores them, and none can receive one before it does:
+that does not come from its parent, and SIGUSR1 / SIGINT keep the parent's handlers (by default:
+terminate / KeyboardInterrupt). So every worker ignores them, and none can receive one before it does:
 
 * ``blocked_while_starting()`` holds the signals back in the process that starts the workers,
   so a worker, which inherits the signal mask, cannot receive one before it ignores them; the
