@@ -4,7 +4,12 @@
 # (SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS). Rendezvous: MASTER_ADDR / MASTER_PORT below
 # (env://, nothing to clean up between runs). Preemption: slurm sends SIGUSR1 (--signal below) or
 # SIGTERM; the job finishes the current update, saves, and exits 0; `sbatch` the same script again
-# (or use --requeue) and it resumes from the latest complete checkpoint.
+# (or use --requeue) and it resumes from the latest complete checkpoint. Slurm sends these signals
+# to every process of the job step, DataLoader workers included; the workers ignore them and the
+# training process of each task stops at an update all tasks agree on. Keep --signal without
+# "B:" (that would signal only this batch shell, which would die of SIGUSR1).
+# The log file (--output) is opened by slurm before this script runs, in the submit directory:
+# it must name an existing folder (for a logs/ folder: `mkdir -p logs` before sbatch).
 #SBATCH --job-name=stable-cascade
 #SBATCH --partition=gpu
 #SBATCH --nodes=2
@@ -12,14 +17,13 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --time=48:00:00
-#SBATCH --output=logs/%x_%j.out
+#SBATCH --output=%x_%j.out
 #SBATCH --signal=USR1@300
 #SBATCH --requeue
 #SBATCH --exclusive
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")}"
-mkdir -p logs
 
 SCRIPT=${SCRIPT:-train/train_c.py}
 CONFIG=${CONFIG:-configs/training/finetune_c_3b.yaml}

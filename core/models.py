@@ -121,6 +121,10 @@ class ModelSet:
                 module, dist, mode, block_types=block_types, param_dtype=autocast_dtype,
                 reduce_dtype=torch.float32 if autocast_dtype else None))
 
+    def networks(self) -> list[nn.Module]:
+        """The trained networks as the job holds them now (wrapped after ``wrap``)."""
+        return [self.get(n) for n in self.trained]
+
     def wrapped(self) -> list[nn.Module]:
         return [self.get(n) for n, t in self.trained.items() if t.wrap]
 

@@ -1,4 +1,12 @@
-"""Graceful stop: SIGTERM / SIGUSR1 (slurm preemption) finish the current update, save, exit 0."""
+"""Graceful stop: SIGTERM / SIGUSR1 (slurm preemption) finish the current update, save, exit 0.
+
+Only the main process of each rank acts on them: the DataLoader workers ignore them (and SIGINT),
+so a signal sent to a whole process group (slurm signals every process of a job step) stops the
+run the same way as one sent to the main process alone (core/data/signals.py). Every rank learns
+at the same update that some rank received one (``requested`` is a collective), so all ranks save
+the same step together. SIGINT (Ctrl-C) is not caught: it stays KeyboardInterrupt, ends the run
+at once without saving (exit 130), and ``latest`` keeps naming the last complete checkpoint.
+"""
 from __future__ import annotations
 
 import logging
@@ -40,6 +48,15 @@ class StopSignals:
         if D.any_rank(self.received is not None, device):
             return self.received or "a stop signal (on another rank)"
         return None
+
+    def stopped_during_setup(self, device: torch.device, next_update: int) -> bool:
+        """Collective, once before the loop: True (and says so) when a signal came during setup;
+        the run then ends before ``next_update``, with nothing trained to save."""
+        stop = self.requested(device)
+        if stop:
+            log.warning("received %s during setup: stopped before update %d; run the same command again to "
+                        "resume", stop, next_update)
+        return stop is not None
 
     def restore(self) -> None:
         for name, previous in self._old.items():

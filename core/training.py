@@ -223,6 +223,7 @@ class TrainingCore:
         from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
 
         cfg = self.cfg
+        self._signals.install()  # first: a signal while weights load ends the run before its first update
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -255,8 +256,7 @@ class TrainingCore:
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
-        trained = lambda: [getattr(self, n) for n in self._models.trained]  # noqa: E731
-        optimizer = OptimizerState(self.optimizer, trained, fsdp, self.is_main, str(self.run_dir))
+        optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
         self.register_state("scheduler.pt", self.scheduler, required=True)
         self.register_state("rng.pt", ValueState(capture_rng_state, restore_rng_state), required=True)
@@ -272,7 +272,6 @@ class TrainingCore:
                                 run_id=self.wandb_run_id, start_step=self.step,
                                 resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
-        self._signals.install()
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
         trainer = load_json(paths["trainer.json"]) if "trainer.json" in paths else {}
@@ -306,10 +305,11 @@ class TrainingCore:
         if self.step >= cfg.updates:
             log.info("nothing to do: the run already reached %d of %d updates", self.step, cfg.updates)
             return
-        log.info("training %s from update %d to %d (%d process(es), batch %d = %d x %d x %d)", type(self).__name__,
-                 self.step, cfg.updates, self.dist.world_size, cfg.batch_size, self.dist.world_size, accum,
-                 cfg.per_rank_batch(self.dist.world_size))
+        log.info("training %s from update %d to %d: batch %d = %d process(es) x %d micro-steps x %d", type(self).__name__,
+                 self.step, cfg.updates, cfg.batch_size, self.dist.world_size, accum, cfg.per_rank_batch(self.dist.world_size))
         wrapped = self._models.wrapped()
+        if self._signals.stopped_during_setup(self.device, self.step + 1):
+            return
         while self.step < cfg.updates:
             step = self.step + 1
             started = time.perf_counter()

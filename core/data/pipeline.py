@@ -1,9 +1,11 @@
 """``build_pipeline``: the training loop's view of the data (an endless iterator of batches)."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
+import weakref
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -14,6 +16,7 @@ from .config import DataConfig
 from .errors import DataError
 from .filters import parse_filters
 from .plan import ShardPlan
+from .signals import blocked_while_starting, ignore_in_worker
 from .sources import expand_named_sources
 from .stats import Stats, log_report, log_shard_fault
 from .worker import _ADMITTED, _DECODED, _PRODUCED, _UNDECODABLE, SAMPLE_FORMATS, StreamSpec, WorkerStream
@@ -25,6 +28,19 @@ STATE_VERSION = 1
 
 def _identity(x):
     return x
+
+
+# Pipelines whose workers may be running. The workers ignore SIGTERM (signals.py), so the
+# SIGTERM with which multiprocessing ends daemon children at interpreter exit would not end them
+# and its join would wait forever: close what is still open before that (atexit runs the most
+# recently registered function first, and this module imports torch's DataLoader before it).
+_OPEN: "weakref.WeakSet[DataPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines() -> None:
+    for pipeline in list(_OPEN):
+        pipeline.close()
 
 
 class _Streams(IterableDataset):
@@ -115,8 +131,12 @@ class DataPipeline:
             # batch_size=None: each worker already forms whole single-bucket batches
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                       collate_fn=_identity, prefetch_factor=2,
-                                      pin_memory=torch.cuda.is_available())
-            self._it = iter(self._loader)
+                                      pin_memory=torch.cuda.is_available(),
+                                      worker_init_fn=ignore_in_worker)
+            # the workers start here and must not die of a signal sent to the process group
+            with blocked_while_starting():
+                self._it = iter(self._loader)
+            _OPEN.add(self)
         self._closed = False
 
     # ------------------------------------------------------------------ state
@@ -241,11 +261,19 @@ class DataPipeline:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self._report()
         it, self._it = self._it, iter(())
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        # The shutdown ends a worker still busy after its grace period with SIGTERM, which the
+        # workers ignore (signals.py): without SIGKILL one stuck reading a shard would keep the
+        # process from exiting (multiprocessing joins its children at exit).
+        for worker in getattr(it, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
         self._loader = None
 
     def __enter__(self) -> "DataPipeline":
