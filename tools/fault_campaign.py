@@ -501,16 +501,16 @@ def probe_summary_counts(folder: Path) -> dict:
     pipe = build_pipeline(cfg, batch_size=3, seed=0)
     for _ in range(2):
         next(pipe)
+    st = pipe.stats()  # while samples wait in buckets
     pipe.close()
-    line = next((r for r in reversed(logs) if " samples emitted of " in r), "")
-    numbers = {name: int(m.group(1)) for name, pattern in (
-        ("emitted", r"(\d+) samples emitted"), ("read", r"of (\d+) read"), ("filtered", r"filtered out: (\d+)"),
-        ("missing", r"missing filter key: (\d+)"), ("waiting", r"(\d+) (?:samples )?waiting"))
-        if (m := re.search(pattern, line))}
-    bad = sum(int(v) for v in re.findall(r"=(\d+)", line.split("bad:", 1)[1].split(";", 1)[0])) if "bad:" in line else 0
-    total = sum(numbers.get(k, 0) for k in ("emitted", "filtered", "missing", "waiting")) + bad
-    ok = "read" in numbers and total == numbers["read"]
-    return {"ok": ok, "outcome": f"emitted+waiting+filtered+missing+bad = {total}, read = {numbers.get('read')}",
+    line = next((r for r in reversed(logs) if "samples emitted" in r), "")
+    parts = {"emitted": st["samples"], "waiting": st["waiting"], "filtered": sum(st["filtered"].values()),
+             "missing": sum(st["missing_key"].values()), "bad": st["bad_samples"]}
+    total = sum(parts.values())
+    # the logged summary line states the same totals
+    logged = re.search(r"= read (\d+)", line)
+    ok = total == st["read"] and logged is not None and int(logged.group(1)) == st["read"]
+    return {"ok": ok, "outcome": " + ".join(f"{k} {v}" for k, v in parts.items()) + f" = {total}, read = {st['read']}",
             "message": _short(line.split("INFO ", 1)[-1])}
 
 
