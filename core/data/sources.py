@@ -12,6 +12,12 @@ relative path is the URL with the entry's fixed *base* cut off:
   pattern character (``/data/{a,b}/x.tar`` gives ``0:a/x.tar``);
 * a single shard: its folder (``0:x.tar``).
 
+``http://`` / ``https://`` URLs are shards as given (no listing over HTTP; brace patterns work,
+globs do not), read by :mod:`.httpio`; their base is the URL up to the last ``/`` before the
+first ``{`` (or the shard's own folder). A local directory without ``.tar`` files but with
+images is an image folder (:mod:`.imagefolder`): its shards are chunks of its sorted samples,
+named ``<entry>:#chunk-...`` (``<entry>:a/#chunk-...`` below a pattern base).
+
 Names are hashed into the per-sample random draws and the resume fingerprint, so moving a
 dataset (or switching it between a local copy and S3) changes neither.
 """
@@ -32,12 +38,20 @@ def _is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def _is_remote(url: str) -> bool:
+    return _is_s3(url) or _is_http(url)
+
+
 _PATTERN_CHARS = "{*?["
 
 
 def _relative(url: str, base: str) -> str:
-    """``url`` below ``base`` (both absolute local paths, or both s3:// URLs)."""
-    if _is_s3(url):
+    """``url`` below ``base`` (both absolute local paths, or both s3:// / http(s):// URLs)."""
+    if _is_remote(url):
         return url[len(base):].lstrip("/")   # every listed / expanded URL starts with its base
     return os.path.relpath(url, base)
 
@@ -45,6 +59,10 @@ def _relative(url: str, base: str) -> str:
 def _pattern_base(entry: str) -> str | None:
     """The fixed folder in front of the first pattern character of ``entry``, or None if the
     entry has no pattern."""
+    if _is_http(entry):
+        # '?' and '*' are ordinary URL characters (query strings); only braces are patterns
+        cut = entry.find("{")
+        return None if cut < 0 else entry[:entry.rfind("/", 0, cut) + 1]
     cut = min((i for i in (entry.find(c) for c in _PATTERN_CHARS) if i >= 0), default=-1)
     if cut < 0:
         return None
@@ -68,7 +86,7 @@ def _expand_entry(entry: str, depth: int, position: list[int] | None = None) -> 
         entry = entry[len("file://"):]
     elif entry.startswith("file:"):
         entry = entry[len("file:"):]
-    if entry.lower().endswith((".yml", ".yaml")) and not _is_s3(entry):
+    if entry.lower().endswith((".yml", ".yaml")) and not _is_remote(entry):
         return _expand_yaml(entry, depth, position)
     index = position[0]
     position[0] += 1
@@ -80,6 +98,12 @@ def _expand_entry(entry: str, depth: int, position: list[int] | None = None) -> 
         out.extend((u, f"{index}:{_relative(u, base)}") for u in urls)
 
     for item in braceexpand.braceexpand(entry):
+        if _is_http(item):
+            if item.endswith("/"):
+                raise DataError(f"webdataset_path: {item}: an HTTP folder cannot be listed; give the "
+                                f"shard URLs (a brace pattern such as .../shard-{{0000..0099}}.tar)")
+            add([item], item[:item.rfind("/") + 1])
+            continue
         if _is_s3(item):
             if item.endswith(".tar"):
                 add([item], item[:item.rfind("/") + 1])
@@ -94,7 +118,9 @@ def _expand_entry(entry: str, depth: int, position: list[int] | None = None) -> 
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
             if not found:
-                raise DataError(f"webdataset_path: directory {path} holds no .tar shards")
+                # no shards: a plain folder of images + same-stem captions (DataError if none)
+                from .imagefolder import chunk_urls
+                found = chunk_urls(path)
             add(found, path)
         elif any(c in item for c in "*?["):
             found = sorted(glob.glob(path))
@@ -146,7 +172,8 @@ def expand_named_sources(webdataset_path: str | list[str]) -> list[tuple[str, st
     urls = [u for u, _ in named]
     if not urls:
         raise DataError(f"webdataset_path: {webdataset_path!r} names no shards")
-    if not any(_is_s3(u) or os.path.exists(u) for u in urls):
+    from .imagefolder import is_chunk_url
+    if not any(_is_remote(u) or is_chunk_url(u) or os.path.exists(u) for u in urls):
         raise DataError(f"webdataset_path: none of the {len(urls)} shard(s) exists "
                         f"(first: {urls[0]})")
     return named
@@ -155,9 +182,15 @@ def expand_named_sources(webdataset_path: str | list[str]) -> list[tuple[str, st
 def open_shard(url: str, offset: int = 0) -> BinaryIO:
     """Open a shard for streaming, positioned at byte ``offset``.
 
-    Raises FileNotFoundError for a missing local shard (the caller skips and reports it) and
-    DataError for S3 errors that retrying cannot fix.
+    Raises FileNotFoundError for a missing local shard (the caller skips and reports it),
+    ShardMissing for a missing S3 / HTTP shard and DataError for errors that retrying cannot fix.
     """
+    if _is_http(url):
+        from .httpio import HTTPReader
+        return HTTPReader(url, offset)  # type: ignore[return-value]
+    from .imagefolder import is_chunk_url, open_chunk
+    if is_chunk_url(url):
+        return open_chunk(url, offset)  # type: ignore[return-value]
     if _is_s3(url):
         from .s3 import S3Reader
         return S3Reader(url, offset)  # type: ignore[return-value]
