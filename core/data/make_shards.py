@@ -19,12 +19,15 @@ _EXTS = set(IMAGE_EXTS) | {"txt", "json"}
 
 
 def collect(src: str) -> dict[str, dict[str, str]]:
-    """name -> {ext: path} for the files of ``src`` (recursively) with a known extension."""
+    """name -> {ext: path} for the files of ``src`` (recursively) with a known extension.
+    Hidden files and folders (leading ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped,
+    as by the image-folder source (``imagefolder.py``)."""
     groups: dict[str, dict[str, str]] = {}
-    for root, _, files in os.walk(src):
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for fn in files:
             stem, dot, ext = fn.rpartition(".")
-            if not dot or ext.lower() not in _EXTS:
+            if not dot or not stem or fn.startswith(".") or ext.lower() not in _EXTS:
                 continue
             rel = os.path.relpath(os.path.join(root, stem), src)
             key = rel.replace(os.sep, "/").replace(".", "_")
