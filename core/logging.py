@@ -4,7 +4,10 @@ Local files are always written (main rank only); a write that fails for an opera
 (disk full, read-only file system) raises a one-line ``core.atomic.WriteError`` naming the file.
 wandb is used when ``wandb_project`` is set: it is imported lazily, runs offline when
 ``WANDB_MODE=offline`` or the wandb server is unreachable, and a missing wandb package gives ONE
-warning instead of a crash.
+warning instead of a crash. Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a
+resumed training continues the same wandb run id (saved in the trainer state), offline too: each
+session is one ``offline-run-<time>-<id>`` folder, and ``wandb sync`` uploads them in order into
+one run.
 """
 from __future__ import annotations
 
@@ -190,9 +193,12 @@ class RunLogger:
                         "logging to %s only", self.metrics_path)
             return
         mode = os.environ.get("WANDB_MODE")
+        # wandb's own WANDB_DIR wins; otherwise the run's files sit beside its checkpoints
+        root = os.environ.get("WANDB_DIR") or self.run_dir
         if mode is None and not _wandb_reachable():
             mode = "offline"
-            log.warning("wandb server unreachable: logging offline (sync later with `wandb sync %s`)", self.run_dir)
+            log.warning("wandb server unreachable: logging offline (upload later with "
+                        "`wandb sync %s`)", os.path.join(root, "wandb", f"offline-run-*-{self.run_id}"))
         import dataclasses
 
         from core.config import config_to_dict
@@ -200,7 +206,7 @@ class RunLogger:
         config = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else {}
         name = run_name or getattr(cfg, "experiment_id", None)
         self.wandb = wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow",
-                                dir=self.run_dir, config=config, mode=mode or "online")
+                                dir=root, config=config, mode=mode or "online")
 
     # ------------------------------------------------------------------------------ files
     def _truncate_after(self, step: int) -> None:
