@@ -80,6 +80,11 @@ def test_missing_denied_and_headers(shard_dir, monkeypatch):
         assert httpio.HTTPReader(f"{server.url}/shard-0000.tar").read() == data
         # a same-host redirect keeps the header
         assert httpio.HTTPReader(f"{server.url}/redirect/shard-0000.tar").read() == data
+        # ... a redirect to another host does not carry it
+        server.requests.clear()
+        with pytest.raises(DataError, match="401"):
+            httpio.HTTPReader(f"{server.url}/redirect-host/shard-0000.tar")
+        assert [h.get("Authorization") for _, h in server.requests] == ["Bearer s3cr3t", None]
         with pytest.raises(ShardMissing, match="404"):
             httpio.HTTPReader(f"{server.url}/nope.tar")
     monkeypatch.setenv(httpio.HEADERS_ENV, "Authorization: Bearer s3cr3t")

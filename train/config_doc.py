@@ -35,7 +35,10 @@ known key; a wrong type names the key and the expected type.
 
 | variable | effect |
 |---|---|
-| `WANDB_MODE=offline` | log to wandb offline (also chosen automatically when the server is unreachable) |
+| `WANDB_MODE=offline` | log to wandb offline (also chosen automatically when the server is unreachable); upload later with `wandb sync <WANDB_DIR or run folder>/wandb/offline-run-*` |
+| `WANDB_DIR` | where wandb writes its `wandb/` folder (default: the run's checkpoint folder) |
+| `CASCADE_HTTP_HEADERS` | extra request headers for `http(s)://` shards, a JSON object, e.g. `{"Authorization": "Bearer <token>"}` (sent to the shard's host only, never logged) |
+| `CASCADE_HTTP_RETRIES`, `CASCADE_S3_RETRIES` | retries of one http(s) / S3 open or read (default 8; backoff 0.25 s doubling to 8 s) |
 | `HF_HUB_OFFLINE=1` | never download CLIP models; a missing model is a clear error |
 | `OMP_NUM_THREADS`, `OMP_WAIT_POLICY=PASSIVE` | CPU threads; PASSIVE avoids huge slow-downs on a busy CPU |
 | `CASCADE_TRAIN_POISON_STEPS=3,4` | test hook: the batches of these updates become NaN (exercises the non-finite guard) |

@@ -40,7 +40,10 @@ class DataConfig:
               "directory of shards (its `*.tar`, sorted), a brace pattern `shard-{0000..0099}.tar`, "
               "`s3://bucket/prefix/x.tar`, `s3://bucket/prefix/` (every `.tar` key under it) or a "
               "`.yml`/`.yaml` file holding a list of such entries. S3 uses boto3 (AWS_ENDPOINT_URL "
-              "and the standard AWS credentials).")
+              "and the standard AWS credentials). `http://` / `https://` shard URLs (brace patterns "
+              "work; extra headers such as a token from CASCADE_HTTP_HEADERS, a JSON object). A "
+              "directory without `.tar` files is a plain image folder: `NAME.jpg|png|webp` + "
+              "`NAME.txt` (+ `NAME.json`), sub-folders included, read as it is.")
     dataset_filters: Optional[list] = _doc(
         None, "Filters on the `.json` metadata: `[key, 'lambda s: s > 4.5']` (parsed, never run as "
               "code: one comparison/boolean expression over the argument and literals) or "

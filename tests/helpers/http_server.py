@@ -3,7 +3,8 @@
 Serves the files of one folder with ``Range: bytes=N-`` support (206 + Content-Range), an ETag,
 and faults on demand: ``drop_after`` bytes into a response the connection is cut (the first
 ``drops`` responses only), ``no_range`` ignores Range headers (200 with the whole file),
-``require`` is a header that must be present (else 401). Every request's path and headers are
+``require`` is a header that must be present (else 401). ``/redirect/PATH`` answers 302 to
+``/PATH``, ``/redirect-host/PATH`` 302 to ``http://localhost:PORT/PATH`` (another host). Every request's path and headers are
 recorded in ``requests``.
 """
 from __future__ import annotations
@@ -36,9 +37,12 @@ class FileServer:
                 if server.require and self.headers.get(server.require[0]) != server.require[1]:
                     self.send_error(401)
                     return
-                if self.path.startswith("/redirect/"):
+                if self.path.startswith(("/redirect/", "/redirect-host/")):
+                    # /redirect-host/: to the same server under another host name (localhost)
+                    where, _, rest = self.path[1:].partition("/")
+                    host = f"http://localhost:{server.port}" if where == "redirect-host" else ""
                     self.send_response(302)
-                    self.send_header("Location", self.path[len("/redirect"):])
+                    self.send_header("Location", f"{host}/{rest}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
