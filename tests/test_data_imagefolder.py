@@ -122,6 +122,13 @@ def test_refusals(tmp_path):
     (clash / "a_b.jpg").write_bytes(b"2")
     with pytest.raises(DataError, match=r"a.b.jpg and .*a_b.jpg both give sample 'a_b' a .jpg file"):
         expand_named_sources(str(clash))
+    # a linked sub-folder is read, a link back up the tree does not loop
+    linked = write_folder(tmp_path / "linked", n=3)
+    os.symlink(linked / "a", linked / "again")
+    os.symlink(linked, linked / "a" / "up")
+    got = imagefolder.list_folder(str(linked))
+    assert [k for k, _ in got.samples] == ["a/0000", "a/0001", "a/0002",
+                                           "again/0000", "again/0001", "again/0002"]
     # edited during a run: a file that changed size, a folder that gained a sample
     edit = write_folder(tmp_path / "edit", n=4)
     (url, _), = expand_named_sources(str(edit))

@@ -14,7 +14,8 @@ and exact resume (byte offsets in the virtual stream) are the tar path's, unchan
   key ``sub/0001_v2``, extension ``jpg``.
 * Files taken: the image extensions of ``images.IMAGE_EXTS`` (``.jpeg`` read as ``jpg``), ``.txt``
   and ``.json``, case-insensitive; hidden files and folders (leading ``.``) and other files are
-  ignored. A stem with a caption or json but no image is a sample too, so the pipeline reports
+  ignored. Linked sub-folders are followed, except links back into the folders being scanned
+  (loops). An unlistable sub-folder is a DataError. A stem with a caption or json but no image is a sample too, so the pipeline reports
   it (``missing_image``, with its key) instead of dropping it silently.
 * ``<digest>`` hashes the listing (keys, extensions, sizes): a changed folder gives other shard
   names, so a saved position from before the change restarts at the next epoch (warning)
@@ -73,8 +74,21 @@ def is_chunk_url(url: str) -> bool:
 def list_folder(folder: str) -> Listing:
     """List ``folder`` (absolute path) into samples; DataError when it holds none."""
     groups: dict[str, dict[str, tuple[str, int]]] = {}
-    for root, dirs, files in os.walk(folder, onerror=None, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"webdataset_path: image folder {folder}: cannot list {e.filename}: {e.strerror}")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        # linked sub-folders are followed (datasets assembled from links), except a link to a
+        # folder the walk is already inside, which would loop
+        inside, here = set(), folder
+        inside.add(os.path.realpath(here))
+        for part in os.path.relpath(root, folder).split(os.sep):
+            if part != ".":
+                here = os.path.join(here, part)
+                inside.add(os.path.realpath(here))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) not in inside)
         for fn in sorted(files):
             stem, dot, ext = fn.rpartition(".")
             ext = ext.lower()
@@ -105,15 +119,6 @@ def list_folder(folder: str) -> Listing:
         for ext, _path, size in files:
             h.update(f"{ext}:{size}\0".encode())
     return Listing(folder, samples, h.hexdigest())
-
-
-def has_images(folder: str) -> bool:
-    """True when ``folder`` (recursively) holds a file this module reads."""
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(not f.startswith(".") and f.rpartition(".")[2].lower() in _EXTS | {"jpeg"} for f in files):
-            return True
-    return False
 
 
 def chunk_urls(folder: str) -> list[str]:
