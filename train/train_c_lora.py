@@ -110,8 +110,8 @@ class StageCLoraTrainer(StageCTrainer):
         dora = cfg.lora_type == "dora"  # + the magnitude (out,)
         n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) + (shapes[t][0] if dora else 0) for t in targets)
         return super().describe(cfg) + [
-            "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, {cfg.lora_type} rank {cfg.rank}, "
-                      f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}"]
+            "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
+                      f"{n:,} {'DoRA' if dora else 'LoRA'} parameters; train_tokens: {cfg.train_tokens or []}"]
 
     memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
 
