@@ -2,7 +2,8 @@
 """Export a Stage C LoRA to the ComfyUI / kohya key format (+ a token embedding file).
 
     python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors \
-        [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn]
+        [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn] \
+        [--base models/stage_c_bf16.safetensors]   # needed for a DoRA (lora_type: dora): its dora_scale
 
 Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (ComfyUI
 scales by alpha/rank, we write our alpha so the update is identical). The packed attention
@@ -49,7 +50,8 @@ def token_vectors(sd: dict, meta: dict, clip_text_model: str):
 
 
 def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: str | None = None,
-                model_version: str | None = None, module_filters: list[str] | None = None) -> dict:
+                model_version: str | None = None, module_filters: list[str] | None = None,
+                base: str | None = None) -> dict:
     import torch
 
     from modules.lora_formats import (export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file, read_tokens,
@@ -61,12 +63,20 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
     filters = module_filters or metadata_list(meta, "module_filters") or [".attn"]
     targets, shapes = stage_c_targets(version, filters)
     entries = pack_qkv(read_entries(sd, shapes, official_targets=targets, source=lora), lora)
-    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None)
+    base_weights = None
+    if any(e.magnitude is not None for e in entries):  # a DoRA: dora_scale needs the base weights
+        if not base:
+            raise UserError(f"{lora} is a DoRA: pass --base, the Stage C checkpoint it was trained on "
+                            f"(ComfyUI's dora_scale is computed from the base weights)")
+        from modules.loading import read_state_dict
+
+        base_weights = read_state_dict(base)
+    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights)
     info = {"ss_network_module": "networks.lora", "ss_network_dim": str(entries[0].rank) if entries else "0",
             "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
             "cascade_model_version": version, "source": os.path.basename(lora)}
     save_safetensors(comfy, out, metadata=info)
-    summary = {"out": out, "loras": len(comfy) // 3, "model_version": version}
+    summary = {"out": out, "loras": sum(k.endswith(".lora_down.weight") for k in comfy), "model_version": version}
     if read_tokens(sd) is not None:
         name = clip_text_model or meta.get("clip_text_model_name")
         if not name:
@@ -88,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", default=None, help="Stage C version (default: from the file, else 3.6B)")
     parser.add_argument("--module-filters", nargs="+", default=None,
                         help="module_filters of an official positional LoRA (default: metadata, else .attn)")
+    parser.add_argument("--base", default=None, help="Stage C checkpoint the LoRA was trained on (DoRA only)")
     args = parser.parse_args(argv)
     print(json.dumps(export_file(args.lora, args.out, args.clip_text_model, args.dtype, args.model_version,
-                                 args.module_filters)))
+                                 args.module_filters, args.base)))
     return 0
 
 
