@@ -1,7 +1,7 @@
 """Regularization (class / prior-preservation) images for the Stage C jobs (docs/LORA.md).
 
 Each rank's micro-batch of ``B`` samples is made of ``B - k`` samples of ``webdataset_path`` and
-``k = round(regularization_share * B)`` samples of ``regularization_webdataset_path`` (1 <= k <= B - 1,
+``k = round(regularization_share * B)`` (halves round up) samples of ``regularization_webdataset_path`` (1 <= k <= B - 1,
 checked when the pipeline is built, before any model loads). The two come from two data pipelines
 of the same rank, each with its own shard plan, per-epoch shuffle, rank/worker split, full
 batches and saved position, so multi-process runs get full equal-size batches on every rank and a
@@ -19,6 +19,7 @@ Loss: the per-sample losses of the regularization samples are multiplied by
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -66,7 +67,7 @@ class RegularizationConfig:
 
 def regularization_count(share: float, per_rank_batch: int) -> int:
     """``k``: the regularization samples of a per-rank micro-batch; UserError when none or all would be."""
-    k = int(round(share * per_rank_batch))
+    k = int(math.floor(share * per_rank_batch + 0.5))  # half up (Python's round() halves to even)
     if not 1 <= k <= per_rank_batch - 1:
         raise UserError(f"config key 'regularization_share' = {share} of a per-rank micro-batch of {per_rank_batch} "
                         f"gives {k} regularization sample(s); it must give at least 1 and leave at least 1 training "
