@@ -221,3 +221,20 @@ def test_prodigy_optimizer_and_exact_state_round_trip():
         fsdp = OptimConfig(optimizer="prodigy")
         fsdp.use_fsdp = True
         build_optimizer(model().parameters(), 1.0, fsdp)
+
+
+def test_setup_loss_puts_the_chosen_weight_into_the_jobs_gdf():
+    from types import SimpleNamespace
+
+    from gdf import AdaptiveLossWeight, ComposedLossWeight, P2LossWeight
+    from train.train_c import StageCTrainer
+
+    for keys, kind, registered in (({}, P2LossWeight, []), ({"loss_weighting": "min_snr"}, ComposedLossWeight, []),
+                                   ({"adaptive_loss_weight": "true"}, AdaptiveLossWeight, ["loss_weight.pt"]),
+                                   ({"loss_weighting": "adaptive"}, AdaptiveLossWeight, ["loss_weight.pt"])):
+        names = []
+        job = SimpleNamespace(cfg=_config(**keys), defer=None, autocast=None,
+                              register_state=lambda name, obj: names.append(name))
+        job.make_gdf = lambda: StageCTrainer.make_gdf(job)
+        StageCTrainer.setup_loss(job)
+        assert type(job.gdf.loss_weight) is kind and names == registered, keys
