@@ -181,17 +181,17 @@ class StageCLoraTrainer(StageCTrainer):
                 self.register_state(COMFY_EMBEDDINGS_FILE, embeddings, publish=True, restore=False)
 
     # -- step ---------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def part_loss(self, batch: dict, generators: list[torch.Generator],
+                  sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.retoken is None:
-            return super().compute_loss(batch)
+            return super().part_loss(batch, generators, sample_weight)
         # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
         images = batch["images"].to(self.device)
-        generators = self.sample_generators(len(images))
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
             latents = self.encode_latents(images)
-        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators)
-        return loss, {"raw_loss": per_sample.mean()}
+        return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
+                         sample_weight=sample_weight)
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
