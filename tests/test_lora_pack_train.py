@@ -1,6 +1,6 @@
 """Acceptance of issue 19: a tiny LoRA trains 3 updates with every LoRA-user feature enabled
-together (tag captions, regularization images, min-SNR loss weighting, Prodigy) and resumes
-exactly. ``FEATURES`` is the one place to add a key (e.g. ``lora_type: dora``)."""
+together (tag captions, regularization images, min-SNR loss weighting, Prodigy, DoRA) and resumes
+exactly. ``FEATURES`` is the one place to add a key."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ CONFIG = str(ROOT / "configs/training/tiny_c_lora.yaml")
 #: every feature of the LoRA pack at once (the regularization path is added per test)
 FEATURES = dict(caption_tag_shuffle=True, caption_keep_tags=1, caption_tag_dropout=0.3,
                 regularization_share=0.5, regularization_weight=0.5,
-                loss_weighting="min_snr", min_snr_gamma=4.0, optimizer="prodigy", lr=1.0)
+                loss_weighting="min_snr", min_snr_gamma=4.0, optimizer="prodigy", lr=1.0,
+                lora_type="dora")
 COMMON = dict(updates=3, save_every=1, batch_size=4, rank=2, train_tokens=[["[tinytok]", "^dog</w>"]], **FEATURES)
 REG_CAPTIONS = ("a photo, a cat, indoors", "a photo, a cup, on a table", "a photo, a rocket, outdoors",
                 "a photo, a person, smiling")
