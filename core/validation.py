@@ -218,9 +218,9 @@ class Validation:
             return None
         metrics = self.evaluate()
         trainer = self.trainer
-        trainer.logger.log(step, metrics)
         shown = {k: metrics[k] for k in ("val_loss", "val_ema_loss") if k in metrics}
-        trainer.logger.status.update(shown)
+        trainer.logger.status.update(shown)  # first: log() redraws the progress line
+        trainer.logger.log(step, metrics)
         log.info("validation at update %d: %s", step, ", ".join(f"{k} {v:.5f}" for k, v in shown.items()))
         value = metrics["val_loss"]
         if self.cfg.keep_best and math.isfinite(value) and (self.best is None or value < self.best["val_loss"]):
