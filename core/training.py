@@ -2,7 +2,7 @@
 
 The loop, :meth:`TrainingCore.train`, knows no network and reads top to bottom::
 
-    batch -> loss -> backward (x grad_accum_steps) -> clip -> step -> EMA -> log -> preview -> save
+    batch -> loss -> backward (x grad_accum_steps) -> clip -> step -> EMA -> log -> validate -> preview -> save
 
 A job is a subclass that says what it builds, what trains and what its loss is:
 
@@ -13,6 +13,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
 * optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
+  ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
 The core does the rest (docs/ARCHITECTURE.md): freezing (eval, no grad, frozen dtype, device),
@@ -303,7 +304,7 @@ class TrainingCore:
         self.train()
 
     def train(self) -> None:
-        """batch -> loss -> backward (accumulated) -> clip -> step -> EMA -> log -> preview -> save."""
+        """batch -> loss -> backward (accumulated) -> clip -> step -> EMA -> log -> validate -> preview -> save."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         if self.step >= cfg.updates:
             log.info("nothing to do: the run already reached %d of %d updates", self.step, cfg.updates)

@@ -98,12 +98,12 @@ def test_stage_c_validation_files_and_exact_resume(adapter_assets, tmp_path):
 # -- 2 processes (gloo) against 1 ---------------------------------------------------------------
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_figures(adapter_assets, tmp_path):
-    """The held-out set is split over the ranks and reduced: the figures of the first update
-    (weights that differ only by the all-reduce's rounding) agree to float precision, and the
-    sample counts exactly."""
+    """The held-out set is split over the ranks and reduced: the same figures as one process,
+    bitwise. lr 1e-12 keeps the weights of update 1 what they were (the ranks' batches hold other
+    samples than the single process's), so only the validation itself is compared."""
     def run(name: str, nproc: int) -> Path:
         args = cli_args(C_CONFIG, adapter_assets, tmp_path, experiment_id=name, updates=1, save_every=1,
-                        batch_size=2, validation_webdataset_path=str(adapter_assets / "shards"), generator_dropout=0.0)
+                        batch_size=2, lr=1e-12, validation_webdataset_path=str(adapter_assets / "shards"))
         launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                         f"--master_port={free_port()}"]
         proc = subprocess.run([sys.executable, *launch, "train/train_c.py", *args], cwd=ROOT, env=subprocess_env(),
@@ -112,9 +112,8 @@ def test_two_processes_give_the_one_process_figures(adapter_assets, tmp_path):
         return tmp_path / "ck" / name
 
     one, two = val_records(run("one", 1))[1], val_records(run("two", 2))[1]
-    assert one.keys() == two.keys() and one["val_samples"] == two["val_samples"] == 4
-    for k in one:
-        assert math.isclose(one[k], two[k], rel_tol=1e-5), (k, one[k], two[k])
+    assert one["val_samples"] == 4
+    assert one == two
 
 
 # -- acceptance: the validation loss falls on held-out demo shards -----------------------------------
