@@ -195,7 +195,7 @@ class Validation:
         if trainer.ema is not None:
             models["val_ema"] = trainer.ema.module
         world, rank = trainer.dist.world_size, trainer.dist.rank
-        if any(D.is_sharded(m) for m in models.values()):
+        if any(D.is_sharded(getattr(trainer, n)) for n in trainer.trained_modules() + trainer.frozen_modules()):
             world, rank = 1, 0  # sharded forwards are collective: every rank runs every sample
         modules = [getattr(trainer, n) for n in trainer.trained_modules()] + list(models.values())
         rows = []

@@ -67,7 +67,7 @@ def test_bad_keys_are_one_line_errors(keys, message):
 def _stage_c(assets: Path, root: Path, name: str, **extra) -> Path:
     from train.train_c import StageCTrainer
 
-    settings = dict(experiment_id=name, updates=4, save_every=2, validate_every=1, keep_best=True,
+    settings = dict(experiment_id=name, updates=3, save_every=2, validate_every=1, keep_best=True,
                     validation_webdataset_path=str(assets / "shards"), ema_start_iters=1, ema_iters=1,
                     ema_beta=0.9, generator_dropout=0.0)
     settings.update(extra)
@@ -78,7 +78,7 @@ def _stage_c(assets: Path, root: Path, name: str, **extra) -> Path:
 def test_stage_c_validation_files_and_exact_resume(adapter_assets, tmp_path):
     straight = _stage_c(adapter_assets, tmp_path, "straight")
     vals = val_records(straight)
-    assert sorted(vals) == [1, 2, 3, 4]
+    assert sorted(vals) == [1, 2, 3]
     for rec in vals.values():
         assert rec["val_samples"] == 4 and rec["val_ema_samples"] == 4
         assert all(math.isfinite(v) for v in rec.values())
@@ -86,13 +86,40 @@ def test_stage_c_validation_files_and_exact_resume(adapter_assets, tmp_path):
     for name in ("generator_best.safetensors", "generator_ema_best.safetensors", "loss.png", "val_timesteps.png"):
         assert (straight / name).is_file(), name
     best = min(vals, key=lambda s: vals[s]["val_loss"])
-    saved = json.loads((straight / "state" / "step_00000004" / "validation.json").read_text())
+    saved = json.loads((straight / "state" / "step_00000003" / "validation.json").read_text())
     assert saved["best"] == {"step": best, "val_loss": vals[best]["val_loss"]}
 
-    # stopped after update 2 (its checkpoint), then resumed to 4: the same val* figures, bitwise
+    # stopped after update 2 (its checkpoint), then resumed to 3: the same val* figures, bitwise
     _stage_c(adapter_assets, tmp_path, "resumed", updates=2)
     resumed = _stage_c(adapter_assets, tmp_path, "resumed")
     assert val_records(resumed) == vals
+
+
+@pytest.mark.parametrize("job", ["lora", "controlnet", pytest.param("stage_b", marks=pytest.mark.slow)])
+def test_every_job_validates(adapter_assets, tmp_path, job):
+    """LoRA, ControlNet (validation_batches: 1) and Stage B: one update, the validation at the
+    end, the best file."""
+    import importlib
+
+    from tests.helpers.adapter_assets import STAGE_C_ONLY
+    from tests.helpers.golden_runs import JOBS
+
+    module, cls, config, _ = JOBS[job]
+    extra = dict(experiment_id=job, updates=1, save_every=1, keep_best=True,
+                 validation_webdataset_path=str(adapter_assets / "shards"))
+    if job == "controlnet":  # the first global batch of the held-out set only
+        extra.update(validation_batches=1)
+    if job == "stage_b":
+        extra.update(generator_checkpoint_path=None, stage_a_checkpoint_path=str(adapter_assets / "stage_a.safetensors"))
+    args = cli_args(str(ROOT / config), adapter_assets, tmp_path, drop=STAGE_C_ONLY if job == "stage_b" else (), **extra)
+    assert getattr(importlib.import_module(module), cls).main(args) == 0
+    run_dir = tmp_path / "ck" / job
+    vals = val_records(run_dir)
+    assert list(vals) == [1] and math.isfinite(vals[1]["val_loss"])
+    assert vals[1]["val_samples"] == (2 if job == "controlnet" else 4)  # validation_batches=1 x batch_size 2
+    best = {"lora": "lora_best.safetensors", "controlnet": "controlnet_best.safetensors",
+            "stage_b": "generator_best.safetensors"}[job]
+    assert (run_dir / best).is_file()
 
 
 # -- 2 processes (gloo) against 1 ---------------------------------------------------------------
