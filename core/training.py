@@ -47,8 +47,8 @@ from core.faults import FaultInjection
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
-from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.preview import preview_due, run_preview
+from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
 from core.state import ModuleState, StateRegistry, ValueState
 from core.validation import Validation, ValidationConfig
