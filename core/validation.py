@@ -7,7 +7,8 @@ the deterministic evaluation of ONE sample:
 
 ``sample`` is a one-sample batch (same keys as a training batch), ``t`` the fixed grid of
 :func:`timestep_grid`, ``generator`` a CPU generator seeded by the sample's identity (the name of
-its shard within the dataset and its key, as core/data keys its own draws), ``model`` the network
+its shard within the dataset and its key, as core/data keys its own draws; not the run's seed, so
+runs with other seeds get the same draws), ``model`` the network
 standing in for the job's first trained network (itself, then its EMA when there is one). ``loss``
 carries the training loss weight, ``mse`` does not. Samples are evaluated one at a time so that
 no result depends on which other samples share a forward (batch composition changes the low bits
@@ -166,7 +167,8 @@ class Validation:
         """``(index, identity, one-sample batch)`` of the held-out set, in a fixed order."""
         from core.data import build_pipeline
 
-        pipeline = build_pipeline(self.data, batch_size=max(1, self.cfg.batch_size), seed=self.cfg.seed,
+        # seed 0, not the run's: runs with other seeds see the same samples in the same order
+        pipeline = build_pipeline(self.data, batch_size=max(1, self.cfg.batch_size), seed=0,
                                   num_workers=0, partial_batches=True)
         seen: set[tuple[str, str]] = set()
         try:
@@ -204,7 +206,7 @@ class Validation:
                 if index % world != rank:
                     continue
                 for prefix, model in models.items():
-                    g = seeded_generator(self.cfg.seed, "validation", *identity)
+                    g = seeded_generator("validation", *identity)  # no run seed: comparable across runs
                     out = trainer.validation_losses(sample, self.t.clone(), g, model)
                     rows.append((index, prefix, [float(v) for v in out["loss"].float().cpu()],
                                  [float(v) for v in out["mse"].float().cpu()]))
