@@ -26,7 +26,7 @@ import torch
 
 from core.atomic import WriteError, atomic_write_bytes
 
-__all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss"]
+__all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss", "plot_timesteps"]
 
 log = logging.getLogger("core")
 
@@ -127,13 +127,52 @@ def plot_loss(metrics_path: str, out_path: str, key: str = "loss") -> bool:
     for v in values:
         acc = v if acc is None else 0.9 * acc + 0.1 * v
         smooth.append(acc)
-    fig = Figure(figsize=(7, 4), dpi=100)
+    records = read_metrics(metrics_path)
+    val_keys = [k for k in ("val_loss", "val_ema_loss") if any(isinstance(r.get(k), (int, float)) for r in records)]
+    fig = Figure(figsize=(7, 6.5 if val_keys else 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(2 if val_keys else 1, 1, 1)
     ax.plot(steps, values, alpha=0.35, label=key)
     ax.plot(steps, smooth, label=f"{key} (smoothed)")
-    ax.set_xlabel("optimizer update")
     ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if val_keys:  # the held-out loss: its own panel (its scale differs from the noisy training loss)
+        vax = fig.add_subplot(2, 1, 2, sharex=ax)
+        for k in val_keys:
+            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r]
+            vax.plot(*zip(*pts), marker="o", label=k)
+        vax.set_ylabel("held-out loss")
+        vax.grid(alpha=0.3)
+        vax.legend()
+        ax = vax
+    ax.set_xlabel("optimizer update")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return True
+
+
+def plot_timesteps(metrics_path: str, out_path: str, prefix: str = "val_mse_t") -> bool:
+    """Write the per-timestep held-out MSE (``val_mse_t<t>`` keys) of the first, middle and last
+    evaluations as lines over t; False when metrics.jsonl has none."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    evals = [r for r in read_metrics(metrics_path) if any(k.startswith(prefix) for k in r)]
+    if not evals:
+        return False
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for r in sorted({id(e): e for e in (evals[0], evals[len(evals) // 2], evals[-1])}.values(), key=lambda e: e["step"]):
+        pts = sorted((float(k[len(prefix):]), v) for k, v in r.items() if k.startswith(prefix) and isinstance(v, (int, float)))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"update {r['step']}")
+    ax.set_xlabel("diffusion time t (0 = clean, 1 = pure noise)")
+    ax.set_ylabel("held-out MSE (unweighted)")
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -170,6 +209,7 @@ class RunLogger:
         self.run_id = run_id or uuid.uuid4().hex[:8]  # saved by the trainer so wandb resumes the same run
         self.wandb: Any = None
         self._bar: Any = None
+        self.status: dict[str, float] = {}  # shown on the progress line until replaced (e.g. val_loss)
         setup_logging(is_main)
         if not is_main:
             return
@@ -235,6 +275,7 @@ class RunLogger:
             images_per_s = images * max(delta, 1) / elapsed
         if isinstance(images_per_s, (int, float)) and math.isfinite(images_per_s):
             postfix["img/s"] = f"{images_per_s:.1f}"
+        postfix.update({k: f"{v:.4f}" for k, v in self.status.items() if math.isfinite(v)})
         self._bar.set_postfix(postfix, refresh=False)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -285,6 +326,7 @@ class RunLogger:
         if not self.is_main:
             return None
         path = path or os.path.join(self.run_dir, "loss.png")
+        plot_timesteps(self.metrics_path, os.path.join(os.path.dirname(path), "val_timesteps.png"))
         return path if plot_loss(self.metrics_path, path, key) else None
 
     def close(self) -> None:

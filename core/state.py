@@ -65,10 +65,10 @@ class StateRegistry:
         """Registered file names (only the published / unpublished ones when given)."""
         return [n for n, e in self._entries.items() if published is None or e.publish == published]
 
-    def snapshot(self) -> dict[str, Any]:
-        """``state_dict()`` of every entry, in registration order. Every rank calls it (some
-        entries gather collectively); values that are None are not written."""
-        return {name: entry.obj.state_dict() for name, entry in self._entries.items()}
+    def snapshot(self, names: Optional[list[str]] = None) -> dict[str, Any]:
+        """``state_dict()`` of every entry (or of ``names``), in registration order. Every rank
+        calls it (some entries gather collectively); values that are None are not written."""
+        return {name: entry.obj.state_dict() for name, entry in self._entries.items() if names is None or name in names}
 
     def writers(self, values: dict[str, Any], crash: Optional[Callable[[str], None]] = None
                 ) -> tuple[dict[str, Callable[[str], None]], dict[str, Callable[[str], None]]]:

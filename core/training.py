@@ -2,7 +2,7 @@
 
 The loop, :meth:`TrainingCore.train`, knows no network and reads top to bottom::
 
-    batch -> loss -> backward (x grad_accum_steps) -> clip -> step -> EMA -> log -> preview -> save
+    batch -> loss -> backward (x grad_accum_steps) -> clip -> step -> EMA -> log -> validate -> preview -> save
 
 A job is a subclass that says what it builds, what trains and what its loss is:
 
@@ -13,6 +13,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
 * optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
+  ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
 The core does the rest (docs/ARCHITECTURE.md): freezing (eval, no grad, frozen dtype, device),
@@ -46,16 +47,18 @@ from core.faults import FaultInjection
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
+from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
 from core.state import ModuleState, StateRegistry, ValueState
+from core.validation import Validation, ValidationConfig
 
 log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig):
-    """Keys shared by every training job: run, optimizer, EMA and data components."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
+    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -108,7 +111,7 @@ class TrainingCore:
         self.nonfinite_in_a_row = 0
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
-        self.ema = self.logger = self.pipeline = self.batches = None
+        self.ema = self.logger = self.pipeline = self.batches = self.validation = None
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
@@ -237,6 +240,7 @@ class TrainingCore:
         state = Batches.resume_state(paths.get("data.json"), self.dist.rank, self.dist.world_size)
         self.pipeline = self.build_pipeline(cfg.per_rank_batch(self.dist.world_size), state)
         self.batches = Batches(self.pipeline, cfg.num_preview_images)
+        self.validation = Validation(self) if cfg.validation_webdataset_path is not None else None
         self.build_models()
         self._models.prepare(cfg, self.device)
         self.state.restore(paths, where)  # model files and job state registered so far
@@ -300,7 +304,7 @@ class TrainingCore:
         self.train()
 
     def train(self) -> None:
-        """batch -> loss -> backward (accumulated) -> clip -> step -> EMA -> log -> preview -> save."""
+        """batch -> loss -> backward (accumulated) -> clip -> step -> EMA -> log -> validate -> preview -> save."""
         cfg, accum = self.cfg, self.cfg.grad_accum_steps
         if self.step >= cfg.updates:
             log.info("nothing to do: the run already reached %d of %d updates", self.step, cfg.updates)
@@ -350,8 +354,10 @@ class TrainingCore:
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
             stop = self._signals.requested(self.device)
-            if self._is_preview_step(step):
-                self._run_preview(step)
+            if self.validation is not None:
+                self.validation.run(step)  # core/validation.py: held-out loss, keep_best
+            if preview_due(cfg, step):
+                run_preview(self, step)
             if step % cfg.save_every == 0 or step == cfg.updates or stop:
                 self.save_checkpoint(step)
             if stop:
@@ -389,26 +395,6 @@ class TrainingCore:
             self.logger.log(step, record)
         else:
             self.logger.progress(step, loss=loss, images_per_s=record["images_per_s"])
-
-    def _is_preview_step(self, step: int) -> bool:
-        every = self.cfg.preview_every if self.cfg.preview_every is not None else self.cfg.save_every
-        return bool(every) and (step % every == 0 or step == self.cfg.updates)
-
-    def _run_preview(self, step: int) -> None:
-        if self.batches.preview_batch is None:
-            return
-        modules = [getattr(self, n) for n in self._models.trained]
-        for m in modules:
-            m.eval()
-        try:
-            with torch.no_grad():
-                self.preview_generator = seeded_generator(self.cfg.seed, "preview")
-                grids = self.preview(self.batches.preview_batch)
-        finally:
-            for m in modules:
-                m.train()
-        if self.is_main:
-            self.logger.log_previews(step, grids, self.cfg.num_preview_images)
 
     # -- checkpoints ------------------------------------------------------------------------
     def backup_due(self, step: int) -> bool:

@@ -15,12 +15,24 @@ import torch
 
 from core.distributed import all_gather_cat
 
-__all__ = ["DiffusionLoss", "has_buckets"]
+__all__ = ["DiffusionLoss", "has_buckets", "repeat_inputs"]
 
 
 def has_buckets(loss_weight: Any) -> bool:
     """Whether a GDF loss weight learns from the losses (AdaptiveLossWeight)."""
     return hasattr(loss_weight, "update_buckets")
+
+
+def repeat_inputs(inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    """One sample's model inputs (batch dim 1; tensors or lists of tensors) repeated ``n`` times
+    along the batch, for its ``n`` validation timesteps."""
+    def rep(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.repeat(n, *[1] * (v.dim() - 1))
+        if isinstance(v, (list, tuple)):
+            return type(v)(rep(x) for x in v)
+        return v
+    return {k: rep(v) for k, v in inputs.items()}
 
 
 class DiffusionLoss:
@@ -53,3 +65,21 @@ class DiffusionLoss:
             self.defer(lambda: self.gdf.loss_weight.update_buckets(all_gather_cat(log_snr).float().cpu(),
                                                                    all_gather_cat(raw).float().cpu()))
         return loss, per_sample.detach()
+
+    def at_timesteps(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                     t: torch.Tensor, generator: torch.Generator, epsilon: Optional[torch.Tensor] = None
+                     ) -> dict[str, torch.Tensor]:
+        """The validation losses of ONE sample ``x0`` (1, C, H, W) at every time of ``t`` (T,):
+        ``{"loss": weighted (T,), "mse": (T,)}``, the noise drawn on the CPU from ``generator``
+        (so every device and process draws the same). No adaptive-weight update, no autograd."""
+        n = t.numel()
+        x = x0.expand(n, *x0.shape[1:])
+        with torch.no_grad():
+            if epsilon is None:
+                epsilon = torch.randn(x.shape, generator=generator).to(x.device)
+            noised, _eps, target, _log_snr, noise_cond, weight = self.gdf.diffuse(
+                x, epsilon=epsilon, t=t.to(x.device), shift=1, loss_shift=1, generator=generator)
+            with self.autocast():
+                pred = model(noised, noise_cond)
+            mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        return {"loss": mse * weight.float().view(-1), "mse": mse}

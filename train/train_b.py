@@ -129,6 +129,20 @@ class StageBTrainer(CascadeTrainer):
                                      epsilon=epsilon)
         return loss, {"raw_loss": per_sample.mean()}
 
+    # -- validation (core/validation.py) ----------------------------------------------------
+    def validation_losses(self, sample: dict, t: torch.Tensor, generator: torch.Generator,
+                          model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """One held-out sample at the times ``t``: eval conditions (full-size EfficientNet latents,
+        caption kept: no dropout), pyramid noise from the sample's generator as in training."""
+        from gdf import pyramid_noise
+        from train.diffusion_loss import repeat_inputs
+
+        conditions = repeat_inputs(self.get_conditions(sample, is_eval=True), len(t))
+        latents = self.encode_latents(sample["images"].to(self.device))
+        epsilon = torch.cat([pyramid_noise(torch.randn(latents.shape, generator=generator), generator=generator)
+                             for _ in range(len(t))]).to(self.device)
+        return self.loss.at_timesteps(lambda x, r: model(x, r, **conditions), latents, t, generator, epsilon=epsilon)
+
     # -- previews ---------------------------------------------------------------------------
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         from inference.sampling import decode_stage_a, from_preset, run_sampler

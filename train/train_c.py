@@ -66,6 +66,9 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
         if self.cache_path and self.tag_options() is not None:
             raise UserError("config keys 'caption_tag_shuffle' / 'caption_tag_dropout' do not combine with 'cache_path': "
                             "the cache holds the CLIP embeddings of the captions as they were; remove one of them")
+        if self.cache_path and self.validation_webdataset_path is not None:
+            raise UserError("config key 'validation_webdataset_path' is not supported with cache_path (a cached run "
+                            "loads no image encoders to encode the held-out images); remove one of them")
         if not 0.0 <= self.image_embed_prob <= 1.0:
             raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
 
@@ -223,6 +226,27 @@ class StageCTrainer(CascadeTrainer):
         conditions.update(self.extra_model_inputs(batch, conditions))
         return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
                          sample_weight=sample_weight)
+
+    # -- validation (core/validation.py) ----------------------------------------------------
+    def validation_losses(self, sample: dict, t: torch.Tensor, generator: torch.Generator,
+                          model: nn.Module) -> dict[str, torch.Tensor]:
+        """One held-out sample at the times ``t``: eval conditions (caption kept, no image
+        embedding: no dropout), ``model`` in place of the trained network."""
+        from train.diffusion_loss import repeat_inputs
+
+        conditions = self.get_conditions(sample, is_eval=True)
+        latents = self.encode_latents(sample["images"].to(self.device))
+        forward = self.validation_forward(model, sample, conditions, generator)
+        if forward is None:
+            inputs = repeat_inputs(conditions, len(t))
+            forward = lambda x, r: model(x, r, **inputs)  # noqa: E731
+        return self.loss.at_timesteps(forward, latents, t, generator)
+
+    def validation_forward(self, model: nn.Module, sample: dict, conditions: dict,
+                           generator: torch.Generator) -> Any:
+        """``(x, r) -> prediction`` of a validation sample repeated over its timesteps, when the
+        job's forward differs from ``model(x, r, **conditions)`` (ControlNet); None otherwise."""
+        return None
 
     # -- previews ---------------------------------------------------------------------------
     def sample_latents(self, model: nn.Module, conditions: dict, unconditions: dict,

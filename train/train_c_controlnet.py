@@ -222,6 +222,18 @@ class StageCControlNetTrainer(StageCTrainer):
             cnet = self.controlnet(control.to(param.device, param.dtype))
         return {"cnet": cnet}
 
+    def validation_forward(self, model: nn.Module, sample: dict, conditions: dict,
+                           generator: torch.Generator) -> Any:
+        """``model`` is the ControlNet (or its EMA): its control input from the sample's own
+        generator (random filters such as inpaint masks), the frozen Stage C predicts."""
+        from train.diffusion_loss import repeat_inputs
+
+        control, _ = self.control_input(sample, generator)
+        param = next(model.parameters())
+        with self.autocast():
+            cnet = model(control.to(param.device, param.dtype))
+        return lambda x, r: self.generator(x, r, **repeat_inputs({**conditions, "cnet": cnet}, len(x)))
+
     # -- previews -----------------------------------------------------------------------------
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         if self._preview_control is None:
