@@ -33,6 +33,14 @@ def synthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             if isinstance(module, torch.nn.InstanceNorm2d):
                 module.weight.copy_(1.0 + 0.2 * torch.randn(module.weight.shape, generator=g))
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+        # Spread the output over (0, 1) like a real saliency map (sigmoid of about N(-1, 2)), so
+        # thresholds in the official range [0.04, 0.4] give masks that are neither empty nor full.
+        probe = torch.rand(1, 3, 240, 240, generator=g)
+        pre = model.segmentator[:7](model.residual(model.downsampler(probe)))
+        last = model.segmentator[6]
+        scale = 2.0 / float(pre.std())
+        last.weight.mul_(scale)
+        last.bias.copy_(-1.0 - scale * (float(pre.mean()) - last.bias))
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
