@@ -17,10 +17,10 @@ for a user filter (imported with importlib, never ``eval``).
 
 Differences from the official filters (reference-behaviour.md §13 item 24 and training.md §9):
 
-* ``InpaintFilter`` builds its mask from a spectral-residual saliency map computed from the image
-  itself instead of the official MicroResNet saliency CNN (its weights are not available), keeps the
-  mask coverage inside a documented range, and accepts both ``thresold`` (official spelling) and
-  ``threshold``.
+* ``InpaintFilter`` computes its masks with the released saliency network (``modules/saliency.py``)
+  as the official filter does; the spectral-residual proxy remains as an explicit option
+  (``saliency="spectral_residual"``); blur kernels shrink for images under 141 px, and it accepts
+  both ``thresold`` (official spelling) and ``threshold``.
 * ``SREffnetFilter`` uses the EfficientNet encoder the caller passes in (no hard-coded path).
 * ``IdentityFilter`` takes a pluggable face model (``face_model=``, see :func:`load_face_model`) and
   its preview palette index uses the palette length (the official code indexed 12 colours with
@@ -301,40 +301,43 @@ class InpaintFilter:
     """Inpainting / outpainting input (4 channels): the image with masked pixels set to 1.0 (white)
     followed by the mask as float, ``cat([masked_image, mask])``.
 
-    Mask construction per image (the official filter, training.md §9, with its saliency CNN replaced):
+    Masks as the official filter computes them (training.md §9), with ``saliency="model"`` (default):
 
-    1. Saliency: the official code runs a MicroResNet saliency model whose weights are not available.
-       Here a **spectral-residual saliency map** (:func:`spectral_residual_saliency`, computed from the
-       image itself, normalised to [0,1]) stands in for it, bilinearly resized so its shorter side is
-       at most 240 px (the official working size). Like the official model's output it highlights the
-       objects/structured parts of a photo, but it is a proxy: masks are similar in spirit (object-
-       shaped blobs), not identical.
-    2. ``mask = saliency > t`` with ``t ~ U(thresold[0], thresold[1])`` drawn **per image** (the
-       official code draws one t per batch) unless ``threshold=`` is passed to the call.
-    3. With probability ``p_outpaint`` (per image; or always/never when ``outpaint=True/False`` is
-       passed) the mask is inverted (outpainting: the border is regenerated).
-    4. Nearest resize to (H, W), Gaussian blur (kernel ``blur_kernel`` 141, sigma 21.5, torchvision's
-       default for that kernel, reflect padding) and re-threshold ``> 0.5`` (rounds the mask shape).
-       The official kernel is meant for the training resolution (768 px): it is used unchanged when
-       ``min(H, W) >= blur_kernel``; smaller images (tests, tiny configs) use the odd kernel
-       ``round(blur_kernel * min(H, W) / 768)`` (at least 3) with torchvision's default sigma for it.
-    5. **Coverage guarantee** (not in the official code, whose mask can be empty or full): the final
-       mask always covers a fraction of the pixels within ``coverage`` (default [0.05, 0.95]).
-       When the drawn mask falls outside, the threshold is re-chosen from the saliency quantiles
-       (aiming progressively closer to 50 % coverage); if the blurred mask still misses the range
-       (e.g. a flat image with no saliency structure), a random rectangle is used (inverted in the
-       outpainting case), and as a last resort on tiny images a raster-order band of exactly the
-       needed pixel count. Images need at least 4 pixels per side.
+    1. the released saliency network (:class:`modules.saliency.MicroResNet`, ``saliency_model``) on a
+       copy of the batch resized to shorter side 240 (bilinear, antialias; torchvision's rule);
+    2. ``mask = saliency > t`` with ``t ~ U(thresold[0], thresold[1])`` (one draw per call, like the
+       official ``np.random.uniform``) unless ``threshold=`` is passed;
+    3. with probability ``p_outpaint`` (one coin per call; or always/never when ``outpaint=True/False``
+       is passed) the mask is inverted (outpainting: the border is regenerated);
+    4. nearest resize to (H, W), Gaussian blur (kernel ``blur_kernel`` 141, sigma 21.5, torchvision's
+       default for that kernel, reflect padding) and re-threshold ``> 0.5``. The 141 kernel is used
+       unchanged when ``min(H, W) >= blur_kernel``; smaller images (tests, tiny configs, where
+       torchvision's reflect padding would fail) use the odd kernel ``round(blur_kernel * min(H, W) /
+       768)`` (at least 3) with torchvision's default sigma for it.
+
+    Like the official masks these may be empty or cover the whole image. ``coverage=[lo, hi]``
+    (off by default with the network) re-chooses the threshold, then draws a rectangle, when a mask
+    covers a fraction outside the range.
+
+    ``saliency="spectral_residual"`` selects, explicitly, the proxy used before the weights were
+    found: a spectral-residual map (:func:`spectral_residual_saliency`) of the image itself, one
+    threshold and coin **per image**, and the coverage rule on by default ([0.05, 0.95]). Its masks
+    are object-shaped blobs too, but not the official ones.
 
     An explicit boolean ``mask=`` ((H,W), (B,H,W), (1|B,1,H,W); True = regenerate) is used as is: no
     inversion, blur or coverage rule.
 
     Params:
-        device: where the output lives.
+        device: where the output (and the saliency network) lives.
         thresold: [low, high] range of the saliency threshold (official spelling, default [0.04, 0.4]).
         threshold: the same, correctly spelled; give one of the two, not both.
         p_outpaint: probability of inverting the mask (default 0.4).
-        coverage: [min, max] fraction of masked pixels guaranteed (default [0.05, 0.95]).
+        saliency: ``"model"`` (the released network) or ``"spectral_residual"`` (the proxy).
+        saliency_model: the network: a ``MicroResNet`` (or any module with its input/output
+            contract), a path to its weights (loaded at the first call), or None: the training job
+            sets it from ``saliency_model_path`` (:meth:`set_saliency_model`).
+        coverage: [min, max] fraction of masked pixels to guarantee, or None (default: off with the
+            network, [0.05, 0.95] with the proxy).
         blur_kernel: Gaussian kernel of the smoothing step at full resolution (odd, default 141).
 
     Call: ``filter(images, generator=None, mask=None, threshold=None, outpaint=None)`` ->
@@ -343,6 +346,7 @@ class InpaintFilter:
 
     SALIENCY_SIDE = 64      # resolution of the spectral-residual analysis (as in Hou & Zhang)
     WORKING_SIDE = 240      # official saliency working size (shorter side)
+    SALIENCY_MODES = ("model", "spectral_residual")
     REFERENCE_SIDE = 768    # official training resolution the 141 blur kernel was chosen for
 
     def __init__(
@@ -351,8 +355,10 @@ class InpaintFilter:
         thresold: Optional[Sequence[float]] = None,
         p_outpaint: float = 0.4,
         threshold: Optional[Sequence[float]] = None,
-        coverage: Sequence[float] = (0.05, 0.95),
+        coverage: Optional[Sequence[float]] = None,
         blur_kernel: int = 141,
+        saliency: str = "model",
+        saliency_model: Any = None,
     ) -> None:
         if thresold is not None and threshold is not None:
             raise FilterError(
@@ -363,7 +369,16 @@ class InpaintFilter:
             rng = (0.04, 0.4)
         self.threshold = self._check_range(rng, "thresold/threshold", 0.0, 1.0, allow_equal=True)
         self.p_outpaint = _check_probability(p_outpaint, "p_outpaint", "InpaintFilter")
-        self.coverage = self._check_range(coverage, "coverage", 0.0, 1.0, allow_equal=False)
+        if saliency not in self.SALIENCY_MODES:
+            raise FilterError(f"InpaintFilter: saliency must be one of {list(self.SALIENCY_MODES)}, got {saliency!r}")
+        self.saliency = saliency
+        if coverage is None and saliency == "spectral_residual":
+            coverage = (0.05, 0.95)
+        self.coverage = None if coverage is None else self._check_range(coverage, "coverage", 0.0, 1.0, allow_equal=False)
+        if saliency_model is not None and not isinstance(saliency_model, (str, os.PathLike, torch.nn.Module)):
+            raise FilterError(f"InpaintFilter: saliency_model must be a module or a path to its weights, "
+                              f"got {type(saliency_model).__name__}")
+        self._saliency_model = saliency_model
         if isinstance(blur_kernel, bool) or not isinstance(blur_kernel, int) or blur_kernel < 1 or blur_kernel % 2 == 0:
             raise FilterError(f"InpaintFilter: blur_kernel must be a positive odd integer, got {blur_kernel!r}")
         self.blur_kernel = blur_kernel
@@ -417,7 +432,76 @@ class InpaintFilter:
         return m > 0.5
 
     def _in_range(self, frac: float) -> bool:
-        return self.coverage[0] <= frac <= self.coverage[1]
+        return self.coverage is None or self.coverage[0] <= frac <= self.coverage[1]
+
+    # -- the saliency network ----------------------------------------------------------------------
+
+    @property
+    def needs_saliency_model(self) -> bool:
+        """True while the network mode has no network yet (the job then calls :meth:`set_saliency_model`)."""
+        return self.saliency == "model" and self._saliency_model is None
+
+    def set_saliency_model(self, model: torch.nn.Module) -> None:
+        """Use ``model`` (a loaded saliency network) for the masks."""
+        self._saliency_model = model.to(self.device).eval().requires_grad_(False)
+
+    def saliency_network(self) -> torch.nn.Module:
+        """The saliency network (a path given at construction is loaded now)."""
+        model = self._saliency_model
+        if model is None:
+            raise FilterError(
+                "InpaintFilter: no saliency network: set config key 'saliency_model_path' (get the file with "
+                "`bash models/download_models.sh saliency`), pass saliency_model=, or choose "
+                "controlnet_filter_params: {saliency: spectral_residual} for the proxy masks"
+            )
+        if not isinstance(model, torch.nn.Module):
+            from modules.loading import CheckpointError
+            from modules.saliency import load_saliency_model
+
+            try:
+                model = load_saliency_model(model, device=self.device)
+            except CheckpointError as exc:
+                raise FilterError(f"InpaintFilter: saliency_model: {exc}") from None
+            self._saliency_model = model
+        return model
+
+    def saliency_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's saliency (B,1,h',w') of a copy of ``images`` with shorter side 240 (antialias)."""
+        net = self.saliency_network()
+        param = next(net.parameters(), None)
+        h, w = images.shape[-2:]
+        side = self.WORKING_SIDE
+        size = (side, int(side * w / h)) if h <= w else (int(side * h / w), side)  # torchvision's rule
+        x = images.float()
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        if param is not None:
+            x = x.to(param.device, param.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # masks from fp32 saliency
+            return net(x).float()
+
+    def _model_mask(
+        self, images: torch.Tensor, generator: Optional[torch.Generator], threshold: Optional[float],
+        outpaint: Optional[bool],
+    ) -> torch.Tensor:
+        b, _, h, w = images.shape
+        sal = self.saliency_maps(images)
+        # Two draws always (threshold, outpaint coin), one per call as in the official filter, so the
+        # stream does not depend on which call arguments were given.
+        draws = _uniform(generator, 2)
+        t = self.threshold[0] + (self.threshold[1] - self.threshold[0]) * draws[0].item() if threshold is None \
+            else float(threshold)
+        inv = bool(draws[1].item() < self.p_outpaint) if outpaint is None else bool(outpaint)
+        m = sal > t
+        if inv:
+            m = ~m
+        out = self._finish(m.to(images.device), h, w)
+        if self.coverage is not None:
+            for i in range(b):
+                f = out[i].float().mean().item()
+                if not self._in_range(f):
+                    out[i] = self._fix_coverage(sal[i, 0].to(images.device), inv, f, h, w, generator)
+        return out
 
     def _fix_coverage(
         self, sal: torch.Tensor, invert: bool, frac: float, h: int, w: int, generator: Optional[torch.Generator]
@@ -475,10 +559,12 @@ class InpaintFilter:
         threshold: Optional[float] = None,
         outpaint: Optional[bool] = None,
     ) -> torch.Tensor:
-        """Boolean masks (B,1,H,W) for ``images`` (True = pixel to regenerate), coverage guaranteed."""
+        """Boolean masks (B,1,H,W) for ``images`` (True = pixel to regenerate)."""
         b, _, h, w = images.shape
         if h < 4 or w < 4:
             raise FilterError(f"InpaintFilter: images must be at least 4x4, got {h}x{w}")
+        if self.saliency == "model":
+            return self._model_mask(images, generator, threshold, outpaint)
         x = images.float()
         sal = spectral_residual_saliency(x, side=min(self.SALIENCY_SIDE, h, w))
         work = min(self.WORKING_SIDE, h, w) / min(h, w)

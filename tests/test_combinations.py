@@ -62,10 +62,15 @@ def test_matrix_data_is_the_same_on_any_split(matrix_assets, bucketing):
     cell = Cell("train_c", "1", bucketing, False, 0, False)
     cfg = load_config(StageCConfig, str(ROOT / JOBS["train_c"].config),
                       cell_sets(cell, matrix_assets, matrix_assets / "unused"), validate_only=True)
+    assert cfg.crop == ("random" if bucketing else "smart")  # crop: auto, as the official code
+    from train.saliency import load_job_saliency
+
+    saliency = load_job_saliency(cfg) if cfg.crop == "smart" else None
     first = None
     for world, workers in ((1, 0), (2, 0), (2, 2)):
         for rank in range(world):
-            pipe = build_pipeline(cfg, batch_size=2, rank=rank, world_size=world, seed=cfg.seed, num_workers=workers)
+            pipe = build_pipeline(cfg, batch_size=2, rank=rank, world_size=world, seed=cfg.seed, num_workers=workers,
+                                  saliency=saliency)
             batches = iter(pipe)
             try:
                 for _ in range(4):

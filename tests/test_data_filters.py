@@ -103,7 +103,7 @@ def test_official_json_rule_rate():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("webdataset_path", None), ("image_size", 10), ("crop", "smart"),
+    ("webdataset_path", None), ("image_size", 10), ("crop", "saliency"),
     ("bucket_random_ratio", -0.1), ("shuffle_buffer", 0), ("num_workers", -1), ("strict", "yes"),
     ("multi_aspect_ratio", ["1/0"]), ("dataset_filters", [["a", "lambda s: s.x"]]),
     ("captions_getter", ["txt", "eval"]), ("report_every", 0), ("caption_key", "json"),

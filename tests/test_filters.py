@@ -98,8 +98,12 @@ def test_canny_validation():
 # ----------------------------------------------------------------------------------------- Inpaint
 
 
-def test_inpaint_mask_coverage_on_real_photos_over_seeds():
-    f = InpaintFilter(thresold=[0.04, 0.4], p_outpaint=0.4)
+# The spectral-residual proxy (an explicit option; the network masks: tests/test_saliency.py).
+PROXY = "spectral_residual"
+
+
+def test_inpaint_proxy_mask_coverage_on_real_photos_over_seeds():
+    f = InpaintFilter(thresold=[0.04, 0.4], p_outpaint=0.4, saliency=PROXY)
     assert f.num_channels() == 4
     lo, hi = f.coverage
     assert (lo, hi) == (0.05, 0.95)
@@ -121,8 +125,8 @@ def test_inpaint_mask_coverage_on_real_photos_over_seeds():
     assert max(fracs) - min(fracs) > 0.3
 
 
-def test_inpaint_coverage_on_flat_and_extreme_cases():
-    f = InpaintFilter()
+def test_inpaint_proxy_coverage_on_flat_and_extreme_cases():
+    f = InpaintFilter(saliency=PROXY)
     flat = torch.full((3, 3, 64, 64), 0.5)
     for seed in range(3):
         frac = f(flat, gen(seed))[0][:, 3].mean(dim=(1, 2))
@@ -138,7 +142,7 @@ def test_inpaint_coverage_on_flat_and_extreme_cases():
 
 
 def test_inpaint_outpaint_inverts_and_blur_params():
-    f = InpaintFilter()
+    f = InpaintFilter(saliency=PROXY)
     x = photo("astronaut.png", (192, 192))
     m_in = f(x, gen(0), threshold=0.2, outpaint=False)[0][:, 3].bool()
     m_out = f(x, gen(0), threshold=0.2, outpaint=True)[0][:, 3].bool()
@@ -151,7 +155,7 @@ def test_inpaint_outpaint_inverts_and_blur_params():
 
 
 def test_inpaint_reproducible_and_explicit_mask():
-    f = InpaintFilter()
+    f = InpaintFilter(saliency=PROXY)
     x = torch.cat([photo("coffee.png", (128, 128)), photo("rocket.jpg", (128, 128))])
     a, _ = f(x, gen(7))
     b, _ = f(x, gen(7))
@@ -170,8 +174,8 @@ def test_inpaint_reproducible_and_explicit_mask():
 
 
 def test_inpaint_threshold_spellings():
-    a = InpaintFilter(thresold=[0.1, 0.3])
-    b = InpaintFilter(threshold=[0.1, 0.3])
+    a = InpaintFilter(thresold=[0.1, 0.3], saliency=PROXY)
+    b = InpaintFilter(threshold=[0.1, 0.3], saliency=PROXY)
     assert a.threshold == b.threshold == a.thresold == (0.1, 0.3)
     x = photo("chelsea.png", (96, 96))
     assert torch.equal(a(x, gen(3))[0], b(x, gen(3))[0])

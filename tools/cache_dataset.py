@@ -52,8 +52,13 @@ def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000
     model_dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     enc = build_encoders(cfg, device, model_dtype, image_embeds)
     # one pass: epoch 0's partial buckets come as short batches instead of waiting for epoch 1
+    saliency = None
+    if cfg.crop == "smart":  # the cache keeps the crops the training run would make
+        from train.saliency import load_job_saliency
+
+        saliency = load_job_saliency(cfg, "cpu")
     pipeline = build_pipeline(cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
-                              num_workers=cfg.num_workers, partial_batches=True)
+                              num_workers=cfg.num_workers, partial_batches=True, saliency=saliency)
     writer = CacheWriter(out_dir, shard_size=shard_size, dtype=store_dtype)
     seen: set[tuple[str, str]] = set()   # (shard url, key): keys repeat across shards
     started = time.perf_counter()

@@ -172,7 +172,7 @@ def _matrix_image():
 
 
 #: the frozen parts tools/make_demo_assets.py writes (the matrix takes them as they are)
-FROZEN_PARTS = ("effnet_encoder.safetensors", "previewer.safetensors", "stage_a.safetensors", "clip")
+FROZEN_PARTS = ("effnet_encoder.safetensors", "previewer.safetensors", "stage_a.safetensors", "clip", "saliency_model.pt")
 
 
 def make_assets(folder: Path, frozen_from: Optional[Path] = None, caches: bool = True) -> Path:
@@ -255,6 +255,7 @@ def cell_sets(cell: Cell, assets: Path, run_root: Path, **extra: object) -> list
         "effnet_checkpoint_path": str(a / "effnet_encoder.safetensors"),
         "generator_checkpoint_path": str(a / ("stage_b_tiny.safetensors" if job.stage_b else "stage_c_tiny.safetensors")),
         "clip_text_model_name": str(a / "clip/text"),
+        "saliency_model_path": str(a / "saliency_model.pt"),  # fixed-size cells crop with it (crop: auto -> smart)
         "image_size": IMAGE_SIZE, "batch_size": 4, "updates": UPDATES, "save_every": RESUME_AT,
         "num_workers": cell.workers, "log_every": 1, "preview_every": 0, "num_preview_images": 2,
         "multi_aspect_ratio": OFFICIAL_RATIOS if cell.bucketing else None, "bucket_random_ratio": 0.0,

@@ -15,6 +15,8 @@ Writes, under OUT_DIR:
   its latents are standardised, like the released encoder's; with ``--previewer-steps N`` the
   Previewer is fitted to decode those latents into the photographs' colours (the demo does this,
   so its previews are blurry pictures rather than noise).
+* ``saliency_model.pt``: synthetic weights on the layout of the released saliency network
+  (``tools/saliency_weights.py``), for ``crop: smart`` and the InpaintFilter masks.
 """
 from __future__ import annotations
 
@@ -211,6 +213,10 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0,
         path = out_dir / f"{name}.safetensors"
         save_safetensors(model, path, metadata={"note": "cascade-train demo asset: random init, NOT official weights"})
         paths[kind] = path
+    from tools.saliency_weights import write_synthetic_saliency
+
+    # saliency network weights on the released layout (crop: smart, InpaintFilter masks); own RNG
+    paths["saliency"] = write_synthetic_saliency(out_dir / "saliency_model.pt", seed)
     return paths
 
 

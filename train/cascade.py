@@ -39,6 +39,10 @@ class CascadeConfig(TrainingConfig):
     text_dropout: float = doc(0.05, "Probability of replacing a caption by the empty string during training (classifier-free guidance).")
     shift: float = doc(1.0, "Official Stage B key that the official code never reads; accepted and ignored the same way (a warning is logged when it is not 1).")
     edm_objective: bool = doc(False, "Official key of finetune_c_3b_v.yaml; the v/EDM objective is not implemented, so only false is accepted.")
+    saliency_model_path: Optional[str] = doc(
+        "models/saliency_model.pt", "The released saliency network (MicroResNet, `.pt` or a converted `.safetensors`; "
+                                    "`bash models/download_models.sh saliency`) of `crop: smart` and of the InpaintFilter masks. "
+                                    "null: no saliency network (`crop: auto` then crops at random).")
 
     def validate_cascade(self) -> None:
         if self.edm_objective:
@@ -58,6 +62,14 @@ class CascadeConfig(TrainingConfig):
                 raise UserError(f"config key 'min_snr_gamma' must be > 0, got {self.min_snr_gamma}")
         if not 0.0 <= self.text_dropout <= 1.0:
             raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
+        self.validate_crop()
+
+    def validate_crop(self) -> None:
+        """Resolve ``crop: auto`` as the official code chose (SmartCrop for fixed-size training once the
+        saliency file is configured) and check that ``crop: smart`` has its saliency file."""
+        from train.saliency import resolve_job_crop
+
+        resolve_job_crop(self)
 
     def check_versions(self, kind: str, what: str) -> None:
         """UserError unless ``model_version`` is a registered version of ``kind``."""
@@ -130,6 +142,19 @@ class CascadeTrainer(TrainingCore):
                            dtype=self.model_dtype, device="cpu", strict=True)
         log.info("loaded %s %s from %s", self.model_kind, cfg.model_version, cfg.generator_checkpoint_path)
         return model
+
+    def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        """The image batches; ``crop: smart`` runs the saliency network in the data workers."""
+        from core.data import build_pipeline
+
+        cfg = self.cfg
+        saliency = None
+        if cfg.crop == "smart":
+            from train.saliency import load_job_saliency
+
+            saliency = load_job_saliency(cfg, "cpu")  # the workers decode on the CPU
+        return build_pipeline(cfg, batch_size=batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                              seed=cfg.seed, num_workers=cfg.num_workers, state=state, saliency=saliency)
 
     def load_effnet(self) -> nn.Module:
         """The frozen EfficientNet encoder (channels-last: ~2-3x faster convolutions, same results)."""

@@ -77,9 +77,13 @@ class ControlNetConfig(StageCConfig):
             from modules import filters
 
             try:
-                filters.resolve_filter(self.controlnet_filter, dict(self.controlnet_filter_params or {}))
+                built = filters.resolve_filter(self.controlnet_filter, dict(self.controlnet_filter_params or {}))
             except (filters.FilterError, ImportError) as exc:
                 raise UserError(f"config key 'controlnet_filter' / 'controlnet_filter_params': {exc}") from None
+            if getattr(built, "needs_saliency_model", False) and self.control_image_key is None:
+                from train.saliency import check_saliency_file
+
+                check_saliency_file(self, f"{self.controlnet_filter} (its masks)")
         if self.control_image_key is not None and self.crop != "center":
             raise UserError("config key 'control_image_key' needs 'crop: center' (the control image must be cropped "
                             "exactly like the image; random crops are not shared with extra sample files yet)")
@@ -172,9 +176,15 @@ class StageCControlNetTrainer(StageCTrainer):
         if "effnet" in accepted:  # SREffnetFilter encodes with the loaded (frozen) Stage C encoder
             params.setdefault("effnet", self.effnet)
         try:
-            return filters.resolve_filter(cfg.controlnet_filter, params)
+            built = filters.resolve_filter(cfg.controlnet_filter, params)
         except (filters.FilterError, ImportError, OSError) as exc:
             raise UserError(f"controlnet_filter {cfg.controlnet_filter}: {exc}") from None
+        if getattr(built, "needs_saliency_model", False) and cfg.control_image_key is None:
+            from train.saliency import load_job_saliency
+
+            # the released saliency network of saliency_model_path (InpaintFilter masks)
+            built.set_saliency_model(load_job_saliency(cfg, self.device))
+        return built
 
     def check_blocks(self) -> None:
         """Every configured block index must be a ResBlock call of this Stage C (else it is silently unused)."""

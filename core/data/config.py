@@ -13,6 +13,10 @@ from .filters import parse_filters
 from .images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
 
+#: values of the ``crop`` key
+CROPS = ("auto", "random", "center", "smart")
+
+
 def _default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
@@ -70,8 +74,11 @@ class DataConfig:
               "(reciprocals are added); None = fixed square `image_size` training.")
     image_size: int = _doc(768, f"Square training size, or the bucket area `image_size**2` when bucketing; 32 to {MAX_IMAGE_SIZE}.")
     crop: str = _doc(
-        "random", "Crop after resizing: `random` or `center`. Replaces the official SmartCrop, whose "
-                  "saliency network weights are not available.")
+        "auto", "Crop after resizing: `random`, `center`, `smart` (the official SmartCrop: centred on "
+                "the salient part of the image, computed by the saliency network of "
+                "`saliency_model_path`; training.md §2.2) or `auto` (default): `smart` for fixed-size "
+                "training when `saliency_model_path` is set, `random` with `multi_aspect_ratio` (the "
+                "official bucketing) or when it is null.")
     bucket_random_ratio: float = _doc(
         0.05, "Probability that an image goes to a uniformly random bucket (official 0.05; the "
               "official name `bucketeer_random_ratio` is accepted too).")
@@ -129,9 +136,8 @@ class DataConfig:
             raise DataError(f"image_size: {self.image_size} is above {MAX_IMAGE_SIZE}: one decoded "
                             f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} RGB image already takes 0.8 GB as float32 "
                             f"(the official configs train at 768-1024)")
-        if self.crop not in ("random", "center"):
-            raise DataError(f"crop: expected 'random' or 'center', got {self.crop!r} "
-                            f"(SmartCrop is not available)")
+        if self.crop not in CROPS:
+            raise DataError(f"crop: expected one of {', '.join(CROPS)}, got {self.crop!r}")
         v = self.bucket_random_ratio
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise DataError(f"bucket_random_ratio: expected a probability in [0, 1], got {v!r}")

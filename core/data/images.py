@@ -26,11 +26,13 @@ size, before any pixel is decoded (:class:`ImageTooLarge`).
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .buckets import resize_shorter_side, resized_hw
+from .smartcrop import smart_crop
 
 #: webdataset extensions tried for the image, first present wins (official: jpg then png)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -130,12 +132,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
-                   rng: np.random.Generator, max_pixels: int | None = None) -> np.ndarray:
+                   rng: np.random.Generator, max_pixels: int | None = None,
+                   saliency: Any = None) -> np.ndarray:
     """Decode, resize the shorter side by the official rule, crop to ``bucket`` -> uint8 (3,h,w).
 
     The target size is computed from the header size so draft mode does not change the result
     size; the crop offsets come from the per-sample ``rng`` so they are reproducible on resume.
     An image over ``max_pixels`` raises ImageTooLarge before its pixels are decoded.
+    ``crop='smart'`` resizes the whole image and crops around its salient part as computed by
+    the ``saliency`` function (``smartcrop.py``).
     """
     try:
         with _open(data) as im:
@@ -150,12 +155,16 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
                 im.draft("RGB", (tw, th))
             im = to_rgb(im)
             h, w = bucket
-            if crop == "center":
+            if crop == "smart":  # the whole resized image: the crop is chosen from its saliency
+                arr = np.asarray(im if im.size == (tw, th) else im.resize((tw, th), Image.BILINEAR))
+            elif crop == "center":
                 top, left = (th - h) // 2, (tw - w) // 2
             else:
                 top = int(rng.integers(0, th - h + 1))
                 left = int(rng.integers(0, tw - w + 1))
-            if im.size == (tw, th):
+            if crop == "smart":
+                pass
+            elif im.size == (tw, th):
                 arr = np.asarray(im.crop((left, top, left + w, top + h)))
             else:
                 # Resize only the crop window: ``box`` is the window in source pixels and PIL
@@ -170,4 +179,6 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise BadImage(f"{type(e).__name__}: {e}") from None
+    if crop == "smart":  # outside the try: a failing saliency function is a bug, not bad data
+        return smart_crop(arr.transpose(2, 0, 1), bucket, saliency, rng)
     return arr.transpose(2, 0, 1)

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import weakref
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -84,7 +84,7 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                  transform_size: int | None = None, sample_format: str = "image",
-                 partial_batches: bool = False):
+                 partial_batches: bool = False, saliency: Any = None):
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
         if sample_format not in SAMPLE_FORMATS:
@@ -104,8 +104,9 @@ class DataPipeline:
             log.warning("data: %d shard(s) for %d rank(s) x %d worker(s): every worker reads every "
                         "shard and keeps 1/%d of the samples; write more shards to avoid re-reading",
                         len(urls), world_size, self.workers, plan.total_workers)
+        crop = resolve_crop(cfg.crop, cfg.multi_aspect_ratio, saliency)
         self.spec = StreamSpec(
-            plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=cfg.crop,
+            plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=crop, saliency=saliency,
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key, cfg.tag_options()),
             shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
@@ -296,7 +297,7 @@ Source = Union[DataConfig, str, os.PathLike, Sequence[str]]
 def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int = 1,
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                    transform_size: int | None = None, sample_format: str = "image",
-                   partial_batches: bool = False) -> DataPipeline:
+                   partial_batches: bool = False, saliency: Any = None) -> DataPipeline:
     """Build the data pipeline of one rank.
 
     ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
@@ -309,9 +310,26 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
     ``crop`` are then unused). Every batch holds exactly ``batch_size`` samples: the partial
     buckets of an epoch end carry over into the next epoch. ``partial_batches=True`` (for
     one-pass readers that stop after epoch 0, never for training) flushes them as short batches.
+    ``saliency``: the saliency function of ``crop: smart`` (a picklable callable, e.g. an
+    ``nn.Module``, ``(1, 3, h, w)`` in [0, 1] -> ``(1, 1, h', w')``; see ``smartcrop.py``), run in
+    the workers.
     """
     if not isinstance(cfg, DataConfig):
         path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
         cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
     return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
-                        sample_format, partial_batches)
+                        sample_format, partial_batches, saliency)
+
+
+def resolve_crop(crop: str, multi_aspect_ratio: Any, saliency: Any) -> str:
+    """The crop a pipeline uses: ``auto`` is ``smart`` for fixed-size training when a saliency
+    function is given (where the official code used SmartCrop), else ``random``; ``smart``
+    without a saliency function is an error."""
+    if crop == "auto":
+        return "smart" if saliency is not None and multi_aspect_ratio is None else "random"
+    if crop == "smart" and saliency is None:
+        raise DataError("crop: 'smart' needs a saliency function (build_pipeline(..., saliency=...); the "
+                        "training jobs build it from saliency_model_path); or choose crop: random or center")
+    if saliency is not None and not callable(saliency):
+        raise DataError(f"saliency: expected a callable (image batch -> map), got {type(saliency).__name__}")
+    return crop

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class StreamSpec:
     sample_format: str = "image"   # one of SAMPLE_FORMATS
     max_pixels: int | None = DEFAULT_MAX_PIXELS   # DataConfig.max_image_pixels
     partial_batches: bool = False  # flush partial buckets at an epoch end (one-pass readers only)
+    saliency: Any = None           # saliency function of crop 'smart' (smartcrop.py)
 
 
 @dataclass
@@ -283,7 +284,8 @@ class WorkerStream:
             if sorted((k, tuple(v.shape)) for k, v in got.items()) != [(n, shape) for n, _d, shape in bucket]:
                 raise BadTensors("decoded tensors differ from the header's names/shapes")
             return got
-        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP), self.spec.max_pixels)
+        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP), self.spec.max_pixels,
+                              self.spec.saliency)
 
     def _make_batch(self, bucket: tuple, flush: bool) -> dict | None:
         """Decode the bucket's first ``batch_size`` entries; None if bad samples left it short."""
