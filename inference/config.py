@@ -55,7 +55,7 @@ class InferenceConfig:
     rank: Optional[int] = _doc("LoRA rank (official files: checked against the file)")
     train_tokens: Optional[list[list[Optional[str]]]] = _doc(
         "[[token_or_regex, init_regex_or_null], ...] replayed into the tokenizer before loading")
-    lora_checkpoint_path: Optional[str] = _doc("LoRA file: official, named or ComfyUI layout")
+    lora_checkpoint_path: Optional[str] = _doc("LoRA file: official, named, ComfyUI or kohya layout")
     lora_strength: float = _doc("multiplier of the LoRA deltas (and trained token deltas)", 1.0)
     # ControlNet (configs/inference/controlnet_c_3b_*.yaml)
     controlnet_blocks: Optional[list[int]] = _doc("Stage C ResBlock call indices fed by the ControlNet")
