@@ -183,13 +183,14 @@ class RunConfig:
                 extra = f" ({why})" if why else ""
                 raise UserError(f"config key '{key}' is required{extra}; set it in the YAML or with --set {key}=...")
 
-    def check_file(self, key: str) -> None:
+    def check_file(self, key: str, folder_ok: bool = False) -> None:
         """UserError if the file named by ``key`` does not exist (skipped for None, and for
-        placeholder paths and missing files in validate-only mode)."""
+        placeholder paths and missing files in validate-only mode). ``folder_ok``: a folder is
+        accepted too (a model folder; its loader checks what is inside)."""
         path = getattr(self, key)
         if path is None or isinstance(path, _Required) or self.validate_only:
             return
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and not (folder_ok and os.path.isdir(path)):
             from modules.loading import download_hint  # the error path only: keeps configs torch-free
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")

@@ -61,7 +61,8 @@ class StageCConfig(CascadeConfig):
                             f"(write it with python3 tools/cache_dataset.py)")
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
-            self.check_file(key)
+            # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
+            self.check_file(key, folder_ok=key == "generator_checkpoint_path")
         if not 0.0 <= self.image_embed_prob <= 1.0:
             raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
 
