@@ -156,7 +156,7 @@ class RunConfig:
          "an astronaut riding a horse", "a bowl of fresh fruit on a wooden table"],
         "Fixed prompts of the preview grid (cycled to num_preview_images).")
     # --- models
-    generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network (None = from scratch).")
+    generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network: a file, or a diffusers model folder where the job accepts one (None = from scratch).")
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
     gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     compile: bool = doc(False, "torch.compile the trained network.")

@@ -43,7 +43,7 @@ class InferenceConfig:
     effnet_checkpoint_path: Optional[str] = _doc("EfficientNet encoder weights (image -> Stage C "
                                                  "latent; image-to-image, reconstruction, SR filter)")
     previewer_checkpoint_path: Optional[str] = _doc("Previewer weights (Stage C latent -> preview)")
-    generator_checkpoint_path: Optional[str] = _doc("Stage C / Stage B generator weights")
+    generator_checkpoint_path: Optional[str] = _doc("Stage C / Stage B generator weights (ours, or a diffusers StableCascadeUNet folder or file)")
     stage_a_checkpoint_path: Optional[str] = _doc("Stage A (VQGAN) weights, Stage B configs")
     clip_text_model_name: str = _doc("HF name or local folder of the CLIP text model + tokenizer",
                                      DEFAULT_CLIP_TEXT)
