@@ -23,7 +23,7 @@ ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 class OptimConfig:
     """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults)."""
 
-    optimizer: Literal["adamw", "adamw_fused", "adafactor", "adamw8bit"] = doc("adamw", "adamw (reference), adamw_fused (fused kernel), adafactor (torch.optim.Adafactor, low memory), adamw8bit (needs bitsandbytes on CUDA).")
+    optimizer: Literal["adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy"] = doc("adamw", "adamw (reference), adamw_fused (fused kernel), adafactor (torch.optim.Adafactor, low memory), adamw8bit (needs bitsandbytes on CUDA), prodigy (prodigyopt.Prodigy: estimates the step size itself, use lr: 1.0; popular for LoRAs because no lr search is needed).")
     betas: tuple[float, float] = doc((0.9, 0.999), "Adam betas (not used by adafactor).")
     eps: float = doc(1e-8, "Adam epsilon.")
     weight_decay: float = doc(0.01, "Decoupled weight decay (reference: 0.01).")
@@ -90,6 +90,21 @@ def _build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.opti
             raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
                             "(CUDA only), or set optimizer: adamw") from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        if getattr(cfg, "use_fsdp", False):
+            # Its d estimate sums over whole parameters; over FSDP shards that needs prodigyopt's own
+            # collective mode, which is not wired or tested here.
+            raise UserError("optimizer 'prodigy' does not combine with use_fsdp: true (untested over sharded "
+                            "parameters); use DDP (use_fsdp: false) or optimizer: adamw")
+        try:
+            from prodigyopt import Prodigy  # type: ignore[import-not-found]
+        except ImportError:
+            raise UserError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt "
+                            "(in requirements.txt), or set optimizer: adamw") from None
+        # Prodigy's d estimate multiplies lr, so lr is a factor on the estimate (1.0 = as estimated);
+        # bias correction and the warmup safeguard are what its authors advise for diffusion models.
+        return Prodigy(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       use_bias_correction=True, safeguard_warmup=True)
     raise UserError(f"unknown optimizer '{cfg.optimizer}'")
 
 

@@ -47,10 +47,11 @@ from .schedules import (
 from .schedules_adaptive import AdaptiveTrainSchedule
 from .schedules_piecewise import PiecewiseLinearSchedule, StableDiffusionSchedule
 from .targets import EpsilonTarget, RectifiedFlowsTarget, VTarget, X0Target
+from .weighting import LOSS_WEIGHTINGS, make_loss_weight
 from . import presets
 
 __all__ = [
-    "GDF", "presets", "pyramid_noise", "make_sampler",
+    "GDF", "presets", "pyramid_noise", "make_sampler", "LOSS_WEIGHTINGS", "make_loss_weight",
     # schedules
     "BaseSchedule", "CosineSchedule", "CosineSchedule2", "SqrtSchedule", "RectifiedFlowsSchedule",
     "EDMSampleSchedule", "EDMTrainSchedule", "LinearSchedule", "PiecewiseLinearSchedule",

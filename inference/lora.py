@@ -5,7 +5,8 @@ ComfyUI ``lora_prior_unet_*``, kohya ``lora_unet_*``) are read by ``modules.lora
 trainer writes them with -- and trained tokens are replayed by ``modules.lora_tokens``; the
 official positional targets of a LIVE model come from ``modules.lora.lora_targets``. This module
 adds what inference needs on top: merging with a strength that can be changed later
-(W += strength * alpha/rank * up @ down). Merging makes sampling as fast as the base model, and
+(W += strength * alpha/rank * up @ down; a DoRA: W += strength * (W' - W) with W' its decomposed
+weight, as ComfyUI applies strength). Merging makes sampling as fast as the base model, and
 strength 0 leaves every weight bit-identical.
 """
 from __future__ import annotations
@@ -67,8 +68,8 @@ def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
 @torch.no_grad()
 def merge_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0,
                source: str = "LoRA file") -> int:
-    """Add ``strength * alpha/rank * up @ down`` to every target weight (in float32, cast back to
-    the weight's dtype); returns how many updates were merged."""
+    """Add ``strength * alpha/rank * up @ down`` (a DoRA: ``strength * (W' - W)``) to every target
+    weight (in float32, cast back to the weight's dtype); returns how many updates were merged."""
     from modules.lora_formats import LoraFormatError, merged_weight
 
     params = dict(model.named_parameters())

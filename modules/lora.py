@@ -1,6 +1,6 @@
-"""LoRA and ReToken as torch parametrizations (networks.md §7).
+"""LoRA, DoRA and ReToken as torch parametrizations (networks.md §7).
 
-``apply_lora`` attaches :class:`LoRA` to weights so the state-dict keys become the official
+``apply_lora`` attaches :class:`LoRA` (or, with ``lora_type="dora"``, :class:`DoRA`) to weights so the state-dict keys become the official
 ``...parametrizations.<name>.original`` / ``.0.lora_down`` / ``.0.lora_up``. The helpers at the end
 build the official positional LoRA checkpoint layout (``weights.{i}.lora_*`` + ``embeddings.*``)
 and a self-describing named layout. No I/O happens here.
@@ -41,6 +41,52 @@ class LoRA(nn.Module):
         shape = delta.shape + (1,) * (original_weights.dim() - 2)
         # The LoRA may be kept in float32 on a bf16 base: the weight keeps the base dtype.
         return original_weights + delta.view(shape).to(original_weights.dtype)
+
+
+LORA_TYPES = ("lora", "dora")
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Float32 L2 norm of each output row of ``weight`` (over all dims but dim 0: a conv's input
+    channels and kernel positions), shape (out,). The DoRA magnitude's unit."""
+    return weight.float().flatten(1).norm(dim=1)
+
+
+def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight ``m * V / ||V||_row`` with ``V = base + delta`` (float32, shape of ``base``).
+
+    ``delta`` broadcasts over trailing kernel dims of a conv ``base``; ``magnitude`` is (out,).
+    This is the one definition of the DoRA math: the trainable :class:`DoRA` and the merge rule
+    (``modules.lora_formats.merged_weight``) both call it, so merged == attached.
+    """
+    v = base.float() + delta.float().view(delta.shape + (1,) * (base.dim() - delta.dim()))
+    # A zero row has no direction: keep it zero instead of 0/0 (never the case for trained weights).
+    scale = magnitude.float() / row_norms(v).clamp_min(torch.finfo(torch.float32).tiny)
+    return v * scale.view((-1,) + (1,) * (base.dim() - 1))
+
+
+class DoRA(LoRA):
+    """Weight-decomposed LoRA (Liu et al. 2024, "DoRA"): ``m * (W + ΔW) / ||W + ΔW||_row`` with the
+    LoRA update ``ΔW = lora_up @ lora_down * alpha/rank`` giving the direction and a trainable
+    ``magnitude`` (out,) per output row (a conv: per output channel, norm over the rest).
+
+    ``magnitude`` starts at the row norms of the base weight and ``lora_down`` at zero, so a fresh
+    DoRA reproduces the base weight bit for bit (the same norm is computed twice: m / ||W|| == 1).
+    The norm is differentiated through (not detached as in the paper's memory-saving variant): it
+    is a per-weight, not per-activation, cost here. ``enabled=False`` bypasses it.
+    """
+
+    def __init__(self, layer: nn.Module, name: str = "weight", rank: int = 16, alpha: Optional[float] = None):
+        super().__init__(layer, name, rank, alpha)
+        w = getattr(layer, name)
+        # float32 whatever the base dtype: a bf16-rounded m would not give m / ||W|| == 1 at init.
+        self.magnitude = nn.Parameter(row_norms(w.detach()))
+
+    def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return original_weights
+        delta = torch.matmul(self.lora_up, self.lora_down) * self.scale
+        return dora_weight(original_weights, delta, self.magnitude).to(original_weights.dtype)
 
 
 class ReToken(nn.Module):
@@ -120,13 +166,17 @@ def lora_targets(model: nn.Module, filters: Optional[Sequence[str]] = None) -> L
 
 
 def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: int = 16,
-               alpha: Optional[float] = None) -> List[Tuple[str, LoRA]]:
-    """Attach LoRA to every module whose qualified name contains any filter substring.
+               alpha: Optional[float] = None, lora_type: str = "lora") -> List[Tuple[str, LoRA]]:
+    """Attach LoRA (``lora_type="dora"``: :class:`DoRA`) to every module whose qualified name
+    contains any filter substring.
 
     Returns ``[(target, lora)]`` with targets such as ``down_blocks.0.2.attention.attn.in_proj_weight``
     in the official ``model.modules()`` order (``lora_targets``: an attention's out_proj LoRA before
     its in_proj LoRA), which is the order of the official checkpoint's ``weights.{i}``.
     """
+    if lora_type not in LORA_TYPES:
+        raise ValueError(f"apply_lora: lora_type must be one of {LORA_TYPES}, got {lora_type!r}")
+    kind = DoRA if lora_type == "dora" else LoRA
     if isinstance(filters, str):
         filters = [filters]
     order = lora_targets(model, filters)
@@ -138,7 +188,7 @@ def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: 
         target = (f"{n}.{attr}" if n else attr) if attr is not None else None
         if target not in wanted:
             continue
-        lora = LoRA(m, attr, rank=rank, alpha=alpha)
+        lora = kind(m, attr, rank=rank, alpha=alpha)
         lora._param_order = list(m._parameters)  # lets remove_lora restore the state-dict order
         parametrize.register_parametrization(m, attr, lora)
         made[target] = lora

@@ -6,7 +6,9 @@ Layouts (``detect_layout``):
   ``<target>.lora_up`` (out, r), ``<target>.alpha`` (scalar) for every adapted parameter, e.g.
   ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``; trained tokens as
   ``embeddings.embeddings`` (n, width) / ``embeddings.indices`` (int64). Metadata describes the run.
-  The delta of a target is ``up @ down * alpha / r``.
+  The delta of a target is ``up @ down * alpha / r``. A DoRA (``lora_type: dora``) adds
+  ``<target>.dora_magnitude`` (out,) float32: the magnitude vector m of
+  ``W' = m * (W + delta) / ||W + delta||_row`` (norm per output row; :func:`modules.lora.dora_weight`).
 * ``official`` (networks.md §7.3): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
   of ``apply_lora(model, module_filters, rank)`` (official ``modules()`` order); scale 1/rank.
 * ``comfyui`` (ComfyUI's Stable Cascade Stage C names): ``lora_prior_unet_<module with _>.lora_down.weight``
@@ -16,9 +18,11 @@ Layouts (``detect_layout``):
   (:func:`unloadable_targets`).
 
   Both tools' Stable Cascade code splits the packed attention ``in_proj_weight`` into ``to_q`` /
-  ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as three LoRAs sharing ``lora_down``. Importing re-packs them; a file whose q/k/v parts have DIFFERENT
-  ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
+  ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as three LoRAs sharing ``lora_down``.
+  Importing re-packs them; a file whose q/k/v parts have DIFFERENT ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
   not loaded as a trainable packed LoRA (that would need rank 3r): ``pack_qkv`` says so.
+  A DoRA exports ``<stem>.dora_scale`` too, in the form ComfyUI's loader applies (see
+  :func:`export_comfyui`; the key layout is documented in docs/LORA.md).
 
 Everything here works on plain state dicts and tensors (also on the meta device), so tools need
 no model weights; the only file access is :func:`read_lora_file`. Errors a user can fix raise
@@ -36,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 from modules.loading import CheckpointError, read_state_dict
-from modules.lora import lora_targets
+from modules.lora import dora_weight, lora_targets, row_norms
 
 COMFY_PREFIX = "lora_prior_unet_"
 KOHYA_PREFIX = "lora_unet_"
@@ -45,7 +49,10 @@ PREFIXES = {"comfyui": COMFY_PREFIX, "kohya": KOHYA_PREFIX}
 QKV = ("to_q", "to_k", "to_v")
 FORMAT_NAME = "cascade-train-lora"
 FORMAT_VERSION = "1"
-_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+DORA_MAGNITUDE = ".dora_magnitude"
+# ComfyUI patches weights in float32 and adds this to the norm it divides dora_scale by.
+_COMFY_EPS = torch.finfo(torch.float32).eps
 
 
 class LoraFormatError(CheckpointError):
@@ -58,13 +65,18 @@ class LoraEntry:
     """One low-rank update of parameter ``target``: ``up @ down * alpha / rank``.
 
     ``down`` is (r, in) or, from ComfyUI conv LoRAs, (r, in, kh, kw); ``up`` is (out, r) (trailing
-    1-dims are dropped). ``block`` 0/1/2 marks a q/k/v third of a packed ``in_proj_weight``."""
+    1-dims are dropped). ``block`` 0/1/2 marks a q/k/v third of a packed ``in_proj_weight``.
+
+    A DoRA carries ``magnitude`` (out,) (our named layout: exact DoRA math) or, read from a
+    ComfyUI file, ``dora_scale`` (applied with ComfyUI's own math); see :func:`merged_weight`."""
 
     target: str
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
     block: Optional[int] = None
+    magnitude: Optional[torch.Tensor] = None
+    dora_scale: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
@@ -119,13 +131,16 @@ def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, 
 def _read_named(sd: Mapping[str, torch.Tensor], source: str) -> list[LoraEntry]:
     out = []
     for key in sd:
+        if key.endswith(DORA_MAGNITUDE) and key[: -len(DORA_MAGNITUDE)] + ".lora_down" not in sd:
+            raise LoraFormatError(f"{source}: {key} has no matching {key[: -len(DORA_MAGNITUDE)]}.lora_down")
         if not key.endswith(".lora_down"):
             continue
         target = key[: -len(".lora_down")]
         if target + ".lora_up" not in sd:
             raise LoraFormatError(f"{source}: {key} has no matching {target}.lora_up")
         alpha = float(sd[target + ".alpha"]) if target + ".alpha" in sd else 1.0
-        out.append(LoraEntry(target, sd[key], sd[target + ".lora_up"], alpha))
+        out.append(LoraEntry(target, sd[key], sd[target + ".lora_up"], alpha,
+                             magnitude=sd.get(target + DORA_MAGNITUDE)))
     return out
 
 
@@ -182,7 +197,7 @@ def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], sour
             down = down.flatten(1)
         alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.shape[0])
         target, block = table[stem]
-        out.append(LoraEntry(target, down, up.flatten(1), alpha, block))
+        out.append(LoraEntry(target, down, up.flatten(1), alpha, block, dora_scale=sd.get(stem + ".dora_scale")))
     return out
 
 
@@ -206,6 +221,13 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
     into the ``up`` rows. Raises LoraFormatError for thirds with different ``lora_down`` or a missing third.
     """
     plain = [e for e in entries if e.block is None]
+    dora = next((e for e in entries if e.block is not None and e.dora_scale is not None), None)
+    if dora is not None:
+        # ComfyUI's dora_scale is tied to its own normalisation (and the base weight), not to our
+        # trainable magnitude: such a file can be merged/sampled, not resumed from.
+        raise LoraFormatError(f"{source}: {dora.target} is a ComfyUI DoRA (dora_scale); it cannot be loaded as a "
+                              f"trainable LoRA; merge it (tools/lora_merge.py) or sample with it, or resume from "
+                              f"the run's lora.safetensors")
     groups: dict[str, dict[int, LoraEntry]] = {}
     for e in entries:
         if e.block is not None:
@@ -243,6 +265,8 @@ def named_state_dict(loras: Sequence[tuple[str, Any]], alpha: float,
         sd[f"{target}.lora_down"] = _copy(lora.lora_down)
         sd[f"{target}.lora_up"] = _copy(lora.lora_up)
         sd[f"{target}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if getattr(lora, "magnitude", None) is not None:  # a DoRA
+            sd[f"{target}{DORA_MAGNITUDE}"] = _copy(lora.magnitude)
     return sd
 
 
@@ -253,7 +277,11 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Sequence[str]) -> dict[str, torch.Tensor]:
     """The official positional layout. The official loader scales by 1/rank, so an ``alpha`` other
-    than 1 is folded into ``lora_up``."""
+    than 1 is folded into ``lora_up``. It cannot hold a DoRA (LoraFormatError)."""
+    dora = next((k for k in named if k.endswith(DORA_MAGNITUDE)), None)
+    if dora is not None:
+        raise LoraFormatError(f"the official positional layout has no DoRA magnitude ({dora}); "
+                              f"use the named file or the ComfyUI export")
     sd: dict[str, torch.Tensor] = {}
     if "embeddings.embeddings" in named:
         sd["embeddings.embeddings"] = named["embeddings.embeddings"]
@@ -302,13 +330,42 @@ def unloadable_targets(targets: Iterable[str], param_shapes: Mapping[str, Sequen
 
 
 def export_kohya(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+                 dtype: Optional[torch.dtype] = None,
+                 base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """kohya's ``lora_unet_`` keys for ``entries``: :func:`export_comfyui` with kohya's prefix."""
-    return export_comfyui(entries, param_shapes, dtype, prefix=KOHYA_PREFIX)
+    return export_comfyui(entries, param_shapes, dtype, base_weights, prefix=KOHYA_PREFIX)
+
+
+def comfy_dora_scale(e: LoraEntry, base_weight: torch.Tensor) -> torch.Tensor:
+    """The ComfyUI ``dora_scale`` (out, 1[, 1, 1]) float32 that makes ComfyUI's loader produce
+    exactly our DoRA weight ``m * V / ||V||_row`` (``V = W + delta``) from ``base_weight`` W.
+
+    ComfyUI (comfy/weight_adapter/base.py ``weight_decompose``) treats a ``dora_scale`` whose
+    dim 0 equals the weight's as per-output-row, and computes ``(W + delta) * dora_scale /
+    (||W||_row + eps)``: it divides by the BASE weight's row norm, not by ``||W + delta||``. So
+    we write ``m * (||W||_row + eps) / ||V||_row``, which ties the file to the base it was
+    trained on (as a DoRA's magnitude is anyway)."""
+    if e.magnitude is None:
+        raise LoraFormatError(f"comfy_dora_scale: {e.target} is not a DoRA")
+    shape = tuple(base_weight.shape)
+    try:
+        adapted = base_weight.float() + e.delta(shape)
+    except RuntimeError:
+        raise LoraFormatError(f"LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) does not fit "
+                              f"the base weight {shape}") from None
+    if tuple(e.magnitude.shape) != shape[:1]:
+        raise LoraFormatError(f"DoRA magnitude of {e.target} has shape {tuple(e.magnitude.shape)}, "
+                              f"the weight {shape} needs ({shape[0]},)")
+    # the same zero-row guard as modules.lora.dora_weight
+    v_norm = row_norms(adapted).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = e.magnitude.float() * (row_norms(base_weight) + _COMFY_EPS) / v_norm
+    return scale.view((-1,) + (1,) * (len(shape) - 1))
 
 
 def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                   dtype: Optional[torch.dtype] = None, prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
+                   dtype: Optional[torch.dtype] = None,
+                   base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                   prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
     """ComfyUI keys (kohya's with ``prefix=KOHYA_PREFIX``) for ``entries`` (packed ``in_proj`` split
     into q/k/v sharing ``lora_down``).
 
@@ -316,20 +373,32 @@ def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[
     conv weight (constant over the kernel, networks.md §7.1) is written as ``lora_down`` repeated
     over the kernel positions and ``lora_up`` (out, r, 1, 1): ComfyUI's ``up.flatten(1) @
     down.flatten(1)`` then gives exactly the same update. ``param_shapes`` is needed for convs.
+    A DoRA entry also gets ``<stem>.dora_scale`` (float32, each q/k/v third its rows), computed
+    from its base weight in ``base_weights`` (:func:`comfy_dora_scale`).
     """
     sd: dict[str, torch.Tensor] = {}
 
-    def put(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+    def put(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
+            scale: Optional[torch.Tensor] = None) -> None:
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
         sd[f"{stem}.lora_down.weight"] = cast(down).contiguous()
         sd[f"{stem}.lora_up.weight"] = cast(up).contiguous()
         sd[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32, device=down.device)
+        if scale is not None:  # kept float32: ComfyUI uses it as a per-row multiplier of the weight
+            sd[f"{stem}.dora_scale"] = scale.float().contiguous()
 
     for e in entries:
         if e.block is not None:
             raise LoraFormatError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
         stems = comfyui_key_stems([e.target], prefix)
         down, up = e.down, e.up
+        scale = e.dora_scale
+        if e.magnitude is not None:
+            base = (base_weights or {}).get(e.target)
+            if base is None:
+                raise LoraFormatError(f"export_comfyui: {e.target} is a DoRA; its ComfyUI dora_scale needs the base "
+                                      f"weight it was trained on (pass the base Stage C checkpoint)")
+            scale = comfy_dora_scale(e, base)
         shape = (param_shapes or {}).get(e.target)
         if shape is not None and len(shape) > 2 and down.dim() == 2:
             kernel = tuple(shape[2:])
@@ -338,9 +407,10 @@ def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[
         if len(stems) == 3:
             c = up.shape[0] // 3
             for i, stem in enumerate(stems):
-                put(stem, down.clone(), up[i * c:(i + 1) * c].clone(), e.alpha)
+                third = None if scale is None else scale[i * c:(i + 1) * c].clone()
+                put(stem, down.clone(), up[i * c:(i + 1) * c].clone(), e.alpha, third)
         else:
-            put(stems[0], down, up, e.alpha)
+            put(stems[0], down, up, e.alpha, scale)
     return sd
 
 
@@ -373,6 +443,11 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
                               f"set module_filters as the LoRA was trained")
     for target, lora in loras:
         e = by_target[target]
+        ours_dora = getattr(lora, "magnitude", None) is not None
+        if ours_dora != (e.magnitude is not None) or e.dora_scale is not None:
+            what = "a DoRA" if e.magnitude is not None or e.dora_scale is not None else "a plain LoRA"
+            raise LoraFormatError(f"{source}: {target} is {what} but this run trains "
+                                  f"{'a DoRA' if ours_dora else 'a plain LoRA'}; set lora_type as the file was trained")
         down = e.down
         if down.dim() == 4:
             if not torch.equal(down, down[..., :1, :1].expand_as(down)):
@@ -384,14 +459,48 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
                                   f"do not fit "
                                   f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
                                   f"set rank to {e.rank} or check model_version")
+        if ours_dora and tuple(e.magnitude.shape) != tuple(lora.magnitude.shape):
+            raise LoraFormatError(f"{source}: {target}: DoRA magnitude shape {tuple(e.magnitude.shape)} does not fit "
+                                  f"{tuple(lora.magnitude.shape)} (LoRA for another model_version?)")
         lora.lora_down.copy_(down.to(lora.lora_down.dtype))
         lora.lora_up.copy_((e.up.float() * (e.alpha / float(alpha))).to(lora.lora_up.dtype))
+        if ours_dora:
+            lora.magnitude.copy_(e.magnitude.to(lora.magnitude.dtype))
+
+
+def _comfy_decompose(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, source: str,
+                     target: str) -> torch.Tensor:
+    """ComfyUI's DoRA weight for a ComfyUI-layout ``dora_scale`` (comfy/weight_adapter/base.py
+    ``weight_decompose``, float32): ``(W + delta) * dora_scale / (norm + eps)``, the norm being
+    the BASE weight's per output row when ``dora_scale``'s dim 0 is the weight's (out), else the
+    adapted weight's per input column (the older LyCORIS form, dora_scale (1, in, ...))."""
+    calc = base + delta
+    if dora_scale.shape[0] == calc.shape[0]:
+        norm = row_norms(base).view((-1,) + (1,) * (calc.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).flatten(1).norm(dim=1).view((1, -1) + (1,) * (calc.dim() - 2))
+    norm = norm + _COMFY_EPS
+    scale = dora_scale.float()
+    try:
+        ok = torch.broadcast_shapes(scale.shape, norm.shape) == norm.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise LoraFormatError(f"{source}: dora_scale of {target} has shape {tuple(scale.shape)}, which does not fit "
+                              f"a weight of shape {tuple(calc.shape)} (ComfyUI expects {tuple(norm.shape)})")
+    return calc * (scale / norm)
 
 
 @torch.no_grad()
 def merged_weight(weight: torch.Tensor, e: LoraEntry, strength: float = 1.0, source: str = "LoRA file") -> torch.Tensor:
     """``weight`` plus ``strength`` times the entry's update (its third of a packed q/k/v weight
-    when ``e.block`` is set), computed in float32 and cast back to the weight's dtype."""
+    when ``e.block`` is set), computed in float32 and cast back to the weight's dtype.
+
+    A DoRA's update is ``W' - W`` with ``W'`` its whole decomposed weight (``e.magnitude``: our
+    math, :func:`modules.lora.dora_weight`; ``e.dora_scale``: ComfyUI's), so ``strength`` blends
+    ``W + strength * (W' - W)`` as ComfyUI does (1 gives ``W'`` exactly, 0 the base)."""
+    if e.magnitude is not None or e.dora_scale is not None:
+        return _merged_dora(weight, e, float(strength), source)
     try:
         d = e.delta(tuple(weight.shape)) * float(strength)
     except RuntimeError:
@@ -404,6 +513,27 @@ def merged_weight(weight: torch.Tensor, e: LoraEntry, strength: float = 1.0, sou
     else:
         rows = weight.shape[0] // 3
         merged[e.block * rows:(e.block + 1) * rows] += d.to(merged.device)
+    return merged.to(weight.dtype)
+
+
+def _merged_dora(weight: torch.Tensor, e: LoraEntry, strength: float, source: str) -> torch.Tensor:
+    merged = weight.float().clone()
+    rows = slice(None) if e.block is None else slice(e.block * (weight.shape[0] // 3),
+                                                     (e.block + 1) * (weight.shape[0] // 3))
+    base = merged[rows]
+    try:
+        delta = e.delta(tuple(weight.shape))
+        if e.magnitude is not None:
+            if tuple(e.magnitude.shape) != tuple(base.shape[:1]):
+                raise RuntimeError
+            new = dora_weight(base, delta, e.magnitude)
+        else:
+            new = _comfy_decompose(base, delta.to(base.device), e.dora_scale.to(base.device), source, e.target)
+    except RuntimeError:
+        raise LoraFormatError(f"{source}: DoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
+                              f"does not fit the weight {tuple(weight.shape)} "
+                              f"(LoRA for another model_version?)") from None
+    merged[rows] = new.to(merged.device) if strength == 1.0 else base + strength * (new.to(merged.device) - base)
     return merged.to(weight.dtype)
 
 
@@ -432,7 +562,8 @@ __all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "m
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui", "export_kohya",
            "is_depthwise", "unloadable_targets", "KOHYA_PREFIX", "PREFIXES",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
-           "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version"]
+           "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version",
+           "DORA_MAGNITUDE", "comfy_dora_scale"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 """Export a Stage C LoRA to the ComfyUI or the kohya key layout (+ a token embedding file).
 
     python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors [--format comfyui|kohya] \
-        [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn]
+        [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn] \
+        [--base models/stage_c_bf16.safetensors]   # needed for a DoRA (lora_type: dora): its dora_scale
 
 Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``--format
 comfyui``, the default; ComfyUI scales by alpha/rank, we write our alpha so the update is identical),
@@ -54,7 +55,7 @@ def token_vectors(sd: dict, meta: dict, clip_text_model: str):
 
 def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: str | None = None,
                 model_version: str | None = None, module_filters: list[str] | None = None,
-                fmt: str = "comfyui") -> dict:
+                base: str | None = None, fmt: str = "comfyui") -> dict:
     """Write ``out`` in layout ``fmt``; returns a summary (``unloadable``: tool -> layers it
     cannot load, also warned on stderr)."""
     import torch
@@ -70,7 +71,16 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
     filters = module_filters or metadata_list(meta, "module_filters") or [".attn"]
     targets, shapes = stage_c_targets(version, filters)
     entries = pack_qkv(read_entries(sd, shapes, official_targets=targets, source=lora), lora)
-    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, prefix=PREFIXES[fmt])
+    base_weights = None
+    if any(e.magnitude is not None for e in entries):  # a DoRA: dora_scale needs the base weights
+        if not base:
+            raise UserError(f"{lora} is a DoRA: pass --base, the Stage C checkpoint it was trained on "
+                            f"(ComfyUI's dora_scale is computed from the base weights)")
+        from modules.loading import read_state_dict
+
+        base_weights = read_state_dict(base)
+    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights,
+                           prefix=PREFIXES[fmt])
     unloadable = unloadable_targets([e.target for e in entries], shapes, fmt)
     for tool, layers in unloadable.items():
         print(f"warning: {tool} cannot load the LoRA on {len(layers)} depthwise conv layer(s) of {lora} "
@@ -79,7 +89,8 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
             "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
             "cascade_model_version": version, "source": os.path.basename(lora)}
     save_safetensors(comfy, out, metadata=info)
-    summary = {"out": out, "format": fmt, "loras": len(comfy) // 3, "model_version": version, "unloadable": unloadable}
+    summary = {"out": out, "format": fmt, "loras": sum(k.endswith(".lora_down.weight") for k in comfy),
+               "model_version": version, "unloadable": unloadable}
     if read_tokens(sd) is not None:
         name = clip_text_model or meta.get("clip_text_model_name")
         if not name:
@@ -103,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", default=None, help="Stage C version (default: from the file, else 3.6B)")
     parser.add_argument("--module-filters", nargs="+", default=None,
                         help="module_filters of an official positional LoRA (default: metadata, else .attn)")
+    parser.add_argument("--base", default=None, help="Stage C checkpoint the LoRA was trained on (DoRA only)")
     args = parser.parse_args(argv)
     print(json.dumps(export_file(args.lora, args.out, args.clip_text_model, args.dtype, args.model_version,
-                                 args.module_filters, args.format)))
+                                 args.module_filters, args.base, args.format)))
     return 0
 
 

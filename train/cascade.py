@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,13 @@ class CascadeConfig(TrainingConfig):
     stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights: required by Stage B jobs (latents and previews); with stage_b_checkpoint_path, full C->B->A previews of Stage C jobs.")
     clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
     adaptive_loss_weight: bool = doc(False, "Use AdaptiveLossWeight instead of P2LossWeight (accepts true/false, also as strings).")
+    loss_weighting: Optional[Literal["p2", "adaptive", "min_snr", "debiased", "sech", "constant"]] = doc(
+        None, "Per-sample weight of the ε-MSE by noise level: p2 = 1/(1+SNR) (official), adaptive (= adaptive_loss_weight: "
+              "true), min_snr = min(SNR, min_snr_gamma)/SNR (Min-SNR-γ: faster convergence, less weight on nearly clean "
+              "steps), debiased = 1/sqrt(SNR), sech = 1/cosh(logSNR/2), constant = 1. None: the job's official choice "
+              "(P2, or adaptive with adaptive_loss_weight: true); another explicit choice next to adaptive_loss_weight: "
+              "true is an error.")
+    min_snr_gamma: Optional[float] = doc(None, "γ of loss_weighting: min_snr (> 0; None = 5, the usual value); only with min_snr.")
     text_dropout: float = doc(0.05, "Probability of replacing a caption by the empty string during training (classifier-free guidance).")
     shift: float = doc(1.0, "Official Stage B key that the official code never reads; accepted and ignored the same way (a warning is logged when it is not 1).")
     edm_objective: bool = doc(False, "Official key of finetune_c_3b_v.yaml; the v/EDM objective is not implemented, so only false is accepted.")
@@ -40,6 +47,15 @@ class CascadeConfig(TrainingConfig):
         if self.shift != 1.0:
             log.warning("config key 'shift' = %s is ignored (as in the official code, which never reads it); "
                         "training and sampling use shift 1", self.shift)
+        if self.adaptive_loss_weight and self.loss_weighting not in (None, "adaptive"):
+            raise UserError(f"config keys 'adaptive_loss_weight: true' and 'loss_weighting: {self.loss_weighting}' "
+                            f"conflict; keep one (loss_weighting: adaptive is the same as adaptive_loss_weight: true)")
+        if self.min_snr_gamma is not None:
+            if self.loss_weighting != "min_snr":
+                raise UserError(f"config key 'min_snr_gamma' applies to 'loss_weighting: min_snr' only (got "
+                                f"loss_weighting: {self.loss_weighting}); remove it or set loss_weighting: min_snr")
+            if not self.min_snr_gamma > 0:
+                raise UserError(f"config key 'min_snr_gamma' must be > 0, got {self.min_snr_gamma}")
         if not 0.0 <= self.text_dropout <= 1.0:
             raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
 
@@ -86,6 +102,10 @@ class CascadeTrainer(TrainingCore):
     def setup_loss(self) -> None:
         """``self.gdf`` and ``self.loss``; an adaptive loss weight is saved with every checkpoint."""
         self.gdf = self.make_gdf()
+        if self.cfg.loss_weighting is not None:  # explicit choice: replaces the job's official weight
+            from gdf import make_loss_weight
+
+            self.gdf.loss_weight = make_loss_weight(self.cfg.loss_weighting, self.cfg.min_snr_gamma)
         self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast)
         if has_buckets(self.gdf.loss_weight):
             self.register_state("loss_weight.pt", self.gdf.loss_weight)

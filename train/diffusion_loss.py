@@ -24,15 +24,17 @@ def has_buckets(loss_weight: Any) -> bool:
 
 
 class DiffusionLoss:
-    """``loss(model, x0, generators, epsilon=None) -> (loss, per-sample raw losses)``."""
+    """``loss(model, x0, generators, epsilon=None, sample_weight=None) -> (loss, per-sample raw losses)``;
+    ``sample_weight`` (one number per sample, e.g. the regularization weight) multiplies each
+    sample's weighted loss before the batch mean."""
 
     def __init__(self, gdf: Any, defer: Callable[[Callable[[], None]], None],
                  autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
         self.gdf, self.defer, self.autocast = gdf, defer, autocast
 
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                 generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None,
+                 sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
         with torch.no_grad():
             for i, g in enumerate(generators):
@@ -42,7 +44,10 @@ class DiffusionLoss:
         with self.autocast():
             pred = model(noised, noise_cond)
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight.float().view(-1)).mean()
+        weighted = per_sample * loss_weight.float().view(-1)
+        if sample_weight is not None:
+            weighted = weighted * sample_weight.to(weighted.device, torch.float32)
+        loss = weighted.mean()
         if has_buckets(self.gdf.loss_weight):
             log_snr, raw = log_snr.detach(), per_sample.detach()
             self.defer(lambda: self.gdf.loss_weight.update_buckets(all_gather_cat(log_snr).float().cpu(),

@@ -29,11 +29,12 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.memory_specs import stage_c_spec
+from train.regularization import REG_KEY, RegularizationConfig, build_mixed_pipeline, regularized_loss
 from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(CascadeConfig):
+class StageCConfig(CascadeConfig, RegularizationConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
     previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
@@ -63,6 +64,9 @@ class StageCConfig(CascadeConfig):
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
             # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
             self.check_file(key, folder_ok=key == "generator_checkpoint_path")
+        if self.cache_path and self.tag_options() is not None:
+            raise UserError("config keys 'caption_tag_shuffle' / 'caption_tag_dropout' do not combine with 'cache_path': "
+                            "the cache holds the CLIP embeddings of the captions as they were; remove one of them")
         if not 0.0 <= self.image_embed_prob <= 1.0:
             raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
 
@@ -133,6 +137,8 @@ class StageCTrainer(CascadeTrainer):
         return load_model("stage_b", version, path, dtype=self.frozen_dtype, device=self.device)
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        if self.cfg.regularization_webdataset_path is not None:  # train/regularization.py
+            return build_mixed_pipeline(self.cfg, batch_size, self.dist.rank, self.dist.world_size, state)
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
         from train.stage_c_cache import build_cache_pipeline
@@ -203,12 +209,21 @@ class StageCTrainer(CascadeTrainer):
         return {}
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        generators = self.sample_generators(len(batch["captions"]))
+        n = len(batch["captions"]) + (len(batch[REG_KEY]["captions"]) if REG_KEY in batch else 0)
+        generators = self.sample_generators(n)
+        if REG_KEY in batch:
+            return regularized_loss(self.part_loss, batch, generators, self.cfg.regularization_weight)
+        loss, per_sample = self.part_loss(batch, generators)
+        return loss, {"raw_loss": per_sample.mean()}
+
+    def part_loss(self, batch: dict, generators: list[torch.Generator],
+                  sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, per-sample raw losses)`` of one batch, one generator per sample."""
         with torch.no_grad():
             conditions, latents = self.conditions_and_latents(batch, generators)
         conditions.update(self.extra_model_inputs(batch, conditions))
-        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators)
-        return loss, {"raw_loss": per_sample.mean()}
+        return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
+                         sample_weight=sample_weight)
 
     # -- previews ---------------------------------------------------------------------------
     def sample_latents(self, model: nn.Module, conditions: dict, unconditions: dict,

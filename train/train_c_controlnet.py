@@ -55,6 +55,10 @@ class ControlNetConfig(StageCConfig):
     def validate_controlnet(self) -> None:
         from modules.controlnet import BOTTLENECK_MODES
 
+        if self.regularization_webdataset_path is not None:  # class images have no control images
+            raise UserError("config key 'regularization_webdataset_path' is not supported by ControlNet training "
+                            "(regularization images are for finetune and LoRA jobs); remove it")
+
         blocks = self.controlnet_blocks
         if not self.validate_only or isinstance(blocks, list):
             if not isinstance(blocks, list) or not blocks or len(set(blocks)) != len(blocks) or \

@@ -5,7 +5,8 @@
 What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
 * the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
   paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
-  trainable generator parameters (kept in float32 on a bf16 base);
+  trainable generator parameters (kept in float32 on a bf16 base); ``lora_type: dora`` makes them
+  DoRAs (``modules.lora.DoRA``: + a magnitude vector per adapted weight);
 * ``train_tokens`` adds/selects CLIP tokens whose embedding rows train through a ReToken; the text
   encoder then runs WITH grad (only those rows change);
 * ``generator_dropout`` defaults to 0: the official run trained in eval mode after its first preview;
@@ -54,11 +55,17 @@ class LoraConfig(StageCConfig):
                                                "as the official code); ['.attn'] = every attention's in_proj and out_proj.")
     rank: int = doc(4, "LoRA rank r.")
     alpha: float = doc(1.0, "LoRA update = lora_up @ lora_down * alpha / rank; 1.0 = the official scale 1/rank.")
+    lora_type: str = doc("lora", "'lora' or 'dora' (weight-decomposed LoRA): DoRA also trains a magnitude per output "
+                                 "row of each adapted weight, W' = m * (W + update) / ||W + update||_row, whose updates "
+                                 "are closer to full finetuning at the same rank (DoRA paper); ComfyUI loads its export "
+                                 "(dora_scale).")
     train_tokens: Optional[list[list[Optional[str]]]] = doc(
         None, "[[token_or_regex, init_regex_or_null], ...]: '[name]' adds a token initialised to the mean of the "
               "rows matching init_regex; a bare regex finetunes the matching existing tokens.")
     lora_checkpoint_path: Optional[str] = doc(None, "LoRA to start from (named, official positional, ComfyUI or kohya layout).")
-    save_official_layout: bool = doc(True, "Also write lora_official.safetensors (official positional layout).")
+    save_official_layout: Optional[bool] = doc(None, "Also write lora_official.safetensors (official positional "
+                                                     "layout); default: yes for lora_type lora (that layout cannot "
+                                                     "hold a DoRA).")
     export_comfyui: bool = doc(False, "Also write lora_comfyui.safetensors (+ token embeddings) at every save.")
     generator_dropout: Optional[float] = doc(0.0, "Dropout of the frozen generator while the LoRA trains (0: no "
                                                   "dropout, as the official run after its first preview).")
@@ -66,8 +73,15 @@ class LoraConfig(StageCConfig):
     def validate_lora(self) -> None:
         from modules.lora_tokens import validate_train_tokens
 
+        from modules.lora import LORA_TYPES
+
         if self.rank < 1:
             raise UserError(f"config key 'rank' must be >= 1, got {self.rank}")
+        if self.lora_type not in LORA_TYPES:
+            raise UserError(f"config key 'lora_type' must be one of {', '.join(LORA_TYPES)}, got {self.lora_type!r}")
+        if self.lora_type == "dora" and self.save_official_layout:
+            raise UserError("config key 'save_official_layout': the official positional layout has no DoRA magnitude, "
+                            "so it cannot be written for lora_type: dora; remove the key (or set it to false)")
         if not self.alpha > 0:
             raise UserError(f"config key 'alpha' must be > 0, got {self.alpha}")
         if not self.module_filters or not all(isinstance(f, str) and f for f in self.module_filters):
@@ -93,10 +107,11 @@ class StageCLoraTrainer(StageCTrainer):
         from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
-        n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+        dora = cfg.lora_type == "dora"  # + the magnitude (out,)
+        n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) + (shapes[t][0] if dora else 0) for t in targets)
         return super().describe(cfg) + [
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
-                      f"{n:,} LoRA parameters; train_tokens: {cfg.train_tokens or []}"]
+                      f"{n:,} {'DoRA' if dora else 'LoRA'} parameters; train_tokens: {cfg.train_tokens or []}"]
 
     memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
 
@@ -118,14 +133,16 @@ class StageCLoraTrainer(StageCTrainer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
             try:
-                self.loras = apply_lora(generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha)
+                self.loras = apply_lora(generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha,
+                                        lora_type=cfg.lora_type)
             except ValueError as exc:
                 raise UserError(f"config key 'module_filters': {exc}") from None
         params = []
         for _, lora in self.loras:
             params += list(lora.float().parameters())
-        log.info("LoRA: %d adapted weights (filters %s, rank %d, alpha %g), %d trainable parameters",
-                 len(self.loras), list(cfg.module_filters), cfg.rank, cfg.alpha, sum(p.numel() for p in params))
+        log.info("%s: %d adapted weights (filters %s, rank %d, alpha %g), %d trainable parameters",
+                 "DoRA" if cfg.lora_type == "dora" else "LoRA", len(self.loras), list(cfg.module_filters), cfg.rank,
+                 cfg.alpha, sum(p.numel() for p in params))
         self.add_trained("generator", generator, params=params)
 
     def build_tokens(self) -> None:
@@ -153,7 +170,7 @@ class StageCLoraTrainer(StageCTrainer):
         if self.tokens.ids:
             tokens = FileState(lambda: self.tokens.to_json(self.tokenizer) | {"train_tokens": self.cfg.train_tokens})
             self.register_state(TOKENS_FILE, tokens, publish=True, restore=False)
-        if self.cfg.save_official_layout:
+        if self.cfg.save_official_layout is not False and self.cfg.lora_type == "lora":
             self.register_state(OFFICIAL_FILE, FileState(self.official_state_dict, meta), publish=True, restore=False)
         if self.cfg.export_comfyui:
             self.register_state(COMFY_FILE, FileState(self.comfyui_lora, meta), publish=True, restore=False)
@@ -164,17 +181,17 @@ class StageCLoraTrainer(StageCTrainer):
                 self.register_state(COMFY_EMBEDDINGS_FILE, embeddings, publish=True, restore=False)
 
     # -- step ---------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def part_loss(self, batch: dict, generators: list[torch.Generator],
+                  sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.retoken is None:
-            return super().compute_loss(batch)
+            return super().part_loss(batch, generators, sample_weight)
         # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
         images = batch["images"].to(self.device)
-        generators = self.sample_generators(len(images))
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
             latents = self.encode_latents(images)
-        loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators)
-        return loss, {"raw_loss": per_sample.mean()}
+        return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
+                         sample_weight=sample_weight)
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -193,8 +210,12 @@ class StageCLoraTrainer(StageCTrainer):
 
         from core.distributed import full_tensor
 
+        def magnitude(lora: Any) -> Optional[torch.Tensor]:
+            m = getattr(lora, "magnitude", None)  # a DoRA
+            return None if m is None else full_tensor(m.detach())
+
         return [(target, SimpleNamespace(lora_down=full_tensor(lora.lora_down.detach()),
-                                         lora_up=full_tensor(lora.lora_up.detach())))
+                                         lora_up=full_tensor(lora.lora_up.detach()), magnitude=magnitude(lora)))
                 for target, lora in self.loras]
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
@@ -208,6 +229,7 @@ class StageCLoraTrainer(StageCTrainer):
         cfg = self.cfg
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "c",
                 "model_version": str(cfg.model_version), "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)),
+                "lora_type": str(cfg.lora_type),
                 "module_filters": json.dumps(list(cfg.module_filters)),
                 "train_tokens": json.dumps(cfg.train_tokens or []),
                 "tokens": json.dumps(self.tokens.token_strings(self.tokenizer) if self.tokens.ids else []),
@@ -222,8 +244,14 @@ class StageCLoraTrainer(StageCTrainer):
         """The LoRA in the ComfyUI layout (collective under FSDP, like :meth:`lora_state_dict`)."""
         from modules.lora_formats import entries_from_named, export_comfyui
 
-        shapes = {t: _base_shape(self.unwrapped("generator"), t) for t, _ in self.loras}
-        return export_comfyui(entries_from_named(self.lora_state_dict()), shapes)
+        generator = self.unwrapped("generator")
+        shapes = {t: _base_shape(generator, t) for t, _ in self.loras}
+        base = None
+        if self.cfg.lora_type == "dora":  # its dora_scale is computed from the frozen base weights
+            from core.distributed import full_tensor
+
+            base = {t: full_tensor(_base_weight(generator, t).detach()) for t, _ in self.loras}
+        return export_comfyui(entries_from_named(self.lora_state_dict()), shapes, base_weights=base)
 
     def comfyui_embeddings(self) -> tuple[dict, dict]:
         """The trained tokens' whole embedding rows as a ComfyUI embedding file (+ metadata)."""
@@ -263,10 +291,15 @@ class StageCLoraTrainer(StageCTrainer):
         self.retoken.embeddings.copy_(deltas[order].to(self.retoken.embeddings.dtype))
 
 
-def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
-    """Shape of the frozen weight behind the LoRA on ``target`` (e.g. ``...attn.in_proj_weight``)."""
+def _base_weight(model: nn.Module, target: str) -> torch.Tensor:
+    """The frozen weight behind the LoRA on ``target`` (e.g. ``...attn.in_proj_weight``)."""
     owner, attr = target.rsplit(".", 1)
-    return tuple(model.get_submodule(owner).parametrizations[attr].original.shape)
+    return model.get_submodule(owner).parametrizations[attr].original
+
+
+def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
+    """Shape of the frozen weight behind the LoRA on ``target``."""
+    return tuple(_base_weight(model, target).shape)
 
 
 if __name__ == "__main__":

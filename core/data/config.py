@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .buckets import BucketTable
-from .captions import make_caption_getter
+from .captions import TagOptions, make_caption_getter, make_tag_options
 from .errors import DataError
 from .filters import parse_filters
 from .images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
@@ -55,6 +55,16 @@ class DataConfig:
               "inside `old_caption`). None = the `.txt` text.")
     caption_key: Optional[str] = _doc(
         None, "Simpler caption selector: `'txt'` or `'json:<field>'`; ignored when captions_getter is set.")
+    caption_tag_shuffle: bool = _doc(
+        False, "Shuffle the comma-separated tags of each caption every time the sample is read "
+               "(booru/tag captions): the model stops depending on tag order. Drawn per sample from "
+               "its identity, so runs and resumes repeat.")
+    caption_keep_tags: int = _doc(
+        0, "Keep the first N tags of each caption in place, never shuffled or dropped (e.g. 1 for "
+           "the trigger word of a LoRA, so it stays first and always present).")
+    caption_tag_dropout: float = _doc(
+        0.0, "Drop each tag after the kept ones with this probability in [0, 1): the subject no "
+             "longer needs every tag of its training captions to appear.")
     multi_aspect_ratio: Optional[list] = _doc(
         None, "Width/height ratios (`'9/16'` strings or numbers) for multi-aspect-ratio bucketing "
               "(reciprocals are added); None = fixed square `image_size` training.")
@@ -150,7 +160,11 @@ class DataConfig:
                                 f"got {self.multi_aspect_ratio!r}")
         self.bucket_table()
         parse_filters(self.dataset_filters)
-        make_caption_getter(self.captions_getter, self.caption_key)
+        make_caption_getter(self.captions_getter, self.caption_key, self.tag_options())
+
+    def tag_options(self) -> TagOptions | None:
+        """The caption tag handling of the ``caption_*tag*`` keys (None: captions unchanged)."""
+        return make_tag_options(self.caption_tag_shuffle, self.caption_keep_tags, self.caption_tag_dropout)
 
     def bucket_table(self, image_size: int | None = None) -> BucketTable:
         """The bucket table this config trains with (one square bucket without ratios)."""

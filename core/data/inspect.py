@@ -60,7 +60,7 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
     table = BucketTable(cfg.image_size, cfg.multi_aspect_ratio, 0.0)  # deterministic buckets
     spec = StreamSpec(plan=_InOrder(urls, 0, 0, 1, 1, False), batch_size=1 << 30, table=table,
                       crop="center", filters=parse_filters(cfg.dataset_filters),
-                      captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
+                      captions=make_caption_getter(cfg.captions_getter, cfg.caption_key, cfg.tag_options()),
                       shuffle_buffer=1, strict=False, max_pixels=cfg.max_image_pixels)
     ws = WorkerStream(spec, 0)
     hist: Counter[str] = Counter()

@@ -107,7 +107,7 @@ class DataPipeline:
         self.spec = StreamSpec(
             plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=cfg.crop,
             filters=parse_filters(cfg.dataset_filters),
-            captions=make_caption_getter(cfg.captions_getter, cfg.caption_key),
+            captions=make_caption_getter(cfg.captions_getter, cfg.caption_key, cfg.tag_options()),
             shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
             max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches))
         bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
