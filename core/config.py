@@ -156,7 +156,7 @@ class RunConfig:
          "an astronaut riding a horse", "a bowl of fresh fruit on a wooden table"],
         "Fixed prompts of the preview grid (cycled to num_preview_images).")
     # --- models
-    generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network (None = from scratch).")
+    generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network: a file, or a diffusers model folder where the job accepts one (None = from scratch).")
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
     gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     compile: bool = doc(False, "torch.compile the trained network.")
@@ -183,13 +183,14 @@ class RunConfig:
                 extra = f" ({why})" if why else ""
                 raise UserError(f"config key '{key}' is required{extra}; set it in the YAML or with --set {key}=...")
 
-    def check_file(self, key: str) -> None:
+    def check_file(self, key: str, folder_ok: bool = False) -> None:
         """UserError if the file named by ``key`` does not exist (skipped for None, and for
-        placeholder paths and missing files in validate-only mode)."""
+        placeholder paths and missing files in validate-only mode). ``folder_ok``: a folder is
+        accepted too (a model folder; its loader checks what is inside)."""
         path = getattr(self, key)
         if path is None or isinstance(path, _Required) or self.validate_only:
             return
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and not (folder_ok and os.path.isdir(path)):
             from modules.loading import download_hint  # the error path only: keeps configs torch-free
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")

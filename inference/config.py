@@ -43,7 +43,7 @@ class InferenceConfig:
     effnet_checkpoint_path: Optional[str] = _doc("EfficientNet encoder weights (image -> Stage C "
                                                  "latent; image-to-image, reconstruction, SR filter)")
     previewer_checkpoint_path: Optional[str] = _doc("Previewer weights (Stage C latent -> preview)")
-    generator_checkpoint_path: Optional[str] = _doc("Stage C / Stage B generator weights")
+    generator_checkpoint_path: Optional[str] = _doc("Stage C / Stage B generator weights (ours, or a diffusers StableCascadeUNet folder or file)")
     stage_a_checkpoint_path: Optional[str] = _doc("Stage A (VQGAN) weights, Stage B configs")
     clip_text_model_name: str = _doc("HF name or local folder of the CLIP text model + tokenizer",
                                      DEFAULT_CLIP_TEXT)
@@ -55,7 +55,7 @@ class InferenceConfig:
     rank: Optional[int] = _doc("LoRA rank (official files: checked against the file)")
     train_tokens: Optional[list[list[Optional[str]]]] = _doc(
         "[[token_or_regex, init_regex_or_null], ...] replayed into the tokenizer before loading")
-    lora_checkpoint_path: Optional[str] = _doc("LoRA file: official, named or ComfyUI layout")
+    lora_checkpoint_path: Optional[str] = _doc("LoRA file: official, named, ComfyUI or kohya layout")
     lora_strength: float = _doc("multiplier of the LoRA deltas (and trained token deltas)", 1.0)
     # ControlNet (configs/inference/controlnet_c_3b_*.yaml)
     controlnet_blocks: Optional[list[int]] = _doc("Stage C ResBlock call indices fed by the ControlNet")

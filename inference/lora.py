@@ -1,7 +1,7 @@
 """LoRA files at inference: read any supported layout and MERGE the deltas into the weights.
 
 The layouts (official positional ``weights.{i}.*``, our named ``<target>.lora_down/up/alpha``,
-ComfyUI ``lora_prior_unet_*``) are read by ``modules.lora_formats`` -- the same code the LoRA
+ComfyUI ``lora_prior_unet_*``, kohya ``lora_unet_*``) are read by ``modules.lora_formats`` -- the same code the LoRA
 trainer writes them with -- and trained tokens are replayed by ``modules.lora_tokens``; the
 official positional targets of a LIVE model come from ``modules.lora.lora_targets``. This module
 adds what inference needs on top: merging with a strength that can be changed later

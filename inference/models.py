@@ -39,11 +39,12 @@ def weights_dtype(cfg: Optional[InferenceConfig], device: torch.device) -> torch
 
 
 def require_file(cfg: InferenceConfig, key: str, why: str) -> str:
-    """The path under ``key``; a UserError when unset or missing (nothing is ever random-init)."""
+    """The path under ``key``; a UserError when unset or missing (nothing is ever random-init).
+    ``generator_checkpoint_path`` may also be a diffusers model folder (modules/diffusers_format.py)."""
     path = getattr(cfg, key)
     if not path:
         raise UserError(f"config key '{key}' is not set; it is needed for {why}")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and not (key == "generator_checkpoint_path" and os.path.isdir(path)):
         from modules.loading import download_hint
 
         raise UserError(f"{key}: checkpoint file not found: {path} ({download_hint(path)}; relative paths "

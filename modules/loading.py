@@ -275,15 +275,18 @@ def load_model(
     strict=True (default): keys and shapes must match exactly, else :class:`CheckpointError`
     (which says what the file looks like). strict=False: the model is built with its own init on
     ``device`` and the matching entries are copied in; missing/unexpected keys produce a warning.
+    A Stage C / Stage B ``path`` may also be a diffusers ``StableCascadeUNet`` folder or file
+    (``modules.diffusers_format``): it is converted to the official layout first, then checked the same way.
     """
-    p = _check_path(path)
+    foreign = _read_diffusers(kind, model_version, path)
+    p = Path(path) if foreign is not None else _check_path(path)
     device = torch.device(device)
     cls = model_class(kind)
     cfg = model_config(kind, model_version, **overrides)
 
     if not strict:
         model = build_model(kind, model_version, device=device, dtype=dtype, **overrides)
-        sd = read_state_dict(p)
+        sd = foreign if foreign is not None else read_state_dict(p)
         expected = model.state_dict()
         wrong = [k for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         if wrong:
@@ -301,7 +304,10 @@ def load_model(
     with _parameters_on_meta():
         model = cls(**cfg)
     expected = model.state_dict()
-    shapes, preloaded = _file_shapes(p)
+    if foreign is not None:
+        shapes, preloaded = {k: tuple(v.shape) for k, v in foreign.items()}, foreign
+    else:
+        shapes, preloaded = _file_shapes(p)
     report = mismatch_report(kind, model_version, shapes, {k: v.shape for k, v in expected.items()}, str(p))
     if report is not None:
         raise CheckpointError(report)
@@ -325,6 +331,16 @@ def load_model(
     if leftover:
         raise CheckpointError(f"{p}: tensors were not initialised by the file: {leftover[:5]}")
     return model
+
+
+def _read_diffusers(kind: str, model_version: str, path: PathLike) -> Optional[Dict[str, torch.Tensor]]:
+    """The official-layout state dict of a diffusers Stage C / B folder or file at ``path``; None
+    when ``path`` is in our own layout (or ``kind`` has no diffusers layout)."""
+    from modules.diffusers_format import KINDS, diffusers_weights_path, read_diffusers
+
+    if kind not in KINDS or diffusers_weights_path(path) is None:
+        return None
+    return read_diffusers(path, kind, model_version)
 
 
 def _flat_tensors(state: Union[nn.Module, Mapping[str, torch.Tensor]], dtype: Optional[torch.dtype]

@@ -1,4 +1,4 @@
-"""LoRA files: the three on-disk layouts, conversion between them, and merging into weights.
+"""LoRA files: the four on-disk layouts, conversion between them, and merging into weights.
 
 Layouts (``detect_layout``):
 
@@ -11,11 +11,15 @@ Layouts (``detect_layout``):
   ``W' = m * (W + delta) / ||W + delta||_row`` (norm per output row; :func:`modules.lora.dora_weight`).
 * ``official`` (networks.md §7.3): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
   of ``apply_lora(model, module_filters, rank)`` (official ``modules()`` order); scale 1/rank.
-* ``comfyui`` (ComfyUI / kohya Stable Cascade Stage C): ``lora_prior_unet_<module with _>.lora_down.weight``
-  / ``.lora_up.weight`` / ``.alpha``, scale ``alpha / rank``. ComfyUI splits the packed attention
-  ``in_proj_weight`` into ``to_q`` / ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as
-  three LoRAs sharing ``lora_down``. Importing re-packs them; a file whose q/k/v parts have DIFFERENT
-  ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
+* ``comfyui`` (ComfyUI's Stable Cascade Stage C names): ``lora_prior_unet_<module with _>.lora_down.weight``
+  / ``.lora_up.weight`` / ``.alpha``, scale ``alpha / rank``.
+* ``kohya`` (kohya sd-scripts' Stable Cascade LoRA names): the same as ``comfyui`` with the prefix
+  ``lora_unet_`` (``KOHYA_PREFIX``); same math, same q/k/v split. kohya adapts no depthwise convs
+  (:func:`unloadable_targets`).
+
+  Both tools' Stable Cascade code splits the packed attention ``in_proj_weight`` into ``to_q`` /
+  ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as three LoRAs sharing ``lora_down``.
+  Importing re-packs them; a file whose q/k/v parts have DIFFERENT ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
   not loaded as a trainable packed LoRA (that would need rank 3r): ``pack_qkv`` says so.
   A DoRA exports ``<stem>.dora_scale`` too, in the form ComfyUI's loader applies (see
   :func:`export_comfyui`; the key layout is documented in docs/LORA.md).
@@ -39,6 +43,9 @@ from modules.loading import CheckpointError, read_state_dict
 from modules.lora import dora_weight, lora_targets, row_norms
 
 COMFY_PREFIX = "lora_prior_unet_"
+KOHYA_PREFIX = "lora_unet_"
+#: layout name -> key prefix of the layouts that name modules as ``<prefix><module with _>``.
+PREFIXES = {"comfyui": COMFY_PREFIX, "kohya": KOHYA_PREFIX}
 QKV = ("to_q", "to_k", "to_v")
 FORMAT_NAME = "cascade-train-lora"
 FORMAT_VERSION = "1"
@@ -95,10 +102,13 @@ class LoraEntry:
 # Layout detection and reading
 # ----------------------------------------------------------------------------------------------
 def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> str:
-    """``comfyui``, ``official``, ``named`` or ``tokens`` (token deltas only)."""
+    """``comfyui``, ``kohya``, ``official``, ``named`` or ``tokens`` (token deltas only)."""
     keys = list(sd)
-    if any(k.startswith(COMFY_PREFIX) for k in keys):
-        return "comfyui"
+    found = [layout for layout, prefix in PREFIXES.items() if any(k.startswith(prefix) for k in keys)]
+    if len(found) > 1:
+        raise LoraFormatError(f"{source}: mixes {COMFY_PREFIX}* and {KOHYA_PREFIX}* keys; export it again in one layout")
+    if found:
+        return found[0]
     if any(re.fullmatch(r"weights\.\d+\.lora_(down|up)", k) for k in keys):
         return "official"
     if any(k.endswith((".lora_down", ".lora_up")) for k in keys):
@@ -106,7 +116,7 @@ def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> 
     if "embeddings.embeddings" in sd:
         return "tokens"
     raise LoraFormatError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
-                          f"or {COMFY_PREFIX}*.lora_down.weight); is this a LoRA file?")
+                          f"{COMFY_PREFIX}*.lora_down.weight or {KOHYA_PREFIX}*.lora_down.weight); is this a LoRA file?")
 
 
 def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -151,30 +161,32 @@ def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[st
     return out
 
 
-def comfy_stem_table(param_names: Iterable[str]) -> dict[str, tuple[str, Optional[int]]]:
-    """ComfyUI LoRA stem -> (our parameter name, q/k/v block or None) for adaptable parameters
-    (the inverse of :func:`comfyui_key_stems`)."""
+def comfy_stem_table(param_names: Iterable[str], prefix: str = COMFY_PREFIX) -> dict[str, tuple[str, Optional[int]]]:
+    """ComfyUI (or, with ``prefix=KOHYA_PREFIX``, kohya) LoRA stem -> (our parameter name, q/k/v
+    block or None) for adaptable parameters (the inverse of :func:`comfyui_key_stems`)."""
     table: dict[str, tuple[str, Optional[int]]] = {}
     for name in param_names:
         if not name.endswith((".weight", ".in_proj_weight")):
             continue
-        stems = comfyui_key_stems([name])
+        stems = comfyui_key_stems([name], prefix)
         for block, stem in enumerate(stems):
             table[stem] = (name, block if len(stems) == len(QKV) else None)
     return table
 
 
-def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], source: str) -> list[LoraEntry]:
+def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], source: str,
+                prefix: str = COMFY_PREFIX) -> list[LoraEntry]:
     stems: dict[str, None] = {}
     for key in sd:
         for suffix in _COMFY_SUFFIXES:
             if key.endswith(suffix):
                 stems.setdefault(key[: -len(suffix)], None)
                 break
-    table = comfy_stem_table(param_names)
+    table = comfy_stem_table(param_names, prefix)
     unknown = [s for s in stems if s not in table]
     if unknown:
-        raise LoraFormatError(f"{source}: {len(unknown)} ComfyUI LoRA names match no Stage C module, e.g. "
+        tool = "kohya" if prefix == KOHYA_PREFIX else "ComfyUI"
+        raise LoraFormatError(f"{source}: {len(unknown)} {tool} LoRA names match no Stage C module, e.g. "
                               f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
     out = []
     for stem in stems:
@@ -193,8 +205,8 @@ def read_entries(sd: Mapping[str, torch.Tensor], param_names: Iterable[str],
                  official_targets: Optional[Sequence[str]] = None, source: str = "LoRA file") -> list[LoraEntry]:
     """All LoRA updates in ``sd`` (any layout) for a model with parameters ``param_names``."""
     layout = detect_layout(sd, source)
-    if layout == "comfyui":
-        return _read_comfy(sd, param_names, source)
+    if layout in PREFIXES:
+        return _read_comfy(sd, param_names, source, PREFIXES[layout])
     if layout == "official":
         return _read_official(sd, official_targets, source)
     if layout == "named":
@@ -282,18 +294,46 @@ def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Seq
     return sd
 
 
-def comfyui_key_stems(targets: Iterable[str]) -> list[str]:
-    """The ComfyUI LoRA names (without ``.lora_down.weight`` etc.) an export of ``targets`` has."""
+def comfyui_key_stems(targets: Iterable[str], prefix: str = COMFY_PREFIX) -> list[str]:
+    """The ComfyUI LoRA names (without ``.lora_down.weight`` etc.) an export of ``targets`` has;
+    ``prefix=KOHYA_PREFIX`` gives kohya's names (the only difference between the two layouts)."""
     out = []
     for target in targets:
         if target.endswith(".in_proj_weight"):
-            stem = COMFY_PREFIX + target[: -len(".in_proj_weight")].replace(".", "_")
+            stem = prefix + target[: -len(".in_proj_weight")].replace(".", "_")
             out += [f"{stem}_{part}" for part in QKV]
         elif target.endswith(".weight"):
-            out.append(COMFY_PREFIX + target[: -len(".weight")].replace(".", "_"))
+            out.append(prefix + target[: -len(".weight")].replace(".", "_"))
         else:
-            raise LoraFormatError(f"cannot export a LoRA on {target} to ComfyUI (only .weight / in_proj_weight)")
+            raise LoraFormatError(f"cannot export a LoRA on {target} to ComfyUI/kohya (only .weight / in_proj_weight)")
     return out
+
+
+def is_depthwise(shape: Sequence[int]) -> bool:
+    """A grouped conv weight with one input channel per group and a real kernel (our ResBlock
+    ``depthwise``): kohya does not adapt such layers and OneTrainer refuses LoRAs on them."""
+    return len(shape) == 4 and shape[1] == 1 and tuple(shape[2:]) != (1, 1)
+
+
+#: the tools that cannot load a LoRA on a depthwise conv, per export layout.
+DEPTHWISE_UNLOADABLE = {"comfyui": ("OneTrainer",), "kohya": ("kohya", "OneTrainer")}
+
+
+def unloadable_targets(targets: Iterable[str], param_shapes: Mapping[str, Sequence[int]],
+                       layout: str) -> dict[str, list[str]]:
+    """``{tool: [targets it cannot load]}`` for an export of ``targets`` in ``layout`` (empty when
+    every tool that reads the layout loads every target). Callers warn with the names."""
+    depthwise = [t for t in targets if is_depthwise(param_shapes.get(t, ()))]
+    if not depthwise:
+        return {}
+    return {tool: depthwise for tool in DEPTHWISE_UNLOADABLE.get(layout, ())}
+
+
+def export_kohya(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 dtype: Optional[torch.dtype] = None,
+                 base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """kohya's ``lora_unet_`` keys for ``entries``: :func:`export_comfyui` with kohya's prefix."""
+    return export_comfyui(entries, param_shapes, dtype, base_weights, prefix=KOHYA_PREFIX)
 
 
 def comfy_dora_scale(e: LoraEntry, base_weight: torch.Tensor) -> torch.Tensor:
@@ -324,8 +364,10 @@ def comfy_dora_scale(e: LoraEntry, base_weight: torch.Tensor) -> torch.Tensor:
 
 def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                    dtype: Optional[torch.dtype] = None,
-                   base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """ComfyUI/kohya keys for ``entries`` (packed ``in_proj`` split into q/k/v sharing ``lora_down``).
+                   base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                   prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
+    """ComfyUI keys (kohya's with ``prefix=KOHYA_PREFIX``) for ``entries`` (packed ``in_proj`` split
+    into q/k/v sharing ``lora_down``).
 
     ComfyUI scales by ``alpha / rank`` like we do, so ``alpha`` is written unchanged. A LoRA on a
     conv weight (constant over the kernel, networks.md §7.1) is written as ``lora_down`` repeated
@@ -348,7 +390,7 @@ def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[
     for e in entries:
         if e.block is not None:
             raise LoraFormatError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
-        stems = comfyui_key_stems([e.target])
+        stems = comfyui_key_stems([e.target], prefix)
         down, up = e.down, e.up
         scale = e.dora_scale
         if e.magnitude is not None:
@@ -517,7 +559,8 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
 
 __all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "metadata_list",
            "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
-           "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui",
+           "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui", "export_kohya",
+           "is_depthwise", "unloadable_targets", "KOHYA_PREFIX", "PREFIXES",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version",
            "DORA_MAGNITUDE", "comfy_dora_scale"]

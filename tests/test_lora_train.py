@@ -179,3 +179,27 @@ def test_lora_checkpoint_path_loads_an_official_layout_lora(straight, assets, tm
     assert ours.keys() == ref.keys()
     for k, v in ref.items():
         torch.testing.assert_close(ours[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_kohya_lora_and_diffusers_generator_folder_load_in_training(straight, assets, tmp_path):
+    """``lora_checkpoint_path`` takes the kohya layout and ``generator_checkpoint_path`` a diffusers
+    StableCascadeUNet folder (config validation and loading; the conversions: test_lora_kohya.py,
+    test_diffusers_format.py)."""
+    from modules.diffusers_format import save_diffusers
+    from modules.loading import read_state_dict
+    from tools.lora_export import export_file
+
+    trained, run, _ = straight
+    kohya = tmp_path / "kohya.safetensors"
+    export_file(str(run / "lora.safetensors"), str(kohya), clip_text_model=str(assets / "clip/text"), fmt="kohya")
+    folder = save_diffusers(read_state_dict(assets / "stage_c_tiny.safetensors"), "stage_c", "tiny", tmp_path / "prior")
+    trainer = _trainer(assets, tmp_path, "from_kohya", lora_checkpoint_path=str(kohya),
+                       generator_checkpoint_path=str(folder))
+    trainer.build_models()
+    ours, ref = trainer.lora_state_dict(), load_file(run / "lora.safetensors")
+    for k, v in ref.items():
+        if not k.startswith("embeddings."):  # token rows are not part of a kohya file
+            assert torch.equal(ours[k], v), k
+    base = {n: p for n, p in trained.unwrapped("generator").named_parameters() if "lora" not in n}
+    loaded = dict(trainer.unwrapped("generator").named_parameters())
+    assert base and all(torch.equal(loaded[n], p) for n, p in base.items())

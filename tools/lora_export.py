@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Export a Stage C LoRA to the ComfyUI / kohya key format (+ a token embedding file).
+"""Export a Stage C LoRA to the ComfyUI or the kohya key layout (+ a token embedding file).
 
-    python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors \
+    python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors [--format comfyui|kohya] \
         [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn] \
         [--base models/stage_c_bf16.safetensors]   # needed for a DoRA (lora_type: dora): its dora_scale
 
-Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (ComfyUI
-scales by alpha/rank, we write our alpha so the update is identical). The packed attention
+Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``--format
+comfyui``, the default; ComfyUI scales by alpha/rank, we write our alpha so the update is identical),
+or the same keys with kohya's prefix ``lora_unet_`` (``--format kohya``; same math). A LoRA on
+layers a target tool cannot load (depthwise convs: kohya skips them, OneTrainer refuses them) is
+still written, with a warning on stderr naming the layers. The packed attention
 ``in_proj`` LoRA becomes three LoRAs ``..._attn_to_q`` / ``_to_k`` / ``_to_v`` that share
 ``lora_down`` (ComfyUI splits the packed projection the same way). When tokens were trained, the
 FINAL embedding rows of those tokens (base row + trained delta) go to ``<out>_embeddings.safetensors``
@@ -26,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core.errors import UserError, run_cli  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
+FORMATS = ("comfyui", "kohya")
 
 
 def token_vectors(sd: dict, meta: dict, clip_text_model: str):
@@ -51,13 +55,17 @@ def token_vectors(sd: dict, meta: dict, clip_text_model: str):
 
 def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: str | None = None,
                 model_version: str | None = None, module_filters: list[str] | None = None,
-                base: str | None = None) -> dict:
+                base: str | None = None, fmt: str = "comfyui") -> dict:
+    """Write ``out`` in layout ``fmt``; returns a summary (``unloadable``: tool -> layers it
+    cannot load, also warned on stderr)."""
     import torch
 
-    from modules.lora_formats import (export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file, read_tokens,
-                              stage_c_targets, token_embedding_file)
+    from modules.lora_formats import (PREFIXES, export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file,
+                                      read_tokens, stage_c_targets, token_embedding_file, unloadable_targets)
     from modules.loading import save_safetensors
 
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown LoRA layout (known: {', '.join(FORMATS)})")
     sd, meta = read_lora_file(lora)
     version = model_version or meta.get("model_version") or "3.6B"
     filters = module_filters or metadata_list(meta, "module_filters") or [".attn"]
@@ -71,12 +79,18 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
         from modules.loading import read_state_dict
 
         base_weights = read_state_dict(base)
-    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights)
+    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights,
+                           prefix=PREFIXES[fmt])
+    unloadable = unloadable_targets([e.target for e in entries], shapes, fmt)
+    for tool, layers in unloadable.items():
+        print(f"warning: {tool} cannot load the LoRA on {len(layers)} depthwise conv layer(s) of {lora} "
+              f"(it skips or refuses them): {', '.join(layers)}", file=sys.stderr)
     info = {"ss_network_module": "networks.lora", "ss_network_dim": str(entries[0].rank) if entries else "0",
             "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
             "cascade_model_version": version, "source": os.path.basename(lora)}
     save_safetensors(comfy, out, metadata=info)
-    summary = {"out": out, "loras": sum(k.endswith(".lora_down.weight") for k in comfy), "model_version": version}
+    summary = {"out": out, "format": fmt, "loras": sum(k.endswith(".lora_down.weight") for k in comfy),
+               "model_version": version, "unloadable": unloadable}
     if read_tokens(sd) is not None:
         name = clip_text_model or meta.get("clip_text_model_name")
         if not name:
@@ -92,7 +106,9 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora_export.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("lora", help="LoRA file (ours or official positional)")
-    parser.add_argument("--out", required=True, help="ComfyUI LoRA to write (.safetensors)")
+    parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    parser.add_argument("--format", choices=FORMATS, default="comfyui",
+                        help="key layout: comfyui (lora_prior_unet_*) or kohya (lora_unet_*)")
     parser.add_argument("--clip-text-model", default=None, help="CLIP text model of training (for token embeddings)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of lora_down/up (default: as stored)")
     parser.add_argument("--model-version", default=None, help="Stage C version (default: from the file, else 3.6B)")
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="Stage C checkpoint the LoRA was trained on (DoRA only)")
     args = parser.parse_args(argv)
     print(json.dumps(export_file(args.lora, args.out, args.clip_text_model, args.dtype, args.model_version,
-                                 args.module_filters, args.base)))
+                                 args.module_filters, args.base, args.format)))
     return 0
 
 

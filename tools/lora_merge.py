@@ -55,7 +55,7 @@ def merge_files(base: str, lora: str, out: str, strength: float = 1.0, module_fi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora_merge.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="Stage C checkpoint (.safetensors, official layout)")
-    parser.add_argument("--lora", required=True, help="LoRA file (ours, official positional or ComfyUI)")
+    parser.add_argument("--lora", required=True, help="LoRA file (ours, official positional, ComfyUI or kohya)")
     parser.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors)")
     parser.add_argument("--strength", type=float, default=1.0, help="multiplier of the LoRA update (default 1)")
     parser.add_argument("--module-filters", nargs="+", default=None,

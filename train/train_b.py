@@ -38,7 +38,8 @@ class StageBConfig(CascadeConfig):
         if self.training:
             self.require("effnet_checkpoint_path", "stage_a_checkpoint_path", why="Stage B training")
         for key in ("effnet_checkpoint_path", "stage_a_checkpoint_path", "generator_checkpoint_path"):
-            self.check_file(key)
+            # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
+            self.check_file(key, folder_ok=key == "generator_checkpoint_path")
         if not 0.0 <= self.effnet_dropout <= 1.0:
             raise UserError(f"config key 'effnet_dropout' must be in [0, 1], got {self.effnet_dropout}")
 

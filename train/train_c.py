@@ -62,7 +62,8 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
                             f"(write it with python3 tools/cache_dataset.py)")
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
-            self.check_file(key)
+            # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
+            self.check_file(key, folder_ok=key == "generator_checkpoint_path")
         if self.cache_path and self.tag_options() is not None:
             raise UserError("config keys 'caption_tag_shuffle' / 'caption_tag_dropout' do not combine with 'cache_path': "
                             "the cache holds the CLIP embeddings of the captions as they were; remove one of them")

@@ -62,7 +62,7 @@ class LoraConfig(StageCConfig):
     train_tokens: Optional[list[list[Optional[str]]]] = doc(
         None, "[[token_or_regex, init_regex_or_null], ...]: '[name]' adds a token initialised to the mean of the "
               "rows matching init_regex; a bare regex finetunes the matching existing tokens.")
-    lora_checkpoint_path: Optional[str] = doc(None, "LoRA to start from (named, official positional or ComfyUI layout).")
+    lora_checkpoint_path: Optional[str] = doc(None, "LoRA to start from (named, official positional, ComfyUI or kohya layout).")
     save_official_layout: Optional[bool] = doc(None, "Also write lora_official.safetensors (official positional "
                                                      "layout); default: yes for lora_type lora (that layout cannot "
                                                      "hold a DoRA).")

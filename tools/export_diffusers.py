@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Convert a Stage C / Stage B checkpoint between our (official) layout and diffusers' StableCascadeUNet.
+
+    python3 tools/export_diffusers.py models/stage_c_bf16.safetensors --out my_prior/ \
+        [--stage c|b] [--model-version 3.6B] [--dtype keep|float32|bfloat16|float16]
+    python3 tools/export_diffusers.py my_prior/ --to-official --out stage_c_mine.safetensors --stage c
+
+The default direction writes a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
+that ``diffusers.StableCascadeUNet.from_pretrained(folder)`` loads (for a pipeline, put it as the
+``prior`` / ``decoder`` sub-folder). ``--to-official`` reads a diffusers folder (or its single
+safetensors file) and writes the official layout. Both directions are exact (renames and q/k/v row
+splits only), and the stage/model_version is recognised from the file unless given. A diffusers
+folder also loads directly as ``generator_checkpoint_path`` (training and inference). See
+docs/DIFFUSERS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from core.errors import UserError, run_cli  # noqa: E402
+
+DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+STAGES = {"c": "stage_c", "b": "stage_b"}
+
+
+def _recognise(shapes: dict, stage: str | None, model_version: str | None, source: str) -> tuple[str, str]:
+    """``(kind, model_version)`` of an official-layout state dict (exact key/shape match)."""
+    from modules.registry import MODEL_CONFIGS, registered_shapes
+
+    kinds = [STAGES[stage]] if stage else list(STAGES.values())
+    for kind in kinds:
+        versions = [model_version] if model_version else list(MODEL_CONFIGS[kind])
+        for version in versions:
+            if version in MODEL_CONFIGS[kind] and registered_shapes(kind, version) == shapes:
+                return kind, version
+    what = " ".join(x for x in (f"Stage {stage.upper()}" if stage else "Stage C/B", model_version) if x)
+    raise UserError(f"{source} is not a {what} checkpoint in the official layout (no registered version matches "
+                    f"its keys and shapes); pass --stage/--model-version or check the file")
+
+
+def export(src: str, out: str, stage: str | None = None, model_version: str | None = None,
+           dtype: str = "keep") -> dict:
+    """Our file ``src`` -> diffusers folder ``out``; returns a summary."""
+    import torch
+
+    from modules.diffusers_format import save_diffusers
+    from modules.loading import read_state_dict
+
+    sd = read_state_dict(src)
+    kind, version = _recognise({k: tuple(v.shape) for k, v in sd.items()}, stage, model_version, src)
+    cast = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    folder = save_diffusers(sd, kind, version, out, dtype=cast)
+    return {"out": str(folder), "kind": kind, "model_version": version, "tensors": len(sd)}
+
+
+def to_official(src: str, out: str, stage: str | None = None, model_version: str | None = None,
+                dtype: str = "keep") -> dict:
+    """Diffusers folder/file ``src`` -> our (official) file ``out``; returns a summary."""
+    import torch
+
+    from modules.diffusers_format import (KINDS, diffusers_weights_path, from_diffusers, is_diffusers_layout,
+                                          read_diffusers)
+    from modules.loading import read_state_dict, save_safetensors
+
+    found = diffusers_weights_path(src)
+    if found is None:
+        raise UserError(f"{src}: not a diffusers StableCascadeUNet folder or safetensors file")
+    raw = read_state_dict(found[0])
+    if not is_diffusers_layout(raw):
+        raise UserError(f"{src}: the weights are not in the diffusers layout")
+    kinds = [STAGES[stage]] if stage else list(KINDS)
+    # Stage B renames clip_mapper, so the kind decides the conversion: try each, keep the exact match.
+    errors = []
+    for kind in kinds:
+        sd = from_diffusers(raw, kind, str(found[0]))
+        try:
+            kind, version = _recognise({k: tuple(v.shape) for k, v in sd.items()}, kind[-1], model_version, src)
+        except UserError as exc:
+            errors.append(str(exc))
+            continue
+        sd = read_diffusers(src, kind, version)  # checks config.json too
+        cast = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+        save_safetensors(sd, out, dtype=cast, metadata={"converted_from": "diffusers", "model_version": version})
+        return {"out": out, "kind": kind, "model_version": version, "tensors": len(sd)}
+    raise UserError(errors[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="export_diffusers.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="our .safetensors (default) or a diffusers folder/file (--to-official)")
+    parser.add_argument("--out", required=True, help="diffusers folder to write (or, --to-official, a .safetensors)")
+    parser.add_argument("--to-official", action="store_true", help="convert a diffusers folder/file to our layout")
+    parser.add_argument("--stage", choices=sorted(STAGES), default=None, help="c or b (default: recognised)")
+    parser.add_argument("--model-version", default=None, help="registered version (default: recognised)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    if os.path.abspath(args.out) == os.path.abspath(args.src):
+        raise UserError("--out must differ from the input")
+    run = to_official if args.to_official else export
+    print(json.dumps(run(args.src, args.out, args.stage, args.model_version, args.dtype)))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
