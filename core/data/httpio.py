@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 
 from .errors import DataError, ShardMissing
+from .resumable import ResumableStream
 
 log = logging.getLogger("core.data")
 
@@ -83,17 +84,16 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (urllib.error.URLError, OSError, http.client.HTTPException, socket.timeout))
 
 
-class HTTPReader:
+class HTTPReader(ResumableStream):
     """A read-only file object over one HTTP(S) shard starting at byte ``offset``."""
 
+    label = "HTTP"
+
     def __init__(self, url: str, offset: int = 0):
-        self.url = url
-        self.pos = offset
-        self.size: int | None = None
+        super().__init__(url, offset)
         self.validator: tuple[str | None, str | None] | None = None   # (ETag, Last-Modified)
         self._headers = env_headers()
         self._opener = urllib.request.build_opener(_SameHostRedirect(self._headers))
-        self._body = None
         self._open()
 
     # ------------------------------------------------------------------ opening
@@ -181,45 +181,8 @@ class HTTPReader:
         self._body = resp
 
     # ------------------------------------------------------------------ reading
-    def read(self, n: int = -1) -> bytes:
-        delay = RETRY_BASE_S
-        attempt = 0
-        while True:
-            if self._body is None:
-                return b""
-            try:
-                data = self._body.read(n if n >= 0 else None)
-                if not data and self.size is not None and self.pos < self.size:
-                    raise http.client.IncompleteRead(b"", self.size - self.pos)
-                self.pos += len(data)
-                return data
-            except DataError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not _transient(exc) or attempt >= MAX_RETRIES:
-                    raise DataError(f"HTTP {self.url}: read failed at byte {self.pos}: "
-                                    f"{type(exc).__name__}: {exc}") from None
-                attempt += 1
-                log.warning("HTTP %s: stream broke at byte %d (%s); reopening in %.2fs (retry %d/%d)",
-                            self.url, self.pos, type(exc).__name__, delay, attempt, MAX_RETRIES)
-                self._close_body()
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                self._open()
+    def _transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
 
-    def _close_body(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
-            try:
-                body.close()
-            except Exception:  # noqa: BLE001 - the connection is already broken
-                pass
-
-    def close(self) -> None:
-        self._close_body()
-
-    def __enter__(self) -> "HTTPReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _retry_policy(self) -> tuple[int, float, float]:
+        return MAX_RETRIES, RETRY_BASE_S, RETRY_MAX_S

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from .errors import DataError, ShardMissing
+from .resumable import ResumableStream
 
 log = logging.getLogger("core.data")
 
@@ -137,20 +138,19 @@ def list_tars(url: str) -> list[str]:
     return [f"s3://{bucket}/{k}" for k in keys]  # type: ignore[union-attr]
 
 
-class S3Reader:
+class S3Reader(ResumableStream):
     """A read-only file object over one S3 object starting at ``offset``.
 
     Broken or stalled streams (connection reset, 5xx, throttling, early EOF) are reopened with
     ``Range: bytes=<pos>-`` after a backoff; missing bucket/key and denied access raise DataError.
     """
 
+    label = "S3"
+
     def __init__(self, url: str, offset: int = 0):
-        self.url = url
+        super().__init__(url, offset)
         self.bucket, self.key = split_url(url)
-        self.pos = offset
-        self.size: int | None = None
         self.etag: str | None = None
-        self._body = None
         self._open()
 
     def _open(self) -> None:
@@ -173,43 +173,8 @@ class S3Reader:
         if length is not None:
             self.size = self.pos + int(length)
 
-    def read(self, n: int = -1) -> bytes:
-        delay = RETRY_BASE_S
-        attempt = 0
-        while True:
-            if self._body is None:
-                return b""
-            try:
-                data = self._body.read(n if n >= 0 else None)
-                if not data and self.size is not None and self.pos < self.size:
-                    raise http.client.IncompleteRead(b"", self.size - self.pos)
-                self.pos += len(data)
-                return data
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if _classify(exc) != "transient" or attempt >= MAX_RETRIES:
-                    raise DataError(f"S3 {self.url}: read failed at byte {self.pos}: "
-                                    f"{type(exc).__name__}: {exc}") from None
-                attempt += 1
-                log.warning("S3 %s: stream broke at byte %d (%s); reopening in %.2fs (retry %d/%d)",
-                            self.url, self.pos, type(exc).__name__, delay, attempt, MAX_RETRIES)
-                self._close_body()
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                self._open()
+    def _transient(self, exc: BaseException) -> bool:
+        return _classify(exc) == "transient"
 
-    def _close_body(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
-            try:
-                body.close()
-            except Exception:  # noqa: BLE001 - the connection is already broken
-                pass
-
-    def close(self) -> None:
-        self._close_body()
-
-    def __enter__(self) -> "S3Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _retry_policy(self) -> tuple[int, float, float]:
+        return MAX_RETRIES, RETRY_BASE_S, RETRY_MAX_S
