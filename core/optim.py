@@ -40,6 +40,11 @@ class OptimConfig:
             raise UserError(f"config key 'weight_decay' must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise UserError(f"config key 'grad_clip' must be >= 0 (0 or null disables clipping), got {self.grad_clip}")
+        if self.optimizer == "prodigy" and getattr(self, "use_fsdp", False):
+            # Its d estimate sums over whole parameters; over FSDP shards that needs prodigyopt's own
+            # collective mode, which is not wired or tested here.
+            raise UserError("optimizer 'prodigy' does not combine with use_fsdp: true (untested over sharded "
+                            "parameters); use DDP (use_fsdp: false) or optimizer: adamw")
 
 
 def _trainable(params: ParamsT) -> list:
@@ -91,11 +96,6 @@ def _build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.opti
                             "(CUDA only), or set optimizer: adamw") from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "prodigy":
-        if getattr(cfg, "use_fsdp", False):
-            # Its d estimate sums over whole parameters; over FSDP shards that needs prodigyopt's own
-            # collective mode, which is not wired or tested here.
-            raise UserError("optimizer 'prodigy' does not combine with use_fsdp: true (untested over sharded "
-                            "parameters); use DDP (use_fsdp: false) or optimizer: adamw")
         try:
             from prodigyopt import Prodigy  # type: ignore[import-not-found]
         except ImportError:

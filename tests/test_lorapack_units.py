@@ -220,7 +220,7 @@ def test_prodigy_optimizer_and_exact_state_round_trip():
     with pytest.raises(UserError, match="use_fsdp"):
         fsdp = OptimConfig(optimizer="prodigy")
         fsdp.use_fsdp = True
-        build_optimizer(model().parameters(), 1.0, fsdp)
+        fsdp.validate_optim()
 
 
 def test_setup_loss_puts_the_chosen_weight_into_the_jobs_gdf():
@@ -238,3 +238,15 @@ def test_setup_loss_puts_the_chosen_weight_into_the_jobs_gdf():
         job.make_gdf = lambda: StageCTrainer.make_gdf(job)
         StageCTrainer.setup_loss(job)
         assert type(job.gdf.loss_weight) is kind and names == registered, keys
+
+
+def test_validate_only_checks_the_share_against_the_launchers_world_size(train_assets, tmp_path, capsys, monkeypatch):
+    """The share is of the per-rank micro-batch: --validate-only under WORLD_SIZE refuses what the run would."""
+    from tests.test_train_e2e import C_CONFIG, config_args
+    from tests.test_train_errors import assert_one_clear_line, run_in_process
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = config_args(C_CONFIG, train_assets, tmp_path, batch_size=4, grad_accum_steps=1,
+                       regularization_webdataset_path=str(tmp_path / "class.tar"))
+    code, err = run_in_process([*args, "--validate-only"], capsys)
+    assert_one_clear_line(code, err, "regularization_share", "per-rank micro-batch of 1")

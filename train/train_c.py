@@ -29,7 +29,8 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.memory_specs import stage_c_spec
-from train.regularization import REG_KEY, RegularizationConfig, build_mixed_pipeline, regularized_loss
+from train.regularization import (REG_KEY, RegularizationConfig, build_mixed_pipeline, regularization_count,
+                                  regularized_loss)
 from train.stage_c_conditions import condition_dropout
 
 
@@ -47,6 +48,12 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
               "the same data pipeline as images (per-epoch shuffle, rank/worker split, exact resume; seed, "
               "num_workers, shuffle_buffer and strict apply; webdataset_path, crops and filters are the cached "
               "ones); caption dropout uses the cached CLIP(''). None = encode the images every step.")
+
+    def validate_run(self, world_size: Optional[int] = None) -> None:
+        super().validate_run(world_size)
+        if world_size is not None and self.training and self.regularization_webdataset_path is not None:
+            # the share is of the per-rank micro-batch, known only with the launcher's world size
+            regularization_count(self.regularization_share, self.per_rank_batch(world_size))
 
     def validate_stage_c(self) -> None:
         self.check_versions("stage_c", "Stage C")
