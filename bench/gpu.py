@@ -1,6 +1,6 @@
 """GPU benchmark of the headline training jobs: one prepared command for a short GPU loan.
 
-    python3 bench/gpu.py [--only NAME ...] [--steps 5] [--row-timeout 150] [--out gpu.json]
+    python3 bench/gpu.py [--only NAME ...] [--steps 5] [--row-timeout 90] [--out gpu.json]
     python3 bench/gpu.py --quick          # the same code path, tiny sizes, on CPU (the test suite)
     python3 bench/gpu.py --list
 
@@ -16,7 +16,8 @@ Per row: peak allocated and reserved memory (``torch.cuda.max_memory_*``; peak R
 step time after ``--warmup`` steps, images/s, model TFLOP/s and MFU, and the analytic estimate that
 ``--dry-run`` prints for the same run (``core.memory`` on ``train/memory_specs.py``) beside the
 measured peak. FLOPs are the trained networks' forward + backward counted by
-``torch.utils.flop_counter.FlopCounterMode`` on fake tensors (no memory; without the recomputation
+``torch.utils.flop_counter.FlopCounterMode`` on fake tensors for one sample, times the batch
+(every operation of these networks is per sample; no memory needed; without the recomputation
 of gradient checkpointing, i.e. model FLOPs, not hardware FLOPs; the encoders' no-grad forwards
 are not counted). MFU = FLOP/s / the device's dense bf16 peak from :data:`PEAK_BF16_TFLOPS` by
 device name; an unknown device gets no MFU (the table says so; ``--peak-tflops`` sets it).
@@ -151,7 +152,7 @@ def controlnet_kwargs(row: Row) -> dict:
 
 def _materialize(module: nn.Module, device: Any) -> nn.Module:
     """A meta-device module given storage on ``device`` and random weights (weight tensors >= 2-d
-    ~ N(0, 0.02), the rest zeros, BatchNorm variances 1: what a timing needs, without running
+    ~ N(0, 0.02), 1-d weights (norm scales) 1, the rest 0, BatchNorm variances 1: what a timing needs, without running
     every init function of a multi-billion-parameter network). ``device=None``: uninitialised
     storage, for FLOP counting under ``FakeTensorMode`` (tensors are replaced, not swapped, which
     fake tensors do not allow)."""
@@ -166,7 +167,10 @@ def _materialize(module: nn.Module, device: Any) -> nn.Module:
                     x = torch.empty(t.shape, dtype=t.dtype, device=dev)
                     if device is not None and x.is_floating_point():
                         with torch.no_grad():
-                            x.normal_(0.0, 0.02) if x.dim() >= 2 else x.zero_()
+                            if x.dim() >= 2:
+                                x.normal_(0.0, 0.02)
+                            else:  # 1-d: norm scales 1, biases 0
+                                x.fill_(1.0 if k == "weight" else 0.0)
                     new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
                 table[k] = new[id(t)]
         if device is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
@@ -472,13 +476,22 @@ def measure_steps(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.
 def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> dict:
     """Measure one row in this process; an out-of-memory error is a result."""
     started = time.perf_counter()
-    deadline = started + 0.8 * budget_s
+    # before any step, so an OOM row shows them too (FLOPs are linear in the batch: counted for one sample)
+    one = replace(row, batch=1)
+    flops_per_sample = _shared("flops", one, 1, lambda: model_flops(one, 1))
+    # (the batch search estimates the batch it ends at, afterwards)
+    estimate = None if row.search_max_batch else _shared("estimate", row, row.batch,
+                                                           lambda: memory_estimate(row, row.batch))
+    left = budget_s - (time.perf_counter() - started)
+    # the batch search keeps time for the estimate of the batch it ends at
+    deadline = time.perf_counter() + (0.6 if row.search_max_batch else 0.8) * left
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     result: dict[str, Any] = {"row": row.name, "title": row.title, "device": _device_name(device),
-                              "batch": row.batch, "image_size": row.image_size, "status": "ok"}
+                              "batch": row.batch, "image_size": row.image_size, "status": "ok",
+                              "estimate_gib": estimate}
     torch.manual_seed(0)
     try:
         enc = build_encoders(row, device, quick)
@@ -505,7 +518,8 @@ def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> 
             if best is None:
                 peak, reserved = _peak_memory(device)
                 result.update(status="OOM", where=f"step at batch {batch}", peak_allocated_gib=peak,
-                              peak_reserved_gib=reserved)
+                              peak_reserved_gib=reserved,
+                              estimate_gib=estimate if estimate is not None else memory_estimate(row, batch))
                 return result
             result["stopped_by"] = f"OOM at batch {batch}"
             break
@@ -522,13 +536,14 @@ def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> 
             break
     result.update(best)
     result["images_per_s"] = best["batch"] / best["step_s"]
-    flops = _shared("flops", row, best["batch"], lambda: model_flops(row, best["batch"]))
+    flops = flops_per_sample * best["batch"]
     result["model_flops_per_step"] = flops
     result["tflops_per_s"] = flops / best["step_s"] / 1e12
     peak = peak_tflops(result["device"]) if device.type == "cuda" else None
     result["peak_bf16_tflops"] = peak
     result["mfu"] = result["tflops_per_s"] / peak if peak else None
-    result["estimate_gib"] = _shared("estimate", row, best["batch"], lambda: memory_estimate(row, best["batch"]))
+    if row.search_max_batch:
+        result["estimate_gib"] = _shared("estimate", row, best["batch"], lambda: memory_estimate(row, best["batch"]))
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -614,7 +629,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes on CPU: the same code path, in seconds")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5; --quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2; --quick 1)")
-    p.add_argument("--row-timeout", type=float, default=None, help="seconds per row (default 150; --quick 60)")
+    p.add_argument("--row-timeout", type=float, default=None, help="seconds per row (default 90; --quick 60)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -633,7 +648,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [r for r in ROWS if not a.only or r.name in a.only]
     if a.quick:
         rows = [quick_row(r) for r in rows]
-    timeout = a.row_timeout or (60.0 if a.quick else 150.0)
+    timeout = a.row_timeout or (60.0 if a.quick else 90.0)
     results = []
     # imported once here, before the rows are forked (the parent never initialises CUDA)
     import importlib

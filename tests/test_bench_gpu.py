@@ -60,8 +60,11 @@ def test_oom_and_timeout_are_row_results(gpu, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(gpu, "build_encoders", oom)  # the forked row sees the patched module
-    r = gpu.run_isolated(row, True, 0, 1, 30)
+    monkeypatch.setattr(gpu, "model_flops", lambda row, batch: 1000 * batch)
+    monkeypatch.setattr(gpu, "memory_estimate", lambda row, batch: 12.5)
+    r = gpu.run_isolated(row, True, 0, 1, 60)
     assert r["status"] == "OOM" and r["where"] == "building the networks"
+    assert r["estimate_gib"] == 12.5  # the estimate stands beside an OOM too
 
     monkeypatch.setattr(gpu, "run_row", lambda *a, **k: __import__("time").sleep(30))
     r = gpu.run_isolated(row, True, 0, 1, 1)
