@@ -186,7 +186,8 @@ def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Paramet
     with _default_dtype(torch.bfloat16 if frozen_base else _dtype(row.weight_dtype)):
         generator = _materialize(build_model(row.kind, row.version, device="meta"), device)
     nets = nn.ModuleDict({"generator": generator})
-    generator.train()
+    # trained (full, LoRA inside it) in train mode; the frozen base under a ControlNet in eval mode
+    generator.train(row.mode != "controlnet")
     if row.mode == "full":
         params = list(generator.parameters())
     else:
