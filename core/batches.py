@@ -17,11 +17,17 @@ log = logging.getLogger("cascade.train")
 
 
 class Batches:
-    """Iterates ``pipeline``; keeps the first ``num_preview`` samples of the first batch."""
+    """Iterates ``pipeline``; keeps the first ``num_preview`` samples of the first batch.
 
-    def __init__(self, pipeline: Any, num_preview: int) -> None:
+    With a ``device``, each batch goes through the pipeline's ``to_device(batch, device)`` when it
+    has one (uint8 images are moved and converted to float there, on the training device).
+    """
+
+    def __init__(self, pipeline: Any, num_preview: int, device: Optional[torch.device] = None) -> None:
         self.pipeline = pipeline
         self.num_preview = num_preview
+        to_device = getattr(pipeline, "to_device", None) if device is not None else None
+        self._to_device = (lambda batch: to_device(batch, device)) if callable(to_device) else (lambda batch: batch)
         self._iter = iter(pipeline)
         self._prefetched: Optional[dict] = next(self._iter)  # fails early on an empty dataset
         self.preview_batch: Optional[dict] = None
@@ -31,9 +37,11 @@ class Batches:
             batch, self._prefetched = self._prefetched, None
         else:
             batch = next(self._iter)
+        batch = self._to_device(batch)
         if self.preview_batch is None:  # the first samples of the first batch, for every preview
             keep = min(self.num_preview, len(batch["captions"]))
-            self.preview_batch = {k: v[:keep].clone() if isinstance(v, torch.Tensor) else list(v[:keep])
+            # kept on the CPU, where the previews have always found it
+            self.preview_batch = {k: v[:keep].to("cpu", copy=True) if isinstance(v, torch.Tensor) else list(v[:keep])
                                   for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
         return batch
 

@@ -139,7 +139,7 @@ class TrainingCore:
         from core.data import build_pipeline
 
         return build_pipeline(self.cfg, batch_size=batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                              seed=self.cfg.seed, num_workers=self.cfg.num_workers, state=state)
+                              seed=self.cfg.seed, num_workers=self.cfg.num_workers, state=state, image_dtype="uint8")
 
     # -- registration -----------------------------------------------------------------------
     def add_trained(self, name: str, module: nn.Module, params: Optional[list[nn.Parameter]] = None,
@@ -239,7 +239,7 @@ class TrainingCore:
         # Data first: a missing or empty dataset fails in seconds, before any model is loaded.
         state = Batches.resume_state(paths.get("data.json"), self.dist.rank, self.dist.world_size)
         self.pipeline = self.build_pipeline(cfg.per_rank_batch(self.dist.world_size), state)
-        self.batches = Batches(self.pipeline, cfg.num_preview_images)
+        self.batches = Batches(self.pipeline, cfg.num_preview_images, self.device)  # uint8 images: float on the device
         self.validation = Validation(self) if cfg.validation_webdataset_path is not None else None
         self.build_models()
         self._models.prepare(cfg, self.device)

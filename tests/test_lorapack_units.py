@@ -173,15 +173,19 @@ def test_mixed_pipeline_share_and_exact_resume(tmp_path):
         return batch["keys"] + batch[REG_KEY]["keys"]
 
     for rank in (0, 1):
-        pipe = build_mixed_pipeline(cfg, 4, rank, 2, None)
+        options = dict(rank=rank, world_size=2, seed=cfg.seed, num_workers=0, image_dtype="uint8")
+        pipe = build_mixed_pipeline(cfg, 4, None, options)
         it = iter(pipe)
-        first = [keys(next(it)) for _ in range(3)]
+        batches = [next(it) for _ in range(3)]
+        first = [keys(b) for b in batches]
+        moved = pipe.to_device(batches[0], "cpu")  # both parts become float images in [0, 1]
+        assert moved["images"].dtype == moved[REG_KEY]["images"].dtype == torch.float32
         assert all(len(k) == 4 and all(x.startswith("main") for x in k[:3]) and k[3].startswith("reg")
                    for k in first)
         state = copy.deepcopy(pipe.state_dict())
         rest = [keys(next(it)) for _ in range(3)]
         pipe.close()
-        again = build_mixed_pipeline(cfg, 4, rank, 2, state)
+        again = build_mixed_pipeline(cfg, 4, state, options)
         assert [keys(b) for b, _ in zip(again, range(3))] == rest
         again.close()
 

@@ -144,17 +144,23 @@ class CascadeTrainer(TrainingCore):
         return model
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
-        """The image batches; ``crop: smart`` runs the saliency network in the data workers."""
+        """The image batches (uint8 from the workers, float on the training device)."""
         from core.data import build_pipeline
 
+        cfg = self.cfg
+        return build_pipeline(cfg, batch_size=batch_size, state=state, **self.image_pipeline_options())
+
+    def image_pipeline_options(self) -> dict:
+        """The ``build_pipeline`` keywords every image pipeline of this rank shares: rank, seed,
+        workers, uint8 batches, and for ``crop: smart`` the saliency network (run in the workers)."""
         cfg = self.cfg
         saliency = None
         if cfg.crop == "smart":
             from train.saliency import load_job_saliency
 
             saliency = load_job_saliency(cfg, "cpu")  # the workers decode on the CPU
-        return build_pipeline(cfg, batch_size=batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                              seed=cfg.seed, num_workers=cfg.num_workers, state=state, saliency=saliency)
+        return dict(rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed,
+                    num_workers=cfg.num_workers, saliency=saliency, image_dtype="uint8")
 
     def load_effnet(self) -> nn.Module:
         """The frozen EfficientNet encoder (channels-last: ~2-3x faster convolutions, same results)."""

@@ -94,6 +94,11 @@ class MixedPipeline:
         batch[REG_KEY] = next(self._it[1])
         return batch
 
+    def to_device(self, batch: dict, device: Any = None) -> dict:
+        """Both parts ready to train on ``device`` (each pipeline converts its own images)."""
+        self.reg.to_device(batch[REG_KEY], device)
+        return self.main.to_device(batch, device)
+
     def state_dict(self) -> dict:
         return {"main": self.main.state_dict(), REG_KEY: self.reg.state_dict()}
 
@@ -105,8 +110,9 @@ class MixedPipeline:
             p.close()
 
 
-def build_mixed_pipeline(cfg: Any, batch_size: int, rank: int, world_size: int, state: Optional[dict]) -> MixedPipeline:
-    """The two pipelines of one rank (``batch_size`` = the whole per-rank micro-batch)."""
+def build_mixed_pipeline(cfg: Any, batch_size: int, state: Optional[dict], options: dict) -> MixedPipeline:
+    """The two pipelines of one rank (``batch_size`` = the whole per-rank micro-batch; ``options``:
+    the job's shared ``build_pipeline`` keywords: rank, seed, workers, image dtype, saliency)."""
     from core.data import DataConfig, build_pipeline
 
     k = regularization_count(cfg.regularization_share, batch_size)
@@ -116,9 +122,8 @@ def build_mixed_pipeline(cfg: Any, batch_size: int, rank: int, world_size: int, 
     state = state or {}
     data_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataConfig)}
     reg_cfg = DataConfig(**{**data_keys, "webdataset_path": cfg.regularization_webdataset_path, "dataset_filters": None})
-    common = dict(rank=rank, world_size=world_size, seed=cfg.seed, num_workers=cfg.num_workers)
-    main = build_pipeline(cfg, batch_size=batch_size - k, state=state.get("main"), **common)
-    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), **common)
+    main = build_pipeline(cfg, batch_size=batch_size - k, state=state.get("main"), **options)
+    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), **options)
     return MixedPipeline(main, reg)
 
 

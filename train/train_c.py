@@ -148,7 +148,7 @@ class StageCTrainer(CascadeTrainer):
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
         if self.cfg.regularization_webdataset_path is not None:  # train/regularization.py
-            return build_mixed_pipeline(self.cfg, batch_size, self.dist.rank, self.dist.world_size, state)
+            return build_mixed_pipeline(self.cfg, batch_size, state, self.image_pipeline_options())
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
         from train.stage_c_cache import build_cache_pipeline

@@ -128,6 +128,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size, _WHITE)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
+    if mode == "RGB":
+        return im  # convert() would copy it
     return im.convert("RGB")
 
 

@@ -13,13 +13,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import make_caption_getter
 from .config import DataConfig
+from .device import batch_images_to_float
 from .errors import DataError
 from .filters import parse_filters
 from .plan import ShardPlan
 from .signals import blocked_while_starting, ignore_in_worker
 from .sources import expand_named_sources
 from .stats import Stats, log_report, log_shard_fault
-from .worker import _ADMITTED, _DECODED, _PRODUCED, _UNDECODABLE, SAMPLE_FORMATS, StreamSpec, WorkerStream
+from .worker import (_ADMITTED, _DECODED, _PRODUCED, _UNDECODABLE, IMAGE_DTYPES, SAMPLE_FORMATS, StreamSpec,
+                     WorkerStream)
 
 log = logging.getLogger("core.data")
 
@@ -72,7 +74,8 @@ def _fingerprint(names: list[str], spec_bits: tuple) -> str:
 class DataPipeline:
     """Endless iterator of single-bucket batches with an exact-resume position.
 
-    Batches of ``sample_format='image'``: ``images`` (B,3,h,w) float in [0,1], ``captions``,
+    Batches of ``sample_format='image'``: ``images`` (B,3,h,w) float32 in [0,1] (``image_dtype=
+    'uint8'``: uint8 in [0,255], converted by the consumer with :meth:`to_device`), ``captions``,
     ``keys``, ``urls``, ``json``, ``sample_epochs`` (lists of length B: the epoch each sample
     was read in) and ``epoch`` (the epoch the worker is in; a batch may open with samples carried
     over from an earlier epoch). Of ``'tensors'``: one
@@ -84,11 +87,15 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                  transform_size: int | None = None, sample_format: str = "image",
-                 partial_batches: bool = False, saliency: Any = None):
+                 partial_batches: bool = False, saliency: Any = None,
+                 image_dtype: str = "float32"):
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
         if sample_format not in SAMPLE_FORMATS:
             raise DataError(f"sample_format: expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
+        if image_dtype not in IMAGE_DTYPES:
+            raise DataError(f"image_dtype: expected one of {list(IMAGE_DTYPES)}, got {image_dtype!r}")
+        self.image_dtype = image_dtype
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size: the per-rank batch size must be an integer >= 1, got {batch_size!r}")
         if not (0 <= rank < world_size):
@@ -110,7 +117,7 @@ class DataPipeline:
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key, cfg.tag_options()),
             shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
-            max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches))
+            max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches), image_dtype=image_dtype)
         bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
         if sample_format != "image":  # image fingerprints stay what they were (saved states remain valid)
             bits += (sample_format,)
@@ -205,6 +212,14 @@ class DataPipeline:
             batch["epoch"] = item["epoch"]
             return batch
 
+    def to_device(self, batch: dict, device: "torch.device | str | None" = None) -> dict:
+        """``batch`` ready to train on ``device``: uint8 ``images`` moved there (a quarter of the
+        float32 bytes) and converted to float32 in [0, 1], bitwise the ``image_dtype='float32'``
+        batch; other entries unchanged. Float batches pass through unchanged (not moved)."""
+        if self.image_dtype == "uint8":
+            batch_images_to_float(batch, "images", device)
+        return batch
+
     def _epoch_end(self, epoch: int, worker: int, counts: list[int]) -> None:
         got = self._epoch_ends.setdefault(epoch, [])
         got.append(counts)
@@ -297,7 +312,8 @@ Source = Union[DataConfig, str, os.PathLike, Sequence[str]]
 def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int = 1,
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                    transform_size: int | None = None, sample_format: str = "image",
-                   partial_batches: bool = False, saliency: Any = None) -> DataPipeline:
+                   partial_batches: bool = False, saliency: Any = None,
+                   image_dtype: str = "float32") -> DataPipeline:
     """Build the data pipeline of one rank.
 
     ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
@@ -313,12 +329,15 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
     ``saliency``: the saliency function of ``crop: smart`` (a picklable callable, e.g. an
     ``nn.Module``, ``(1, 3, h, w)`` in [0, 1] -> ``(1, 1, h', w')``; see ``smartcrop.py``), run in
     the workers.
+    ``image_dtype='uint8'``: the workers send uint8 images (no float conversion in the workers, a
+    quarter of the bytes between processes and to the device); ``DataPipeline.to_device`` then
+    converts them on the training device to the same float32 values.
     """
     if not isinstance(cfg, DataConfig):
         path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
         cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
     return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
-                        sample_format, partial_batches, saliency)
+                        sample_format, partial_batches, saliency, image_dtype)
 
 
 def resolve_crop(crop: str, multi_aspect_ratio: Any, saliency: Any) -> str:

@@ -1,0 +1,689 @@
+"""GPU benchmark of the headline training jobs: one prepared command for a short GPU loan.
+
+    python3 bench/gpu.py [--only NAME ...] [--steps 5] [--row-timeout 90] [--out gpu.json]
+    python3 bench/gpu.py --quick          # the same code path, tiny sizes, on CPU (the test suite)
+    python3 bench/gpu.py --list
+
+Every row is a training step of one job with FULL-SIZE, randomly initialised networks (built from
+``modules.registry``; CLIP text bigG-14 and vision ViT-L/14 from their published configurations
+typed in below, random weights; nothing is downloaded or read): the frozen encoders run their
+no-grad forward (CLIP text + vision and EfficientNet for Stage C; CLIP text, EfficientNet and
+Stage A for Stage B), then ``gdf.diffuse``, the trained forward under bf16 autocast, the loss of
+``train/diffusion_loss.py``, backward and the optimizer step (``core.optim``). Data loading is not
+part of it (``bench/data_throughput.py`` measures that).
+
+Per row: peak allocated and reserved memory (``torch.cuda.max_memory_*``; peak RSS on CPU), median
+step time after ``--warmup`` steps, images/s, model TFLOP/s and MFU, and the analytic estimate that
+``--dry-run`` prints for the same run (``core.memory`` on ``train/memory_specs.py``) beside the
+measured peak. FLOPs are the trained networks' forward + backward counted by
+``torch.utils.flop_counter.FlopCounterMode`` on fake tensors for one sample, times the batch
+(every operation of these networks is per sample; no memory needed; without the recomputation
+of gradient checkpointing, i.e. model FLOPs, not hardware FLOPs; the encoders' no-grad forwards
+are not counted). MFU = FLOP/s / the device's dense bf16 peak from :data:`PEAK_BF16_TFLOPS` by
+device name; an unknown device gets no MFU (the table says so; ``--peak-tflops`` sets it).
+
+Each row runs in its own process (forked; the parent never touches CUDA) with a wall-clock limit
+(``--row-timeout``): an out-of-memory error is a row result (``OOM``), a row past its limit is
+``timeout``, a crash is ``error`` with its last line; the table is always printed. A ``max`` row
+doubles the batch from its start until a step runs out of memory (or the row's time is spent) and
+reports the largest batch that ran. Prints a markdown table; ``--out`` writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+GIB = 2**30
+
+#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of
+#: ``torch.cuda.get_device_name()``; first match wins, so longer names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+    ("RTX 6000 Ada", 364.0), ("A6000", 155.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0),
+    ("5090", 209.5), ("4090", 165.2), ("4080", 97.5), ("3090", 71.0), ("3080", 59.5),
+    ("V100", 125.0), ("T4", 65.0),
+]
+
+#: CLIP ViT-bigG-14 text tower (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k, text_config).
+CLIP_TEXT_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                      num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                      projection_dim=1280)
+#: CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14, vision_config).
+CLIP_VISION_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+#: --quick: the same towers at test size (widths match the tiny Stage B/C conditions).
+CLIP_TEXT_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+CLIP_VISION_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=32, patch_size=8, hidden_act="quick_gelu", projection_dim=24)
+
+
+@dataclass
+class Row:
+    """One benchmark row: a job's training step at one setting."""
+
+    name: str
+    title: str
+    kind: str                       # "stage_c" | "stage_b"
+    version: str                    # modules.registry model_version
+    mode: str = "full"              # "full" | "lora" | "controlnet"
+    batch: int = 4
+    image_size: int = 1024
+    checkpointing: bool = False
+    weight_dtype: str = "float32"   # the trained network's storage dtype (full finetunes)
+    optimizer: str = "adamw"
+    stochastic_rounding: bool = False
+    search_max_batch: bool = False  # double the batch until out of memory
+    lora_rank: int = 4
+
+
+ROWS: list[Row] = [
+    Row("c36_lora", "Stage C 3.6B LoRA r4 .attn", "stage_c", "3.6B", "lora"),
+    Row("c36_lora_ckpt", "Stage C 3.6B LoRA r4 .attn, grad ckpt", "stage_c", "3.6B", "lora", checkpointing=True),
+    Row("c36_full_b1", "Stage C 3.6B full, bf16 + Adafactor, grad ckpt", "stage_c", "3.6B", batch=1,
+        checkpointing=True, weight_dtype="bfloat16", optimizer="adafactor"),
+    Row("c36_full_max", "Stage C 3.6B full, bf16 + Adafactor, grad ckpt, largest batch", "stage_c", "3.6B", batch=1,
+        checkpointing=True, weight_dtype="bfloat16", optimizer="adafactor", search_max_batch=True),
+    Row("c36_full_sr_b1", "Stage C 3.6B full, bf16 + AdamW stochastic rounding, grad ckpt", "stage_c", "3.6B",
+        batch=1, checkpointing=True, weight_dtype="bfloat16", optimizer="adamw", stochastic_rounding=True),
+    Row("c1b_full", "Stage C 1B full, bf16 + Adafactor", "stage_c", "1B", weight_dtype="bfloat16",
+        optimizer="adafactor"),
+    Row("c36_controlnet", "ControlNet canny on Stage C 3.6B, grad ckpt", "stage_c", "3.6B", "controlnet",
+        checkpointing=True),
+    Row("b3b_full", "Stage B 3B full, bf16 + Adafactor, grad ckpt", "stage_b", "3B", checkpointing=True,
+        weight_dtype="bfloat16", optimizer="adafactor"),
+]
+
+
+def quick_row(row: Row) -> Row:
+    """The row at test size (tiny networks, 64 px, batch <= 2) for ``--quick``."""
+    return replace(row, version="tiny", image_size=64, batch=min(row.batch, 2),
+                   title=row.title.replace(row.version, "tiny", 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# building a row's networks
+# ------------------------------------------------------------------------------------------------
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def controlnet_kwargs(row: Row) -> dict:
+    """The official canny ControlNet (tiny Stage C: injected into its first two ResBlock calls)."""
+    from modules.registry import model_config
+
+    kw = dict(model_config("controlnet", "canny"))
+    kw["c_proj"] = model_config(row.kind, row.version).get("c_hidden", [2048])[0]
+    if row.version == "tiny":
+        kw["proj_blocks"] = [0, 1]
+    return kw
+
+
+def _materialize(module: nn.Module, device: Any) -> nn.Module:
+    """A meta-device module given storage on ``device`` and random weights (weight tensors >= 2-d
+    ~ N(0, 0.02), 1-d weights (norm scales) 1, the rest 0, BatchNorm variances 1: what a timing needs, without running
+    every init function of a multi-billion-parameter network). ``device=None``: uninitialised
+    storage, for FLOP counting under ``FakeTensorMode`` (tensors are replaced, not swapped, which
+    fake tensors do not allow)."""
+    new: dict[int, torch.Tensor] = {}   # id -> replacement, so shared tensors stay shared
+    dev = device if device is not None else "cpu"
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    x = torch.empty(t.shape, dtype=t.dtype, device=dev)
+                    if device is not None and x.is_floating_point():
+                        with torch.no_grad():
+                            if x.dim() >= 2:
+                                x.normal_(0.0, 0.02)
+                            else:  # 1-d: norm scales 1, biases 0
+                                x.fill_(1.0 if k == "weight" else 0.0)
+                    new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
+                table[k] = new[id(t)]
+        if device is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            m.running_var.fill_(1.0)
+    return module
+
+
+def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Parameter]]:
+    """The generator (+ LoRA / ControlNet) as the job trains it, and the trained parameters."""
+    from modules.registry import build_model
+
+    frozen_base = row.mode != "full"
+    with _default_dtype(torch.bfloat16 if frozen_base else _dtype(row.weight_dtype)):
+        generator = _materialize(build_model(row.kind, row.version, device="meta"), device)
+    nets = nn.ModuleDict({"generator": generator})
+    # trained (full, LoRA inside it) in train mode; the frozen base under a ControlNet in eval mode
+    generator.train(row.mode != "controlnet")
+    if row.mode == "full":
+        params = list(generator.parameters())
+    else:
+        generator.requires_grad_(False)
+        params = []
+    if row.mode == "lora":
+        from modules.lora import apply_lora
+
+        for _name, module in apply_lora(generator, [".attn"], rank=row.lora_rank):
+            # the LoRA factors train in float32 on the bf16 base, as the job does (assigned: a
+            # parametrization's module cannot be cast in place)
+            module.lora_down = nn.Parameter(module.lora_down.detach().float())
+            module.lora_up = nn.Parameter(module.lora_up.detach().float())
+            params += [module.lora_down, module.lora_up]
+    if row.mode == "controlnet":
+        from modules.controlnet import ControlNet
+
+        with torch.device("meta"):
+            cnet = ControlNet(**controlnet_kwargs(row))
+        nets["controlnet"] = _materialize(cnet, device).train()
+        params += list(nets["controlnet"].parameters())
+    for net in nets.values():
+        net.set_gradient_checkpointing(row.checkpointing)
+    return nets, params
+
+
+def build_encoders(row: Row, device: Any, quick: bool) -> dict[str, nn.Module]:
+    """The frozen parts the job runs every step, random weights, bf16 (Stage A float32, as registered)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from modules.registry import build_model
+
+    out: dict[str, nn.Module] = {}
+    # CLIP is built where it runs (its integer position ids must be real); the convolutional
+    # encoders on the meta device, then given random weights (no init functions: seconds per row)
+    with torch.device(device), _default_dtype(torch.bfloat16):
+        out["text"] = CLIPTextModelWithProjection(CLIPTextConfig(**(CLIP_TEXT_TINY if quick else CLIP_TEXT_BIGG)))
+        if row.kind == "stage_c":
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            out["vision"] = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**(CLIP_VISION_TINY if quick else CLIP_VISION_L14)))
+    with torch.device("meta"), _default_dtype(torch.bfloat16):
+        out["effnet"] = _materialize(build_model("effnet", "default"), device)
+    if row.kind == "stage_b":
+        with torch.device("meta"):
+            out["stage_a"] = _materialize(build_model("stage_a", "default"), device)  # float32, as the job has it
+    for name, m in out.items():
+        out[name] = m.requires_grad_(False).eval()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# one training step
+# ------------------------------------------------------------------------------------------------
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _encode(row: Row, enc: dict[str, nn.Module], images: torch.Tensor, device: torch.device
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x0, conditions) of a batch of [0,1] images, no grad, as the jobs compute them."""
+    from modules.conditioning import clip_preprocess
+    from modules.effnet import imagenet_normalize
+
+    b = images.shape[0]
+    text = enc["text"]
+    ids = torch.randint(0, text.config.vocab_size, (b, 77), device=device)
+    out = text(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    effnet = enc["effnet"]
+
+    def latents_of(x: torch.Tensor) -> torch.Tensor:
+        x = imagenet_normalize(x.float()).contiguous(memory_format=torch.channels_last)
+        return effnet(x.to(torch.bfloat16)).float()
+
+    if row.kind == "stage_c":
+        vision = enc["vision"]
+        pixels = clip_preprocess(images, size=int(vision.config.image_size)).to(torch.bfloat16)
+        cond = {"clip_text": out.hidden_states[-1].float(), "clip_text_pooled": out.text_embeds.unsqueeze(1).float(),
+                "clip_img": vision(pixel_values=pixels).image_embeds.unsqueeze(1).float()}
+        return latents_of(images), cond
+    h, w = images.shape[-2:]
+    small = torch.nn.functional.interpolate(images, size=(max(32, h * 3 // 4 // 32 * 32), max(32, w * 3 // 4 // 32 * 32)),
+                                            mode="nearest")
+    cond = {"effnet": latents_of(small), "clip": out.text_embeds.unsqueeze(1).float()}
+    return enc["stage_a"].encode(images.float())[0].float(), cond
+
+
+def _canny_input(images: torch.Tensor) -> torch.Tensor:
+    # the control image's cost is the filter's (CPU, in the data step of the job); a grey image
+    # stands in for it here
+    return images.mean(1, keepdim=True)
+
+
+def trained_loss(row: Row, nets: nn.ModuleDict, noised: torch.Tensor, noise_cond: torch.Tensor,
+                 cond: dict[str, torch.Tensor], images: Optional[torch.Tensor], device: torch.device
+                 ) -> torch.Tensor:
+    """The trained networks' forward under bf16 autocast -> per-sample MSE (batch mean)."""
+    extra = {}
+    with _autocast(device):
+        if "controlnet" in nets:
+            extra["cnet"] = nets["controlnet"](_canny_input(images))
+        pred = nets["generator"](noised, noise_cond, **cond, **extra)
+    return (pred.float() - noised.float()).pow(2).mean()
+
+
+def train_forward(row: Row, nets: nn.ModuleDict, x0: torch.Tensor, cond: dict[str, torch.Tensor],
+                  images: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """diffuse -> trained forward under bf16 autocast -> the job's loss (train/diffusion_loss.py)."""
+    import gdf.presets
+    from train.diffusion_loss import DiffusionLoss
+
+    schedule = gdf.presets.stage_c() if row.kind == "stage_c" else gdf.presets.stage_b()
+    loss_fn = DiffusionLoss(schedule, defer=lambda fn: fn(), autocast=lambda: _autocast(device))
+    extra = {}
+    if "controlnet" in nets:
+        with _autocast(device):
+            extra["cnet"] = nets["controlnet"](_canny_input(images))
+    generators = [torch.Generator().manual_seed(i) for i in range(x0.shape[0])]
+    loss, _ = loss_fn(lambda x, r: nets["generator"](x, r, **cond, **extra), x0, generators)
+    return loss
+
+
+def make_optimizer(row: Row, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    from core.optim import OptimConfig, build_optimizer
+
+    cfg = OptimConfig()
+    cfg.optimizer, cfg.stochastic_rounding = row.optimizer, row.stochastic_rounding
+    return build_optimizer(params, 1e-5, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs, estimate, device
+# ------------------------------------------------------------------------------------------------
+def count_flops(build: Callable[[], Any], step: Callable[[Any], torch.Tensor]) -> int:
+    """FLOPs of ``step(build())`` and its backward, counted by ``FlopCounterMode`` on fake tensors
+    (shapes only: full-size networks cost no memory and little time)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        built = build()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = step(built)
+            loss.backward()
+    return int(counter.get_total_flops())
+
+
+def model_flops(row: Row, batch: int) -> int:
+    """Forward + backward FLOPs of the trained networks at ``batch`` (no recomputation counted)."""
+    r = replace(row, batch=batch, checkpointing=False)
+    cpu = torch.device("cpu")
+
+    def build():
+        nets, _ = build_trained(r, None)
+        x0, cond = _fake_inputs(r)
+        images = torch.empty(batch, 3, r.image_size, r.image_size) if r.mode == "controlnet" else None
+        return nets, x0, cond, images
+
+    # the same networks and forward as the timed step; the noising (gdf.diffuse draws Python
+    # numbers from its tensors, which fake tensors do not hold) is elementwise and not counted
+    return count_flops(build, lambda b: trained_loss(r, b[0], b[1], torch.empty(batch), b[2], b[3], cpu))
+
+
+def _fake_inputs(row: Row) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from modules.registry import model_config
+
+    kw, b, s = model_config(row.kind, row.version), row.batch, row.image_size
+    if row.kind == "stage_c":
+        return torch.empty(b, kw.get("c_in", 16), s // 32, s // 32), {
+            "clip_text": torch.empty(b, 77, kw.get("c_clip_text", 1280)),
+            "clip_text_pooled": torch.empty(b, 1, kw.get("c_clip_text_pooled", 1280)),
+            "clip_img": torch.empty(b, 1, kw.get("c_clip_img", 768))}
+    return torch.empty(b, kw.get("c_in", 4), s // 4, s // 4), {
+        "effnet": torch.empty(b, kw.get("c_effnet", 16), s * 3 // 4 // 32, s * 3 // 4 // 32),
+        "clip": torch.empty(b, 1, kw.get("c_clip", 1280))}
+
+
+def memory_estimate(row: Row, batch: int) -> Optional[float]:
+    """The ``--dry-run`` estimate (GiB, one rank) of this run at ``batch``."""
+    from types import SimpleNamespace
+
+    from core.memory import estimate_memory
+    from train.memory_specs import controlnet_spec, lora_spec, stage_b_spec, stage_c_spec
+
+    cfg = SimpleNamespace(model_version=row.version, batch_size=batch, image_size=row.image_size,
+                          optimizer=row.optimizer, dtype=row.weight_dtype if row.mode == "full" else None,
+                          frozen_dtype="bfloat16", precision="auto", cache_path=None, rank=row.lora_rank,
+                          module_filters=[".attn"], grad_accum_steps=1, use_fsdp=False,
+                          gradient_checkpointing=row.checkpointing)
+    if row.mode == "lora":
+        spec = lora_spec(cfg)
+    elif row.mode == "controlnet":
+        kw = {k: v for k, v in controlnet_kwargs(row).items() if k != "c_proj"}  # the spec sets c_proj
+        spec = controlnet_spec(cfg, controlnet=kw)
+    else:
+        spec = (stage_b_spec if row.kind == "stage_b" else stage_c_spec)(cfg)
+    est = estimate_memory(spec)
+    return est["total_checkpointed" if row.checkpointing else "total"] / GIB
+
+
+#: folder shared by the rows of one invocation: FLOP counts and estimates of equal runs are reused
+#: (rows that differ only in checkpointing or name count the same model FLOPs)
+_SHARED: dict[str, Optional[str]] = {"dir": None}
+
+
+def _shared(what: str, row: Row, batch: int, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or its value from an earlier row of this invocation with the same run."""
+    skip = {"name", "title", "search_max_batch"} | ({"checkpointing"} if what == "flops" else set())
+    key = json.dumps([what, batch, {k: v for k, v in sorted(asdict(row).items()) if k not in skip}])
+    folder = _SHARED["dir"]
+    path = os.path.join(folder, f"{what}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json") if folder else None
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            got = json.load(fh)
+        if got["key"] == key:
+            return got["value"]
+    value = compute()
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"key": key, "value": value}, fh)
+    return value
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a device by name, None when it is not in the table."""
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _peak_memory(device: torch.device) -> tuple[Optional[float], Optional[float]]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB, torch.cuda.max_memory_reserved(device) / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or "can't allocate" in text
+                                                             or isinstance(exc, MemoryError))
+
+
+# ------------------------------------------------------------------------------------------------
+# one row, in its own process
+# ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_steps(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.Optimizer,
+                  enc: dict[str, nn.Module], device: torch.device, batch: int, warmup: int, steps: int,
+                  deadline: float) -> list[float]:
+    """Step times (s) of ``steps`` timed steps after ``warmup`` (stops early at ``deadline``)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for i in range(warmup + steps):
+        images = torch.rand(batch, 3, row.image_size, row.image_size, device=device, generator=gen)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x0, cond = _encode(row, enc, images, device)
+        loss = train_forward(row, nets, x0, cond, images, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline and times:
+            break
+    return times
+
+
+def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> dict:
+    """Measure one row in this process; an out-of-memory error is a result."""
+    started = time.perf_counter()
+    # before any step, so an OOM row shows them too (FLOPs are linear in the batch: counted for one sample)
+    one = replace(row, batch=1)
+    flops_per_sample = _shared("flops", one, 1, lambda: model_flops(one, 1))
+    # (the batch search estimates the batch it ends at, afterwards)
+    estimate = None if row.search_max_batch else _shared("estimate", row, row.batch,
+                                                           lambda: memory_estimate(row, row.batch))
+    left = budget_s - (time.perf_counter() - started)
+    # the batch search keeps time for the estimate of the batch it ends at
+    deadline = time.perf_counter() + (0.6 if row.search_max_batch else 0.8) * left
+    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    result: dict[str, Any] = {"row": row.name, "title": row.title, "device": _device_name(device),
+                              "batch": row.batch, "image_size": row.image_size, "status": "ok",
+                              "estimate_gib": estimate}
+    torch.manual_seed(0)
+    try:
+        enc = build_encoders(row, device, quick)
+        nets, params = build_trained(row, device)
+        opt = make_optimizer(row, params)
+    except BaseException as exc:  # noqa: BLE001 - an OOM while building is a result too
+        if not _is_oom(exc):
+            raise
+        result.update(status="OOM", where="building the networks")
+        return result
+    batch, best = row.batch, None
+    while True:
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = measure_steps(row, nets, params, opt, enc, device, batch, warmup, steps, deadline)
+            peak, reserved = _peak_memory(device)
+            best = {"batch": batch, "step_s": statistics.median(times), "steps": len(times),
+                    "peak_allocated_gib": peak, "peak_reserved_gib": reserved}
+        except BaseException as exc:  # noqa: BLE001
+            if not _is_oom(exc):
+                raise
+            opt.zero_grad(set_to_none=True)
+            if best is None:
+                peak, reserved = _peak_memory(device)
+                result.update(status="OOM", where=f"step at batch {batch}", peak_allocated_gib=peak,
+                              peak_reserved_gib=reserved,
+                              estimate_gib=estimate if estimate is not None else memory_estimate(row, batch))
+                return result
+            result["stopped_by"] = f"OOM at batch {batch}"
+            break
+        if not row.search_max_batch:
+            break
+        if time.perf_counter() > deadline:
+            result["stopped_by"] = "time limit"
+            break
+        batch *= 2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if quick and batch > 4:  # the tiny search proves the loop, not the machine
+            result["stopped_by"] = "quick: batch 4"
+            break
+    result.update(best)
+    result["images_per_s"] = best["batch"] / best["step_s"]
+    flops = flops_per_sample * best["batch"]
+    result["model_flops_per_step"] = flops
+    result["tflops_per_s"] = flops / best["step_s"] / 1e12
+    peak = peak_tflops(result["device"]) if device.type == "cuda" else None
+    result["peak_bf16_tflops"] = peak
+    result["mfu"] = result["tflops_per_s"] / peak if peak else None
+    if row.search_max_batch:
+        result["estimate_gib"] = _shared("estimate", row, best["batch"], lambda: memory_estimate(row, best["batch"]))
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path: str) -> None:
+    if quick:
+        torch.set_num_threads(1)
+    try:
+        result = run_row(row, quick, warmup, steps, budget_s)
+    except BaseException as exc:  # noqa: BLE001 - reported as the row's result
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        result = {"row": row.name, "title": row.title, "status": "error", "error": last[:300]}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+
+
+def run_isolated(row: Row, quick: bool, warmup: int, steps: int, timeout_s: float) -> dict:
+    """``run_row`` in a forked process with a wall-clock limit; whatever happens, a result."""
+    ctx = mp.get_context("fork")
+    fd, path = tempfile.mkstemp(prefix=f"gpu_bench_{row.name}_", suffix=".json")
+    os.close(fd)
+    try:
+        proc = ctx.Process(target=_child, args=(row, quick, warmup, steps, timeout_s, path), daemon=True)
+        started = time.perf_counter()
+        proc.start()
+        proc.join(timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+            return {"row": row.name, "title": row.title, "status": "timeout",
+                    "error": f"no result within {timeout_s:.0f} s", "seconds": time.perf_counter() - started}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            how = "killed by SIGKILL (host out of memory?)" if proc.exitcode == -9 else f"exit code {proc.exitcode}"
+            return {"row": row.name, "title": row.title, "status": "error", "error": f"no result: {how}"}
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# table
+# ------------------------------------------------------------------------------------------------
+COLUMNS = ["row", "batch", "status", "peak alloc GiB", "peak reserved GiB", "estimate GiB", "step s",
+           "images/s", "TFLOP/s", "MFU"]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results:
+        status = r.get("status", "?")
+        if status != "ok":
+            status += f" ({r.get('where') or r.get('error') or ''})".replace("|", "/") if (r.get("where") or r.get("error")) else ""
+        mfu = r.get("mfu")
+        cells = [f"{r['row']}: {r.get('title', '')}", _fmt(r.get("batch")), status, _fmt(r.get("peak_allocated_gib")),
+                 _fmt(r.get("peak_reserved_gib")), _fmt(r.get("estimate_gib")), _fmt(r.get("step_s"), 3),
+                 _fmt(r.get("images_per_s")), f"{r['tflops_per_s']:.3g}" if r.get("tflops_per_s") is not None else "-",
+                 f"{100 * mfu:.1f} %" if mfu is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _run_one(row: Row, a: argparse.Namespace, timeout: float) -> dict:
+    r = run_isolated(row, a.quick, a.warmup, a.steps, timeout)
+    if a.peak_tflops and r.get("tflops_per_s") is not None:
+        r["peak_bf16_tflops"], r["mfu"] = a.peak_tflops, r["tflops_per_s"] / a.peak_tflops
+    print(f"{row.name}: {r.get('status')} ({r.get('seconds', 0):.0f} s)", file=sys.stderr, flush=True)
+    return r
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (see --list)")
+    p.add_argument("--list", action="store_true", help="print the rows and exit")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on CPU: the same code path, in seconds")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5; --quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2; --quick 1)")
+    p.add_argument("--row-timeout", type=float, default=None, help="seconds per row (default 90; --quick 60)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    names = [r.name for r in ROWS]
+    if a.list:
+        for r in ROWS:
+            print(f"{r.name:16s} {r.title} (batch {r.batch}, {r.image_size} px)")
+        return 0
+    unknown = [n for n in (a.only or []) if n not in names]
+    if unknown:
+        p.error(f"--only: unknown row(s) {unknown}; rows: {names}")
+    a.steps = a.steps if a.steps is not None else (2 if a.quick else 5)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    rows = [r for r in ROWS if not a.only or r.name in a.only]
+    if a.quick:
+        rows = [quick_row(r) for r in rows]
+    timeout = a.row_timeout or (60.0 if a.quick else 90.0)
+    results = []
+    # imported once here, before the rows are forked (the parent never initialises CUDA)
+    import importlib
+
+    for name in ("gdf.presets", "transformers.models.clip", "modules.controlnet", "modules.stage_b",
+                 "modules.stage_c", "train.memory_specs", "train.diffusion_loss", "core.optim"):
+        importlib.import_module(name)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # their lazy imports and set-up, once (forward only: autograd's threads must not start before a fork)
+    with FakeTensorMode(), FlopCounterMode(display=False):
+        torch.nn.functional.conv2d(torch.empty(1, 2, 4, 4), torch.empty(2, 2, 1, 1)).sum()
+
+    _SHARED["dir"] = tempfile.mkdtemp(prefix="gpu_bench_shared_")
+    try:
+        for row in rows:
+            results.append(_run_one(row, a, timeout))
+    finally:
+        shutil.rmtree(_SHARED["dir"], ignore_errors=True)
+    device = next((r["device"] for r in results if r.get("device")), "?")
+    mfu_note = ("" if any(r.get("mfu") is not None for r in results)
+                else " MFU not reported: the device's bf16 peak is not known (CPU or not in PEAK_BF16_TFLOPS; "
+                     "pass --peak-tflops).")
+    print(f"bench/gpu.py{' --quick' if a.quick else ''} on {device}, torch {torch.__version__}: "
+          f"{a.warmup} warm-up + {a.steps} timed steps per row, model FLOPs (forward + backward of the trained "
+          f"networks), estimate = --dry-run.{mfu_note}")
+    print(markdown_table(results))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as fh:
+            json.dump({"bench": "gpu", "quick": a.quick, "device": device, "torch": torch.__version__,
+                       "rows": results, "definitions": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
