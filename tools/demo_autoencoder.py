@@ -93,16 +93,18 @@ def standardise(effnet: nn.Module, previewer: nn.Module, latents: Tensor) -> Non
         raise ValueError("standardise: expects effnet.mapper[-1] a non-affine BatchNorm2d and "
                          "previewer.blocks[0] a 1x1 Conv2d")
     # the current output is (x - rm) / sqrt(rv + eps); undo that to get the mapper conv's output x
-    scale_old = torch.sqrt(bn.running_var + bn.eps)
-    x = latents * scale_old.view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
-    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
-    scale_new = torch.sqrt(var + bn.eps)
-    # new latent z' = (x - mean) / scale_new, old latent z = (x - rm) / scale_old
-    # => z = (z' * scale_new + mean - rm) / scale_old = a * z' + b
-    a = scale_new / scale_old
-    b = (mean - bn.running_mean) / scale_old
+    rm_old, scale_old = bn.running_mean.clone(), torch.sqrt(bn.running_var + bn.eps)
+    x = latents * scale_old.view(1, -1, 1, 1) + rm_old.view(1, -1, 1, 1)
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-12)
+    # x can be far smaller than BatchNorm's eps (a barely fitted encoder): scale the mapper conv so
+    # that its output x / std has unit variance; the BatchNorm then only subtracts the mean
+    effnet.mapper[0].weight.div_(std.view(-1, 1, 1, 1))
+    bn.running_mean.copy_(mean / std)
+    bn.running_var.fill_(1.0)
+    # new latent z' = (x - mean) / (std * sqrt(1 + eps)), old latent z = (x - rm_old) / scale_old
+    # => z = a * z' + b, folded into the Previewer's first (1x1) convolution
+    a = std * (1 + bn.eps) ** 0.5 / scale_old
+    b = (mean - rm_old) / scale_old
     w = conv.weight[:, :, 0, 0]
     conv.bias.add_(w @ b)
     conv.weight.mul_(a.view(1, -1, 1, 1))
-    bn.running_mean.copy_(mean)
-    bn.running_var.copy_(var)
