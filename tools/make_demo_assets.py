@@ -15,6 +15,10 @@ Writes, under OUT_DIR:
   its latents are standardised, like the released encoder's; with ``--previewer-steps N`` the
   Previewer is fitted to decode those latents into the photographs' colours (the demo does this,
   so its previews are blurry pictures rather than noise).
+
+The CPU demo (demo.py) uses :func:`make_demo_models` instead: the small ``effnet/demo`` encoder and
+``previewer/demo`` fitted together on the demo photographs as an autoencoder
+(tools/demo_autoencoder.py), so the Previewer's view of a photo is recognisable.
 """
 from __future__ import annotations
 
