@@ -34,7 +34,7 @@ def efficientnet_v2_s_features() -> nn.Sequential:
 
 
 def efficientnet_demo_features() -> nn.Sequential:
-    """A narrow EfficientNet ``.features`` (stride 32, 128 channels, ~0.1M parameters) for the CPU
+    """A narrow EfficientNet ``.features`` (stride 32, 128 channels, 0.17M parameters) for the CPU
     demo: a 4x4 average pool first (the demo only ever decodes latents back to 8x their size, i.e.
     a quarter of the image size, so finer detail is never used), then Fused-MBConv and MBConv stages
     of stride 8 like efficientnet_v2_s's. Cheap enough to fit as an autoencoder on CPU in a minute."""
