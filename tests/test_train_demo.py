@@ -74,8 +74,6 @@ def test_demo_trains_and_writes_its_results(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 17 goal not met yet: measured retrieval 1/4-2/4 (default run: 2/4) with the "
-                                        "current demo_c configuration (see the README's demo section)")
 def test_demo_samples_retrieve_their_photos(demo_run):
     """The issue's goal: for at least 3 of the 4 captions the nearest photo of the sample is the
     captioned photo."""
