@@ -127,7 +127,7 @@ def demo(argv: list[str]) -> int:
              "previewer_checkpoint_path": assets / "previewer.safetensors",
              "clip_text_model_name": assets / "clip" / "text", "clip_image_model_name": assets / "clip" / "vision"}
     overrides = [f"{k}={v}" for k, v in paths.items()]
-    overrides += [f"experiment_id={experiment}", f"updates={updates}", f"save_every={save_every}"]
+    overrides += [f"experiment_id={experiment}", f"updates={updates}", f"save_every={save_every}", "log_every=1"]
     StageCTrainer.main([CONFIG, *[x for o in overrides for x in ("--set", o)], "--resume", "never"])
 
     print("[3/4] sampling one image per caption", flush=True)
