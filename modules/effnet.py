@@ -2,7 +2,9 @@
 
 Backbone = torchvision ``efficientnet_v2_s().features`` built with ``weights=None`` (the released
 ``effnet_encoder.safetensors`` overwrites every tensor, so nothing is downloaded), plus a 1x1 conv +
-non-affine BatchNorm ``mapper`` (networks.md §5.1).
+non-affine BatchNorm ``mapper`` (networks.md §5.1). ``backbone="demo"`` is a narrow EfficientNet of
+the same kind (Fused-MBConv then MBConv stages, stride 32) that the CPU demo fits on its photographs
+(registry version ``effnet/demo``); it is not an official network.
 """
 from __future__ import annotations
 
@@ -31,6 +33,23 @@ def efficientnet_v2_s_features() -> nn.Sequential:
     return efficientnet_v2_s(weights=None).features
 
 
+def efficientnet_demo_features() -> nn.Sequential:
+    """A narrow EfficientNet ``.features`` (stride 32, 128 channels, 0.17M parameters) for the CPU
+    demo: a 4x4 average pool first (the demo only ever decodes latents back to 8x their size, i.e.
+    a quarter of the image size, so finer detail is never used), then Fused-MBConv and MBConv stages
+    of stride 8 like efficientnet_v2_s's. Cheap enough to fit as an autoencoder on CPU in a minute."""
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    setting = [FusedMBConvConfig(1, 3, 1, 24, 24, 1), FusedMBConvConfig(4, 3, 2, 24, 48, 1),
+               MBConvConfig(4, 3, 2, 48, 64, 2), MBConvConfig(4, 3, 1, 64, 96, 1)]
+    features = EfficientNet(setting, dropout=0.0, stochastic_depth_prob=0.0, last_channel=128).features
+    return nn.Sequential(nn.AvgPool2d(4), *features)
+
+
+#: backbone name -> (builder, output channels)
+BACKBONES = {"efficientnet_v2_s": (efficientnet_v2_s_features, 1280), "demo": (efficientnet_demo_features, 128)}
+
+
 class EfficientNetEncoder(nn.Module):
     """Images normalised with :func:`imagenet_normalize` -> Stage C latents (B, c_latent, ceil(H/32), ceil(W/32)).
 
@@ -39,11 +58,14 @@ class EfficientNetEncoder(nn.Module):
     used as the Stage C latent without further scaling.
     """
 
-    def __init__(self, c_latent: int = 16):
+    def __init__(self, c_latent: int = 16, backbone: str = "efficientnet_v2_s"):
         super().__init__()
-        self.backbone = efficientnet_v2_s_features()
+        if backbone not in BACKBONES:
+            raise ValueError(f"EfficientNetEncoder: unknown backbone {backbone!r}; known: {sorted(BACKBONES)}")
+        build, c_features = BACKBONES[backbone]
+        self.backbone = build()
         self.mapper = nn.Sequential(
-            nn.Conv2d(1280, c_latent, kernel_size=1, bias=False),
+            nn.Conv2d(c_features, c_latent, kernel_size=1, bias=False),
             nn.BatchNorm2d(c_latent, affine=False),
         )
         self.gradient_checkpointing = False

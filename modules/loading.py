@@ -138,6 +138,13 @@ def detect_model_version(kind: str, path: PathLike) -> Optional[str]:
     return describe_model_version(kind, shapes) if shapes else None
 
 
+def load_detected(kind: str, path: PathLike, default: str = "default", **kwargs: Any) -> torch.nn.Module:
+    """:func:`load_model` at the registered version the file's layout matches (e.g. the demo's
+    ``effnet/demo``); ``default`` when none matches, so the strict load names the mismatch."""
+    version = detect_model_version(kind, path) or default
+    return load_model(kind, version, path, **kwargs)
+
+
 def _shape_of(v: Any) -> Tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
 

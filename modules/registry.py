@@ -45,8 +45,9 @@ MODEL_CONFIGS: Dict[str, Dict[str, Dict[str, Any]]] = {
         },
     },
     "stage_a": {"default": {}},
-    "effnet": {"default": {}},
-    "previewer": {"default": {}},
+    # "demo": the CPU demo's encoder / Previewer pair (demo.py fits them together as an autoencoder)
+    "effnet": {"default": {}, "demo": {"backbone": "demo"}},
+    "previewer": {"default": {}, "demo": {"c_hidden": 128}},
     # Official ControlNets (networks.md §6.2), all for Stage C 3.6B (c_proj 2048). For another Stage C
     # pass ``c_proj=<its c_hidden[0]>`` as an override.
     "controlnet": {

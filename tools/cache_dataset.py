@@ -26,9 +26,9 @@ import torch
 def build_encoders(cfg, device: torch.device, dtype: torch.dtype, image_embeds: bool) -> dict:
     """effnet (float32, like the trainer), tokenizer, CLIP text (and vision) in ``dtype``."""
     from modules.conditioning import load_clip_text, load_clip_vision, load_tokenizer
-    from modules.loading import load_model
+    from modules.loading import load_detected
 
-    enc = {"effnet": load_model("effnet", "default", cfg.effnet_checkpoint_path, device=device).eval(),
+    enc = {"effnet": load_detected("effnet", cfg.effnet_checkpoint_path, device=device).eval(),
            "tokenizer": load_tokenizer(cfg.clip_text_model_name),
            "text_model": load_clip_text(cfg.clip_text_model_name, dtype=dtype, device=device),
            "vision_model": None}

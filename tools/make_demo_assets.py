@@ -17,6 +17,10 @@ Writes, under OUT_DIR:
   so its previews are blurry pictures rather than noise).
 * ``saliency_model.pt``: synthetic weights on the layout of the released saliency network
   (``tools/saliency_weights.py``), for ``crop: smart`` and the InpaintFilter masks.
+
+The CPU demo (demo.py) uses :func:`make_demo_models` instead: the small ``effnet/demo`` encoder and
+``previewer/demo`` fitted together on the demo photographs as an autoencoder
+(tools/demo_autoencoder.py), so the Previewer's view of a photo is recognisable.
 """
 from __future__ import annotations
 
@@ -76,9 +80,9 @@ def load_photos(limit: int | None = None) -> list[tuple[str, Image.Image, str]]:
     return out
 
 
-def variants(image: Image.Image, n: int, size: int, rng: random.Random) -> list[Image.Image]:
-    """The full photo (centre square) plus random square crops (50-100 % of the short side) and
-    horizontal flips, resized to ``size`` x ``size``."""
+def variants(image: Image.Image, n: int, size: int, rng: random.Random, min_crop: float = 0.5) -> list[Image.Image]:
+    """The full photo (centre square) plus random square crops (``min_crop``-100 % of the short
+    side) and horizontal flips, resized to ``size`` x ``size``."""
     w, h = image.size
     short = min(w, h)
     out = []
@@ -86,7 +90,7 @@ def variants(image: Image.Image, n: int, size: int, rng: random.Random) -> list[
         if i == 0:
             side, left, top, flip = short, (w - short) // 2, (h - short) // 2, False
         else:
-            side = int(short * rng.uniform(0.5, 1.0))
+            side = int(short * rng.uniform(min_crop, 1.0))
             left, top = rng.randint(0, w - side), rng.randint(0, h - side)
             flip = rng.random() < 0.5
         crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
@@ -111,14 +115,15 @@ def write_shards(samples: list[dict], folder: Path, n_shards: int, prefix: str =
 
 
 def make_dataset(out_dir: Path, image_size: int = 128, n_variants: int = 6, n_shards: int = 2,
-                 seed: int = 0, limit: int | None = None, same_image: bool = False) -> list[Path]:
+                 seed: int = 0, limit: int | None = None, same_image: bool = False,
+                 min_crop: float = 0.5) -> list[Path]:
     """Shards of captioned photographs. ``same_image``: every sample is the astronaut at exactly
     ``image_size`` with one caption (for tests that need identical samples on every rank)."""
     rng = random.Random(seed)
     samples = []
     photos = load_photos(limit)
     for stem, image, caption in photos:
-        pics = variants(image, 1 if same_image else n_variants, image_size, rng)
+        pics = variants(image, 1 if same_image else n_variants, image_size, rng, min_crop)
         if same_image:
             pics = pics * n_variants * len(photos)
             caption = photos[0][2]
@@ -218,6 +223,36 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0,
     # saliency network weights on the released layout (crop: smart, InpaintFilter masks); own RNG
     paths["saliency"] = write_synthetic_saliency(out_dir / "saliency_model.pt", seed)
     return paths
+
+
+def photo_batch(n_photos: int, n_variants: int, size: int, seed: int = 0, min_crop: float = 0.5) -> torch.Tensor:
+    """(n_photos * n_variants, 3, size, size) in [0,1]: the first ``n_photos`` photographs' variants."""
+    rng = random.Random(seed)
+    pics = [v for _, img, _ in load_photos(n_photos) for v in variants(img, n_variants, size, rng, min_crop)]
+    return torch.from_numpy(np.stack([np.asarray(p) for p in pics])).permute(0, 3, 1, 2).float() / 255
+
+
+def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int = 0) -> tuple[dict[str, Path], float]:
+    """The CPU demo's frozen parts: tiny CLIP, and ``effnet/demo`` + ``previewer/demo`` fitted
+    together as an autoencoder on ``images`` (tools/demo_autoencoder.py) for ``steps`` Adam steps.
+    Returns the paths and the reconstruction PSNR (dB, at preview size)."""
+    from modules.loading import save_safetensors
+    from modules.registry import build_model
+    from tools.demo_autoencoder import fit_autoencoder
+    from tools.tiny_clip import write_tiny_clip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text, vision = write_tiny_clip(out_dir / "clip", text_width=32, projection_dim=32,
+                                   vision_projection_dim=24, seed=seed)
+    torch.manual_seed(seed)
+    effnet, previewer = build_model("effnet", "demo"), build_model("previewer", "demo")
+    fit = fit_autoencoder(effnet, previewer, images, steps, seed=seed)
+    note = {"note": f"cascade-train demo asset: fitted on the demo photos ({fit.steps} steps), NOT official weights"}
+    paths = {"clip_text": text, "clip_vision": vision, "effnet": out_dir / "effnet_encoder.safetensors",
+             "previewer": out_dir / "previewer.safetensors"}
+    save_safetensors(effnet, paths["effnet"], metadata=note)
+    save_safetensors(previewer, paths["previewer"], metadata=note)
+    return paths, fit.psnr
 
 
 def make_all(out_dir: str | os.PathLike, image_size: int = 128, n_variants: int = 6, n_shards: int = 2,

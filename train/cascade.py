@@ -164,9 +164,10 @@ class CascadeTrainer(TrainingCore):
 
     def load_effnet(self) -> nn.Module:
         """The frozen EfficientNet encoder (channels-last: ~2-3x faster convolutions, same results)."""
-        from modules.loading import load_model
+        from modules.loading import load_detected
 
-        effnet = load_model("effnet", "default", self.cfg.effnet_checkpoint_path, device=self.device)
+        # the version the file holds: the official encoder, or the demo's small one
+        effnet = load_detected("effnet", self.cfg.effnet_checkpoint_path, device=self.device)
         return effnet.to(memory_format=torch.channels_last)
 
     def encode_effnet(self, images: torch.Tensor) -> torch.Tensor:

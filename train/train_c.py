@@ -115,10 +115,10 @@ class StageCTrainer(CascadeTrainer):
     def build_frozen(self) -> None:
         """Previewer, encoders (or the cache's CLIP('')), and the optional Stage B / A for previews."""
         from modules.conditioning import load_clip_text, load_clip_vision, load_tokenizer
-        from modules.loading import load_model
+        from modules.loading import load_detected, load_model
 
         cfg, dev = self.cfg, self.device
-        self.add_frozen("previewer", load_model("previewer", "default", cfg.previewer_checkpoint_path, device=dev))
+        self.add_frozen("previewer", load_detected("previewer", cfg.previewer_checkpoint_path, device=dev))
         self.tokenizer = self.uncond = self.effnet = self.text_model = self.image_model = None
         self.stage_b = self.stage_a = None
         if cfg.cache_path:  # the cache holds the encoders' outputs: never construct them (memory, time)
