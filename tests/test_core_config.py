@@ -116,6 +116,7 @@ def test_bool_strings(tmp_path):
 
 def test_official_compat_keys_of_the_stage_jobs(tmp_path, caplog):
     """Stage keys live in the jobs' config (train/cascade.py), not in core's RunConfig."""
+    RANDOM_CROP = {"crop": "random"}  # crop: auto would be SmartCrop, which needs the saliency weights
     from train.cascade import CascadeConfig
 
     @dataclass
@@ -123,17 +124,17 @@ def test_official_compat_keys_of_the_stage_jobs(tmp_path, caplog):
         pass
 
     for text, expected in (("True", True), ("false", False)):
-        assert load(tmp_path, {"adaptive_loss_weight": text}, cls=Job).adaptive_loss_weight is expected
-    assert load(tmp_path, {"edm_objective": False}, cls=Job).edm_objective is False
+        assert load(tmp_path, {**RANDOM_CROP, "adaptive_loss_weight": text}, cls=Job).adaptive_loss_weight is expected
+    assert load(tmp_path, {**RANDOM_CROP, "edm_objective": False}, cls=Job).edm_objective is False
     with pytest.raises(UserError, match="edm_objective.*not implemented"):
-        load(tmp_path, {"edm_objective": True}, cls=Job)
+        load(tmp_path, {**RANDOM_CROP, "edm_objective": True}, cls=Job)
     with caplog.at_level(logging.WARNING):
-        cfg = load(tmp_path, {"shift": 4}, cls=Job)
+        cfg = load(tmp_path, {**RANDOM_CROP, "shift": 4}, cls=Job)
     assert cfg.shift == 4.0 and "shift" in caplog.text and "ignored" in caplog.text
     # caption_dropout is the alias users know for text_dropout; both at once is an error
-    assert load(tmp_path, {"caption_dropout": 0.2}, cls=Job).text_dropout == 0.2
+    assert load(tmp_path, {**RANDOM_CROP, "caption_dropout": 0.2}, cls=Job).text_dropout == 0.2
     with pytest.raises(UserError, match="'caption_dropout' and 'text_dropout' are the same setting"):
-        load(tmp_path, {"caption_dropout": 0.2, "text_dropout": 0.1}, cls=Job)
+        load(tmp_path, {**RANDOM_CROP, "caption_dropout": 0.2, "text_dropout": 0.1}, cls=Job)
     with pytest.raises(UserError, match="unknown config key 'adaptive_loss_weight'"):
         load(tmp_path, {"adaptive_loss_weight": True})  # not a key of the generic run config
 
