@@ -69,3 +69,9 @@ def adapter_assets(tmp_path_factory, one_thread):
     from tests.helpers.adapter_assets import make_adapter_assets
 
     return make_adapter_assets(tmp_path_factory.getbasetemp())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow (end-to-end, multi-process) tests first: with ``-n 2`` (pytest-xdist) the longest ones
+    then start at once instead of leaving one worker busy alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept otherwise
