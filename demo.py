@@ -1,14 +1,15 @@
 """CPU demo: train a tiny Stage C from scratch on real photographs and see it learn, offline.
 
-    python3 demo.py [--updates N] [--out runs] [--threads 0]
+    python3 demo.py [--updates N] [--out runs] [--threads 1] [--seed N]
 
 1. demo assets (tools/make_demo_assets.py) under runs/demo_assets/: a captioned webdataset of a
-   few photographs bundled with scikit-image (mild random crops and flips), a tiny random CLIP,
-   and a small EfficientNet-style encoder + Previewer fitted together on those photographs as an
-   autoencoder (prints the reconstruction PSNR);
+   few photographs bundled with scikit-image (one view each), a tiny random CLIP, a small
+   EfficientNet-style encoder + Previewer fitted together on those photographs as an autoencoder
+   (prints the reconstruction PSNR), and the encoder cache of the dataset (tools/cache_dataset.py);
 2. trains the tiny Stage C of configs/training/demo_c.yaml from scratch with the real training
-   script (train/train_c.py: same loop, checkpoints, previews and logging as a full finetune);
-3. samples one image per dataset caption, decodes it with the Previewer and prints
+   script (train/train_c.py: same loop, checkpoints, previews and logging as a full finetune),
+   from the encoder cache (cache_path), keeping an EMA of the weights;
+3. samples one image per dataset caption from the EMA weights, decodes it with the Previewer and prints
    ``retrieval: K/N``: for how many captions the nearest training photo (pixel space, at preview
    size) of the sample is the captioned photo; writes the grid caption | photo | Previewer(photo) |
    sample to runs/output/demo_c/demo_grid.png.
@@ -35,11 +36,13 @@ CONFIG = "configs/training/demo_c.yaml"
 #: demo memorises each caption's photo, and retrieval is measured against exactly that photo
 N_PHOTOS, N_VARIANTS = 4, 1
 #: Adam steps of the encoder + Previewer autoencoder fit, each on all N_PHOTOS photos: 2000 steps
-#: reach ~31 dB at preview size (400 steps of 16 images: 17 dB, a brown blur; measured)
+#: reach 31.5 dB at preview size in ~85 s on one core (400 steps of 16 images: 17 dB, a brown
+#: blur; 1500 steps: 29 dB, and a run on those latents drew the astronaut as a jumble: measured)
 AE_STEPS, AE_BATCH = 2000, N_PHOTOS
 #: the demo's sampler: the official training-preview DDPM settings (20 steps from t = 1, cfg_rho
-#: 0.7) at a lower guidance scale (CFG 5 overshoots with a model this small)
-SAMPLING = {"cfg": 1.5, "timesteps": 20}
+#: 0.7) at a lower guidance scale: CFG 1.5-3 all gave retrieval 4/4 on the default run's
+#: checkpoint with two sampling seeds, CFG 1 2/4 with one of them (measured); CFG 5 overshoots
+SAMPLING = {"cfg": 2.0, "timesteps": 20}
 
 
 def _losses(metrics_path: Path) -> list[float]:
@@ -91,7 +94,10 @@ def results(run_dir: Path, assets: Path, preview_dir: Path, cfg) -> tuple[list[i
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="cascade-train CPU demo (tiny Stage C from scratch)")
     parser.add_argument("--updates", type=int, default=0, help="optimizer updates (default: the config's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all idle cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the demo's networks are so small that 2 threads "
+                             "ran 2-2.5x slower on 2 idle cores, measured; 0 = all idle cores)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's, 42)")
     parser.add_argument("--out", default="runs", help="folder for assets, checkpoints and previews (default runs/)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -117,6 +123,8 @@ def demo(argv: list[str]) -> int:
              "previewer_checkpoint_path": assets / "previewer.safetensors",
              "clip_text_model_name": assets / "clip" / "text", "clip_image_model_name": assets / "clip" / "vision"}
     overrides = [f"{k}={v}" for k, v in paths.items()]
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
     cfg = load_config(StageCTrainer.Config, CONFIG, overrides, validate_only=True)  # the assets may not exist yet
     updates = args.updates or cfg.updates
     if not (assets / "READY").is_file():
