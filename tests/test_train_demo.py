@@ -67,8 +67,11 @@ def test_demo_trains_and_writes_its_results(demo_run):
     out, stdout = demo_run
     assert "FELL" in stdout and "PSNR" in stdout
     assert re.search(r"^retrieval: \d+/4$", stdout, re.M), stdout[-1500:]
+    # the Previewer's view of a photo is recognisable (17 dB was a brown blur; ~29 dB measured)
+    psnr = float(re.search(r"reconstruction PSNR ([\d.]+) dB", stdout).group(1))
+    assert psnr >= 25, stdout[-1500:]
     run = out / "checkpoints" / "demo_c"
-    for name in ("generator.safetensors", "loss.png", "metrics.jsonl", "latest"):
+    for name in ("generator.safetensors", "generator_ema.safetensors", "loss.png", "metrics.jsonl", "latest"):
         assert (run / name).is_file(), name
     assert (out / "output" / "demo_c" / "demo_grid.png").is_file()
 
@@ -76,7 +79,7 @@ def test_demo_trains_and_writes_its_results(demo_run):
 @pytest.mark.slow
 def test_demo_samples_retrieve_their_photos(demo_run):
     """The issue's goal: for at least 3 of the 4 captions the nearest photo of the sample is the
-    captioned photo."""
+    captioned photo (seed fixed by the config; the default run gives 4/4)."""
     _, stdout = demo_run
     k, n = map(int, re.search(r"^retrieval: (\d+)/(\d+)$", stdout, re.M).groups())
     assert k / n >= 3 / 4, stdout[-1500:]

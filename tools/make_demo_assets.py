@@ -232,10 +232,11 @@ def photo_batch(n_photos: int, n_variants: int, size: int, seed: int = 0, min_cr
     return torch.from_numpy(np.stack([np.asarray(p) for p in pics])).permute(0, 3, 1, 2).float() / 255
 
 
-def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int = 0) -> tuple[dict[str, Path], float]:
+def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int = 0,
+                     batch_size: int = 16) -> tuple[dict[str, Path], float]:
     """The CPU demo's frozen parts: tiny CLIP, and ``effnet/demo`` + ``previewer/demo`` fitted
-    together as an autoencoder on ``images`` (tools/demo_autoencoder.py) for ``steps`` Adam steps.
-    Returns the paths and the reconstruction PSNR (dB, at preview size)."""
+    together as an autoencoder on ``images`` (tools/demo_autoencoder.py) for ``steps`` Adam steps
+    of ``batch_size`` images. Returns the paths and the reconstruction PSNR (dB, at preview size)."""
     from modules.loading import save_safetensors
     from modules.registry import build_model
     from tools.demo_autoencoder import fit_autoencoder
@@ -246,7 +247,7 @@ def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int 
                                    vision_projection_dim=24, seed=seed)
     torch.manual_seed(seed)
     effnet, previewer = build_model("effnet", "demo"), build_model("previewer", "demo")
-    fit = fit_autoencoder(effnet, previewer, images, steps, seed=seed)
+    fit = fit_autoencoder(effnet, previewer, images, steps, batch_size=batch_size, seed=seed)
     note = {"note": f"cascade-train demo asset: fitted on the demo photos ({fit.steps} steps), NOT official weights"}
     paths = {"clip_text": text, "clip_vision": vision, "effnet": out_dir / "effnet_encoder.safetensors",
              "previewer": out_dir / "previewer.safetensors"}
