@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core.config import config_to_dict, is_placeholder_path, load_config, parse_cli
+from core.cpu_threads import configure_cpu_threads, reexec_with_passive_wait
 from core.distributed import world_size_from_env
 
 __all__ = ["main", "dry_run", "setup_python_logging"]
@@ -31,6 +32,11 @@ def setup_python_logging() -> None:
 def main(job: type, argv: Optional[list[str]] = None) -> int:
     """Run the job class ``job`` (a TrainingCore subclass) as its script's command line."""
     args = parse_cli(argv, prog=Path(sys.argv[0]).name, description=job.description)
+    gpu = _has_gpu()
+    own_command_line = argv is None or list(argv) == sys.argv[1:]
+    if own_command_line and not (args.validate_only or args.dry_run):
+        # the process's own command line (not a call from Python): the wait policy needs a fresh start
+        reexec_with_passive_wait(gpu)
     setup_python_logging()
     world_size = world_size_from_env()
     if args.validate_only or args.dry_run:
@@ -44,6 +50,7 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
                   f"world size {world_size}: per-rank micro-batch {cfg.per_rank_batch(world_size)})")
         return 0
     cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size)
+    configure_cpu_threads(gpu)
     from core.distributed import init_distributed
 
     trainer = job(cfg, dist=init_distributed(), resume=args.resume)
@@ -52,6 +59,12 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -102,6 +103,19 @@ def _check_control(args: argparse.Namespace) -> None:
         raise UserError(no_control_image_message(cfg.controlnet_filter))
 
 
+def _cpu_threads(args: argparse.Namespace, own_command_line: bool) -> None:
+    """A CPU run gets the passive OpenMP wait policy (a restart of this command, when it is the
+    process's own) and a thread count that fits the usable cores (core/cpu_threads.py)."""
+    import torch
+
+    from core.cpu_threads import configure_cpu_threads, reexec_with_passive_wait
+
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if own_command_line:
+        reexec_with_passive_wait(gpu)
+    configure_cpu_threads(gpu)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit code (user errors raise UserError)."""
     from inference.images import save_png, side_by_side
@@ -110,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
     _check_control(args)
+    _cpu_threads(args, own_command_line=argv is None or list(argv) == sys.argv[1:])
     overrides = list(args.overrides)
     if args.lora_strength is not None:
         overrides.append(f"lora_strength={args.lora_strength}")

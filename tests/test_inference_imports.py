@@ -12,8 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# core.errors is the one core module inference may use (UserError, run_cli).
-ALLOWED_CORE_FOR_INFERENCE = {"core", "core.errors"}
+# core.errors (UserError, run_cli) and core.cpu_threads (CPU threading) are the core modules inference may use.
+ALLOWED_CORE_FOR_INFERENCE = {"core", "core.errors", "core.cpu_threads"}
 
 
 def _modules_after_import(*names: str) -> set[str]:
