@@ -43,6 +43,8 @@ AE_STEPS, AE_BATCH = 2000, N_PHOTOS
 #: 0.7) at a lower guidance scale: CFG 1.5-3 all gave retrieval 4/4 on the default run's
 #: checkpoint with two sampling seeds, CFG 1 2/4 with one of them (measured); CFG 5 overshoots
 SAMPLING = {"cfg": 2.0, "timesteps": 20}
+#: what the demo's asset folder's marker names (tools/make_demo_assets.py MARKER)
+DEMO_TOOL = "demo.py"
 
 
 def _losses(metrics_path: Path) -> list[float]:
@@ -55,19 +57,18 @@ def _losses(metrics_path: Path) -> list[float]:
     return losses
 
 
-def make_assets(assets: Path, cfg) -> float:
+def make_assets(assets: Path, cfg, ae_steps: int = AE_STEPS) -> float:
     """Dataset, frozen parts and the encoder cache in ``assets``; returns the autoencoder's
     reconstruction PSNR. ``cfg``: the demo config with the asset paths."""
     from tools.cache_dataset import cache_dataset
-    from tools.make_demo_assets import make_dataset, make_demo_models, photo_batch
+    from tools.make_demo_assets import make_dataset, make_demo_models, photo_batch, write_marker
 
     images = photo_batch(N_PHOTOS, N_VARIANTS, cfg.image_size)
-    _, psnr = make_demo_models(assets, images, AE_STEPS, batch_size=AE_BATCH)
+    _, psnr = make_demo_models(assets, images, ae_steps, batch_size=AE_BATCH)
     make_dataset(assets, image_size=cfg.image_size, n_variants=N_VARIANTS, n_shards=1, limit=N_PHOTOS)
     # the frozen encoders run once here (tools/cache_dataset.py), not at every training update
     cache_dataset(cfg, str(assets / "cache"), batch_size=N_PHOTOS * N_VARIANTS, progress=False)
-    (assets / "autoencoder.json").write_text(json.dumps({"psnr_db": psnr, "steps": AE_STEPS}) + "\n")
-    (assets / "READY").write_text("ok\n")
+    write_marker(assets, DEMO_TOOL, psnr_db=psnr, steps=ae_steps)  # last: a folder without it is unfinished
     return psnr
 
 
@@ -98,6 +99,8 @@ def demo(argv: list[str]) -> int:
                         help="torch CPU threads (default 1: the demo's networks are so small that 2 threads "
                              "ran 2-2.5x slower on 2 idle cores, measured; 0 = all idle cores)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's, 42)")
+    parser.add_argument("--ae-steps", type=int, default=AE_STEPS,
+                        help=f"Adam steps of the encoder + Previewer fit (default {AE_STEPS}; fewer: a quick, blurry check)")
     parser.add_argument("--out", default="runs", help="folder for assets, checkpoints and previews (default runs/)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -127,13 +130,20 @@ def demo(argv: list[str]) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(StageCTrainer.Config, CONFIG, overrides, validate_only=True)  # the assets may not exist yet
     updates = args.updates or cfg.updates
-    if not (assets / "READY").is_file():
-        print(f"[1/4] making the demo dataset, a tiny CLIP, the encoder + Previewer autoencoder "
-              f"({AE_STEPS} steps) and the encoder cache in {assets}/ ...", flush=True)
-        psnr = make_assets(assets, cfg)
-    else:
+    from tools.make_demo_assets import claim_folder, read_marker
+
+    marker = read_marker(assets)
+    if marker is not None and marker.get("made_by") == DEMO_TOOL and marker.get("steps") == args.ae_steps:
         print(f"[1/4] reusing the demo assets in {assets}/", flush=True)
-        psnr = json.loads((assets / "autoencoder.json").read_text())["psnr_db"]
+        psnr = marker["psnr_db"]
+    else:
+        legacy = marker is None and (assets / "READY").is_file()  # the demo's, from before the marker
+        if legacy or (marker is not None and marker.get("made_by") == DEMO_TOOL):  # remade, e.g. other --ae-steps
+            shutil.rmtree(assets)
+        claim_folder(assets, DEMO_TOOL)  # never over the assets of another tool
+        print(f"[1/4] making the demo dataset, a tiny CLIP, the encoder + Previewer autoencoder "
+              f"({args.ae_steps} steps) and the encoder cache in {assets}/ ...", flush=True)
+        psnr = make_assets(assets, cfg, args.ae_steps)
     print(f"  autoencoder : Previewer(encoder(photo)) vs photo at preview size: PSNR {psnr:.1f} dB", flush=True)
 
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts fresh

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.adapter_assets import cli_args, losses
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = str(ROOT / "configs/training/tiny_c_lora.yaml")
@@ -57,7 +58,7 @@ def _torchrun(script: str, args: list[str]) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 

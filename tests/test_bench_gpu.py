@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_quick_prints_the_table(tmp_path):
     out = tmp_path / "gpu.json"
     rows = ["c36_lora_ckpt", "c36_full_max"]  # every row: bench/gpu.py --quick (about a minute)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--only", *rows,
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()

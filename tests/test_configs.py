@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def test_official_values_kept():
 
 def test_validate_only_cli():
     proc = subprocess.run([sys.executable, "train/train_c.py", "configs/training/finetune_c_3b.yaml",
-                           "--validate-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--validate-only"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
 

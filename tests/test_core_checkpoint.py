@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from core.checkpoint import (CheckpointManager, atomic_json, atomic_torch_save, atomic_write_bytes, backup_name,
                              capture_rng_state, load_json, load_torch, restore_rng_state)
 from core.errors import UserError
+from tests.helpers import HANG_S
 
 
 def model_sd(value: float) -> dict:
@@ -147,14 +148,14 @@ def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path):
     for phase in phases:  # both children at once: their start-up (torch import) dominates
         run, flag = tmp_path / phase / "run", tmp_path / phase / "flag"
         procs[phase] = (subprocess.Popen([sys.executable, str(script), str(run), phase, str(flag)]), run, flag)
-    deadline = time.time() + 90
+    deadline = time.time() + HANG_S
     for proc, run, flag in procs.values():
         while not flag.exists():
             assert proc.poll() is None, "child exited early"
             assert time.time() < deadline, "child never reached the save"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG_S)
         assert proc.returncode == -signal.SIGKILL
 
     for proc, run, flag in procs.values():

@@ -15,6 +15,7 @@ import yaml
 from core.config import (REQUIRED, RunConfig, config_reference, config_to_dict, doc, load_config,
                          parse_cli, save_config)
 from core.errors import UserError
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +223,7 @@ def test_run_cli_exit_codes(tmp_path):
     kinds = ("user", "data", "bug", "int", "ok")  # run concurrently: start-up dominates
     procs = {k: subprocess.Popen([sys.executable, str(script), k], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for k in kinds}
-    done = {k: (p.wait(timeout=60), p.communicate()[1]) for k, p in procs.items()}
+    done = {k: (p.wait(timeout=HANG_S), p.communicate()[1]) for k, p in procs.items()}
     assert done["user"] == (2, "error: bad key 'x' fix it\n")
     assert done["data"] == (2, "error: shard broken\n")
     assert done["bug"][0] == 1 and "Traceback" in done["bug"][1]
@@ -231,8 +232,8 @@ def test_run_cli_exit_codes(tmp_path):
 
 def test_config_reference_tool():
     out = subprocess.run([sys.executable, str(ROOT / "tools/config_reference.py"), "core.config:RunConfig"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and "| `save_every` |" in out.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "tools/config_reference.py"), "os:path"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

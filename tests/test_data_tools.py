@@ -6,13 +6,14 @@ import sys
 
 from core.data import DataConfig, build_pipeline
 from tools.photo_shards import make_sample, write_photo_shards
+from tests.helpers import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_S)
 
 
 def test_make_shards_then_train_read(tmp_path):

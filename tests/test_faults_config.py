@@ -19,6 +19,7 @@ import pytest
 
 from tests.test_train_e2e import C_CONFIG, config_args, subprocess_env
 from tests.test_train_errors import assert_one_clear_line, run_in_process
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +242,7 @@ def test_controlnet_sampling_without_control_image_is_an_error(tmp_path):
          "--set", "controlnet_filter=CannyFilter", "--set", "controlnet_blocks=[0, 2]",
          "--set", "controlnet_checkpoint_path=cnet.safetensors", "--prompt", "a house",
          "--out", str(tmp_path / "out")],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "--control-image" in proc.stderr.strip().splitlines()[-1]

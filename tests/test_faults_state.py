@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointManager, atomic_torch_save, find_resume
 from core.errors import UserError
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 C_CONFIG = str(ROOT / "configs/training/tiny_c.yaml")
@@ -144,7 +145,7 @@ def test_save_beyond_the_file_size_limit_is_one_line_and_keeps_latest(train_asse
 
     args = run_args(train_assets, tmp_path, experiment_id="fsize", updates=4, save_every=1)
     proc = subprocess.run([sys.executable, "train/train_c.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=child_env(), preexec_fn=limit_file_size, timeout=300)
+                          env=child_env(), preexec_fn=limit_file_size, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -207,7 +208,7 @@ def _user_namespace_tmpfs_works(tmp_path: Path) -> bool:
     probe = tmp_path / "probe"
     probe.mkdir()
     result = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                            capture_output=True, timeout=30)
+                            capture_output=True, timeout=HANG_S)
     return result.returncode == 0
 
 
@@ -225,7 +226,7 @@ def test_disk_full_and_read_only_file_system_name_the_file_and_keep_latest(tmp_p
     shell = (f"mount -t tmpfs -o size=1m tmpfs {full} && mount -t tmpfs -o size=4m tmpfs {readonly} && "
              f"exec {sys.executable} {script} {full} {readonly}")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True,
-                          env=child_env(), timeout=120)
+                          env=child_env(), timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("enospc_torch", "enospc_safetensors"):

@@ -10,6 +10,7 @@ from PIL import Image
 from inference import sampling
 from inference.pipeline import CascadePipeline
 from tools.make_tiny_inference_assets import TINY_TOKEN, write_tiny_setup
+from tests.helpers import HANG_S
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "inference"
 FAST = dict(height=64, width=64, steps_c=3, steps_b=2)
@@ -185,7 +186,7 @@ def test_cli_user_error_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "inference.sample", "--config", str(CONFIGS / "stage_c_3b.yaml"),
          "--root", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=str(CONFIGS.parents[1]), timeout=120)
+        capture_output=True, text=True, cwd=str(CONFIGS.parents[1]), timeout=HANG_S)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

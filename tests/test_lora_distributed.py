@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.adapter_assets import cli_args, losses
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_ddp_two_processes_match_one(assets, tmp_path):
         script = [f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"] if nproc > 1 else []
         cmd = [sys.executable, *(["-m", "torch.distributed.run", *script] if nproc > 1 else []),
                "train/train_c_lora.py", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return tmp_path / "ck" / name
 

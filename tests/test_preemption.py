@@ -22,6 +22,7 @@ import pytest
 from core.checkpoint import CheckpointManager
 from tests.test_train_distributed import free_port
 from tests.test_train_e2e import C_CONFIG, config_args, losses, subprocess_env
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ class Launch:
         self.pgid = self.procs[0].pid
         self.groups.add(self.pgid)
 
-    def wait_for_updates(self, metrics: Path, n: int, timeout: float = 120) -> None:
+    def wait_for_updates(self, metrics: Path, n: int, timeout: float = HANG_S) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for proc in self.procs:  # torchrun's ranks run in sessions of their own: note them
@@ -77,7 +78,7 @@ class Launch:
             time.sleep(0.2)
         raise AssertionError(f"the run did not reach {n} updates:\n{self.stderr()[-3000:]}")
 
-    def wait_for_output(self, text: str, timeout: float = 120) -> None:
+    def wait_for_output(self, text: str, timeout: float = HANG_S) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline and text not in self.stdout():
             if any(p.poll() is not None for p in self.procs):
@@ -88,7 +89,7 @@ class Launch:
     def signal(self, sig: signal.Signals) -> None:
         os.killpg(self.pgid, sig)
 
-    def wait(self, timeout: float = 120) -> list[int]:
+    def wait(self, timeout: float = HANG_S) -> list[int]:
         return [p.wait(timeout=timeout) for p in self.procs]
 
     def stdout(self) -> str:
@@ -104,7 +105,7 @@ class Launch:
             except (ProcessLookupError, PermissionError):
                 pass
         for p in self.procs:
-            p.wait(timeout=30)
+            p.wait(timeout=HANG_S)
 
 
 def torchrun(args: list[str], *launcher: str) -> list[str]:
@@ -188,7 +189,7 @@ def test_workers_ignore_group_signals_and_end_with_the_main_process(assets, tmp_
     script = tmp_path / "pipe.py"
     script.write_text(PIPELINE_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(assets / "shards")], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=60, process_group=0)
+                          capture_output=True, text=True, timeout=HANG_S, process_group=0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[0] == "['SIGTERM', 'SIGUSR1', 'SIGINT'] 2 True", proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
@@ -263,7 +264,7 @@ def test_example_train_sh_sbatch_header_and_a_run_with_slurm_stubs(tmp_path):
                          SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_NTASKS="1",
                          SLURM_CPUS_PER_TASK="1", CONFIG="configs/training/finetune_c_3b.yaml")
     proc = subprocess.run(["bash", str(script), "--validate-only"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "config OK: configs/training/finetune_c_3b.yaml" in proc.stdout
     assert "master 127.0.0.1:" in proc.stdout

@@ -1,4 +1,6 @@
-"""The CPU demo: its parts (quick) and the README's command end to end (slow: a few minutes)."""
+"""The CPU demo: its parts (quick), a short end-to-end run of demo.py (a few updates, a few
+autoencoder steps), and the README's full command (minutes: marked ``demo``, which pytest.ini
+deselects by default; ``python3 -m pytest -m demo tests/test_train_demo.py`` runs it)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,12 +60,13 @@ def demo_run(tmp_path_factory):
     """The README's command once (seed fixed by the config): (output folder, stdout)."""
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run([sys.executable, "demo.py", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     return out, proc.stdout
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_trains_and_writes_its_results(demo_run):
     out, stdout = demo_run
     assert "FELL" in stdout and "PSNR" in stdout
@@ -77,9 +81,51 @@ def test_demo_trains_and_writes_its_results(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_samples_retrieve_their_photos(demo_run):
     """The issue's goal: for at least 3 of the 4 captions the nearest photo of the sample is the
     captioned photo (seed fixed by the config; the default run gives 4/4)."""
     _, stdout = demo_run
     k, n = map(int, re.search(r"^retrieval: (\d+)/(\d+)$", stdout, re.M).groups())
     assert k / n >= 3 / 4, stdout[-1500:]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_in_short(tmp_path):
+    """demo.py end to end with 3 autoencoder steps and 2 updates: every stage runs and reports
+    (the learning itself is the full run's test); a second run reuses the assets."""
+    cmd = [sys.executable, "demo.py", "--out", str(tmp_path), "--ae-steps", "3", "--updates", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: the loss did not fall in 2 updates
+    assert re.search(r"^retrieval: \d+/4$", proc.stdout, re.M), proc.stdout[-1500:]
+    assert (tmp_path / "output" / "demo_c" / "demo_grid.png").is_file()
+    from tools.make_demo_assets import read_marker
+
+    assert read_marker(tmp_path / "demo_assets")["made_by"] == "demo.py"
+
+
+def test_asset_tools_never_overwrite_each_others_folders(tmp_path):
+    """Issue 26 point 4: tools/make_demo_assets.py refuses the demo's asset folder (and a folder
+    no tool marked), and the demo refuses the tiny assets' folder, with one ``error:`` line."""
+    from tools.make_demo_assets import claim_folder, write_marker
+    from core.errors import UserError
+
+    demo = tmp_path / "runs" / "demo_assets"
+    demo.mkdir(parents=True)
+    (demo / "previewer.safetensors").write_bytes(b"x")
+    write_marker(demo, "demo.py", psnr_db=30.0, steps=2000)
+    proc = subprocess.run([sys.executable, "tools/make_demo_assets.py", str(demo)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=HANG_S)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "demo.py" in proc.stderr, proc.stderr
+    assert (demo / "previewer.safetensors").read_bytes() == b"x"  # untouched
+    with pytest.raises(UserError, match="tools/make_demo_assets.py"):
+        tiny = tmp_path / "tiny"
+        tiny.mkdir()
+        write_marker(tiny, "tools/make_demo_assets.py")
+        claim_folder(tiny, "demo.py")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "x").write_text("mine")
+    with pytest.raises(UserError, match="no MADE_BY.json"):
+        claim_folder(stray, "tools/make_demo_assets.py")
+    claim_folder(tiny, "tools/make_demo_assets.py")  # its own folder: reused

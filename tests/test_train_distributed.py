@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train_e2e import C_CONFIG, config_args, losses, subprocess_env
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def run(assets: Path, root: Path, name: str, nproc: int, **extra) -> Path:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train/train_c.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root / "ck" / name
 
@@ -91,7 +92,7 @@ def test_slurm_launch_matches_one_process(same_image_assets, tmp_path):
         procs.append(subprocess.Popen([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=HANG_S)
         assert proc.returncode == 0, err[-4000:]
     multi = tmp_path / "ck" / "slurm"
     l1, l2 = losses(single), losses(multi)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.adapter_assets import STAGE_C_ONLY
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def test_nonfinite_in_a_row_stops_with_a_clear_error(assets, tmp_path):
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="nan2", updates=3, save_every=5,
                        max_nonfinite_steps=2)
     proc = subprocess.run([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "2 updates in a row had a non-finite loss" in proc.stderr.strip().splitlines()[-1]
@@ -162,7 +163,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(assets, tmp_path
     args = config_args(C_CONFIG, assets, tmp_path, experiment_id="kill", updates=2, save_every=1)
     env = subprocess_env(CASCADE_TRAIN_CRASH_IN_SAVE="2")
     proc = subprocess.run([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "ck" / "kill"
     manager = CheckpointManager(str(run))
@@ -180,11 +181,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(assets, tmp_path):
     proc = subprocess.Popen([sys.executable, "train/train_c.py", *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "ck" / "term" / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_S
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, err[-2000:]
     from core.checkpoint import CheckpointManager
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_train_e2e import C_CONFIG, config_args, subprocess_env
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_batch_not_divisible_by_world_size(assets, tmp_path, capsys, monkeypatch
 
 def test_real_process_exit_code_and_no_traceback(assets, tmp_path):
     proc = subprocess.run([sys.executable, "train/train_c.py", *config_args(C_CONFIG, assets, tmp_path, lr="fast")],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -131,7 +132,7 @@ def test_dry_run_of_an_official_config_per_rank_under_fsdp():
 
     config = ROOT / "configs/training/finetune_c_3b.yaml"
     proc = subprocess.run([sys.executable, "train/train_c.py", str(config), "--set", "use_fsdp=true", "--dry-run"],
-                          cwd=ROOT, env=subprocess_env(WORLD_SIZE="8"), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=subprocess_env(WORLD_SIZE="8"), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "generator: stage_c 3.6B: 3,589,103,632 parameters" in out

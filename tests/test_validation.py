@@ -19,6 +19,7 @@ from core.validation import ValidationConfig, reduce_rows, timestep_grid
 from tests.helpers.adapter_assets import cli_args
 from tests.test_train_e2e import C_CONFIG, config_args, subprocess_env
 from tests.test_train_distributed import free_port
+from tests.helpers import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def test_two_processes_give_the_one_process_figures(adapter_assets, tmp_path):
         launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                         f"--master_port={free_port()}"]
         proc = subprocess.run([sys.executable, *launch, "train/train_c.py", *args], cwd=ROOT, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return tmp_path / "ck" / name
 

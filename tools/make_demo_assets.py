@@ -1,8 +1,10 @@
 """Make the small, fully offline assets that the CPU demo and the tests train on.
 
-    python3 tools/make_demo_assets.py OUT_DIR [--image-size 128] [--variants 6] [--shards 2]
+    python3 tools/make_demo_assets.py [OUT_DIR] [--image-size 128] [--variants 6] [--shards 2]
 
-Writes, under OUT_DIR:
+Writes, under OUT_DIR (default runs/tiny_assets/, the folder of the configs/training/tiny_*.yaml
+configs; the CPU demo keeps its own fitted assets in runs/demo_assets/, and each folder's
+``MADE_BY.json`` names the tool that made it, which refuses to overwrite another tool's folder):
 * ``shards/demo-000000.tar ...``  a captioned webdataset of REAL photographs (the ones bundled with
   scikit-image: astronaut, coffee, chelsea the cat, a rocket launch, motorcycles, ...), each with
   a hand-written caption and several random crops / horizontal flips for variety;
@@ -256,6 +258,43 @@ def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int 
     return paths, fit.psnr
 
 
+#: the marker file of an asset folder: which tool made it (and the tool's facts about it)
+MARKER = "MADE_BY.json"
+#: the default folder of this tool's assets (the tiny configs read it); the demo has its own
+TINY_ASSETS = "runs/tiny_assets"
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of an asset folder (None when the folder has none)."""
+    path = Path(folder) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claim_folder(folder: str | os.PathLike, tool: str) -> None:
+    """Refuse (one ``error:`` line) to write ``tool``'s assets into a folder that another tool
+    made, or into a non-empty folder that no tool marked; a folder ``tool`` made is reused."""
+    from core.errors import UserError
+
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None and (folder / "READY").is_file():  # a demo folder from before the marker
+        marker = {"made_by": "demo.py"}
+    if marker is not None and marker.get("made_by") != tool:
+        raise UserError(f"{folder} holds the assets of {marker.get('made_by')} ({MARKER}); {tool} would "
+                        f"overwrite them: give another folder (default of {tool}: see --help)")
+    if marker is None and folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty and has no {MARKER} (not made by {tool}); give an empty or "
+                        f"new folder")
+
+
+def write_marker(folder: str | os.PathLike, tool: str, **facts: object) -> None:
+    """Mark ``folder`` as made by ``tool`` (written last: a folder without it is unfinished)."""
+    (Path(folder) / MARKER).write_text(json.dumps({"made_by": tool, **facts}, indent=1) + "\n")
+
+
 def make_all(out_dir: str | os.PathLike, image_size: int = 128, n_variants: int = 6, n_shards: int = 2,
              seed: int = 0, previewer_steps: int = 0) -> dict[str, Path]:
     out = Path(out_dir)
@@ -267,7 +306,8 @@ def make_all(out_dir: str | os.PathLike, image_size: int = 128, n_variants: int 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", nargs="?", default=TINY_ASSETS,
+                        help=f"asset folder (default {TINY_ASSETS}, what configs/training/tiny_*.yaml read)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--variants", type=int, default=6)
     parser.add_argument("--shards", type=int, default=2)
@@ -275,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--previewer-steps", type=int, default=0,
                         help="fit the Previewer to the photos for this many Adam steps (the demo uses 60)")
     args = parser.parse_args(argv)
+    tool = "tools/make_demo_assets.py"
+    claim_folder(args.out_dir, tool)
     paths = make_all(args.out_dir, args.image_size, args.variants, args.shards, args.seed, args.previewer_steps)
+    write_marker(args.out_dir, tool, image_size=args.image_size, previewer_steps=args.previewer_steps)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from core.errors import run_cli
+
+    run_cli(main)
