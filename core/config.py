@@ -24,7 +24,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -325,44 +325,92 @@ def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = ()
     missing files (for the shipped official configs). ``world_size`` also checks the batch split."""
     source = path or "<defaults>"
     data: dict = _read_yaml(path) if path else {}
+    origin: dict[Any, str] = {}  # key -> where it was set, for the error (the file, or the --set flag)
     for text in overrides:
         key, value = parse_override(text)
         data[key] = value
+        origin[key] = f"--set {text}"
     if extra:
         data.update(extra)
 
+    errors: list[str] = []  # every problem of the keys in one report, not one per run
     for alias, name in config_aliases(cls).items():
         if alias in data:
             if name in data:
-                raise UserError(f"{source}: config keys '{alias}' and '{name}' are the same setting; keep one")
+                errors.append(f"{source}: config keys '{alias}' and '{name}' are the same setting; keep one")
+                continue
             data[name] = data.pop(alias)
     known = _fields(cls)
     hints = _hints(cls)
     values: dict[str, Any] = {}
     for key, value in data.items():
+        where = origin.get(key, source)
         if not isinstance(key, str) or key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{source}: unknown config key '{key}'{hint}")
+            errors.append(f"{where}: unknown config key '{key}'{_suggestion(str(key), known)}")
+            continue
         try:
             values[key] = coerce_value(value, hints[key])
         except TypeMismatch:
-            raise UserError(f"{source}: config key '{key}' expects {type_name(hints[key])}, "
-                            f"got {_short(value)} ({type(value).__name__}){_int_hint(value, hints[key])}") from None
+            errors.append(f"{where}: config key '{key}' expects {type_name(hints[key])}, "
+                          f"got {_short(value)} ({type(value).__name__}){_int_hint(value, hints[key])}")
+            continue
         if isinstance(values[key], float) and not math.isfinite(values[key]):
             # No key means anything with NaN or infinity; accepting one only moves the failure
             # into the run (a NaN lr trains nothing and writes NaN weights).
-            raise UserError(f"{source}: config key '{key}' must be a finite number, got {values[key]}")
+            errors.append(f"{where}: config key '{key}' must be a finite number, got {values[key]}")
 
     cfg = cls(**values)
     training = bool(getattr(cfg, "training", True))
     for name in known:
         value = getattr(cfg, name)
-        if isinstance(value, _Required) and (training or not value.when_training):
-            raise UserError(f"{source}: required config key '{name}' is missing "
-                            f"({type_name(hints[name])}: {known[name].metadata.get('doc', '')})")
+        if isinstance(value, _Required) and (training or not value.when_training) and name not in data:
+            errors.append(f"{source}: required config key '{name}' is missing "
+                          f"({type_name(hints[name])}: {known[name].metadata.get('doc', '')})")
+    _raise_all(errors)
     validate_config(cfg, validate_only=validate_only, world_size=world_size)
     return cfg
+
+
+#: names other trainers (diffusers, kohya, ...) use for our keys: suggested, never accepted silently
+COMMON_NAMES = {
+    "learning_rate": "lr", "max_train_steps": "updates", "num_train_steps": "updates", "steps": "updates",
+    "max_steps": "updates", "num_train_epochs": "updates", "epochs": "updates", "train_batch_size": "batch_size",
+    "total_batch_size": "batch_size", "resolution": "image_size", "size": "image_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "mixed_precision": "precision", "output_dir": "output_path",
+    "logging_dir": "checkpoint_path", "train_data_dir": "webdataset_path", "dataset": "webdataset_path",
+    "checkpointing_steps": "save_every", "save_steps": "save_every", "lr_warmup_steps": "warmup_updates",
+    "warmup_steps": "warmup_updates", "max_grad_norm": "grad_clip", "clip_grad_norm": "grad_clip",
+    "adam_weight_decay": "weight_decay", "pretrained_model_name_or_path": "generator_checkpoint_path",
+    "network_dim": "rank", "lora_rank": "rank", "r": "rank", "network_alpha": "alpha", "lora_alpha": "alpha",
+    "gradient_checkpoint": "gradient_checkpointing", "use_ema": "ema_start_iters", "validation_steps": "preview_every",
+}
+#: keys of one job that users put in another job's config: where they belong
+OTHER_JOB_KEYS = {"rank": "the LoRA job (train/train_c_lora.py)", "alpha": "the LoRA job (train/train_c_lora.py)",
+                  "train_tokens": "the LoRA job (train/train_c_lora.py)",
+                  "module_filters": "the LoRA job (train/train_c_lora.py)",
+                  "controlnet_filter": "the ControlNet job (train/train_c_controlnet.py)"}
+
+
+def _suggestion(key: str, known: Mapping[str, Any]) -> str:
+    """'; did you mean ...' for an unknown key: a common name for one of ours, a close spelling,
+    or the job the key belongs to."""
+    common = COMMON_NAMES.get(key.lower())
+    if common in known:
+        return f"; did you mean '{common}'? (this project's name for {key})"
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    if key in OTHER_JOB_KEYS:
+        return f"; it is a key of {OTHER_JOB_KEYS[key]}"
+    return ""
+
+
+def _raise_all(errors: Sequence[str]) -> None:
+    """One UserError listing every problem (one line: the CLI prints ``error: ...`` once)."""
+    if len(errors) == 1:
+        raise UserError(errors[0])
+    if errors:
+        raise UserError(f"{len(errors)} config errors: " + " | ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
 
 
 def config_aliases(cls: type) -> dict[str, str]:
@@ -388,12 +436,21 @@ def validate_config(cfg: Any, validate_only: bool = False, world_size: Optional[
     """Call every ``validate_<component>()`` of ``cfg``'s classes. ``validate_run`` also gets
     ``world_size``; ``cfg.validate_only`` tells validators to allow placeholder paths."""
     object.__setattr__(cfg, "_validate_only", validate_only)
+    errors: list[str] = []  # each component's first problem, all in one report
     for name in _validators(type(cfg)):
         method = getattr(cfg, name)
-        if name == "validate_run":
-            method(world_size)
-        else:
-            method()
+        try:
+            if name == "validate_run":
+                method(world_size)
+            else:
+                method()
+        except UserError as exc:
+            errors.append(str(exc))
+        except Exception:
+            if errors:  # a later check tripped over an earlier problem: report the problems found
+                break
+            raise
+    _raise_all(errors)
 
 
 # --------------------------------------------------------------------------------------------
