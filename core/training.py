@@ -103,6 +103,8 @@ class TrainingCore:
         self.device: torch.device = self.dist.device
         self.is_main: bool = self.dist.is_main
         self.resume_mode = resume
+        #: True once setup found a checkpoint to resume: the jobs' weights then come from it
+        self.resuming = False
         self.run_dir = Path(cfg.checkpoint_path) / cfg.experiment_id
         self.output_dir = Path(cfg.output_path) / cfg.experiment_id
         self.step = 0                  # completed optimizer updates
@@ -227,6 +229,10 @@ class TrainingCore:
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
+        # The dataset first: one that is missing or empty fails before any folder is created.
+        from core.discovery import discover_data
+
+        discover_data(cfg)  # every rank: each fails alike, none waits at a barrier for another
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -283,8 +289,8 @@ class TrainingCore:
         if saved is not None and saved != now:
             raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
                             f"says '{now}'; fix model_version or use another experiment_id")
-        log.info("resuming from the checkpoint of update %s in %s", trainer.get("step"), where)
-        if self.is_main:
+        self.resuming = True
+        if self.is_main:  # one line (stdout: launchers and tests read it), not a log line as well
             print(f"resuming from update {trainer.get('step')} ({where})", flush=True)
 
     def _trainer_state(self) -> dict:

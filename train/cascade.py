@@ -127,10 +127,14 @@ class CascadeTrainer(TrainingCore):
         when the key is null/absent (logged loudly)."""
         cfg = self.cfg
         if cfg.generator_checkpoint_path is None:
-            log.warning("=" * 78)
-            log.warning("generator_checkpoint_path is not set: training %s %s FROM SCRATCH (random init)",
-                        self.model_kind, cfg.model_version)
-            log.warning("=" * 78)
+            if self.resuming:  # the resumed checkpoint's weights replace the init: not a fresh start
+                log.info("building %s %s; its weights come from the checkpoint being resumed", self.model_kind,
+                         cfg.model_version)
+            else:
+                log.warning("=" * 78)
+                log.warning("generator_checkpoint_path is not set: training %s %s FROM SCRATCH (random init)",
+                            self.model_kind, cfg.model_version)
+                log.warning("=" * 78)
             from modules.registry import build_model
 
             # Seeded init: every rank (and every rerun) starts from the same weights.
