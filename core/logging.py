@@ -182,6 +182,16 @@ def plot_timesteps(metrics_path: str, out_path: str, prefix: str = "val_mse_t") 
     return True
 
 
+def _duration(seconds: float) -> str:
+    """63 -> '1 min 3 s'; 7300 -> '2 h 1 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def _wandb_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection(("api.wandb.ai", 443), timeout=timeout).close()
@@ -195,12 +205,14 @@ class RunLogger:
 
     Non-main ranks get a silent logger (every method is a no-op), so callers need no rank checks.
     ``resume_step`` drops metrics.jsonl records after that step (they belong to the updates a
-    crash threw away and are about to be redone)."""
+    crash threw away and are about to be redone). ``interactive``: a progress bar (True) or a
+    progress log line every ``log_every`` updates (False); default: whether stderr is a terminal."""
 
     def __init__(self, run_dir: str, cfg: Any, is_main: bool, total_steps: int,
                  wandb_project: Optional[str] = None, wandb_entity: Optional[str] = None,
                  run_id: Optional[str] = None, start_step: int = 0, resume_step: Optional[int] = None,
-                 preview_dir: Optional[str] = None, run_name: Optional[str] = None) -> None:
+                 preview_dir: Optional[str] = None, run_name: Optional[str] = None,
+                 interactive: Optional[bool] = None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.total_steps = total_steps
@@ -210,12 +222,23 @@ class RunLogger:
         self.wandb: Any = None
         self._bar: Any = None
         self.status: dict[str, float] = {}  # shown on the progress line until replaced (e.g. val_loss)
+        self.epoch: Optional[int] = None     # the data epoch, shown on the progress line (the trainer sets it)
+        # Not a terminal (a log file, a batch job): no bar, whose carriage returns make one huge
+        # line, but a plain progress line every ``progress_every`` updates (default: log_every).
+        self.interactive = bool(getattr(sys.stderr, "isatty", lambda: False)()) if interactive is None else interactive
+        self.progress_every = max(1, int(getattr(cfg, "log_every", 10) or 10))
+        self._started = (time.monotonic(), start_step)
         setup_logging(is_main)
         if not is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
+        self._last_time = time.monotonic()
+        if not self.interactive:
+            if wandb_project:
+                self._start_wandb(cfg, wandb_project, wandb_entity, run_name)
+            return
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True,
@@ -262,6 +285,8 @@ class RunLogger:
         (the global batch) for the images/s figure, or give ``images_per_s`` directly. ``log``
         calls it too, so a loop that logs every update needs no separate call."""
         if self._bar is None:
+            if self.is_main and not self.interactive:
+                self._progress_line(step, loss, images_per_s)
             return
         now = time.monotonic()
         elapsed, self._last_time = max(now - self._last_time, 1e-9), now
@@ -275,8 +300,31 @@ class RunLogger:
             images_per_s = images * max(delta, 1) / elapsed
         if isinstance(images_per_s, (int, float)) and math.isfinite(images_per_s):
             postfix["img/s"] = f"{images_per_s:.1f}"
+        if self.epoch is not None:
+            postfix["epoch"] = self.epoch
         postfix.update({k: f"{v:.4f}" for k, v in self.status.items() if math.isfinite(v)})
         self._bar.set_postfix(postfix, refresh=False)
+
+    def _progress_line(self, step: int, loss: Optional[float], images_per_s: Optional[float]) -> None:
+        """One log line every ``progress_every`` updates (and at the last): the bar's figures plus
+        elapsed time and an ETA, for logs that are files."""
+        if (step % self.progress_every and step != self.total_steps) or step == getattr(self, "_line_step", None):
+            return
+        self._line_step = step
+        t0, s0 = self._started
+        elapsed = time.monotonic() - t0
+        parts = [f"update {step}/{self.total_steps} ({100 * step // max(1, self.total_steps)}%)"]
+        if isinstance(loss, (int, float)) and math.isfinite(float(loss)):
+            parts.append(f"loss {float(loss):.4f}")
+        if isinstance(images_per_s, (int, float)) and math.isfinite(images_per_s):
+            parts.append(f"{images_per_s:.1f} img/s")
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch}")
+        parts += [f"{k} {v:.4f}" for k, v in self.status.items() if math.isfinite(v)]
+        done = step - s0
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else None
+        parts.append(f"elapsed {_duration(elapsed)}" + (f", ETA {_duration(eta)}" if eta is not None else ""))
+        log.info("progress: %s", ", ".join(parts))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl (and wandb); also advances
@@ -293,7 +341,7 @@ class RunLogger:
                              context=f"cannot log update {int(step)}: ") from exc
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step))
-        if self._bar is not None and step >= self._bar.n:
+        if (self._bar is not None and step >= self._bar.n) or (self._bar is None and not self.interactive):
             self.progress(step, loss=record.get("loss"), images_per_s=record.get("images_per_s"))
 
     def log_images(self, step: int, name: str, images: torch.Tensor, nrow: int = 4) -> Optional[str]:
@@ -314,6 +362,12 @@ class RunLogger:
     def log_previews(self, step: int, grids: Mapping[str, torch.Tensor], nrow: int) -> None:
         """One grid per ``{name: images (N,3,H,W) in [0,1]}``; tiny images (CPU runs) are enlarged
         to at least 128 px so a person can see them."""
+        if self.is_main and grids and not getattr(self, "_sizes_told", False):
+            self._sizes_told = True  # once per run: why a 64 px run gives 16 px preview images
+            sizes = ", ".join(f"{n} {tuple(v.shape[-2:])[0]}x{tuple(v.shape[-2:])[1]} px" for n, v in grids.items())
+            log.info("previews in %s: %s (each decoder's own size: Stage C's Previewer decodes 1/4 of image_size, "
+                     "a full C->B->A decode the whole size); grids under 128 px are enlarged (nearest) to see them",
+                     self.preview_dir, sizes)
         for name, images in grids.items():
             images = images.detach().float().clamp(0, 1).cpu()
             if images.shape[-1] < 128:

@@ -328,6 +328,7 @@ class TrainingCore:
                 self.micro_step = (step, micro)
                 torch.manual_seed(derive_seed(cfg.seed, "module-rng", self.dist.rank, step, micro))
                 batch = self._faults.poison(self.batches.next(), step)
+                self._note_epoch(batch, step)
                 with contextlib.ExitStack() as stack:
                     for module in wrapped:  # no gradient all-reduce before the last micro-step
                         stack.enter_context(D.grad_sync(module, enabled=micro == accum - 1))
@@ -371,6 +372,13 @@ class TrainingCore:
                             "again to resume", stop, step)
                 return
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
+
+    def _note_epoch(self, batch: dict, step: int) -> None:
+        """Log when the data starts a new epoch (a pass over this rank's shards) and show it on the progress line."""
+        epoch = batch.get("epoch") if isinstance(batch, dict) else None
+        if isinstance(epoch, int) and epoch != self.logger.epoch:
+            log.info("data: epoch %d begins at update %d", epoch, step)
+            self.logger.epoch = epoch
 
     def _clip_gradients(self) -> float:
         D.average_gradients(self._models.unwrapped_trainable())

@@ -75,7 +75,28 @@ def test_image_grid_checks_shape():
 
 
 def test_log_advances_progress_bar(tmp_path):
-    logger = RunLogger(str(tmp_path), Cfg(), is_main=True, total_steps=10, start_step=2)
+    logger = RunLogger(str(tmp_path), Cfg(), is_main=True, total_steps=10, start_step=2, interactive=True)
     logger.log(3, {"loss": 0.25, "images_per_s": 12.0})
     assert logger._bar.n == 3 and "0.2500" in str(logger._bar.postfix) and "12.0" in str(logger._bar.postfix)
+    logger.close()
+
+
+def test_a_log_file_gets_progress_lines_not_carriage_returns(tmp_path, caplog):
+    """Issue 26 point 11: stderr that is not a terminal gets a plain progress line every log_every
+    updates (with the epoch and an ETA), never tqdm's carriage-return bar."""
+    import logging
+
+    class Every2(Cfg):
+        log_every = 2
+
+    logger = RunLogger(str(tmp_path), Every2(), is_main=True, total_steps=5, interactive=False)
+    assert logger._bar is None
+    logger.epoch = 3
+    with caplog.at_level(logging.INFO, logger="core"):
+        for step in range(1, 6):
+            logger.progress(step, loss=0.5, images_per_s=4.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert [line.split(",")[0] for line in lines] == ["progress: update 2/5 (40%)", "progress: update 4/5 (80%)",
+                                                     "progress: update 5/5 (100%)"]
+    assert "epoch 3" in lines[0] and "ETA" in lines[0] and not any("\r" in line for line in lines)
     logger.close()
