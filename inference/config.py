@@ -57,6 +57,9 @@ class InferenceConfig:
         "[[token_or_regex, init_regex_or_null], ...] replayed into the tokenizer before loading")
     lora_checkpoint_path: Optional[str] = _doc("LoRA file: official, named, ComfyUI or kohya layout")
     lora_strength: float = _doc("multiplier of the LoRA deltas (and trained token deltas)", 1.0)
+    loras: Optional[list[list[Union[str, float]]]] = _doc(
+        "[[path, strength], ...]: several LoRA files merged in order (what --lora PATH[:strength] sets); "
+        "instead of lora_checkpoint_path. Their tokens come from each file's metadata")
     # ControlNet (configs/inference/controlnet_c_3b_*.yaml)
     controlnet_blocks: Optional[list[int]] = _doc("Stage C ResBlock call indices fed by the ControlNet")
     controlnet_filter: Optional[str] = _doc("filter class name, e.g. CannyFilter")
@@ -113,6 +116,43 @@ class InferenceConfig:
         for key in PATH_KEYS:
             if getattr(self, key) == "":
                 setattr(self, key, None)  # official identity config leaves the path empty
+        self._validate_loras()
+        self._refuse_ignored_keys()
+
+    def _validate_loras(self) -> None:
+        if self.loras is None:
+            return
+        if self.lora_checkpoint_path:
+            raise UserError("config: 'loras' and 'lora_checkpoint_path' both name LoRA files; keep one "
+                            "(--lora replaces the config's lora_checkpoint_path)")
+        for i, entry in enumerate(self.loras):
+            if (len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
+                    or isinstance(entry[1], (str, bool)) or not isinstance(entry[1], (int, float))):
+                raise UserError(f"config: 'loras' entry {i} ({entry!r}) must be [path, strength]")
+        self.loras = [[path, float(strength)] for path, strength in self.loras]
+
+    def _refuse_ignored_keys(self) -> None:
+        """A key that would change nothing in this config is an error, not silently ignored."""
+        lora_only = {"rank": self.rank, "module_filters": self.module_filters, "train_tokens": self.train_tokens}
+        unused = [k for k, v in lora_only.items() if v is not None]
+        if self.lora_strength != 1.0:
+            unused.append("lora_strength")
+        if unused and not self.uses_lora:
+            raise UserError(f"config: {', '.join(repr(k) for k in unused)} apply to a LoRA, but no LoRA file is "
+                            f"set (lora_checkpoint_path or --lora); remove them or set the LoRA")
+        if self.loras is not None and self.lora_strength != 1.0:
+            raise UserError("config: 'lora_strength' applies to lora_checkpoint_path; with 'loras' (--lora) give "
+                            "each file's strength as PATH:STRENGTH")
+        if self.cnet_multiplier != 1.0 and not self.uses_controlnet:
+            raise UserError("config: 'cnet_multiplier' applies to a ControlNet, but no controlnet_* key is set; "
+                            "remove it")
+
+    @property
+    def lora_files(self) -> list[tuple[str, float]]:
+        """``[(path, strength)]`` of every LoRA to merge, in order."""
+        if self.loras is not None:
+            return [(str(path), float(strength)) for path, strength in self.loras]
+        return [(self.lora_checkpoint_path, self.lora_strength)] if self.lora_checkpoint_path else []
 
     @property
     def uses_controlnet(self) -> bool:
@@ -123,7 +163,7 @@ class InferenceConfig:
     @property
     def uses_lora(self) -> bool:
         """True when a LoRA file is configured."""
-        return bool(self.lora_checkpoint_path)
+        return bool(self.lora_checkpoint_path or self.loras)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -250,6 +290,8 @@ def load_inference_config(source: Union[str, Path, Mapping[str, Any], InferenceC
     if root is not None:
         for key in PATH_KEYS:
             setattr(cfg, key, resolve_path(getattr(cfg, key), root))
+        if cfg.loras is not None:
+            cfg.loras = [[resolve_path(path, root), strength] for path, strength in cfg.loras]
         cfg.clip_text_model_name = resolve_model_name(cfg.clip_text_model_name, root)
         cfg.clip_image_model_name = resolve_model_name(cfg.clip_image_model_name, root)
     return cfg

@@ -7,6 +7,7 @@ previews share, so a preview and this pipeline agree for the same seed.
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -90,7 +91,9 @@ class CascadePipeline:
             if stage_b else None
         self.stage_a = load_aux("stage_a", stage_b, "stage_a_checkpoint_path", home) \
             if stage_b else None
-        self.lora = self._load_lora() if stage_c is not None and stage_c.uses_lora else None
+        #: every merged LoRA (``lora``: the first) and the new tokens they trained
+        self.loras, self.lora_tokens = self._load_lora() if stage_c is not None and stage_c.uses_lora else ([], [])
+        self.lora = self.loras[0] if self.loras else None
         self.controlnet, self.cnet_filter = (None, None)
         if stage_c is not None and stage_c.uses_controlnet:
             self._load_controlnet()
@@ -100,8 +103,11 @@ class CascadePipeline:
 
         if self.cfg_c is not None:
             require_file(self.cfg_c, "generator_checkpoint_path", "the Stage C generator")
-            if self.cfg_c.uses_lora:
+            if self.cfg_c.lora_checkpoint_path:
                 require_file(self.cfg_c, "lora_checkpoint_path", "the LoRA")
+            for path, _ in self.cfg_c.lora_files:
+                if not os.path.isfile(path):
+                    raise UserError(f"LoRA file not found: {path} (--lora / config key 'loras')")
             if self.cfg_c.uses_controlnet:
                 require_file(self.cfg_c, "controlnet_checkpoint_path", "the ControlNet")
         if self.cfg_b is not None:
@@ -168,17 +174,14 @@ class CascadePipeline:
             raise UserError(f"{what} needs a Stage {stage.upper()} config ({flag})")
         return cfg
 
-    def _load_lora(self) -> Any:
-        from inference.lora import apply_lora_file
-        from inference.tokens import add_train_tokens
+    def _load_lora(self) -> tuple[list, list[str]]:
+        from inference.tokens import load_lora_files
 
-        from inference.models import require_file
+        if self.cfg_c.lora_checkpoint_path:
+            from inference.models import require_file
 
-        cfg = self.cfg_c
-        path = require_file(cfg, "lora_checkpoint_path", "the LoRA")
-        add_train_tokens(self.tokenizer, self.text_model, cfg.train_tokens)
-        return apply_lora_file(self.stage_c, path, cfg.lora_strength, cfg.module_filters, cfg.rank,
-                               text_model=self.text_model)
+            require_file(self.cfg_c, "lora_checkpoint_path", "the LoRA")
+        return load_lora_files(self.stage_c, self.tokenizer, self.text_model, self.cfg_c)
 
     def _load_controlnet(self) -> None:
         from inference.control import build_filter, needs_effnet
@@ -192,10 +195,11 @@ class CascadePipeline:
                                           self.placement.home)
 
     def set_lora_strength(self, strength: float) -> None:
-        """Change the configured LoRA's strength in place (exact; 0 = the base model)."""
+        """Change the strength of every loaded LoRA in place (exact; 0 = the base model)."""
         if self.lora is None:
             raise UserError("no LoRA loaded (set lora_checkpoint_path in the Stage C config)")
-        self.lora.set_strength(strength)
+        for lora in self.loras:
+            lora.set_strength(strength)
 
     # ------------------------------------------------------------------ settings and conditions
     def settings_c(self, **overrides: Any) -> SamplingSettings:
@@ -344,8 +348,10 @@ class CascadePipeline:
         params = {"mode": mode, "height": height, "width": width, **used,
                   "stage_c_model": self.cfg_c and self.cfg_c.model_version,
                   "stage_b_model": self.cfg_b and self.cfg_b.model_version,
-                  "lora": self.cfg_c.lora_checkpoint_path if self.lora is not None else None,
-                  "lora_strength": self.lora.strength if self.lora is not None else None,
+                  "lora": self.cfg_c.lora_checkpoint_path if self.lora is not None and len(self.loras) == 1 else
+                  [m.source for m in self.loras] or None,
+                  "lora_strength": self.lora.strength if self.lora is not None and len(self.loras) == 1 else
+                  [m.strength for m in self.loras] or None,
                   "controlnet": self.cfg_c.controlnet_filter if self.controlnet is not None and control_used
                   else None}
         seed_text = "generator" if isinstance(seed, torch.Generator) else str(seed)

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-b", type=float)
     p.add_argument("--shift-c", type=float)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "lcm"])
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="merge this LoRA file (strength 1 unless given); repeatable: files merge in order. "
+                        "Replaces the config's lora_checkpoint_path; each file's trained tokens come from its "
+                        "metadata")
     p.add_argument("--lora-strength", type=float, help="overrides lora_strength of the config")
     p.add_argument("--control-image", help="ControlNet input image (ControlNet configs)")
     mode = p.add_mutually_exclusive_group()
@@ -90,6 +94,40 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength); a path may itself hold ':' (only a number after the
+    last one is a strength)."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    if not text:
+        raise UserError("--lora needs a path: --lora PATH[:STRENGTH]")
+    return text, 1.0
+
+
+def lora_overrides(loras: Sequence[str], strength: Optional[float]) -> list[str]:
+    """The config overrides of ``--lora`` (key ``loras``, replacing lora_checkpoint_path) and ``--lora-strength``."""
+    import json
+
+    if not loras:
+        return [] if strength is None else [f"lora_strength={strength}"]
+    if strength is not None:
+        raise UserError("--lora-strength applies to the config's LoRA; with --lora give PATH:STRENGTH")
+    pairs = [list(parse_lora_arg(text)) for text in loras]
+    return ["lora_checkpoint_path=null", "lora_strength=1.0", f"loras={json.dumps(pairs)}"]
+
+
+def _check_prompt_tokens(pipe, prompts: Sequence[str]) -> None:
+    """A prompt's ``[token]`` words against the tokens the loaded LoRAs trained (inference/tokens.py)."""
+    from inference.tokens import check_prompt_tokens
+
+    for warning in check_prompt_tokens(prompts, pipe.lora_tokens, lora_loaded=pipe.lora is not None):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _check_control(args: argparse.Namespace) -> None:
     """A ControlNet config needs --control-image in every Stage C mode: checked on the config
     alone, before any model loads."""
@@ -125,9 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _check(args)
     _check_control(args)
     _cpu_threads(args, own_command_line=argv is None or list(argv) == sys.argv[1:])
-    overrides = list(args.overrides)
-    if args.lora_strength is not None:
-        overrides.append(f"lora_strength={args.lora_strength}")
+    overrides = list(args.overrides) + lora_overrides(args.lora, args.lora_strength)
     pipe = CascadePipeline.from_config(
         args.config, args.stage_b_config, device=args.device, overrides=overrides,
         stage_b_overrides=args.overrides_b, root=args.root, offload=args.offload or None,
@@ -146,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written.append(save_png(side_by_side(original, recon), out / f"{stem}_pair.png", meta))
     else:
         prompts = _prompts(args)
+        _check_prompt_tokens(pipe, prompts)
         overrides_s = dict(steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,
                            cfg_b=args.cfg_b, shift_c=args.shift_c, sampler=args.sampler)
         count = 0
