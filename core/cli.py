@@ -90,7 +90,33 @@ def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
         print(f"webdataset_path: {cfg.webdataset_path} (could not list shards)")
     print(f"batch: global {cfg.batch_size} = world_size {ws} x grad_accum_steps {cfg.grad_accum_steps} "
           f"x per-rank {cfg.per_rank_batch(ws)}")
-    _print_memory_estimate(job, cfg, ws)
+    _print_memory_estimate(job, cfg, _estimate_world_size(cfg, ws))
+
+
+#: images per GPU per micro-step above which a config with no launcher around it reads as written for many GPUs
+WRITTEN_FOR_PER_GPU = 8
+
+
+def _estimate_world_size(cfg: Any, world_size: int) -> int:
+    """The world size to estimate memory for: the launcher's; without a launcher (a shell, world
+    size 1) and a global batch that would put more than WRITTEN_FOR_PER_GPU images per micro-step
+    on the one GPU, the smallest power-of-two world size the batch splits into at most that many
+    per GPU (the official configs' batches of 256-1024 are written for many GPUs), said so."""
+    if world_size != 1 or any(k in os.environ for k in ("WORLD_SIZE", "SLURM_NTASKS")):
+        return world_size
+    per_step = cfg.batch_size // max(1, cfg.grad_accum_steps)
+    if per_step <= WRITTEN_FOR_PER_GPU:
+        return world_size
+    written_for = 1
+    while per_step // written_for > WRITTEN_FOR_PER_GPU and per_step % (written_for * 2) == 0:
+        written_for *= 2
+    if written_for == 1:
+        return world_size
+    print(f"# the global batch {cfg.batch_size} is written for many GPUs: here (world size 1, no launcher) one GPU "
+          f"would run {per_step} images per micro-step. The estimate below is PER GPU at world size {written_for} "
+          f"({per_step // written_for} images per GPU per micro-step); launch the dry run with WORLD_SIZE=N "
+          f"(torchrun/slurm) for your own split")
+    return written_for
 
 
 def _print_memory_estimate(job: type, cfg: Any, world_size: int) -> None:

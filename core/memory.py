@@ -13,7 +13,8 @@ ONE rank (one GPU). The figure is the sum of
 * gradients of the trainable parameters (same dtype as the parameter);
 * optimizer states, per optimizer (adamw: 2 states of the parameter dtype; adafactor: factored
   row/column second moments; adamw8bit: 2 one-byte states + a float32 absmax per 256-element block,
-  bitsandbytes' rule that tensors under 4096 elements keep 32-bit states);
+  bitsandbytes' rule that tensors under 4096 elements keep 32-bit states; prodigy: 4 states of the
+  parameter dtype, exp_avg, exp_avg_sq, s and the initial weights p0);
 * activations saved for backward at the spec's batch and image size, with and without gradient
   checkpointing, plus a backward workspace of one checkpoint unit;
 * with several ranks, what data parallelism adds (see below).
@@ -57,7 +58,7 @@ from torch import nn
 
 GIB = 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: torch.float32}
-OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy")
 
 #: A frozen part that only needs counting: a parameter count (stored in ``MemorySpec.frozen_dtype``),
 #: ``(count, dtype)`` with the dtype as a ``torch.dtype`` or a name of :data:`DTYPES`, or a module
@@ -159,6 +160,8 @@ def optimizer_state_bytes(params: Sequence[torch.Tensor], optimizer: str) -> int
         n, size = p.numel(), p.element_size()
         if optimizer in ("adamw", "adamw_fused"):
             total += 2 * n * size                      # exp_avg, exp_avg_sq like the parameter
+        elif optimizer == "prodigy":
+            total += 4 * n * size                      # prodigyopt: exp_avg, exp_avg_sq, s, p0 like the parameter
         elif optimizer == "adafactor":
             if p.dim() >= 2:                           # torch.optim.Adafactor: row + column variance
                 rows = math.prod(p.shape[:-1])

@@ -106,16 +106,46 @@ def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
             "image_conditioning": float(_get(cfg, "image_embed_prob", 0.1) or 0) > 0,
             "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False)),
             "world_size": int(world_size), "fsdp": bool(_get(cfg, "use_fsdp", False)) and world_size > 1,
-            "device": _target_device(cfg)}
+            "device": _target_device(cfg),
+            "clip_text": _local_clip_sizes(_get(cfg, "clip_text_model_name"), vision=False),
+            "clip_vision": _local_clip_sizes(_get(cfg, "clip_image_model_name"), vision=True)}
+
+
+def _local_clip_sizes(name: Any, vision: bool) -> dict[str, int]:
+    """The size arguments of :func:`clip_text_params` / :func:`clip_vision_params` from a LOCAL CLIP
+    folder's config.json (a tiny test CLIP counts as tiny); {} (the official bigG / ViT-L sizes) for
+    a Hugging Face name or a folder without one. Read, never downloaded."""
+    import json
+    import os
+
+    path = os.path.join(str(name), "config.json") if isinstance(name, str) else ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            c = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    c = c.get("vision_config", c) if vision else c.get("text_config", c)
+    try:
+        sizes = {"width": int(c["hidden_size"]), "layers": int(c["num_hidden_layers"]),
+                 "mlp": int(c["intermediate_size"])}
+        if "projection_dim" in c:
+            sizes["projection"] = int(c["projection_dim"])
+        if vision:
+            sizes.update(patch=int(c.get("patch_size", 14)), image=int(c.get("image_size", 224)))
+        else:
+            sizes.update(vocab=int(c.get("vocab_size", 49408)), positions=int(c.get("max_position_embeddings", 77)))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return sizes
 
 
 def _encoders(kind: str, f: dict[str, Any]) -> dict[str, Any]:
     """Parameter counts of the frozen encoders/decoders the run loads (none when reading a cache)."""
     if f["cached"]:
         return {}
-    out: dict[str, Any] = {"clip_text": clip_text_params(), "effnet": _meta_params("effnet")}
+    out: dict[str, Any] = {"clip_text": clip_text_params(**f["clip_text"]), "effnet": _meta_params("effnet")}
     if kind == "stage_c":
-        out["clip_vision"] = clip_vision_params()  # the job loads it whatever image_embed_prob says
+        out["clip_vision"] = clip_vision_params(**f["clip_vision"])  # loaded whatever image_embed_prob says
         out["previewer"] = _meta_params("previewer")
     else:
         out["stage_a"] = (_meta_params("stage_a"), "float32")  # registered uncast (decode only)
@@ -169,7 +199,8 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
             from modules.controlnet import ControlNet
 
             c_hidden = model_config(kind, version).get("c_hidden", [2048])[0]
-            networks["controlnet"] = ControlNet(c_proj=c_hidden, **controlnet)  # trains in float32
+            kwargs = {k: v for k, v in controlnet.items() if k != "input_downscale"}
+            networks["controlnet"] = ControlNet(c_proj=c_hidden, **kwargs)  # trains in float32
         return networks
 
     def forward(networks: nn.Module) -> torch.Tensor:
@@ -177,7 +208,9 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         r = torch.empty(b)
         extra = {}
         if "controlnet" in networks:
-            extra["cnet"] = networks["controlnet"](torch.empty(b, controlnet.get("c_in", 1), h, w))
+            # the filter's control image: image-sized, or latent-sized (input_downscale 32: the SR filter's latent)
+            down = int(controlnet.get("input_downscale", 1))
+            extra["cnet"] = networks["controlnet"](torch.empty(b, controlnet.get("c_in", 1), h // down, w // down))
         pred = networks["generator"](x, r, **cond, **extra)
         return (pred.float() - x.float()).pow(2).mean()
 
@@ -234,7 +267,8 @@ def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
 def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
     """A float32 ControlNet feeding a Stage C frozen in ``frozen_dtype``, one of ``world_size`` ranks;
     encoders as in :func:`stage_c_spec`. The ControlNet is ``controlnet`` (ControlNet kwargs except
-    ``c_proj``, which is the generator's width), by default the official canny one
+    ``c_proj``, which is the generator's width, plus ``input_downscale``: the control image's
+    size divisor, 32 for a filter that gives Stage C latents), by default the official canny one
     (:data:`DEFAULT_CONTROLNET`) whatever the config's filter and blocks, as the estimate has always done."""
     return _spec(cfg, "stage_c", "controlnet", world_size, controlnet=dict(controlnet or DEFAULT_CONTROLNET))
 

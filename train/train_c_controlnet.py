@@ -97,11 +97,10 @@ class StageCControlNetTrainer(StageCTrainer):
 
     @classmethod
     def describe(cls, cfg: Any) -> list[str]:
-        from modules import filters
         from modules.controlnet import ControlNet
         from modules.registry import build_model
 
-        c_in = filters.resolve_filter(cfg.controlnet_filter, dict(cfg.controlnet_filter_params or {})).num_channels()
+        c_in = cls.controlnet_inputs(cfg)
         c_proj = controlnet_c_proj(build_model("stage_c", cfg.model_version, device="meta"))
         with torch.device("meta"):
             net = ControlNet(c_in=c_in, c_proj=c_proj, proj_blocks=list(cfg.controlnet_blocks),
@@ -111,7 +110,26 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: controlnet_spec(cfg, world_size))  # dry-run estimate, per rank
+    @classmethod
+    def controlnet_inputs(cls, cfg: Any) -> int:
+        """Channels of the configured filter's control image (the ControlNet's c_in)."""
+        from modules import filters
+
+        return filters.resolve_filter(cfg.controlnet_filter, dict(cfg.controlnet_filter_params or {})).num_channels()
+
+    @classmethod
+    def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
+        """Dry-run estimate, per rank, of the CONFIGURED ControlNet (filter channels, blocks, backbone)."""
+        import inspect
+
+        from modules import filters
+
+        # a filter that runs the EfficientNet (super-resolution) hands the ControlNet Stage C latents
+        filter_type = type(filters.resolve_filter(cfg.controlnet_filter, dict(cfg.controlnet_filter_params or {})))
+        latent_input = "effnet" in inspect.signature(filter_type).parameters
+        controlnet = {"c_in": cls.controlnet_inputs(cfg), "proj_blocks": list(cfg.controlnet_blocks),
+                      "bottleneck_mode": cfg.controlnet_bottleneck_mode, "input_downscale": 32 if latent_input else 1}
+        return controlnet_spec(cfg, world_size, controlnet=controlnet)
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:
