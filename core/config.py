@@ -191,7 +191,7 @@ class RunConfig:
         if path is None or isinstance(path, _Required) or self.validate_only:
             return
         if not os.path.isfile(path) and not (folder_ok and os.path.isdir(path)):
-            from modules.loading import download_hint  # the error path only: keeps configs torch-free
+            from fileio.state_dicts import download_hint  # the error path only: keeps configs torch-free
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
 
@@ -416,7 +416,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config as YAML atomically (loadable again with ``load_config``)."""
-    from core.atomic import atomic_write_bytes
+    from fileio.atomic import atomic_write_bytes
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -262,7 +262,7 @@ class StageCLoraTrainer(StageCTrainer):
     def load_lora_file(self, path: str, exact: bool = False) -> None:
         """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
         from modules.lora_formats import load_into_loras, read_entries, read_tokens, stage_c_targets
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         cfg = self.cfg
         sd = read_state_dict(path)
