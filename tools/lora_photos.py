@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see core/cpu_threads.py
 
 TOOL = "tools/lora_photos.py"
-MAX_PHOTOS = 6
+MAX_PHOTOS = 4
 SIZE = 256                 # 8x8 Stage C latents, 64 px Previewer images (as the demo)
 N_DEMO = 4                 # the demo's photographs the base model learns
 SAMPLES = 4                # samples per model of "a photo of TOKEN"
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("photos", help=f"folder of your photos (the first {MAX_PHOTOS} by name are used)")
     parser.add_argument("--token", default="[mytok]", help="the new token that names your concept ([name] or <name>)")
     parser.add_argument("--out", default="runs/lora_photos", help="folder of assets, runs and the grid")
-    parser.add_argument("--ae-steps", type=int, default=1500, help="autoencoder fit steps (Adam, all photos each)")
-    parser.add_argument("--base-updates", type=int, default=1500, help="updates of the base Stage C")
-    parser.add_argument("--lora-updates", type=int, default=600, help="updates of the LoRA")
+    parser.add_argument("--ae-steps", type=int, default=1000, help="autoencoder fit steps (Adam, all photos each)")
+    parser.add_argument("--base-updates", type=int, default=1000, help="updates of the base Stage C")
+    parser.add_argument("--lora-updates", type=int, default=400, help="updates of the LoRA")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     import torch
