@@ -19,8 +19,9 @@ from torch import Tensor
 
 def sample_captions(generator_path: Path, model_version: str, clip_text: Path, previewer_path: Path,
                     captions: Sequence[str], latent_hw: tuple[int, int], settings, seed: int = 0,
-                    c_clip_img: int = 24) -> Tensor:
-    """Previewer images (N,3,8h,8w) in [0,1] of one Stage C sample per caption (seeded)."""
+                    c_clip_img: int = 24, lora: Path | None = None) -> Tensor:
+    """Previewer images (N,3,8h,8w) in [0,1] of one Stage C sample per caption (seeded); ``lora``: a
+    LoRA file merged first, its trained tokens replayed from its metadata (tools/lora_photos.py)."""
     from gdf import presets
     from inference.sampling import run_sampler
     from modules.conditioning import encode_text, load_clip_text, load_tokenizer
@@ -30,6 +31,13 @@ def sample_captions(generator_path: Path, model_version: str, clip_text: Path, p
     previewer = load_detected("previewer", previewer_path).eval()
     tokenizer, text_model = load_tokenizer(str(clip_text)), load_clip_text(str(clip_text), dtype=torch.float32,
                                                                            device="cpu")
+    if lora is not None:
+        from inference.lora import apply_lora_file
+        from inference.tokens import add_train_tokens
+        from modules.lora_formats import metadata_list, read_lora_file
+
+        add_train_tokens(tokenizer, text_model, metadata_list(read_lora_file(str(lora))[1], "train_tokens"))
+        apply_lora_file(generator, str(lora), 1.0, text_model=text_model)
     n = len(captions)
     with torch.no_grad():
         def conditions(texts: list[str]) -> dict:

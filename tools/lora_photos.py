@@ -82,34 +82,15 @@ def write_dataset(folder: Path, images, captions: list[str], prefix: str) -> Pat
     return folder
 
 
-def sample(generator_path: Path, assets: Path, prompt: str, token: str, lora: Path | None, seed: int):
+def sample(generator_path: Path, assets: Path, prompt: str, lora: Path | None, seed: int):
     """SAMPLES Previewer images of ``prompt`` from the base generator (+ the LoRA and its token)."""
-    import torch
+    from inference.sampling import from_preset
+    from tools.demo_results import sample_captions
 
-    from gdf import presets
-    from inference.lora import apply_lora_file
-    from inference.sampling import from_preset, run_sampler
-    from inference.tokens import add_train_tokens
-    from modules.conditioning import encode_text, load_clip_text, load_tokenizer
-    from modules.loading import load_detected, load_model
-
-    generator = load_model("stage_c", "tiny", generator_path).eval()
-    previewer = load_detected("previewer", assets / "previewer.safetensors").eval()
-    clip = assets / "clip" / "text"
-    tokenizer, text_model = load_tokenizer(str(clip)), load_clip_text(str(clip), dtype=torch.float32, device="cpu")
-    if lora is not None:
-        add_train_tokens(tokenizer, text_model, [[token, "^photo</w>"]])
-        apply_lora_file(generator, str(lora), 1.0, text_model=text_model)
-    with torch.no_grad():
-        def conditions(texts: list[str]) -> dict:
-            text, pooled = encode_text(tokenizer, text_model, texts)
-            return {"clip_text": text, "clip_text_pooled": pooled, "clip_img": torch.zeros(len(texts), 1, 24)}
-
-        settings = from_preset("stage_c_preview").replace(**SAMPLING)
-        latents = run_sampler(generator, presets.stage_c(), conditions([prompt] * SAMPLES), conditions([""] * SAMPLES),
-                              (SAMPLES, 16, SIZE // 32, SIZE // 32), settings,
-                              generator=torch.Generator().manual_seed(seed), device="cpu")
-        return previewer(latents).float().clamp(0, 1)
+    settings = from_preset("stage_c_preview").replace(**SAMPLING)
+    return sample_captions(generator_path, "tiny", assets / "clip" / "text", assets / "previewer.safetensors",
+                           [prompt] * SAMPLES, (SIZE // 32, SIZE // 32), settings, seed=seed,
+                           lora=lora)
 
 
 def write_grid(path: Path, rows: list[tuple[str, object]], cell: int = 96) -> Path:
@@ -225,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. samples, nearest photos, grid
     print(f"[4/4] sampling {SAMPLES} x '{prompt}' from the base and from base + LoRA", flush=True)
     lora_file = lora_dir / "lora.safetensors"
-    base_s = sample(base_weights, assets, prompt, args.token, None, args.seed)
-    lora_s = sample(base_weights, assets, prompt, args.token, lora_file, args.seed)
+    base_s = sample(base_weights, assets, prompt, None, args.seed)
+    lora_s = sample(base_weights, assets, prompt, lora_file, args.seed)
     photos = torch.cat([mine, demo])
     from tools.demo_results import reconstruct
 
