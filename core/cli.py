@@ -5,7 +5,9 @@ allowed), ``--dry-run`` runs the same checks, then prints the resolved config, w
 build, the data and batch split and the per-rank memory estimate, then exits; ``--resume
 auto|never|PATH``. Both check the batch split against the launcher's world size
 (``WORLD_SIZE`` / ``SLURM_NTASKS``, :func:`core.distributed.world_size_from_env`), as the run does. A user error exits with
-status 2 and one line (``core.errors.run_cli``); a finished or preempted run exits 0.
+status 2 and one line (``core.errors.run_cli``); a finished or preempted run exits 0. A CPU run
+picks its threading first (core/cpu_threads.py: started from its own command line without
+``OMP_WAIT_POLICY``, it restarts itself once with the passive wait policy).
 """
 from __future__ import annotations
 

@@ -33,6 +33,8 @@ def download_hint(path: PathLike) -> str:
     """How to get a missing file: the download command when ``path`` looks like an official file
     (in a ``models/`` folder or named like one), else a plain "fix the path"."""
     p = Path(path)
+    if "tiny_assets" in p.parts[:-1]:  # the tiny configs' folder (tools/make_demo_assets.py's default)
+        return "make the tiny CPU assets with `python3 tools/make_demo_assets.py`"
     if "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name):
         return "download the official weights with `bash models/download_models.sh` (see models/README.md) or fix the path"
     return "check the path in your config"
