@@ -90,7 +90,7 @@ class ModelSet:
                     elif isinstance(m, nn.MultiheadAttention):  # attention-weight dropout is a float
                         m.dropout = float(cfg.generator_dropout)
             if cfg.gradient_checkpointing and hasattr(module, "set_gradient_checkpointing"):
-                module.set_gradient_checkpointing(True)
+                module.set_gradient_checkpointing(cfg.gradient_checkpointing)  # True or a block period N
             module.to(device).train()
         unregistered = [k for k, v in vars(self.owner).items() if isinstance(v, nn.Module)
                         and k not in self.trained and k not in self.frozen]

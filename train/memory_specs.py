@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from core.memory import MemorySpec, default_dtype
+from modules.common import checkpoint_every
 
 #: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
@@ -105,6 +106,8 @@ def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
             "cached": bool(_get(cfg, "cache_path")),
             "image_conditioning": float(_get(cfg, "image_embed_prob", 0.1) or 0) > 0,
             "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False)),
+            # the dial's period (modules.common.checkpoint_every): 1 = every block, N = every N-th
+            "checkpoint_every": checkpoint_every(_get(cfg, "gradient_checkpointing", False)),
             "world_size": int(world_size), "fsdp": bool(_get(cfg, "use_fsdp", False)) and world_size > 1,
             "device": _target_device(cfg)}
 
@@ -190,7 +193,8 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         # the base generator, without the LoRA factors parametrizing it
         return {"generator": sum(p.numel() for n, p in networks["generator"].named_parameters() if "lora_" not in n)}
 
-    details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
+    details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode,
+                               "checkpoint_every": f["checkpoint_every"]}
     if lora is not None:
         details.update(lora_rank=lora[0], lora_filters=list(lora[1]))
     if controlnet is not None:

@@ -128,7 +128,7 @@ class StageCControlNetTrainer(StageCTrainer):
         # shard=True: under use_fsdp each rank holds 1/world of the frozen Stage C (3.6B in bf16 is 7 GB).
         generator = self.add_frozen("generator", self.load_generator(), shard=True)
         if self.cfg.gradient_checkpointing:
-            generator.set_gradient_checkpointing(True)
+            generator.set_gradient_checkpointing(self.cfg.gradient_checkpointing)  # True or a block period N
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet
