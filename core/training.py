@@ -154,13 +154,30 @@ class TrainingCore:
                                 publish=True, required=True)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False,
+                   quantize: bool = False) -> nn.Module:
         """Register a network that never trains, as attribute ``name``: eval mode, no gradients,
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard)
+        the same forwards through it (the core's previews do). ``quantize=True``: its big weights
+        are stored in the config's ``base_dtype`` when set (:meth:`quantize_base`)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard,
+                                       quantize=self.quantize_base if quantize else None)
+
+    def quantize_base(self, module: nn.Module) -> nn.Module:
+        """Quantise ``module``'s big frozen weights in place to the config's ``base_dtype``
+        (core/quantize.py; nothing when unset). Call after the cast to the compute dtype and before
+        adapters attach."""
+        dtype = getattr(self.cfg, "base_dtype", None)
+        if dtype:
+            from core.quantize import quantize_frozen_, quantized_bytes
+
+            n = quantize_frozen_(module, dtype, self.cfg.base_quant_block)
+            stored, dense = quantized_bytes(module)
+            log.info("%s: %d weights stored in %s (%.1f MiB instead of %.1f MiB)", type(module).__name__, n, dtype,
+                     stored / 2**20, dense / 2**20)
+        return module
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:

@@ -129,6 +129,7 @@ class StageCLoraTrainer(StageCTrainer):
         the only parameters of it that train (float32 even on a bf16 base)."""
         cfg = self.cfg
         generator = self.load_generator().requires_grad_(False).to(self.frozen_dtype)
+        self.quantize_base(generator)  # base_dtype: before the adapters attach (they wrap the quantised weights)
         # lora_up ~ N(0, 1) comes from the global RNG: seed it so runs and ranks agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
