@@ -44,6 +44,7 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
+from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
@@ -57,8 +58,8 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig):
+    """Keys shared by every training job: run, optimizer, EMA, data, validation and fused-backward components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -112,6 +113,7 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
+        self.fused: Optional[FusedBackward] = None  # fused_backward: the per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
@@ -276,6 +278,11 @@ class TrainingCore:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
+        if getattr(cfg, "fused_backward", False):  # core/fused_backward.py: steps inside backward
+            from core.fused_backward import check_world
+
+            check_world(cfg, self.dist.world_size)
+            self.fused = FusedBackward(self.optimizer, params)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -335,6 +342,8 @@ class TrainingCore:
             step = self.step + 1
             started = time.perf_counter()
             losses, metrics, finite = [], {}, True
+            if self.fused is not None:
+                self.fused.begin()
             for micro in range(accum):
                 self.micro_step = (step, micro)
                 torch.manual_seed(derive_seed(cfg.seed, "module-rng", self.dist.rank, step, micro))
@@ -354,7 +363,8 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
+                if self.fused is None:  # fused_backward stepped every parameter inside backward
+                    self.optimizer.step()
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -384,6 +394,9 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     def _clip_gradients(self) -> float:
+        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks
+            norm, ok = self.fused.finish()
+            return norm if ok else float("nan")
         D.average_gradients(self._models.unwrapped_trainable())
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if not params:
