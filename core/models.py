@@ -123,6 +123,21 @@ class ModelSet:
                 module, dist, mode, block_types=block_types, param_dtype=autocast_dtype,
                 reduce_dtype=torch.float32 if autocast_dtype else None))
 
+    def offload(self, ring: int, block_types: tuple[type, ...], device: torch.device) -> list[Any]:
+        """``offload_blocks``: the frozen parameters inside the ``block_types`` blocks of every
+        registered network go to host memory behind a ring of ``ring`` blocks (core/offload.py);
+        trained parameters stay. After :meth:`wrap` (a later move would fetch them back)."""
+        from core.offload import offload_blocks_
+
+        rings = []
+        for name in list(self.trained) + list(self.frozen):
+            module = D.unwrap_model(self.get(name))
+            blocks = [m for m in module.modules() if isinstance(m, block_types)]
+            if any(not p.requires_grad for b in blocks for p in b.parameters()):
+                rings.append(offload_blocks_(blocks, ring, device))
+                log.info("%s: frozen weights of %d blocks offloaded to host memory (ring of %d)", name, len(blocks), ring)
+        return rings
+
     def networks(self) -> list[nn.Module]:
         """The trained networks as the job holds them now (wrapped after ``wrap``)."""
         return [self.get(n) for n in self.trained]

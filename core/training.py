@@ -46,6 +46,7 @@ from core.errors import UserError
 from core.faults import FaultInjection
 from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
+from core.offload import OffloadConfig
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
@@ -58,8 +59,10 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data, validation and fused-backward components."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig,
+                     OffloadConfig):
+    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused-backward and offload
+    components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -273,6 +276,8 @@ class TrainingCore:
                                 publish=True)
             self.state.restore(paths, where)
         self._models.wrap(cfg, self.dist, self.block_types, self.autocast_dtype)
+        if getattr(cfg, "offload_blocks", 0):  # core/offload.py; after every move of the networks
+            self.offload = self._models.offload(cfg.offload_blocks, self.block_types, self.device)
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
