@@ -14,7 +14,7 @@ when prefetched, else copied on the spot) that dies with the op; layout ops (``t
 starts the copies of blocks k .. k+N-1 on a side stream (CUDA); a backward pre-hook does the same
 for blocks k .. k-N+1; copies outside the ring are dropped. On the CPU the "copy" is the host tensor
 itself, so a CPU run computes exactly what it computes without offload (bitwise; tested). A
-quantised weight (core/quantize.py) is offloaded as it is stored (its 8-bit codes travel).
+quantised weight (modules/quantize.py) is offloaded as it is stored (its 8-bit codes travel).
 
 Host copies: every host-resident tensor this module creates comes from ONE function,
 :func:`host_copy` (pinned when CUDA is available, so copies can run asynchronously). For memory
@@ -115,6 +115,9 @@ class HostWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if args and isinstance(args[0], HostWeight) and func._schema.is_mutable:
+            # Changing the fetched temporary would be lost without a word.
+            raise RuntimeError(f"a HostWeight is read-only ({func.__name__}); offload after changing weights")
         if func in _LAYOUT_OPS and args and isinstance(args[0], HostWeight) and not any(
                 isinstance(a, HostWeight) for a in args[1:]):
             self = args[0]

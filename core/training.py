@@ -172,11 +172,11 @@ class TrainingCore:
 
     def quantize_base(self, module: nn.Module) -> nn.Module:
         """Quantise ``module``'s big frozen weights in place to the config's ``base_dtype``
-        (core/quantize.py; nothing when unset). Call after the cast to the compute dtype and before
+        (modules/quantize.py; nothing when unset). Call after the cast to the compute dtype and before
         adapters attach."""
         dtype = getattr(self.cfg, "base_dtype", None)
         if dtype:
-            from core.quantize import quantize_frozen_, quantized_bytes
+            from modules.quantize import quantize_frozen_, quantized_bytes
 
             n = quantize_frozen_(module, dtype, self.cfg.base_quant_block)
             stored, dense = quantized_bytes(module)

@@ -11,7 +11,7 @@ from tests.test_modules_stage_bc import _c_inputs, _randomise
 
 def _lora_step(offload: int, quant: bool, checkpointing: bool):
     from core.offload import HostWeight, offload_blocks_
-    from core.quantize import quantize_frozen_
+    from modules.quantize import quantize_frozen_
     from modules.common import BLOCK_TYPES
     from modules.lora import apply_lora
     from modules.registry import build_model

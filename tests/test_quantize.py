@@ -1,4 +1,4 @@
-"""Quantised frozen base (core/quantize.py): per-layer error bounds against the dense layer, what
+"""Quantised frozen base (modules/quantize.py): per-layer error bounds against the dense layer, what
 autograd keeps, composition with LoRA/DoRA, config checks."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.quantize import QuantizedWeight, quantize_frozen_, quantize_weight
+from modules.quantize import QuantizedWeight, quantize_frozen_, quantize_weight
 
 #: relative RMS output error bounds of one layer against the same layer in bf16 (measured on these
 #: Gaussian layers, block 64 and per row alike: int8 0.49-0.50 %, float8_e4m3fn 2.5-2.6 %)
@@ -86,3 +86,25 @@ def test_config_keys(tmp_path):
     with pytest.raises(UserError, match="use_fsdp"):
         load_config(LoraConfig, "configs/training/tiny_c_lora.yaml", sets + ["base_dtype=int8", "use_fsdp=true"],
                     validate_only=True)
+
+
+def test_inference_samples_with_a_quantised_generator(tmp_path_factory):
+    from inference.errors import UserError as InferenceError
+    from inference.pipeline import CascadePipeline
+    from modules.quantize import QuantizedWeight
+    from tests.test_inference_pipeline import CONFIGS
+    from tools.make_tiny_inference_assets import write_tiny_setup
+
+    tmp_path = tmp_path_factory.getbasetemp() / "inference_tiny"  # test_inference_pipeline's files, when written
+    write_tiny_setup(tmp_path)
+    dense = CascadePipeline.from_config(CONFIGS / "tiny_c.yaml", root=tmp_path, progress=False)
+    quant = CascadePipeline.from_config(CONFIGS / "tiny_c.yaml", overrides=["base_dtype=int8"], root=tmp_path,
+                                        progress=False)
+    assert any(isinstance(p, QuantizedWeight) for p in quant.stage_c.parameters())
+    assert any(isinstance(p, QuantizedWeight) for p in quant.text_model.parameters())
+    a, b = (p.sample_stage_c(["a red apple"], 64, 64, generator=3, settings=p.settings_c(timesteps=2))
+            for p in (dense, quant))
+    assert a.shape == b.shape and float((a - b).norm() / a.norm()) < 0.1
+    with pytest.raises(InferenceError, match="LoRA"):
+        CascadePipeline.from_config(CONFIGS / "tiny_lora_c.yaml", overrides=["base_dtype=int8"], root=tmp_path,
+                                    progress=False)
