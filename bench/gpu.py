@@ -48,10 +48,8 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 GIB = 2**30
 

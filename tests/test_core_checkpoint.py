@@ -138,7 +138,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format())

@@ -211,7 +211,6 @@ def _user_namespace_tmpfs_works(tmp_path: Path) -> bool:
     return result.returncode == 0
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_disk_full_and_read_only_file_system_name_the_file_and_keep_latest(tmp_path):
     """Real ENOSPC and EROFS: tiny tmpfs mounts in a private mount namespace (skipped where user
     namespaces are not allowed)."""

@@ -53,8 +53,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
 
 #: updates of the straight run, and the checkpoint the resumed run starts from
 UPDATES = 6

@@ -23,10 +23,9 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli
 
 DTYPES = ("float32", "float16", "bfloat16")
 FORMATS = ("comfyui", "kohya")
@@ -104,7 +103,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora_export.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lora", help="LoRA file (ours or official positional)")
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     parser.add_argument("--format", choices=FORMATS, default="comfyui",
@@ -121,5 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-lora-export``): ``error: ...`` and exit 2 on a user error."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.saliency import MicroResNet  # noqa: E402
+from modules.saliency import MicroResNet
 
 
 def synthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

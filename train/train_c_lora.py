@@ -23,10 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -303,5 +300,10 @@ def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
     return tuple(_base_weight(model, target).shape)
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c-lora``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCLoraTrainer.main)
+
+
+if __name__ == "__main__":
+    main()
