@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 SHAPES = {"channelwise in 2048->8192": (2048, 8192), "channelwise out 8192->2048": (8192, 2048),
           "attn in_proj 2048->6144": (2048, 6144), "kv_mapper 1280->2048": (1280, 2048)}
