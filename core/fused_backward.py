@@ -66,9 +66,9 @@ class FusedBackwardConfig:
         if accum != 1:
             raise UserError(f"config key 'fused_backward: true' needs grad_accum_steps: 1 (got {accum}): the step runs "
                             f"inside each backward, so gradients cannot accumulate over micro-steps")
-        clip = getattr(self, "grad_clip", None)
-        if clip:
-            raise UserError(f"config key 'fused_backward: true' does not combine with grad_clip: {clip} (global-norm "
+        max_norm = getattr(self, "grad_clip", None)
+        if max_norm:
+            raise UserError(f"config key 'fused_backward: true' does not combine with grad_clip: {max_norm} (global-norm "
                             f"clipping needs every gradient before the first step); set grad_clip: 0 (the norm is "
                             f"still logged) or fused_backward: false")
         optimizer = getattr(self, "optimizer", "adamw")
@@ -80,8 +80,8 @@ class FusedBackwardConfig:
 class FusedBackward:
     """Steps ``optimizer`` per parameter from post-accumulate-grad hooks on ``params``.
 
-    Per update: :meth:`begin` before backward, :meth:`finish` after it returns ``(grad_norm,
-    all_finite)``. Between updates the hooks stay registered (:meth:`remove` drops them)."""
+    After each backward :meth:`finish` returns the gradient norm (nan when a gradient was not
+    finite) and starts the next update. The hooks stay registered (:meth:`remove` drops them)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
         self.optimizer = optimizer
@@ -90,12 +90,20 @@ class FusedBackward:
         if missing:
             raise ValueError(f"FusedBackward: {len(missing)} trained parameters are not in the optimizer")
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self.begin()
+
+    @classmethod
+    def for_run(cls, cfg: Any, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
+                world_size: int) -> "FusedBackward":
+        """The hooks of a run of ``world_size`` processes (refused on several: :func:`check_world`)."""
+        check_world(cfg, world_size)
+        return cls(optimizer, params)
+
+    def begin(self) -> None:
+        """Forget the previous backward's norm and non-finite tensors."""
         self.norm_sq: Optional[torch.Tensor] = None
         self.bad: list[int] = []
         self.stepped = 0
-
-    def begin(self) -> None:
-        self.norm_sq, self.bad, self.stepped = None, [], 0
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
@@ -123,13 +131,16 @@ class FusedBackward:
             for g, ps in zip(groups, saved):
                 g["params"] = ps
 
-    def finish(self) -> tuple[float, bool]:
-        """``(global gradient norm, every gradient finite)`` of the backward that just ran."""
+    def finish(self) -> float:
+        """The global gradient norm of the backward that just ran, nan when a gradient was not
+        finite (its tensor was not stepped); then :meth:`begin`."""
         norm = 0.0 if self.norm_sq is None else float(self.norm_sq.sqrt())
         if self.bad:
             log.warning("fused backward: %d tensor(s) had a non-finite gradient and were not stepped; %d tensor(s) "
                         "were already stepped (partial update)", len(self.bad), self.stepped)
-        return norm, not self.bad
+            norm = float("nan")
+        self.begin()
+        return norm
 
     def remove(self) -> None:
         for h in self.handles:

@@ -123,13 +123,16 @@ class ModelSet:
                 module, dist, mode, block_types=block_types, param_dtype=autocast_dtype,
                 reduce_dtype=torch.float32 if autocast_dtype else None))
 
-    def offload(self, ring: int, block_types: tuple[type, ...], device: torch.device) -> list[Any]:
-        """``offload_blocks``: the frozen parameters inside the ``block_types`` blocks of every
-        registered network go to host memory behind a ring of ``ring`` blocks (core/offload.py);
+    def offload(self, cfg: Any, block_types: tuple[type, ...], device: torch.device) -> list[Any]:
+        """``offload_blocks: N`` (0: nothing): the frozen parameters inside the ``block_types`` blocks
+        of every registered network go to host memory behind a ring of N blocks (core/offload.py);
         trained parameters stay. After :meth:`wrap` (a later move would fetch them back)."""
         from core.offload import offload_blocks_
 
-        rings = []
+        ring = int(getattr(cfg, "offload_blocks", 0) or 0)
+        rings: list[Any] = []
+        if not ring:
+            return rings
         for name in list(self.trained) + list(self.frozen):
             module = D.unwrap_model(self.get(name))
             blocks = [m for m in module.modules() if isinstance(m, block_types)]

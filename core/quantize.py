@@ -2,13 +2,14 @@
 itself is modules/quantize.py (shared with inference)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from core.config import doc
 from core.errors import UserError
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "quantize_as_configured"]
 
 
 @dataclass
@@ -32,3 +33,17 @@ class QuantConfig:
         if self.base_dtype is not None and getattr(self, "use_fsdp", False):
             raise UserError(f"config key 'base_dtype: {self.base_dtype}' does not combine with use_fsdp: true (FSDP "
                             f"shards plain tensors, not quantised weights); set one of them off")
+
+
+def quantize_as_configured(module: Any, cfg: Any) -> Any:
+    """Quantise ``module``'s big frozen weights in place to ``cfg.base_dtype`` with
+    ``cfg.base_quant_block`` (modules/quantize.py); nothing when unset. Returns ``module``."""
+    dtype = getattr(cfg, "base_dtype", None)
+    if dtype:
+        from modules.quantize import quantize_frozen_, quantized_bytes
+
+        n = quantize_frozen_(module, dtype, cfg.base_quant_block)
+        stored, dense = quantized_bytes(module)
+        logging.getLogger(__name__).info("%s: %d weights stored in %s (%.1f MiB instead of %.1f MiB)",
+                                         type(module).__name__, n, dtype, stored / 2**20, dense / 2**20)
+    return module

@@ -47,6 +47,7 @@ from core.faults import FaultInjection
 from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
 from core.offload import OffloadConfig
+from core.quantize import quantize_as_configured
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
@@ -61,8 +62,7 @@ log = logging.getLogger("cascade.train")
 @dataclass
 class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig,
                      OffloadConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused-backward and offload
-    components."""
+    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused backward, offload."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -166,23 +166,9 @@ class TrainingCore:
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
         the same forwards through it (the core's previews do). ``quantize=True``: its big weights
-        are stored in the config's ``base_dtype`` when set (:meth:`quantize_base`)."""
+        are stored in the config's ``base_dtype`` when set (core/quantize.py)."""
         return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard,
-                                       quantize=self.quantize_base if quantize else None)
-
-    def quantize_base(self, module: nn.Module) -> nn.Module:
-        """Quantise ``module``'s big frozen weights in place to the config's ``base_dtype``
-        (modules/quantize.py; nothing when unset). Call after the cast to the compute dtype and before
-        adapters attach."""
-        dtype = getattr(self.cfg, "base_dtype", None)
-        if dtype:
-            from modules.quantize import quantize_frozen_, quantized_bytes
-
-            n = quantize_frozen_(module, dtype, self.cfg.base_quant_block)
-            stored, dense = quantized_bytes(module)
-            log.info("%s: %d weights stored in %s (%.1f MiB instead of %.1f MiB)", type(module).__name__, n, dtype,
-                     stored / 2**20, dense / 2**20)
-        return module
+                                       quantize=(lambda m: quantize_as_configured(m, self.cfg)) if quantize else None)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -276,18 +262,14 @@ class TrainingCore:
                                 publish=True)
             self.state.restore(paths, where)
         self._models.wrap(cfg, self.dist, self.block_types, self.autocast_dtype)
-        if getattr(cfg, "offload_blocks", 0):  # core/offload.py; after every move of the networks
-            self.offload = self._models.offload(cfg.offload_blocks, self.block_types, self.device)
+        self.offload = self._models.offload(cfg, self.block_types, self.device)  # after every move of the networks
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         if getattr(cfg, "fused_backward", False):  # core/fused_backward.py: steps inside backward
-            from core.fused_backward import check_world
-
-            check_world(cfg, self.dist.world_size)
-            self.fused = FusedBackward(self.optimizer, params)
+            self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -347,8 +329,6 @@ class TrainingCore:
             step = self.step + 1
             started = time.perf_counter()
             losses, metrics, finite = [], {}, True
-            if self.fused is not None:
-                self.fused.begin()
             for micro in range(accum):
                 self.micro_step = (step, micro)
                 torch.manual_seed(derive_seed(cfg.seed, "module-rng", self.dist.rank, step, micro))
@@ -399,9 +379,8 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     def _clip_gradients(self) -> float:
-        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks
-            norm, ok = self.fused.finish()
-            return norm if ok else float("nan")
+        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
+            return self.fused.finish()
         D.average_gradients(self._models.unwrapped_trainable())
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if not params:

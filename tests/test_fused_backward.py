@@ -21,8 +21,6 @@ def _run(fused: bool, optimizer: str, sr: bool = False, poison: int = -1, steps:
     losses, norms = [], []
     for i in range(steps):
         x = torch.randn(6, 8, generator=g).to(model[0].weight.dtype)
-        if hooks:
-            hooks.begin()
         loss = model(x).float().square().mean()
         if i == poison:  # an infinite gradient reaches the first layer's bias only
             model[0].bias.register_hook(lambda grad: grad * float("inf"))
@@ -42,7 +40,7 @@ def test_same_losses_and_weights_bitwise(optimizer):
     plain, fused = _run(False, optimizer), _run(True, optimizer)
     assert plain[0] == fused[0]
     assert all(torch.equal(a, b) for a, b in zip(plain[1], fused[1]))
-    assert fused[2][0][1] and fused[2][0][0] > 0  # (grad norm, all finite)
+    assert 0 < fused[2][0] < float("inf")  # the measured gradient norm
     # the optimizer state has the normal layout (a checkpoint resumes either way)
     assert plain[3].state_dict()["param_groups"] == fused[3].state_dict()["param_groups"]
 
@@ -55,7 +53,7 @@ def test_stochastic_rounding_agrees_closely():
 
 def test_a_nonfinite_gradient_skips_that_tensor():
     _, weights, norms, _ = _run(True, "adamw", poison=3)
-    assert norms[3][1] is False and not (norms[3][0] < float("inf"))
+    assert norms[3] != norms[3] and norms[2] == norms[2]  # nan: a gradient was not finite
     _, three, _, _ = _run(True, "adamw", steps=3)
     _, four, _, _ = _run(True, "adamw", steps=4)
     assert torch.equal(weights[1], three[1])  # the poisoned bias kept its weight
