@@ -141,11 +141,12 @@ class BlockOffload:
         self.resident: dict[int, tuple[dict[int, torch.Tensor], Any]] = {}  # block -> ({id(host): copy}, event)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.handles: list[Any] = []
-        self.misses = 0
+        self.misses = 0          # weights copied on the spot (not prefetched)
+        self.peak_resident = 0   # most blocks resident at once (<= ring)
 
     def attach(self) -> None:
         for k, block in enumerate(self.blocks):
-            self.handles.append(block.register_forward_pre_hook(lambda _m, _a, k=k: self.prefetch(k, +1)))
+            self.handles.append(block.register_forward_pre_hook(lambda _m, _a, k=k: self.prefetch(k, _direction())))
             self.handles.append(block.register_forward_hook(lambda _m, _a, out, k=k: self._on_output(out, k)))
 
     def _on_output(self, out: Any, k: int) -> None:
@@ -164,16 +165,20 @@ class BlockOffload:
         for j in list(self.resident):
             if j not in wanted:
                 del self.resident[j]
-        if self.device.type == "cpu":
-            return  # the host tensor is the device tensor
         for j in wanted:
-            if j in self.resident:
-                continue
-            with torch.cuda.stream(self.stream):
-                copies = {id(host): host.to(self.device, non_blocking=True) for host in self.hosts[j]}
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            self.resident[j] = (copies, event)
+            if j not in self.resident:
+                self.resident[j] = self._copy_block(j)
+        self.peak_resident = max(self.peak_resident, len(self.resident))
+
+    def _copy_block(self, j: int) -> tuple[dict[int, torch.Tensor], Any]:
+        """Start the copies of block ``j`` on the side stream: ``({id(host): copy}, done event)``."""
+        if self.device.type == "cpu":
+            return {}, None  # the host tensor is the device tensor: nothing to copy
+        with torch.cuda.stream(self.stream):
+            copies = {id(host): host.to(self.device, non_blocking=True) for host in self.hosts[j]}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return copies, event
 
     def device_copy(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``host`` on ``device``: the ring's copy once its block's copies are done, else a copy now."""
@@ -189,6 +194,12 @@ class BlockOffload:
                 return copy
         self.misses += 1
         return host.to(device, non_blocking=True)
+
+
+def _direction() -> int:
+    """+1 in a forward, -1 in a forward that backward runs (gradient checkpointing's recompute):
+    there the next blocks to run are the earlier ones."""
+    return -1 if torch._C._current_graph_task_id() != -1 else +1
 
 
 def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:

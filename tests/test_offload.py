@@ -71,3 +71,18 @@ def test_refused_settings(sets, match):
     base = ["checkpoint_path=/tmp/x", "output_path=/tmp/x"]
     with pytest.raises(UserError, match=match):
         load_config(LoraConfig, "configs/training/tiny_c_lora.yaml", base + sets, validate_only=True)
+
+
+def test_the_ring_follows_forward_and_backward():
+    from core.offload import offload_blocks_
+
+    blocks = [torch.nn.Linear(4, 4).requires_grad_(False) for _ in range(5)]
+    ring = offload_blocks_(blocks, 2, torch.device("cpu"))
+    x = torch.randn(3, 4, requires_grad=True)
+    windows = []
+    for k, block in enumerate(blocks):
+        x = block(x)
+        windows.append(sorted(ring.resident))
+    assert windows == [[0, 1], [1, 2], [2, 3], [3, 4], [4]]
+    x.sum().backward()  # each block's output gradient prefetches backwards from it
+    assert sorted(ring.resident) == [0] and ring.peak_resident == 2
