@@ -88,6 +88,7 @@ def test_config_keys(tmp_path):
                     validate_only=True)
 
 
+@pytest.mark.slow  # writes the tiny inference files (~8 s) unless test_inference_pipeline did in this process
 def test_inference_samples_with_a_quantised_generator(tmp_path_factory):
     from inference.errors import UserError as InferenceError
     from inference.pipeline import CascadePipeline
