@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from core.config import doc
 from core.errors import UserError
@@ -112,7 +113,9 @@ class FusedBackward:
             return
         sq = grad.detach().float().pow(2).sum()
         self.norm_sq = sq if self.norm_sq is None else self.norm_sq + sq
-        if not bool(torch.isfinite(sq)):  # a sync per tensor: the price of not stepping a broken gradient
+        # A sync per tensor: the price of not stepping a broken gradient (a simulation's fake
+        # tensors have no values: taken as finite).
+        if not is_fake(sq) and not bool(torch.isfinite(sq)):
             self.bad.append(id(p))
         else:
             self._step_one(p)
@@ -134,7 +137,7 @@ class FusedBackward:
     def finish(self) -> float:
         """The global gradient norm of the backward that just ran, nan when a gradient was not
         finite (its tensor was not stepped); then :meth:`begin`."""
-        norm = 0.0 if self.norm_sq is None else float(self.norm_sq.sqrt())
+        norm = 0.0 if self.norm_sq is None or is_fake(self.norm_sq) else float(self.norm_sq.sqrt())
         if self.bad:
             log.warning("fused backward: %d tensor(s) had a non-finite gradient and were not stepped; %d tensor(s) "
                         "were already stepped (partial update)", len(self.bad), self.stepped)
