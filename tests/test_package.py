@@ -5,20 +5,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import tomllib
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.product import PACKAGES, ROOT, product_files
+
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-#: folders of product code (tests/ may set up paths for its child processes; it is not installed)
-PRODUCT = ("core", "gdf", "modules", "train", "inference", "tools", "bench")
-
-
-def product_files() -> list[Path]:
-    """Every Python file of the product: the packages above and the scripts at the root (demo.py)."""
-    files = [p for d in PRODUCT for p in sorted((ROOT / d).rglob("*.py"))]
-    return files + sorted(ROOT.glob("*.py"))
 
 
 @pytest.mark.parametrize("name", sorted(PYPROJECT["project"]["scripts"]))
@@ -32,7 +24,7 @@ def test_console_script_names_a_function_without_required_arguments(name):
 
 def test_every_package_folder_is_installed_and_has_an_init():
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    for top in PRODUCT:
+    for top in PACKAGES:
         for init in [ROOT / top / "__init__.py", *(p / "__init__.py" for p in (ROOT / top).rglob("*")
                                                  if p.is_dir() and any(p.glob("*.py")))]:
             assert init.is_file(), f"{init.parent.relative_to(ROOT)} holds modules but no __init__.py"

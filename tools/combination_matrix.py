@@ -192,7 +192,7 @@ def make_assets(folder: Path, frozen_from: Optional[Path] = None, caches: bool =
             make_models(folder, calibration_size=64)
     if not (folder / "shards.READY").is_file():
         from core.data.tarwrite import write_tar
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
         from modules.registry import build_model
         from tools.photo_shards import jpeg_bytes
 

@@ -47,7 +47,7 @@ def export(src: str, out: str, stage: str | None = None, model_version: str | No
     import torch
 
     from modules.diffusers_format import save_diffusers
-    from modules.loading import read_state_dict
+    from fileio.state_dicts import read_state_dict
 
     sd = read_state_dict(src)
     kind, version = _recognise({k: tuple(v.shape) for k, v in sd.items()}, stage, model_version, src)
@@ -63,7 +63,7 @@ def to_official(src: str, out: str, stage: str | None = None, model_version: str
 
     from modules.diffusers_format import (KINDS, diffusers_weights_path, from_diffusers, is_diffusers_layout,
                                           read_diffusers)
-    from modules.loading import read_state_dict, save_safetensors
+    from fileio.state_dicts import read_state_dict, save_safetensors
 
     found = diffusers_weights_path(src)
     if found is None:

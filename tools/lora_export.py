@@ -61,7 +61,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
 
     from modules.lora_formats import (PREFIXES, export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file,
                                       read_tokens, stage_c_targets, token_embedding_file, unloadable_targets)
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown LoRA layout (known: {', '.join(FORMATS)})")
@@ -75,7 +75,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
         if not base:
             raise UserError(f"{lora} is a DoRA: pass --base, the Stage C checkpoint it was trained on "
                             f"(ComfyUI's dora_scale is computed from the base weights)")
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         base_weights = read_state_dict(base)
     comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights,

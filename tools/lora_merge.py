@@ -32,7 +32,7 @@ def merge_files(base: str, lora: str, out: str, strength: float = 1.0, module_fi
 
     from modules.lora_formats import (check_stage_c_version, merge_entries, metadata_list, read_entries, read_lora_file,
                               read_tokens, stage_c_targets)
-    from modules.loading import read_state_dict, save_safetensors
+    from fileio.state_dicts import read_state_dict, save_safetensors
 
     base_sd = read_state_dict(base)
     sd, meta = read_lora_file(lora)

@@ -50,7 +50,7 @@ def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False)
     """Write every tiny file under ``folder`` (skipped when already there); returns the paths."""
     from tools.tiny_clip import write_tiny_clip
     from modules.controlnet import ControlNet
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     from modules.lora import lora_targets
 

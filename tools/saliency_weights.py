@@ -52,7 +52,7 @@ def write_synthetic_saliency(path: os.PathLike | str, seed: int = 0) -> Path:
         torch.save(sd, tmp)
         os.replace(tmp, path)
     else:
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
 
         save_safetensors(sd, path)
     return path

@@ -129,7 +129,8 @@ class StageCControlNetTrainer(StageCTrainer):
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet
-        from modules.loading import load_state_dict_strict, read_state_dict
+        from fileio.state_dicts import read_state_dict
+        from modules.loading import load_state_dict_strict
 
         super().build_models()
         cfg = self.cfg
