@@ -72,6 +72,9 @@ class FusedBackwardConfig:
             raise UserError(f"config key 'fused_backward: true' does not combine with grad_clip: {max_norm} (global-norm "
                             f"clipping needs every gradient before the first step); set grad_clip: 0 (the norm is "
                             f"still logged) or fused_backward: false")
+        from core.distributed import world_size_from_env
+
+        check_world(self, world_size_from_env())  # the launcher's world size, before any model loads
         optimizer = getattr(self, "optimizer", "adamw")
         if optimizer not in FUSED_OPTIMIZERS:
             raise UserError(f"config key 'fused_backward: true' supports optimizer {', '.join(FUSED_OPTIMIZERS)} (per-"

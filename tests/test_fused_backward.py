@@ -77,3 +77,14 @@ def test_refused_combinations(sets, match):
 
     with pytest.raises(UserError, match="one process"):
         check_world(cfg, 2)
+
+
+def test_refused_under_a_multi_process_launcher(monkeypatch):
+    from core.config import load_config
+    from core.errors import UserError
+    from train.train_c import StageCConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process"):
+        load_config(StageCConfig, "configs/training/tiny_c.yaml", ["checkpoint_path=/tmp/x", "output_path=/tmp/x",
+                    "fused_backward=true", "grad_clip=0"], validate_only=True)
