@@ -44,10 +44,7 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
-from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
-from core.offload import OffloadConfig
-from core.quantize import quantize_as_configured
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
@@ -60,9 +57,8 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig,
-                     OffloadConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused backward, offload."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
+    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -116,7 +112,7 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
-        self.fused: Optional[FusedBackward] = None  # fused_backward: the per-parameter step hooks
+        self.fused: Any = None  # fused_backward: core.fused_backward.FusedBackward, its per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
@@ -137,6 +133,12 @@ class TrainingCore:
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         """Images for the preview grids: ``{name: (N,3,H,W) in [0,1]}``."""
+        return {}
+
+    def model_identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained with to resume this run, e.g. the trained
+        network's architecture: ``{key: JSON value}``, saved in ``trainer.json`` and compared on
+        resume (before any data or model loads); a difference is a UserError naming the key."""
         return {}
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
@@ -165,10 +167,8 @@ class TrainingCore:
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do). ``quantize=True``: its big weights
-        are stored in the config's ``base_dtype`` when set (core/quantize.py)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard,
-                                       quantize=(lambda m: quantize_as_configured(m, self.cfg)) if quantize else None)
+        the same forwards through it (the core's previews do). ``quantize``: in ``base_dtype`` (core/quantize.py)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard, quantize)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -232,6 +232,7 @@ class TrainingCore:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
         from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
+        from core.fused_backward import FusedBackward
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
@@ -267,9 +268,8 @@ class TrainingCore:
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
+        self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
-        if getattr(cfg, "fused_backward", False):  # core/fused_backward.py: steps inside backward
-            self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -290,17 +290,18 @@ class TrainingCore:
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
         trainer = load_json(paths["trainer.json"]) if "trainer.json" in paths else {}
-        saved, now = trainer.get("model_version"), getattr(self.cfg, "model_version", None)
-        if saved is not None and saved != now:
-            raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
-                            f"says '{now}'; fix model_version or use another experiment_id")
+        # checkpoints written before "identity" existed kept its keys at the top level
+        saved = trainer.get("identity", trainer)
+        for key, now in self.model_identity().items():
+            if key in saved and saved[key] != now:
+                raise UserError(f"checkpoint in {where} was trained with {key} '{saved[key]}' but this run has "
+                                f"'{now}'; fix {key} or use another experiment_id")
         log.info("resuming from the checkpoint of update %s in %s", trainer.get("step"), where)
         if self.is_main:
             print(f"resuming from update {trainer.get('step')} ({where})", flush=True)
 
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "model_kind": getattr(self, "model_kind", ""),
-                "model_version": getattr(self.cfg, "model_version", None), "experiment_id": self.cfg.experiment_id,
+        return {"step": self.step, "identity": self.model_identity(), "experiment_id": self.cfg.experiment_id,
                 "world_size": self.dist.world_size, "nonfinite_total": self.nonfinite_total,
                 "ema_loss": self.ema_loss, "wandb_run_id": self.wandb_run_id, "config": config_to_dict(self.cfg)}
 
@@ -348,8 +349,7 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                if self.fused is None:  # fused_backward stepped every parameter inside backward
-                    self.optimizer.step()
+                self.optimizer.step()  # a no-op under fused_backward: each parameter stepped inside backward
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -413,7 +413,7 @@ class TrainingCore:
     # -- checkpoints ------------------------------------------------------------------------
     def backup_due(self, step: int) -> bool:
         """True when a ``backup_every`` boundary was crossed since the previous save (the reference
-        backed up only when a save step was an exact multiple, reference-behaviour.md §13 item 12)."""
+        backed up only when a save step was an exact multiple, docs/OFFICIAL.md, Defects)."""
         every = self.cfg.backup_every
         return bool(every) and step // every > self.last_saved_step // every
 

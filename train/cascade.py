@@ -9,7 +9,9 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from core.config import doc
+from core.config import REQUIRED, doc
+from core.fused_backward import FusedBackwardConfig
+from core.offload import OffloadConfig
 from core.quantize import QuantConfig
 from core.errors import UserError
 from core.seeding import derive_seed
@@ -22,11 +24,12 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig, QuantConfig):
+class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
 
+    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")
     stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights: required by Stage B jobs (latents and previews); with stage_b_checkpoint_path, full C->B->A previews of Stage C jobs.")
     clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
@@ -87,6 +90,10 @@ class CascadeTrainer(TrainingCore):
     model_kind: str = ""
     #: FSDP shards each residual/attention/timestep/feed-forward block before the root
     block_types = BLOCK_TYPES
+
+    def model_identity(self) -> dict[str, Any]:
+        """The generator's registry kind and architecture: a checkpoint of another one cannot resume."""
+        return {"model_kind": self.model_kind, "model_version": self.cfg.model_version}
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:

@@ -37,7 +37,7 @@ from modules.common import checkpoint_every
 
 #: The low-VRAM settings every spec carries in its ``details`` (see :func:`_run_fields`).
 LOW_VRAM_FIELDS = ("checkpoint_every", "base_dtype", "base_quant_block", "offload_blocks", "fused_backward")
-#: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
+#: Official ControlNet 3.6B injection points (docs/OFFICIAL.md, ControlNet: canny/inpainting/SR).
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 #: The ControlNet the estimate builds unless told otherwise: the official canny one.
 DEFAULT_CONTROLNET = {"c_in": 1, "proj_blocks": CNET_PROJ_BLOCKS, "bottleneck_mode": "effnet"}

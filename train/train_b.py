@@ -2,7 +2,7 @@
 
     python3 train/train_b.py configs/training/finetune_b_3b.yaml [--set lr=2e-5] [--dry-run]
 
-What one step does (docs: shared training.md §6):
+What one step does (docs/OFFICIAL.md, Stage B):
 * target latents: Stage A encoder output of the image (unquantised, / 0.43), frozen;
 * conditions: EfficientNet latents of a copy downscaled by ONE factor U(0.5, 1) per batch (nearest,
   multiples of 32), zeroed for 10 % of the samples, and the pooled CLIP text embedding of the caption
@@ -79,7 +79,7 @@ class StageBTrainer(CascadeTrainer):
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``effnet`` and ``clip`` (training.md §6.2)."""
+        """``effnet`` and ``clip`` (docs/OFFICIAL.md, Stage B)."""
         from modules.conditioning import encode_text
 
         images = batch["images"].to(self.device)
