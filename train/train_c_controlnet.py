@@ -108,7 +108,7 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: controlnet_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(controlnet_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:
