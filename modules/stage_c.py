@@ -59,11 +59,7 @@ class StageC(CascadeUNet):
         self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)
         self.clip_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
 
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(patch_size),
-            nn.Conv2d(c_in * patch_size**2, c_hidden[0], kernel_size=1),
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-        )
+        self.embedding = self._build_embedding(c_in, patch_size, c_hidden[0])
 
         def make_down(i: int) -> nn.Module:
             return nn.Sequential(
@@ -80,9 +76,7 @@ class StageC(CascadeUNet):
         self._build_levels(c_hidden, c_cond, c_r, nhead, blocks, block_repeat, level_config, kernel_size,
                            dropout, self_attn, self.t_conds, make_down, make_up)
 
-        self.clf = self._build_head(c_hidden[0], c_out, patch_size)
-        self._init_weights()
-        self.set_gradient_checkpointing(gradient_checkpointing)
+        self._finish_build(c_hidden[0], c_out, patch_size, gradient_checkpointing)
 
     def _init_weights(self) -> None:
         self.apply(self._xavier)
