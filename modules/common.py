@@ -176,6 +176,23 @@ class TimestepBlock(nn.Module):
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
 
 
+def checkpoint_every(setting: "bool | int") -> int:
+    """The dial ``gradient_checkpointing: false | true | N`` as a period: 0 = off, 1 = every block,
+    N = every N-th block."""
+    if isinstance(setting, bool) or setting is None:
+        return int(bool(setting))
+    if int(setting) < 0:
+        raise ValueError(f"gradient checkpointing period must be >= 0, got {setting}")
+    return int(setting)
+
+
+def checkpointed_blocks(n_blocks: int, every: int) -> list[bool]:
+    """Which of ``n_blocks`` blocks (registration order, as ``modules()`` lists them) are recomputed
+    in backward with period ``every`` (:func:`checkpoint_every`): blocks 0, N, 2N, ... The one
+    definition of the dial; the networks and the memory estimate both read it."""
+    return [every > 0 and i % every == 0 for i in range(n_blocks)]
+
+
 def gen_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of r (B,) -> (B, c_r): sin block then cos block (float32)."""
     r = r.float() * max_positions
@@ -253,6 +270,8 @@ class CascadeUNet(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    #: period of the checkpointed blocks (:func:`checkpoint_every`), 0 = none
+    checkpoint_period: int = 0
 
     def _build_levels(
         self,
@@ -315,12 +334,18 @@ class CascadeUNet(nn.Module):
             self.up_repeat_mappers.append(nn.ModuleList(
                 nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(up_repeats[i] - 1)))
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block in backward (saves activation memory) when ``enabled``."""
-        self.gradient_checkpointing = bool(enabled)
+    def set_gradient_checkpointing(self, enabled: "bool | int") -> None:
+        """Recompute blocks in backward (saves activation memory): ``True`` every block, an int N
+        every N-th block (:func:`checkpointed_blocks`), ``False``/0 none."""
+        every = checkpoint_every(enabled)
+        self.gradient_checkpointing = every > 0
+        self.checkpoint_period = every
+        blocks = [m for m in self.modules() if isinstance(m, BLOCK_TYPES)]
+        for block, on in zip(blocks, checkpointed_blocks(len(blocks), every)):
+            block._recompute = on  # type: ignore[assignment]  # plain attribute: survives deepcopy (EMA)
 
     def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if self.gradient_checkpointing and getattr(block, "_recompute", True) and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
@@ -381,8 +406,40 @@ class CascadeUNet(nn.Module):
             embs.append(gen_r_embedding(torch.zeros_like(r) if t is None else t, self.c_r))
         return match_dtype(torch.cat(embs, dim=1), dtype)
 
+    def _build_embedding(self, c_in: int, patch_size: int, c_hidden0: int) -> nn.Sequential:
+        """The input embedding: PixelUnshuffle, 1x1 conv to ``c_hidden0``, LayerNorm."""
+        return nn.Sequential(
+            nn.PixelUnshuffle(patch_size),
+            nn.Conv2d(c_in * patch_size**2, c_hidden0, kernel_size=1),
+            LayerNorm2d(c_hidden0, elementwise_affine=False, eps=1e-6),
+        )
+
+    def _finish_build(self, c_hidden0: int, c_out: int, patch_size: int, gradient_checkpointing: bool) -> None:
+        """After the levels: the output head ``clf`` (LayerNorm, 1x1 conv to ``c_out * patch_size**2``,
+        PixelShuffle), then the subclass's ``_init_weights`` and the checkpointing switch."""
+        self.clf = nn.Sequential(
+            LayerNorm2d(c_hidden0, elementwise_affine=False, eps=1e-6),
+            nn.Conv2d(c_hidden0, c_out * patch_size**2, kernel_size=1),
+            nn.PixelShuffle(patch_size),
+        )
+        self._init_weights()
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def _working_dtype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``(x, dtype)`` of the forward: the input's dtype under autocast (the official path);
+        otherwise the weights' (a bf16-stored model, e.g. master-free training or inference, takes
+        float32 inputs), ``x`` cast to it."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x, x.dtype
+        dtype = self.embedding[1].weight.dtype
+        return x.to(dtype), dtype
+
     def _init_common(self, n_down_blocks: int) -> None:
-        """The official init's residual scaling and zero TimestepBlock linears (docs/OFFICIAL.md, Stage C)."""
+        """The official init rules Stage B and C share, after their condition mappers': input
+        embedding xavier with gain 0.02, zero output conv, residual scaling, zero TimestepBlock
+        linears (docs/OFFICIAL.md, Stage C)."""
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
+        nn.init.constant_(self.clf[1].weight, 0)
         scale = math.sqrt(1 / n_down_blocks)
         for level in list(self.down_blocks) + list(self.up_blocks):
             for block in level:
