@@ -52,7 +52,7 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
                   f"per-rank micro-batch {cfg.per_rank_batch(world_size)})")
         return 0
     cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size)
-    configure_cpu_threads(gpu)
+    configure_cpu_threads(gpu, choose=own_command_line)
     from core.distributed import init_distributed
 
     trainer = job(cfg, dist=init_distributed(), resume=args.resume)

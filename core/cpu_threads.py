@@ -68,9 +68,10 @@ def reexec_with_passive_wait(gpu: bool) -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
-def configure_cpu_threads(gpu: bool) -> str:
+def configure_cpu_threads(gpu: bool, choose: bool = True) -> str:
     """Set torch's intra-op thread count for a CPU run unless ``OMP_NUM_THREADS`` is set, and log
-    the choice; returns the logged description."""
+    the choice; returns the logged description. ``choose=False`` (a run started from Python, e.g.
+    demo.py, whose caller set the threads): only log the count in force."""
     import torch
 
     policy = os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
@@ -79,7 +80,9 @@ def configure_cpu_threads(gpu: bool) -> str:
     if gpu:
         return ""
     cores = usable_cores()
-    if os.environ.get("OMP_NUM_THREADS"):
+    if not choose:
+        threads, why = torch.get_num_threads(), "as the calling program set them"
+    elif os.environ.get("OMP_NUM_THREADS"):
         threads, why = torch.get_num_threads(), "from your OMP_NUM_THREADS"
     else:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -151,7 +151,7 @@ def _cpu_threads(args: argparse.Namespace, own_command_line: bool) -> None:
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if own_command_line:
         reexec_with_passive_wait(gpu)
-    configure_cpu_threads(gpu)
+    configure_cpu_threads(gpu, choose=own_command_line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,3 +55,18 @@ def test_the_choice_is_logged_and_omp_num_threads_wins():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(env, PYTHONPATH=str(ROOT)))
     assert "usable core(s)" in proc.stdout and int(proc.stdout.split()[-1]) <= usable_cores()
+
+
+def test_a_run_started_from_python_keeps_its_callers_threads():
+    """demo.py and the recipes call the training CLI in-process with their own thread count."""
+    import torch
+
+    from core.cpu_threads import configure_cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert "as the calling program set them" in configure_cpu_threads(gpu=False, choose=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
