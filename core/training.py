@@ -389,8 +389,12 @@ class TrainingCore:
         """Log when the data starts a new epoch (a pass over this rank's shards) and show it on the progress line."""
         epoch = batch.get("epoch") if isinstance(batch, dict) else None
         if isinstance(epoch, int) and epoch != self.logger.epoch:
-            log.info("data: epoch %d begins at update %d", epoch, step)
             self.logger.epoch = epoch
+            last = getattr(self, "_epoch_logged_at", None)
+            # a dataset smaller than a few batches starts an epoch every update: at most one line per log_every
+            if last is None or step - last >= self.cfg.log_every:
+                log.info("data: epoch %d begins at update %d", epoch, step)
+                self._epoch_logged_at = step
 
     def _clip_gradients(self) -> float:
         if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
