@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default="[mytok]", help="the new token that names your concept ([name] or <name>)")
     parser.add_argument("--out", default="runs/lora_photos", help="folder of assets, runs and the grid")
     parser.add_argument("--ae-steps", type=int, default=1000, help="autoencoder fit steps (Adam, all photos each)")
-    parser.add_argument("--base-updates", type=int, default=1000, help="updates of the base Stage C")
-    parser.add_argument("--lora-updates", type=int, default=400, help="updates of the LoRA")
+    parser.add_argument("--base-updates", type=int, default=3000, help="updates of the base Stage C")
+    parser.add_argument("--lora-updates", type=int, default=1500, help="updates of the LoRA")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     import torch
