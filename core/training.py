@@ -188,6 +188,11 @@ class TrainingCore:
         """What the optimizer sees: the trained modules' parameters that require grad, in order."""
         return self._models.trainable_parameters()
 
+    def optimizer_param_groups(self, params: list[nn.Parameter]) -> list:
+        """The optimizer's parameter groups from :meth:`trainable_parameters` (a job may give some
+        parameters their own ``lr``, e.g. LoRA+); default: one group."""
+        return params
+
     def preview_models(self) -> dict[str, nn.Module]:
         """``{name: network}`` to sample previews with: the first trained network and its EMA."""
         name = self._models.first_trained()
@@ -257,7 +262,7 @@ class TrainingCore:
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
-        self.optimizer = build_optimizer(params, cfg.lr, cfg)
+        self.optimizer = build_optimizer(self.optimizer_param_groups(params), cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))

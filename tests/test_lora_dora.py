@@ -265,7 +265,7 @@ def test_lora_type_config_checks():
     cfg = LoraConfig(lora_type="dora")
     cfg.validate_lora()
     with pytest.raises(UserError, match="lora_type"):
-        LoraConfig(lora_type="loha").validate_lora()
+        LoraConfig(lora_type="oft").validate_lora()
     with pytest.raises(UserError, match="save_official_layout"):
         LoraConfig(lora_type="dora", save_official_layout=True).validate_lora()
 
