@@ -301,9 +301,8 @@ def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Seq
     for i, target in enumerate(targets_in_order):
         e = entries[target]
         if "official" not in e.adapter.file_names:
-            what = "no DoRA magnitude" if e.kind == "dora" else f"no {e.kind}"
-            raise LoraFormatError(f"the official positional layout has {what} ({target}); use the named file or "
-                                  f"the ComfyUI export")
+            raise LoraFormatError(f"the official positional layout holds plain LoRAs only (no DoRA magnitude), not "
+                                  f"a {e.adapter.title} ({target}); use the named file or the ComfyUI export")
         up = e.tensors["lora_up"]
         sd[f"weights.{i}.lora_down"] = e.tensors["lora_down"]
         sd[f"weights.{i}.lora_up"] = up if e.alpha == 1.0 else (up.float() * e.alpha).to(up.dtype)

@@ -139,11 +139,11 @@ def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[
     return x, cond
 
 
-def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tuple[int, Sequence[str]]] = None,
+def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[dict] = None,
           controlnet: Optional[dict] = None) -> MemorySpec:
     """The spec of one rank of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
-    ``lora = (rank, filters)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
-    kwargs) that feeds it frozen."""
+    adapters (``lora``: ``apply_lora`` keywords rank, filters, lora_type and the kind's options) on it
+    frozen; 'controlnet' trains a ControlNet (``controlnet`` kwargs) that feeds it frozen."""
     from modules.common import BLOCK_TYPES
     from modules.registry import build_model, model_config
 
@@ -161,10 +161,10 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         if lora is not None:
             from modules.lora import apply_lora
 
-            for _name, module in apply_lora(generator, list(lora[1]), rank=lora[0]):
-                # LoRA factors train in float32 on the bf16 base (assigned, not cast: see default_dtype)
-                module.lora_down = nn.Parameter(torch.zeros(module.lora_down.shape, dtype=torch.float32))
-                module.lora_up = nn.Parameter(torch.zeros(module.lora_up.shape, dtype=torch.float32))
+            for _name, module in apply_lora(generator, **lora):
+                # adapters train in float32 on the bf16 base (assigned, not cast: see default_dtype)
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, pname, nn.Parameter(torch.zeros(p.shape, dtype=torch.float32)))
         if controlnet is not None:
             from modules.controlnet import ControlNet
 
@@ -187,12 +187,28 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         return list(cnet.backbone) + list(cnet.projections)
 
     def param_counts(networks: nn.Module) -> dict[str, int]:
-        # the base generator, without the LoRA factors parametrizing it
-        return {"generator": sum(p.numel() for n, p in networks["generator"].named_parameters() if "lora_" not in n)}
+        # the base generator, without the adapters parametrizing it; the adapters by their kind's count
+        from modules.adapters import Adapter
+
+        generator = networks["generator"]
+        adapted = {id(p) for m in generator.modules() if isinstance(m, Adapter) for p in m.parameters()}
+        counts = {"generator": sum(p.numel() for p in generator.parameters() if id(p) not in adapted)}
+        if lora is not None:
+            counts["adapter"] = adapter_count
+        return counts
+
+    adapter_count = 0
+    if lora is not None:  # the kind's own count (modules.adapters), as the dry run's description reports it
+        from modules.lora import adapter_param_count
+        from modules.lora_formats import stage_c_targets
+
+        targets, shapes = stage_c_targets(version, list(lora["filters"]))
+        options = {k: v for k, v in lora.items() if k not in ("filters", "rank", "lora_type")}
+        adapter_count = adapter_param_count(shapes, targets, lora["lora_type"], lora["rank"], **options)
 
     details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
     if lora is not None:
-        details.update(lora_rank=lora[0], lora_filters=list(lora[1]))
+        details.update(lora_rank=lora["rank"], lora_filters=list(lora["filters"]), lora_type=lora["lora_type"])
     if controlnet is not None:
         details["controlnet"] = dict(controlnet)
     if kind == "stage_c":
@@ -226,9 +242,16 @@ def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
     """LoRA (``rank``, ``module_filters``) in float32 on a Stage C frozen in ``frozen_dtype``, one of
     ``world_size`` ranks; encoders as in :func:`stage_c_spec`. CLIP activations of trained tokens
     are not counted."""
+    from modules.adapters import kind
+
     rank = int(_get(cfg, "rank", 4) or 4)
     filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
-    return _spec(cfg, "stage_c", "lora", world_size, lora=(rank, filters))
+    lora_type = str(_get(cfg, "lora_type", "lora") or "lora")
+    adapter = kind(lora_type)
+    options = {opt: _get(cfg, key, None) for opt, key in adapter.config_options.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    return _spec(cfg, "stage_c", "lora", world_size,
+                 lora=dict(filters=filters, rank=rank, lora_type=lora_type, **options))
 
 
 def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
