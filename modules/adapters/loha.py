@@ -2,7 +2,8 @@
 
 ``delta = (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b) * alpha / r`` reshaped to the weight,
 ``hada_w*_a`` (out, r), ``hada_w*_b`` (r, in*k) (r = ``hada_w1_b``'s rows, as ComfyUI scales), or
-with Tucker cores ``hada_t1``/``hada_t2`` (r, r, kh, kw) for a conv. Key names are ComfyUI's.
+for a conv with Tucker cores ``hada_t1``/``hada_t2`` (r, r, kh, kw) and then ``hada_w*_a`` (r, out),
+``hada_w*_b`` (r, in) (LyCORIS' layout). Key names are ComfyUI's.
 
 Ours starts with ``hada_w2_a`` at zero (so a fresh LoHa changes nothing) and the others random.
 """

@@ -84,7 +84,7 @@ class LoKr(Adapter):
         if wa is None or wb is None:
             raise AdapterError(f"LoKr needs lokr_w{i} or lokr_w{i}_a and lokr_w{i}_b")
         t = tensors.get(f"lokr_t{i}")
-        if t is not None:  # Tucker: core (r1, r2, kh, kw) between (c, r1) and (r2, d)
+        if t is not None:  # Tucker: core (r, r, kh, kw), wa (r, c), wb (r, d)
             return torch.einsum("ijkl,jr,ip->prkl", t.float(), wb.float(), wa.float()), int(wb.shape[0])
         return wa.float() @ wb.float(), int(wb.shape[0])
 
@@ -97,7 +97,7 @@ class LoKr(Adapter):
         scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
         if w2.dim() == 4:
             w1 = w1.view(*w1.shape, 1, 1)
-        return view_as(torch.kron(w1, w2) * scale, shape, "LoKr")
+        return view_as(torch.kron(w1.contiguous(), w2.contiguous()) * scale, shape, "LoKr")
 
     @classmethod
     def record_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int:
