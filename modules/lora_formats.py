@@ -378,8 +378,8 @@ def _export_one(e: AdapterEntry, lay: L.Layout, shape: tuple, base: Optional[tor
     what = e.target
     adapter = e.adapter
     if lay.kinds is not None and e.kind not in lay.kinds:
-        raise AdapterError(f"{what} is a {e.kind}, which {lay.tools} cannot read (this layout holds "
-                           f"{', '.join(lay.kinds)})")
+        raise AdapterError(f"{what} is a {e.kind}; the {lay.name} layout holds {', '.join(lay.kinds)} only: "
+                           f"{lay.kinds_why}")
     if shape and is_depthwise(shape) and not lay.depthwise_ok:
         raise AdapterError(f"{what} is a depthwise conv; {lay.tools} reads a LoRA there as a different function "
                            f"(a full conv to rank r and a 1-channel conv added to every channel), so it would load "

@@ -59,22 +59,29 @@ class Layout:
     writes_alpha: bool = True
     #: who reads it (docs and messages)
     tools: str = ""
+    #: why it holds only ``kinds`` (messages)
+    kinds_why: str = ""
 
 
 LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (
     Layout("named", "named", "", ".", None, missing_alpha="one", tools="this project"),
     Layout("official", "official", "weights.", ".", None, kinds=("lora",), missing_alpha="one",
-           writes_alpha=False, tools="the official StableCascade code"),
+           writes_alpha=False, tools="the official StableCascade code",
+           kinds_why="the official loader has lora_down/lora_up only"),
     Layout("comfyui", "comfy", "lora_prior_unet_", "_", ("attn.to_q", "attn.to_k", "attn.to_v"), dora_form="comfy",
            depthwise_skipped_by=("OneTrainer",), tools="ComfyUI, OneTrainer"),
     Layout("comfyui_model", "comfy", "diffusion_model.", ".", ("attn.to_q", "attn.to_k", "attn.to_v"),
            dora_form="comfy", tools="ComfyUI"),
     Layout("kohya", "comfy", "lora_unet_", "_", ("attn.to_q", "attn.to_k", "attn.to_v"), kinds=("lora",),
-           depthwise_skipped_by=("kohya", "OneTrainer"), tools="kohya sd-scripts, ComfyUI"),
+           depthwise_skipped_by=("kohya", "OneTrainer"), tools="kohya sd-scripts, ComfyUI",
+           kinds_why="kohya sd-scripts loads plain LoRAs only (it would ignore a dora_scale or LyCORIS factors "
+                     "and merge another weight)"),
     Layout("onetrainer", "comfy", "unet.", ".", ("attn.in_proj.0", "attn.in_proj.1", "attn.in_proj.2"),
-           dora_form="column", kinds=("lora", "dora", "loha"), depthwise_ok=False, tools="OneTrainer"),
+           dora_form="column", kinds=("lora", "dora", "loha"), depthwise_ok=False, tools="OneTrainer",
+           kinds_why="OneTrainer trains and loads LoRA, DoRA and LoHa"),
     Layout("diffusers", "peft", "", ".", QKV, out_proj="to_out.0", kinds=("lora",), depthwise_ok=False,
-           writes_alpha=False, tools="diffusers/PEFT, OneTrainer"),
+           writes_alpha=False, tools="diffusers/PEFT, OneTrainer",
+           kinds_why="a PEFT LoRA state dict has lora_A/lora_B only"),
 )}
 
 #: read-only aliases: (layout whose rules apply, prefix, q/k/v names, out_proj name, separator)
