@@ -189,14 +189,20 @@ class Adapter(nn.Module):
             return tool_decompose(base, delta, tensors["dora_scale"], cls.kind)
         return base.float() + delta
 
+    #: the tensors whose dim 0 is the rank, the first present counts (none: rank 1)
+    rank_tensors: ClassVar[Tuple[str, ...]] = ()
+    #: a record of this kind has all of these tensors and one whose name starts with ``prefix``
+    required: ClassVar[frozenset] = frozenset()
+    prefix: ClassVar[str] = ""
+
     @classmethod
     def record_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int:
-        raise NotImplementedError
+        return next((int(tensors[n].shape[0]) for n in cls.rank_tensors if n in tensors), 1)
 
     @classmethod
     def owns(cls, names: set) -> bool:
         """Whether a record with tensor ``names`` is of this kind."""
-        return False
+        return cls.required <= names and any(n.startswith(cls.prefix) for n in names)
 
     @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:

@@ -26,6 +26,7 @@ class LoHa(Adapter):
 
     kind, title = "loha", "LoHa"
     up_names = ("hada_w1_a", "hada_w2_a")
+    rank_tensors, prefix = ("hada_w1_b",), "hada_"
     file_names = {style: {n: n for n in _NAMES} for style in ("named", "comfy")}
 
     def __init__(self, layer: Any, name: str = "weight", rank: int = 16, alpha: Optional[float] = None,
@@ -55,17 +56,9 @@ class LoHa(Adapter):
         missing = [n for n in _NAMES[:4] if n not in tensors]
         if missing:
             raise AdapterError(f"LoHa lacks {', '.join(missing)}")
-        rank = int(tensors["hada_w1_b"].shape[0])
-        delta = cls._product(tensors, 1) * cls._product(tensors, 2) * scale_of(alpha, rank)
+        delta = cls._product(tensors, 1) * cls._product(tensors, 2) * scale_of(alpha, cls.record_rank(tensors))
         return view_as(delta, shape, "LoHa")
 
-    @classmethod
-    def record_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int:
-        return int(tensors["hada_w1_b"].shape[0])
-
-    @classmethod
-    def owns(cls, names: set) -> bool:
-        return any(n.startswith("hada_") for n in names)
 
     @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:

@@ -57,6 +57,7 @@ class LoKr(Adapter):
     kind, title = "lokr", "LoKr"
     up_names = ("lokr_w1", "lokr_w2_a")
     config_options = {"factor": "lokr_factor"}
+    rank_tensors, prefix = ("lokr_w2_b", "lokr_w1_b"), "lokr_"
     file_names = {style: {n: n for n in _NAMES} for style in ("named", "comfy")}
 
     def __init__(self, layer: Any, name: str = "weight", rank: int = 16, alpha: Optional[float] = None,
@@ -99,16 +100,6 @@ class LoKr(Adapter):
             w1 = w1.view(*w1.shape, 1, 1)
         return view_as(torch.kron(w1.contiguous(), w2.contiguous()) * scale, shape, "LoKr")
 
-    @classmethod
-    def record_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int:
-        for key in ("lokr_w2_b", "lokr_w1_b"):
-            if key in tensors:
-                return int(tensors[key].shape[0])
-        return 1
-
-    @classmethod
-    def owns(cls, names: set) -> bool:
-        return any(n.startswith("lokr_") for n in names)
 
     @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, factor: int = -1, row_blocks: int = 1,

@@ -33,6 +33,7 @@ class LoRA(Adapter):
     kind, title = "lora", "LoRA"
     up_names = ("lora_up",)
     file_names = _LORA_FILE
+    rank_tensors, required, prefix = ("lora_down",), frozenset({"lora_down", "lora_up"}), "lora_"
 
     def __init__(self, layer: Any, name: str = "weight", rank: int = 16, alpha: Optional[float] = None,
                  **options: Any):
@@ -57,13 +58,6 @@ class LoRA(Adapter):
             delta = delta.view(up.shape[0], *down.shape[1:])
         return view_as(delta, shape, "LoRA")
 
-    @classmethod
-    def record_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int:
-        return int(tensors["lora_down"].shape[0])
-
-    @classmethod
-    def owns(cls, names: set) -> bool:
-        return {"lora_down", "lora_up"} <= names
 
     @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:
@@ -138,6 +132,7 @@ class DoRA(LoRA):
 
     kind, title = "dora", "DoRA"
     needs_base = True  # ComfyUI's dora_scale divides by the base weight's row norm
+    required = frozenset({"lora_down", "lora_up", "dora_magnitude"})
     file_names = {"named": {**_LORA_FILE["named"], "dora_magnitude": "dora_magnitude"},
                   "comfy": _LORA_FILE["comfy"]}
 
@@ -167,9 +162,6 @@ class DoRA(LoRA):
         delta = LoRA.record_delta(tensors, alpha, tuple(base.shape))
         return dora_weight(base, delta.to(base.device), m.to(base.device))
 
-    @classmethod
-    def owns(cls, names: set) -> bool:
-        return super().owns(names) and "dora_magnitude" in names
 
     @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:
