@@ -351,6 +351,8 @@ def export_layout(entries: Sequence[AdapterEntry], layout: str,
     and listed as ``"<target>: <why>"``. ``base_weights`` is needed for kinds that need the base
     (a DoRA's ComfyUI ``dora_scale``); ``param_shapes`` for conv weights."""
     lay = L.layout(layout)
+    if lay.name == "official":
+        raise LoraFormatError("export: the official layout is positional; write it with official_state_dict")
     sd: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)

@@ -16,14 +16,26 @@ import torch
 
 from modules.adapters import AdapterError, kind, kinds
 from modules.lora import adapter_param_count, apply_lora, remove_lora
-from modules.lora_formats import (entries_from_named, export_layout, load_into_loras, merge_entries,
-                                  named_state_dict, pack_qkv, read_entries)
+from modules.lora_formats import (LoraFormatError, entries_from_named, export_layout, load_into_loras,
+                                  merge_entries, named_state_dict, official_state_dict, pack_qkv,
+                                  read_entries)
 from modules.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FILTERS = [".attn", "depthwise", "embedding.1"]  # packed in_proj, out_proj, 3x3 depthwise and 1x1 convs
 KINDS = ("lora", "dora", "lokr", "loha")
+WRITES = ("official", "comfyui", "comfyui_model", "kohya", "onetrainer", "diffusers")
+#: kind -> layout -> whether an export can express it (the table of docs/LORA.md)
+WRITES_EXPECTED = {
+    "lora": dict.fromkeys(WRITES, True),
+    "dora": {"official": False, "comfyui": True, "comfyui_model": True, "kohya": False, "onetrainer": False,
+             "diffusers": False},
+    "lokr": {"official": False, "comfyui": True, "comfyui_model": True, "kohya": False, "onetrainer": False,
+             "diffusers": False},
+    "loha": {"official": False, "comfyui": True, "comfyui_model": True, "kohya": False, "onetrainer": True,
+             "diffusers": False},
+}
 
 
 def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,11 +130,30 @@ def test_train_three_updates_export_reimport_equal_merged_weights(lora_type, tmp
     merged = merge_entries(base, entries)
     for t, _ in loras:
         torch.testing.assert_close(merged[t], attached[t], rtol=1e-5, atol=1e-6)
-    # ComfyUI layout (DoRA: its dora_scale from the base) merges to the same weights
+    # every other layout: written and read back to the same weights, or refused (docs/LORA.md's table)
     shapes = {k: tuple(v.shape) for k, v in base.items()}
-    comfy, dropped = export_layout(entries, "comfyui", shapes, base_weights=base)
-    assert not dropped
-    again = merge_entries(base, read_entries(comfy, list(base), source="comfy"))
+    written = {}
+    for layout in WRITES:
+        usable = [e for e in entries if "depthwise" not in e.target or layout not in ("onetrainer", "diffusers")]
+        order = [t for t, _ in loras]
+        try:
+            if layout == "official":  # positional: in the official target order
+                sd, dropped = official_state_dict(named_state_dict(loras, 2.0), order), []
+            else:
+                sd, dropped = export_layout(usable, layout, shapes, base_weights=base)
+        except LoraFormatError:
+            written[layout] = False
+            continue
+        assert not dropped
+        written[layout] = True
+        again = merge_entries(base, read_entries(sd, list(base), official_targets=order, source=layout))
+        for e in usable:
+            torch.testing.assert_close(again[e.target], attached[e.target], rtol=1e-5, atol=1e-5)
+    assert written == WRITES_EXPECTED[lora_type]
+    # kohya-prefixed files of every kind (LyCORIS writes them so) are read too
+    comfy, _ = export_layout(entries, "comfyui", shapes, base_weights=base)
+    kohya = {"lora_unet_" + k[len("lora_prior_unet_"):]: v for k, v in comfy.items()}
+    again = merge_entries(base, read_entries(kohya, list(base), source="kohya"))
     for t, _ in loras:
         torch.testing.assert_close(again[t], attached[t], rtol=1e-5, atol=1e-5)
     # re-import into fresh adapters of the same kind: the same tensors, the same model
