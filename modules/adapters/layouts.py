@@ -24,10 +24,13 @@ OneTrainer's kohya-style names for Stable Cascade (``lora_prior_unet_…_attn_in
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 QKV = ("to_q", "to_k", "to_v")
+#: marks a layout that names modules as diffusers' StableCascadeUNet does (modules.diffusers_format)
+DIFFUSERS_NAMES = ("diffusers",) * 3
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (
     Layout("onetrainer", "comfy", "unet.", ".", ("attn.in_proj.0", "attn.in_proj.1", "attn.in_proj.2"),
            dora_form="column", kinds=("lora", "dora", "loha"), depthwise_ok=False, tools="OneTrainer",
            kinds_why="OneTrainer trains and loads LoRA, DoRA and LoHa"),
-    Layout("diffusers", "peft", "", ".", QKV, out_proj="to_out.0", kinds=("lora",), depthwise_ok=False,
+    Layout("diffusers", "peft", "", ".", DIFFUSERS_NAMES, kinds=("lora",), depthwise_ok=False,
            writes_alpha=False, tools="diffusers/PEFT, OneTrainer",
            kinds_why="a PEFT LoRA state dict has lora_A/lora_B only"),
 )}
@@ -88,10 +91,10 @@ LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (
 _ALIASES: Tuple[Tuple[str, str, Tuple[str, str, str], str, str], ...] = (
     ("comfyui", "lora_prior_unet_", ("attn.in_proj.0", "attn.in_proj.1", "attn.in_proj.2"), "attn.out_proj", "_"),
     ("kohya", "lora_unet_", ("attn.in_proj.0", "attn.in_proj.1", "attn.in_proj.2"), "attn.out_proj", "_"),
-    ("diffusers", "lora_prior_unet.", QKV, "to_out.0", "."),
-    ("diffusers", "prior.", QKV, "to_out.0", "."),
-    ("diffusers", "transformer.", QKV, "to_out.0", "."),
-    ("diffusers", "unet.", QKV, "to_out.0", "."),
+    ("diffusers", "lora_prior_unet.", DIFFUSERS_NAMES, "", "."),
+    ("diffusers", "prior.", DIFFUSERS_NAMES, "", "."),
+    ("diffusers", "transformer.", DIFFUSERS_NAMES, "", "."),
+    ("diffusers", "unet.", DIFFUSERS_NAMES, "", "."),
 )
 #: kohya-style prefixes; a file must not mix them
 UNDERSCORE_PREFIXES = {"comfyui": "lora_prior_unet_", "kohya": "lora_unet_"}
@@ -104,8 +107,21 @@ def layout(name: str) -> Layout:
         raise ValueError(f"unknown LoRA layout {name!r} (known: {', '.join(LAYOUTS)})") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _diffusers_paths(target: str) -> Tuple[str, ...]:
+    # diffusers' module names are modules.diffusers_format's (one definition of that renaming)
+    import torch
+
+    from modules.diffusers_format import to_diffusers
+
+    keys = to_diffusers({target: torch.empty(3, 1, device="meta")}, "stage_c")
+    return tuple(k[: -len(".weight")] for k in keys if k.endswith(".weight"))
+
+
 def _stems(target: str, prefix: str, qkv: Optional[Sequence[str]], out_proj: str, sep: str) -> List[str]:
-    if target.endswith("attn.in_proj_weight") and qkv is not None:
+    if qkv == DIFFUSERS_NAMES:
+        paths = list(_diffusers_paths(target))
+    elif target.endswith("attn.in_proj_weight") and qkv is not None:
         module = target[: -len("attn.in_proj_weight")]
         paths = [module + part for part in qkv]
     elif target.endswith(".in_proj_weight"):
