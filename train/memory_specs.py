@@ -26,11 +26,12 @@ uncast), the trained network in ``dtype`` (unset: float32), the forward under bf
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from core.config import per_rank_batch
 from core.memory import MemorySpec, default_dtype
 
 #: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
@@ -77,11 +78,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def _per_rank_batch(cfg: Any, world_size: int) -> int:
-    """Images one rank runs per micro-step: batch_size / (world_size * grad_accum_steps)."""
-    batch, accum = int(_get(cfg, "batch_size", 1)), int(_get(cfg, "grad_accum_steps", 1) or 1)
-    if world_size < 1 or batch % (world_size * accum):
-        raise ValueError(f"batch_size {batch} is not divisible by world_size {world_size} x grad_accum_steps {accum}")
-    return batch // (world_size * accum)
+    """Images one rank runs per micro-step (:func:`core.config.per_rank_batch`)."""
+    return per_rank_batch(int(_get(cfg, "batch_size", 1)), world_size, int(_get(cfg, "grad_accum_steps", 1) or 1))
 
 
 def _target_device(cfg: Any) -> str:
@@ -142,8 +140,8 @@ def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[
 def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[dict] = None,
           controlnet: Optional[dict] = None) -> MemorySpec:
     """The spec of one rank of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
-    adapters (``lora``: ``apply_lora`` keywords rank, filters, lora_type and the kind's options) on it
-    frozen; 'controlnet' trains a ControlNet (``controlnet`` kwargs) that feeds it frozen."""
+    adapters on it frozen (``lora``: :func:`float32_lora` keywords filters, rank, lora_type and the
+    kind's options); 'controlnet' trains a ControlNet (``controlnet`` kwargs) that feeds it frozen."""
     from modules.common import BLOCK_TYPES
     from modules.registry import build_model, model_config
 
@@ -159,12 +157,7 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[di
         networks = nn.ModuleDict({"generator": generator})
         generator.requires_grad_(full)
         if lora is not None:
-            from modules.lora import apply_lora
-
-            for _name, module in apply_lora(generator, **lora):
-                # adapters train in float32 on the bf16 base (assigned, not cast: see default_dtype)
-                for pname, p in list(module.named_parameters(recurse=False)):
-                    setattr(module, pname, nn.Parameter(torch.zeros(p.shape, dtype=torch.float32)))
+            float32_lora(generator, **lora)
         if controlnet is not None:
             from modules.controlnet import ControlNet
 
@@ -187,24 +180,12 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[di
         return list(cnet.backbone) + list(cnet.projections)
 
     def param_counts(networks: nn.Module) -> dict[str, int]:
-        # the base generator, without the adapters parametrizing it; the adapters by their kind's count
+        # the base generator, without the adapters parametrizing it
         from modules.adapters import Adapter
 
         generator = networks["generator"]
         adapted = {id(p) for m in generator.modules() if isinstance(m, Adapter) for p in m.parameters()}
-        counts = {"generator": sum(p.numel() for p in generator.parameters() if id(p) not in adapted)}
-        if lora is not None:
-            counts["adapter"] = adapter_count
-        return counts
-
-    adapter_count = 0
-    if lora is not None:  # the kind's own count (modules.adapters), as the dry run's description reports it
-        from modules.lora import adapter_param_count
-        from modules.lora_formats import stage_c_targets
-
-        targets, shapes = stage_c_targets(version, list(lora["filters"]))
-        options = {k: v for k, v in lora.items() if k not in ("filters", "rank", "lora_type")}
-        adapter_count = adapter_param_count(shapes, targets, lora["lora_type"], lora["rank"], **options)
+        return {"generator": sum(p.numel() for p in generator.parameters() if id(p) not in adapted)}
 
     details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
     if lora is not None:
@@ -242,16 +223,40 @@ def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
     """LoRA (``rank``, ``module_filters``) in float32 on a Stage C frozen in ``frozen_dtype``, one of
     ``world_size`` ranks; encoders as in :func:`stage_c_spec`. CLIP activations of trained tokens
     are not counted."""
-    from modules.adapters import kind
-
     rank = int(_get(cfg, "rank", 4) or 4)
     filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
+    from modules.adapters import kind
+
     lora_type = str(_get(cfg, "lora_type", "lora") or "lora")
-    adapter = kind(lora_type)
-    options = {opt: _get(cfg, key, None) for opt, key in adapter.config_options.items()}
-    options = {k: v for k, v in options.items() if v is not None}
     return _spec(cfg, "stage_c", "lora", world_size,
-                 lora=dict(filters=filters, rank=rank, lora_type=lora_type, **options))
+                 lora=dict(filters=filters, rank=rank, lora_type=lora_type, **kind(lora_type).options_from(cfg)))
+
+
+def float32_lora(generator: nn.Module, filters: Sequence[str], rank: int, lora_type: str = "lora",
+                 **options: Any) -> list[nn.Parameter]:
+    """Attach the LoRA job's adapters (``modules.lora.apply_lora``, kind ``lora_type`` with its
+    ``options``) to a frozen ``generator``, their parameters in float32 as the job trains them on a
+    bf16 base; returns those trainable parameters. Assigned, not cast: the module of a
+    parametrization cannot be cast in place on a meta or fake build. (The memory estimate and
+    bench/gpu.py build with it.)"""
+    from modules.lora import apply_lora
+
+    params: list[nn.Parameter] = []
+    for _name, module in apply_lora(generator, list(filters), rank=rank, lora_type=lora_type, **options):
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().float()))
+        params += list(module.parameters(recurse=False))
+    return params
+
+
+def lora_parameter_count(shapes: Mapping[str, Sequence[int]], rank: int, lora_type: str = "lora",
+                         **options: Any) -> int:
+    """Trainable parameters of the adapters :func:`float32_lora` attaches to the weights of
+    ``shapes`` (target -> weight shape), each kind's own count (``Adapter.param_count``: e.g. a
+    LoRA ``rank x (out + in)``, a DoRA + ``out``). Counted without building the model (the dry run)."""
+    from modules.lora import adapter_param_count
+
+    return adapter_param_count(dict(shapes), list(shapes), lora_type, rank, **options)
 
 
 def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
@@ -262,5 +267,5 @@ def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict]
     return _spec(cfg, "stage_c", "controlnet", world_size, controlnet=dict(controlnet or DEFAULT_CONTROLNET))
 
 
-__all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "clip_text_params",
-           "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]
+__all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "float32_lora", "lora_parameter_count",
+           "clip_text_params", "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]

@@ -24,10 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -36,8 +33,8 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from core.seeding import derive_seed
 from modules.adapters import kind, kinds
-from modules.lora import adapter_param_count, apply_lora
-from train.memory_specs import lora_spec
+from modules.lora import apply_lora
+from train.memory_specs import lora_parameter_count, lora_spec
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.lora")
@@ -120,7 +117,8 @@ class StageCLoraTrainer(StageCTrainer):
         from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
-        n = adapter_param_count(shapes, targets, cfg.lora_type, cfg.rank, **kind(cfg.lora_type).options_from(cfg))
+        n = lora_parameter_count({t: shapes[t] for t in targets}, cfg.rank, cfg.lora_type,
+                                 **kind(cfg.lora_type).options_from(cfg))
         return super().describe(cfg) + [
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
                       f"{n:,} {kind(cfg.lora_type).title} parameters; train_tokens: {cfg.train_tokens or []}"]
@@ -281,7 +279,7 @@ class StageCLoraTrainer(StageCTrainer):
     def load_lora_file(self, path: str, exact: bool = False) -> None:
         """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
         from modules.lora_formats import load_into_loras, read_entries, read_tokens, stage_c_targets
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         cfg = self.cfg
         sd = read_state_dict(path)
@@ -318,5 +316,10 @@ def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
     return tuple(_base_weight(model, target).shape)
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c-lora``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCLoraTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

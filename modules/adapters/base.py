@@ -123,8 +123,9 @@ class Adapter(nn.Module):
 
     @classmethod
     def options_from(cls, cfg: Any) -> Dict[str, Any]:
-        """This kind's options as set in a job config (``config_options``)."""
-        return {opt: getattr(cfg, key) for opt, key in cls.config_options.items()}
+        """This kind's options as set in a job config (``config_options``; unset keys: the kind's default)."""
+        options = {opt: getattr(cfg, key, None) for opt, key in cls.config_options.items()}
+        return {opt: value for opt, value in options.items() if value is not None}
 
     def __init__(self, layer: Any, name: str = "weight", rank: int = 16, alpha: Optional[float] = None,
                  **options: Any):
