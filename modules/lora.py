@@ -190,13 +190,10 @@ def lora_module_dict(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]], retoken: Op
     return d
 
 
-def lora_state_dict_named(loras: Sequence[Tuple[str, LoRA]]) -> Dict[str, torch.Tensor]:
-    """Keys named by target, e.g. ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``."""
-    sd: Dict[str, torch.Tensor] = {}
-    for name, lora in loras:
-        sd[f"{name}.lora_down"] = lora.lora_down.detach()
-        sd[f"{name}.lora_up"] = lora.lora_up.detach()
-    return sd
+def lora_state_dict_named(loras: Sequence[Tuple[str, Adapter]]) -> Dict[str, torch.Tensor]:
+    """Keys named by target and the kind's tensor names, e.g.
+    ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down`` (detached, not copied)."""
+    return {f"{name}.{key}": t.detach() for name, adapter in loras for key, t in adapter.tensors().items()}
 
 
 @torch.no_grad()

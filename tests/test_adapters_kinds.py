@@ -244,21 +244,14 @@ def test_config_accepts_every_kind_and_checks_the_new_keys():
 def _run_kind(lora_type: str, assets, tmp_path, **extra):
     from safetensors.torch import load_file
 
-    from tests.helpers.adapter_assets import cli_args, losses
+    from tests.helpers.adapter_assets import run_and_resume
+    from tests.test_lora_dora import CONFIG
     from tools.lora_merge import main as merge_main
     from train.train_c_lora import StageCLoraTrainer
-    from tests.test_lora_dora import CONFIG
 
     run = dict(updates=3, save_every=2, lr=1.0e-2, rank=2, lora_type=lora_type, export_comfyui=True,
                module_filters=[".attn", "depthwise"], lora_plus_ratio=4.0, **extra)
-    assert StageCLoraTrainer.main(cli_args(CONFIG, assets, tmp_path, experiment_id="a", **run)) == 0
-    assert StageCLoraTrainer.main(cli_args(CONFIG, assets, tmp_path, experiment_id="b", **{**run, "updates": 2})) == 0
-    assert StageCLoraTrainer.main(cli_args(CONFIG, assets, tmp_path, experiment_id="b", **run)) == 0
-    run_a, run_b = tmp_path / "ck" / "a", tmp_path / "ck" / "b"
-    la, lb = losses(run_a), losses(run_b)
-    assert sorted(la) == [1, 2, 3] and la[3] == lb[3]
-    a, b = load_file(run_a / "lora.safetensors"), load_file(run_b / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run_a, _run_b = run_and_resume(StageCLoraTrainer, CONFIG, assets, tmp_path, run)
     assert not (run_a / "lora_official.safetensors").exists()
     base_path = assets / "stage_c_tiny.safetensors"
     base = load_file(base_path)
