@@ -23,12 +23,9 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-#: the relative tolerance of float32 for guards against 0/0 (a zero row has no direction)
-TINY = torch.finfo(torch.float32).tiny
+from modules.adapters.dora import tool_decompose
+from modules.adapters.errors import TINY, AdapterError  # noqa: F401  (re-exported)
 
-
-class AdapterError(ValueError):
-    """An adapter record or option does not fit (wrong shapes, unknown kind, missing tensors)."""
 
 
 @dataclass
@@ -185,8 +182,6 @@ class Adapter(nn.Module):
         way that tool does it (:func:`modules.adapters.dora.tool_decompose`)."""
         delta = cls.record_delta(tensors, alpha, tuple(base.shape)).to(base.device)
         if "dora_scale" in tensors:
-            from modules.adapters.dora import tool_decompose
-
             return tool_decompose(base, delta, tensors["dora_scale"], cls.kind)
         return base.float() + delta
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from modules.adapters.base import TINY, AdapterError
+from modules.adapters.errors import TINY, AdapterError
 
 # ComfyUI patches weights in float32 and adds this to the norm it divides dora_scale by.
 EPS = torch.finfo(torch.float32).eps
