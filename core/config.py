@@ -208,6 +208,13 @@ class RunConfig:
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
 
+    def check_fraction(self, *keys: str) -> None:
+        """UserError unless every config key in ``keys`` holds a number in [0, 1] (a probability)."""
+        for key in keys:
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"config key '{key}' must be in [0, 1], got {value}")
+
     def per_rank_batch(self, world_size: int) -> int:
         """Images per rank per micro-step (:func:`per_rank_batch`)."""
         return per_rank_batch(self.batch_size, world_size, self.grad_accum_steps)

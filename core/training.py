@@ -411,7 +411,7 @@ class TrainingCore:
     # -- checkpoints ------------------------------------------------------------------------
     def backup_due(self, step: int) -> bool:
         """True when a ``backup_every`` boundary was crossed since the previous save (the reference
-        backed up only when a save step was an exact multiple, reference-behaviour.md §13 item 12)."""
+        backed up only when a save step was an exact multiple, docs/OFFICIAL.md, Defects)."""
         every = self.cfg.backup_every
         return bool(every) and step // every > self.last_saved_step // every
 

@@ -1,5 +1,5 @@
 """Attaching adapters (LoRA, DoRA, LoKr, LoHa: ``modules.adapters``) and ReToken as torch
-parametrizations (networks.md §7).
+parametrizations (docs/OFFICIAL.md, LoRA and ReToken).
 
 ``apply_lora`` attaches the adapter kind ``lora_type`` (any registered kind) to weights so the
 state-dict keys become the official ``...parametrizations.<name>.original`` / ``.0.lora_down`` /

@@ -2,7 +2,7 @@
 
 LoRA: ``delta = lora_up @ lora_down * alpha / rank``; ``lora_down`` (r, in) starts at zero and
 ``lora_up`` (out, r) ~ N(0, 1) (the official init), so a fresh LoRA leaves the layer unchanged; on a
-conv weight our update is constant over the kernel (networks.md §7.1). Files of other tools may
+conv weight our update is constant over the kernel (docs/OFFICIAL.md, LoRA and ReToken). Files of other tools may
 hold a full conv LoRA (``lora_down`` (r, in, kh, kw), ``lora_up`` (out, r, 1, 1)): merged exactly,
 but not loadable as our trainable LoRA unless kernel-constant.
 
