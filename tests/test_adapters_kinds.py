@@ -274,3 +274,25 @@ def test_tiny_lokr_run_resumes_exactly_with_lora_plus(adapter_assets, tmp_path):
 @pytest.mark.slow
 def test_tiny_loha_run_resumes_exactly_with_lora_plus(adapter_assets, tmp_path):
     _run_kind("loha", adapter_assets, tmp_path)
+
+
+@pytest.mark.parametrize("lora_type", KINDS)
+def test_every_kind_wraps_a_quantised_base(lora_type):
+    """Adapters attach after ``quantize_frozen_`` and receive the dequantised weight: a fresh one
+    leaves the quantised model's output unchanged and every adapter tensor gets a gradient."""
+    from modules.quantize import quantize_frozen_
+
+    torch.manual_seed(0)
+    model = build_model("stage_c", "tiny").eval().requires_grad_(False)
+    torch.nn.init.xavier_uniform_(model.clf[1].weight)
+    assert quantize_frozen_(model, "int8", min_numel=0) > 0
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 16, 2, 2, generator=g), torch.rand(2, generator=g), torch.randn(2, 77, 32, generator=g),
+         torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 24, generator=g))
+    with torch.no_grad():
+        before = model(*x)
+    loras = apply_lora(model, [".attn", "channelwise"], rank=2, lora_type=lora_type)
+    out = model(*x)
+    torch.testing.assert_close(out, before, rtol=1e-5, atol=1e-6)
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for _, a in loras for p in a.parameters())
