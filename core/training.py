@@ -45,7 +45,7 @@ from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
 from core.models import ModelSet
-from core.optim import OptimConfig
+from core.optim import OptimConfig, ParamGroups
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
@@ -69,7 +69,7 @@ class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationCo
             raise UserError(f"config key 'generator_dropout' must be in [0, 1), got {self.generator_dropout}")
 
 
-class TrainingCore:
+class TrainingCore(ParamGroups):
     """Base class of every training job (see the module docstring for the contract)."""
 
     Config: type = TrainingConfig
@@ -195,11 +195,6 @@ class TrainingCore:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer sees: the trained modules' parameters that require grad, in order."""
         return self._models.trainable_parameters()
-
-    def optimizer_param_groups(self, params: list[nn.Parameter]) -> list:
-        """The optimizer's parameter groups from :meth:`trainable_parameters` (a job may give some
-        parameters their own ``lr``, e.g. LoRA+); default: one group."""
-        return params
 
     def preview_models(self) -> dict[str, nn.Module]:
         """``{name: network}`` to sample previews with: the first trained network and its EMA."""

@@ -91,7 +91,8 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
     for tool, layers in unloadable.items():
         print(f"warning: {tool} cannot load the LoRA on {len(layers)} depthwise conv layer(s) of {lora} "
               f"(it skips or refuses them): {', '.join(layers)}", file=sys.stderr)
-    info = {"ss_network_module": "networks.lora", "cascade_adapter_kinds": ",".join(sorted({e.kind for e in entries})), "ss_network_dim": str(entries[0].rank) if entries else "0",
+    info = {"ss_network_module": "networks.lora", "cascade_adapter_kinds": ",".join(sorted({e.kind for e in entries})),
+            "ss_network_dim": str(entries[0].rank) if entries else "0",
             "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
             "cascade_model_version": version, "source": os.path.basename(lora)}
     save_safetensors(comfy, out, metadata=info)

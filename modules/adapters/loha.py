@@ -78,7 +78,7 @@ class LoHa(Adapter):
     def join_rows(cls, records: Sequence, alpha: float, what: str) -> Dict[str, torch.Tensor]:
         first, _ = records[0]
         for t, _a in records[1:]:
-            if not (torch.equal(t["hada_w1_b"], first["hada_w1_b"]) and torch.equal(t["hada_w2_b"], first["hada_w2_b"])):
+            if not all(torch.equal(t[n], first[n]) for n in ("hada_w1_b", "hada_w2_b")):
                 raise AdapterError(f"{what}: the to_q/to_k/to_v LoHas do not share hada_w1_b/hada_w2_b, so they are "
                                    f"not one LoHa of the packed projection; merge the file instead of resuming from it")
         # fold each block's alpha into its w1_a rows (the product is linear in w1_a)
