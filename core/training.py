@@ -274,7 +274,7 @@ class TrainingCore:
         self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
                                 wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
                                 run_id=self.wandb_run_id, start_step=self.step,
-                                resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
+                                resume_step=self.step, preview_dir=str(self.output_dir))
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
