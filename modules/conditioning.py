@@ -117,6 +117,9 @@ def _load_frozen(model_cls, name_or_path, what, dtype, device, local_files_only)
     # bar would otherwise land in front of one-line user errors.
     hf_logging.disable_progress_bar()
     model = _from_pretrained(model_cls.from_pretrained, name_or_path, what, local_files_only, dtype=dtype)
+    from modules.loading import check_finite
+
+    check_finite(model.state_dict(), f"{what} {os.fspath(name_or_path)}")  # a damaged input is named at load
     # Frozen encoders: eval (no dropout) and no parameter gradients. Gradients can still flow to
     # parametrizations added later (ReToken on the token embedding), so encode_text does not force
     # no_grad.

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
+from modules.finite import first_nonfinite_tensor
 from modules.registry import build_model, describe_model_version, model_class, model_config
 
 PathLike = Union[str, os.PathLike]
@@ -83,12 +84,28 @@ def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
+def check_finite(weights: Mapping[str, torch.Tensor], source: PathLike, writing: bool = False) -> None:
+    """CheckpointError naming ``source`` and the tensor when a floating tensor of ``weights`` holds a
+    NaN or an infinity (one fused check, ``modules.finite``). Loaders call it once per input file, so
+    a damaged input is named at load, not blamed on the learning rate at the first save; writers
+    (``writing=True``) call it before anything is written."""
+    name = first_nonfinite_tensor(weights)
+    if name is None:
+        return
+    if writing:
+        raise CheckpointError(f"{source}: not written: tensor '{name}' holds NaN or infinite values "
+                              f"(a model with non-finite weights is never saved; check the inputs that made it)")
+    raise CheckpointError(f"{source}: tensor '{name}' holds NaN or infinite values: this input weight file is "
+                          f"damaged or was saved from a diverged run; replace it")
+
+
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed)."""
+    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed);
+    CheckpointError naming the file and the tensor when one holds a NaN or an infinity."""
     p = _check_path(path)
-    if p.suffix.lower() == ".safetensors":
-        return dict(_iter_safetensors(p))
-    return _torch_load(p)
+    sd = dict(_iter_safetensors(p)) if p.suffix.lower() == ".safetensors" else _torch_load(p)
+    check_finite(sd, p)
+    return sd
 
 
 def _iter_safetensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -302,7 +319,10 @@ def load_model(
         wrong_dtype = dtype_mismatch(expected, sd, str(p))
         if wrong_dtype is not None:
             raise CheckpointError(wrong_dtype)
-        res = model.load_state_dict({k: _convert(v, dtype, device) for k, v in sd.items()}, strict=False)
+        converted = {k: _convert(v, dtype, device) for k, v in sd.items()}
+        if any(v.is_floating_point() and v.dtype != dtype for v in sd.values()):  # read_state_dict checked the file
+            check_finite(converted, f"{p} (as {dtype})")
+        res = model.load_state_dict(converted, strict=False)
         if res.missing_keys or res.unexpected_keys:
             warnings.warn(f"{p}: loaded non-strictly; missing {res.missing_keys[:5]}, "
                           f"unexpected {res.unexpected_keys[:5]}", stacklevel=2)
@@ -327,12 +347,17 @@ def load_model(
 
     items = preloaded.items() if preloaded is not None else _iter_safetensors(p)
     converted = {}
+    cast = False
     for k, v in items:
+        cast = cast or (v.is_floating_point() and v.dtype != dtype)
         wrong_dtype = dtype_mismatch(expected, {k: v}, str(p))
         if wrong_dtype is not None:  # before torch's deep "can require gradients" failure
             raise CheckpointError(wrong_dtype)
         converted[k] = _convert(v, dtype, device)
     del preloaded
+    if foreign is None or cast:  # once per input file (read_diffusers checked its file), after a cast
+        # (float16 overflows beyond 65504): a damaged input is named here, not at the first save
+        check_finite(converted, f"{p} (as {dtype})" if cast else p)
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
@@ -385,11 +410,13 @@ def save_safetensors(
     ``dtype`` casts floating-point tensors only (integer buffers stay int64). The file gets mode
     0666 minus the umask. A write that fails for an operating-system reason (disk full, read-only
     file system, ...) raises ``CheckpointError`` naming the file and the reason, chained to the
-    original error, and leaves no temp file.
+    original error, and leaves no temp file. A tensor holding a NaN or an infinity (after the cast)
+    is refused before anything is written: ``CheckpointError`` naming the file and the tensor.
     """
     from safetensors.torch import save_file
 
     tensors = _flat_tensors(state_dict_or_module, dtype)
+    check_finite(tensors, path, writing=True)  # every tool and job writes model files through here
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("save_safetensors: metadata must map str to str")
     path = Path(path)
