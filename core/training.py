@@ -91,6 +91,16 @@ class TrainingCore:
         return []
 
     @classmethod
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        """``{config key: value}`` of every data set the run reads (None: required but unset), for
+        ``--validate-only`` (core/cli.py ``check_inputs``): the training images and the held-out set;
+        jobs add theirs (regularization images) or drop what they do not read (a cache)."""
+        out = {"webdataset_path": cfg.webdataset_path}
+        if getattr(cfg, "validation_webdataset_path", None) is not None:
+            out["validation_webdataset_path"] = cfg.validation_webdataset_path
+        return out
+
+    @classmethod
     def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
         """The job's ``core.memory.MemorySpec`` of ONE rank of a ``world_size``-rank run, for the
         dry-run estimate (None: no estimate)."""

@@ -52,7 +52,7 @@ def _hub_offline() -> bool:
         return False
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else (absolute, relative with ./, deeper paths,
     # ~) can only be meant as a local folder.
     if name.startswith(("/", ".", "~")) or "\\" in name:
@@ -79,7 +79,7 @@ def _from_pretrained(loader, name_or_path: str, what: str, local_files_only: boo
         raise ClipModelNotFoundError(
             f"{what}: '{name}' is a file; expected a folder written by save_pretrained or a hub id"
         )
-    if not _looks_like_hub_id(name):
+    if not looks_like_hub_id(name):
         raise ClipModelNotFoundError(
             f"{what}: folder '{name}' does not exist. Point the config key at a folder holding the model "
             "(e.g. one written by `python3 tools/tiny_clip.py DIR`) or use a hub id."

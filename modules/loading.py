@@ -40,11 +40,17 @@ _OFFICIAL_NAME = re.compile(r"(stage_[abc](_lite)?(_bf16)?|previewer|effnet_enco
                             r"super_resolution|lora_fernando_10k)\.safetensors")
 
 
+def is_official_file(path: PathLike) -> bool:
+    """True when ``path`` looks like a file of the official download (in a ``models/`` folder or
+    named like one): ``--validate-only`` lists such files as "not downloaded yet"."""
+    p = Path(path)
+    return "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name) is not None
+
+
 def download_hint(path: PathLike) -> str:
     """How to get a missing file: the download command when ``path`` looks like an official file
     (in a ``models/`` folder or named like one), else a plain "fix the path"."""
-    p = Path(path)
-    if "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name):
+    if is_official_file(path):
         return "download the official weights with `bash models/download_models.sh` (see models/README.md) or fix the path"
     return "check the path in your config"
 
