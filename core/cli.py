@@ -111,14 +111,30 @@ def _check_source(key: str, value: Any) -> list[str]:
     if real:
         try:
             urls = [u for u, _ in expand_named_sources(real)]
-            with open_shard(urls[0]) as fh:
-                fh.read(1)
+            _open_one(urls[:3])
         except DataError as exc:
             message = str(for_key(exc, key))
             raise DataError(message if message.startswith(key) else f"{key}: {message}") from None
-        except OSError as exc:
-            raise DataError(f"{key}: cannot read {urls[0]}: {exc.strerror or exc}") from None
     return [f"{key}={e}" for e in placeholders]
+
+
+def _open_one(urls: list[str]) -> None:
+    """Read a byte of the first of ``urls`` that opens (the run skips missing shards too); the
+    last error when none does."""
+    from core.data import DataError
+    from core.data.sources import open_shard
+
+    error: Exception = DataError("no shard")
+    for url in urls:
+        try:
+            with open_shard(url) as fh:
+                fh.read(1)
+            return
+        except DataError as exc:  # ShardMissing included
+            error = exc
+        except OSError as exc:
+            error = DataError(f"cannot read {url}: {exc.strerror or exc}")
+    raise error
 
 
 def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
