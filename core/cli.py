@@ -67,7 +67,7 @@ def check_inputs(job: type, cfg: Any) -> list[str]:
     (``/path/to/...``), official files not downloaded yet, hub ids."""
     from core.config import input_path_problem
     from core.errors import UserError
-    from modules.loading import is_official_file
+    from fileio.state_dicts import is_official_file
 
     pending: list[str] = []
     for key, (kind, fix) in sorted(cfg.input_paths.items()):

@@ -1,7 +1,7 @@
 """What a person watches: progress bar, metrics.jsonl, preview grids, loss curve, optional wandb.
 
 Local files are always written (main rank only); a write that fails for an operating-system reason
-(disk full, read-only file system) raises a one-line ``core.atomic.WriteError`` naming the file.
+(disk full, read-only file system) raises a one-line ``fileio.errors.WriteError`` naming the file.
 wandb is used when ``wandb_project`` is set: it is imported lazily, honours its own settings
 (``WANDB_MODE``, ``WANDB_BASE_URL``, ``WANDB_API_KEY``, ``WANDB_DIR``, ``WANDB_INIT_TIMEOUT``), runs
 offline when the server of ``WANDB_BASE_URL`` does not answer within 3 s, and is an optional
@@ -25,8 +25,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from core.atomic import WriteError, atomic_write_bytes
 from core.integrations import Integration
+from fileio.atomic import atomic_write_bytes
+from fileio.errors import WriteError
 
 __all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss", "plot_timesteps"]
 

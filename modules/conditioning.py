@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from modules.loading import CheckpointError
+from fileio.errors import CheckpointError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,7 +117,7 @@ def _load_frozen(model_cls, name_or_path, what, dtype, device, local_files_only)
     # bar would otherwise land in front of one-line user errors.
     hf_logging.disable_progress_bar()
     model = _from_pretrained(model_cls.from_pretrained, name_or_path, what, local_files_only, dtype=dtype)
-    from modules.loading import check_finite
+    from fileio.finite import check_finite
 
     check_finite(model.state_dict(), f"{what} {os.fspath(name_or_path)}")  # a damaged input is named at load
     # Frozen encoders: eval (no dropout) and no parameter gradients. Gradients can still flow to

@@ -202,7 +202,6 @@ def test_parse_cli():
         parse_cli(["c.yaml", "--bogus"])
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_run_cli_exit_codes(tmp_path):
     script = tmp_path / "cli.py"
     script.write_text(textwrap.dedent("""

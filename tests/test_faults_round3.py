@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
-from modules.finite import first_nonfinite_tensor
-from modules.loading import CheckpointError, save_safetensors
+from fileio.finite import first_nonfinite_tensor
+from fileio.errors import CheckpointError
+from fileio.state_dicts import save_safetensors
 from tests.test_faults_state import C_CONFIG, run_args, train_c
 
 ROOT = Path(__file__).resolve().parents[1]

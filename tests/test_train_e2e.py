@@ -78,7 +78,8 @@ def assets(train_assets):
 
 
 def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
-    from modules.loading import load_model, save_safetensors
+    from fileio.state_dicts import save_safetensors
+    from modules.loading import load_model
     from modules.registry import build_model
 
     stage_b = tmp_path / "stage_b_tiny.safetensors"  # enables the full C -> B -> A preview

@@ -100,7 +100,7 @@ class CacheWriter:
     def _cast(self, tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
         """``tensors`` in the cache's dtype; UserError naming the sample and tensor when one is not
         finite (a cache never holds a NaN: training on it would stop far from the cause)."""
-        from modules.finite import first_nonfinite_tensor
+        from fileio.finite import first_nonfinite_tensor
 
         out = tensors if self.dtype is None else {k: v.to(self.dtype) for k, v in tensors.items()}
         bad = first_nonfinite_tensor(out)

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -320,5 +317,10 @@ class StageCTrainer(CascadeTrainer):
         return decode_stage_a(self.stage_a, x0)
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

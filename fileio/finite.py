@@ -1,5 +1,6 @@
 """Which tensor of a weights dict holds a NaN or an infinity: the one check every loader of input
-weights and every writer of weights calls (model loads, LoRA files, merges, exports, conversions).
+weights and every writer of weights calls (model loads, LoRA files, merges, exports, conversions,
+caches).
 
 Cheap: one fused norm kernel per device over all floating tensors (``torch._foreach_norm``, what
 ``clip_grad_norm_`` uses: about one read of the weights); only a tensor whose norm is not finite is
@@ -8,15 +9,14 @@ are not reported).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import os
+from typing import Mapping, Optional, Union
 
 import torch
 
-__all__ = ["first_nonfinite_tensor"]
+from fileio.errors import CheckpointError
 
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
+__all__ = ["first_nonfinite_tensor", "check_finite"]
 
 
 def first_nonfinite_tensor(weights: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -38,6 +38,21 @@ def first_nonfinite_tensor(weights: Mapping[str, torch.Tensor]) -> Optional[str]
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
         suspects.update(items[i][0] for i in bad)
     for k, t in floats:
-        if k in suspects and not _finite(t):
+        if k in suspects and not bool(torch.isfinite(t).all()):
             return k
     return None
+
+
+def check_finite(weights: Mapping[str, torch.Tensor], source: Union[str, os.PathLike], writing: bool = False) -> None:
+    """CheckpointError naming ``source`` and the tensor when a floating tensor of ``weights`` holds a
+    NaN or an infinity. Loaders call it once per input file, so a damaged input is named at load,
+    not blamed on the learning rate at the first save; writers (``writing=True``) call it before
+    anything is written."""
+    name = first_nonfinite_tensor(weights)
+    if name is None:
+        return
+    if writing:
+        raise CheckpointError(f"{source}: not written: tensor '{name}' holds NaN or infinite values "
+                              f"(a model with non-finite weights is never saved; check the inputs that made it)")
+    raise CheckpointError(f"{source}: tensor '{name}' holds NaN or infinite values: this input weight file is "
+                          f"damaged or was saved from a diverged run; replace it")
