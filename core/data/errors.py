@@ -19,6 +19,6 @@ def for_key(exc: DataError, key: str) -> DataError:
     if key == "webdataset_path":
         return exc
     text = str(exc).replace("webdataset_path", key)
-    if key not in text:
+    if not text.startswith(key):
         text = f"{key}: {text}"
     return type(exc)(text) if type(exc) in (DataError, ShardMissing) else DataError(text)
