@@ -74,6 +74,7 @@ def check_inputs(job: type, cfg: Any) -> list[str]:
         path = getattr(cfg, key)
         problem = input_path_problem(key, path, kind, fix)
         if problem is None:
+            _check_weights_file(key, path)
             continue
         if is_placeholder_path(path) or (kind != "folder" and is_official_file(path)):
             pending.append(f"{key}={path}")
@@ -92,6 +93,22 @@ def check_inputs(job: type, cfg: Any) -> list[str]:
     for key, value in job.data_sources(cfg).items():
         pending += _check_source(key, value)
     return pending
+
+
+def _check_weights_file(key: str, path: str) -> None:
+    """A weights file as the run's loader opens it: a supported extension and, for safetensors, a
+    readable header (no tensor data is read; torch files are only read by the run)."""
+    if not (key.endswith("_checkpoint_path") or key.endswith("_model_path")) or not os.path.isfile(path):
+        return
+    from core.errors import UserError
+    from fileio.errors import CheckpointError
+    from fileio.state_dicts import checkpoint_path, safetensors_shapes
+
+    try:
+        if checkpoint_path(path).suffix.lower() == ".safetensors":
+            safetensors_shapes(path)
+    except CheckpointError as exc:
+        raise UserError(f"config key '{key}': {exc}") from None
 
 
 def _check_source(key: str, value: Any) -> list[str]:
