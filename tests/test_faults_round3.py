@@ -87,6 +87,16 @@ def test_lora_merge_refuses_a_nonfinite_lora_and_writes_nothing(tmp_path, damage
     assert not out.exists()
 
 
+def test_lora_merge_refuses_a_nonfinite_strength(tmp_path, capsys):
+    from core.errors import run_cli
+    from tools.lora_merge import main
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, ["--base", "b.safetensors", "--lora", "l.safetensors", "--out", str(tmp_path / "m.safetensors"),
+                       "--strength", "nan"])
+    assert exc.value.code == 2 and "--strength must be a finite number" in capsys.readouterr().err
+
+
 def test_lora_merge_refuses_a_merge_that_overflows_the_output_dtype(tmp_path):
     from tools.lora_merge import merge_files
 
@@ -297,11 +307,17 @@ def _validate(train_assets: Path, tmp_path: Path, capsys, **overrides) -> tuple[
     ({"effnet_checkpoint_path": "/nonexistent/effnet.safetensors"}, "config key 'effnet_checkpoint_path': file not found"),
     ({"clip_text_model_name": "/nonexistent/clip"}, "config key 'clip_text_model_name': folder not found"),
     ({"crop": "smart", "saliency_model_path": "/nonexistent/sal.pt"}, "'saliency_model_path': file not found"),
+    ({"webdataset_path": "ftp://host/shard.tar"}, "unsupported URL scheme 'ftp://'"),
+    ({"generator_checkpoint_path": "GARBAGE"}, "config key 'generator_checkpoint_path': "),
+    ({"effnet_checkpoint_path": "CONFIG"}, "unsupported checkpoint extension '.yaml'"),
 ])
 def test_validate_only_refuses_what_the_run_refuses(train_assets, tmp_path, capsys, overrides, needle):
     """Defect 4 (pipe:, no webdataset_path, an HTTP folder) and issue 26.7 (paths that do not exist):
     --validate-only said "config OK" for configs the run refuses at once."""
-    overrides = {k: ("null" if v is None else v) for k, v in overrides.items()}
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)  # not a safetensors header
+    named = {None: "null", "GARBAGE": str(garbage), "CONFIG": C_CONFIG}
+    overrides = {k: named.get(v, v) for k, v in overrides.items()}
     code, out, err = _validate(train_assets, tmp_path, capsys, **overrides)
     assert code == 2 and "config OK" not in out and err.startswith("error: ") and needle in err, (out, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
