@@ -43,8 +43,8 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
             dry_run(job, cfg, world_size)
         else:
             pending = check_inputs(job, cfg)  # what the run's start checks, so "config OK" means it starts
-            print(f"config OK: {args.config} ({job.__name__}, model_version {getattr(cfg, 'model_version', '-')}, "
-                  f"world size {world_size}: per-rank micro-batch {cfg.per_rank_batch(world_size)})")
+            print(f"config OK: {args.config} ({job.__name__}, world size {world_size}: "
+                  f"per-rank micro-batch {cfg.per_rank_batch(world_size)})")
             if pending:
                 print("not checked (placeholders, official files not downloaded yet, hub ids): " + ", ".join(pending))
         return 0

@@ -155,7 +155,6 @@ class RunConfig:
     checkpoint_path: str = doc(REQUIRED_TRAIN, "Root folder of checkpoints; the run writes checkpoint_path/experiment_id/.")
     output_path: str = doc(REQUIRED_TRAIN, "Root folder of preview images; the run writes output_path/experiment_id/.")
     training: bool = doc(True, "True for training jobs; False (inference/notebook configs) waives the training-only required keys.")
-    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = doc(None, "Storage dtype of the generator and CLIP models (None = float32).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast for the forward pass: 'auto' = bf16 on GPUs that support it, fp32 on CPU. fp16 is refused for Stage C.")
     allow_tf32: bool = doc(True, "Enable TF32 matmul/cuDNN on NVIDIA GPUs.")
@@ -240,6 +239,13 @@ class RunConfig:
             found = {}
             object.__setattr__(self, "_input_paths", found)
         return found
+
+    def check_fraction(self, *keys: str) -> None:
+        """UserError unless every config key in ``keys`` holds a number in [0, 1] (a probability)."""
+        for key in keys:
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"config key '{key}' must be in [0, 1], got {value}")
 
     def per_rank_batch(self, world_size: int) -> int:
         """Images per rank per micro-step (:func:`per_rank_batch`)."""

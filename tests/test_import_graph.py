@@ -68,3 +68,30 @@ def test_the_graph_sees_lazy_and_relative_imports():
 def test_no_product_modules_import_each_other():
     found = circles(import_graph())
     assert not found, f"import circles (move the shared part into a module both import): {found}"
+
+
+def test_no_module_imports_private_names_of_another():
+    """``from m import _name`` reaches into m's internals (core.data.inspect once drove
+    ``WorkerStream._read`` with ``_Pos``): use or add a public function. A package's own private
+    module (``from . import _rng`` in gdf/) is part of that package and fine."""
+    import ast
+
+    files = {module_name(p): p for p in product_files()}
+    offenders = []
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                if not alias.name.startswith("_") or alias.name.startswith("__"):
+                    continue
+                target = f"{base}.{alias.name}"
+                if target in files and target.rpartition(".")[0] == package:
+                    continue  # the package's own private module
+                offenders.append(f"{name}: from {base} import {alias.name}")
+    assert not offenders, f"private names imported across modules: {offenders}"

@@ -98,7 +98,7 @@ def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
                  "generator.safetensors", "generator_ema.safetensors", "COMPLETE"):
         assert (state / name).is_file(), name
     trainer = json.loads((state / "trainer.json").read_text())
-    assert trainer["step"] == 3 and trainer["model_version"] == "tiny"
+    assert trainer["step"] == 3 and trainer["identity"] == {"model_kind": "stage_c", "model_version": "tiny"}
     assert json.loads((state / "data.json").read_text())["ranks"][0] is not None
     # official layout: other tools load the file with the registry's strict loader
     load_model("stage_c", "tiny", run / "generator.safetensors")

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from core.config import doc
+from core.config import REQUIRED, doc
 from core.errors import UserError
 from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
@@ -26,6 +26,7 @@ class CascadeConfig(TrainingConfig):
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
 
+    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")
     stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights: required by Stage B jobs (latents and previews); with stage_b_checkpoint_path, full C->B->A previews of Stage C jobs.")
     clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
@@ -59,8 +60,7 @@ class CascadeConfig(TrainingConfig):
             check_loss_weighting(self.loss_weighting, self.min_snr_gamma)
         except ValueError as exc:
             raise UserError(f"config keys 'loss_weighting' / 'min_snr_gamma': {exc}") from None
-        if not 0.0 <= self.text_dropout <= 1.0:
-            raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
+        self.check_fraction("text_dropout")
         self.validate_crop()
 
     def validate_crop(self) -> None:
@@ -84,13 +84,23 @@ class CascadeTrainer(TrainingCore):
 
     #: registry kind of the trained network ("stage_c" / "stage_b")
     model_kind: str = ""
+    #: registry kind of the frozen network that decodes previews ("previewer" / "stage_a")
+    preview_decoder: str = ""
     #: FSDP shards each residual/attention/timestep/feed-forward block before the root
     block_types = BLOCK_TYPES
 
+    def model_identity(self) -> dict[str, Any]:
+        """The generator's registry kind and architecture: a checkpoint of another one cannot resume."""
+        return {"model_kind": self.model_kind, "model_version": self.cfg.model_version}
+
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        """``{name: (registry kind, model_version)}`` of the networks a dry run reports."""
-        return {"generator": (cls.model_kind, cfg.model_version)}
+        """``{name: (registry kind, model_version)}`` of the networks a dry run reports: the generator,
+        the EfficientNet encoder and the preview decoder."""
+        layout = {"generator": (cls.model_kind, cfg.model_version), "effnet": ("effnet", "default")}
+        if cls.preview_decoder:
+            layout[cls.preview_decoder] = (cls.preview_decoder, "default")
+        return layout
 
     @classmethod
     def describe(cls, cfg: Any) -> list[str]:
@@ -107,8 +117,11 @@ class CascadeTrainer(TrainingCore):
 
     # -- building blocks of build_models() ------------------------------------------------
     def make_gdf(self) -> Any:
-        """The GDF of the job (official presets)."""
-        raise NotImplementedError
+        """The GDF of the job: the official preset named by ``model_kind`` (``gdf.presets.stage_c`` /
+        ``stage_b``), with the adaptive loss weight when ``adaptive_loss_weight`` is set."""
+        from gdf import presets
+
+        return getattr(presets, self.model_kind)(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
 
     def setup_loss(self) -> None:
         """``self.gdf`` and ``self.loss``; an adaptive loss weight is saved with every checkpoint."""

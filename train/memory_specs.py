@@ -34,7 +34,7 @@ from torch import nn
 from core.config import per_rank_batch
 from core.memory import MemorySpec, default_dtype
 
-#: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
+#: Official ControlNet 3.6B injection points (docs/OFFICIAL.md, ControlNet: canny/inpainting/SR).
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 #: The ControlNet the estimate builds unless told otherwise: the official canny one.
 DEFAULT_CONTROLNET = {"c_in": 1, "proj_blocks": CNET_PROJ_BLOCKS, "bottleneck_mode": "effnet"}

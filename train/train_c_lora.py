@@ -2,7 +2,7 @@
 
     python3 train/train_c_lora.py configs/training/finetune_c_3b_lora.yaml [--set rank=8] [--dry-run]
 
-What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
+What differs from ``train_c.py`` (docs/OFFICIAL.md, LoRA tokens; docs/LORA.md):
 * the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
   paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
   trainable generator parameters (kept in float32 on a bf16 base); ``lora_type: dora`` makes them
@@ -110,7 +110,7 @@ class StageCLoraTrainer(StageCTrainer):
                       f"{n:,} {'DoRA' if cfg.lora_type == 'dora' else 'LoRA'} parameters; "
                       f"train_tokens: {cfg.train_tokens or []}"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(lora_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -182,7 +182,7 @@ class StageCLoraTrainer(StageCTrainer):
                   sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.retoken is None:
             return super().part_loss(batch, generators, sample_weight)
-        # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
+        # Tokens train through CLIP: the conditions are computed WITH grad (docs/OFFICIAL.md, LoRA tokens).
         images = batch["images"].to(self.device)
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
