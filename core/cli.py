@@ -136,8 +136,10 @@ def _check_source(key: str, value: Any) -> list[str]:
 
 
 def _open_one(urls: list[str]) -> None:
-    """Read a byte of the first of ``urls`` that opens (the run skips missing shards too); the
-    last error when none does."""
+    """Read the first tar header of the first of ``urls`` that opens and starts like a tar shard
+    (the run skips missing and broken shards too); the last error when none does."""
+    import tarfile
+
     from core.data import DataError
     from core.data.sources import open_shard
 
@@ -145,7 +147,15 @@ def _open_one(urls: list[str]) -> None:
     for url in urls:
         try:
             with open_shard(url) as fh:
-                fh.read(1)
+                block = fh.read(512)
+            try:
+                tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.EmptyHeaderError:
+                error = DataError(f"{url}: an empty tar shard (no sample)")
+                continue
+            except tarfile.HeaderError:
+                error = DataError(f"{url}: not a tar shard (its first {len(block)} bytes are no tar header)")
+                continue
             return
         except DataError as exc:  # ShardMissing included
             error = exc

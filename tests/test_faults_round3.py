@@ -310,13 +310,16 @@ def _validate(train_assets: Path, tmp_path: Path, capsys, **overrides) -> tuple[
     ({"webdataset_path": "ftp://host/shard.tar"}, "unsupported URL scheme 'ftp://'"),
     ({"generator_checkpoint_path": "GARBAGE"}, "config key 'generator_checkpoint_path': "),
     ({"effnet_checkpoint_path": "CONFIG"}, "unsupported checkpoint extension '.yaml'"),
+    ({"webdataset_path": "NOT_A_TAR"}, "not a tar shard"),
 ])
 def test_validate_only_refuses_what_the_run_refuses(train_assets, tmp_path, capsys, overrides, needle):
     """Defect 4 (pipe:, no webdataset_path, an HTTP folder) and issue 26.7 (paths that do not exist):
     --validate-only said "config OK" for configs the run refuses at once."""
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)  # not a safetensors header
-    named = {None: "null", "GARBAGE": str(garbage), "CONFIG": C_CONFIG}
+    not_a_tar = tmp_path / "shard-0000.tar"
+    not_a_tar.write_text("<html>an error page, not a shard</html>")
+    named = {None: "null", "GARBAGE": str(garbage), "CONFIG": C_CONFIG, "NOT_A_TAR": str(not_a_tar)}
     overrides = {k: named.get(v, v) for k, v in overrides.items()}
     code, out, err = _validate(train_assets, tmp_path, capsys, **overrides)
     assert code == 2 and "config OK" not in out and err.startswith("error: ") and needle in err, (out, err)
