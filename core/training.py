@@ -122,6 +122,7 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
+        self.fused: Any = None  # fused_backward: core.fused_backward.FusedBackward, its per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
@@ -170,13 +171,14 @@ class TrainingCore:
                                 publish=True, required=True)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False,
+                   quantize: bool = False) -> nn.Module:
         """Register a network that never trains, as attribute ``name``: eval mode, no gradients,
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard)
+        the same forwards through it (the core's previews do). ``quantize``: in ``base_dtype`` (core/quantize.py)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard, quantize)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -240,6 +242,7 @@ class TrainingCore:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
         from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
+        from core.fused_backward import FusedBackward
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
@@ -270,10 +273,12 @@ class TrainingCore:
                                 publish=True)
             self.state.restore(paths, where)
         self._models.wrap(cfg, self.dist, self.block_types, self.autocast_dtype)
+        self.offload = self._models.offload(cfg, self.block_types, self.device)  # after every move of the networks
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
+        self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
@@ -354,7 +359,7 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
+                self.optimizer.step()  # a no-op under fused_backward: each parameter stepped inside backward
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -384,6 +389,8 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     def _clip_gradients(self) -> float:
+        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
+            return self.fused.finish()
         D.average_gradients(self._models.unwrapped_trainable())
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if not params:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.filters.common import check_generator, check_images, DeviceLike, FilterError, reject_kwargs, to_uint8_hwc
+from modules.filters.common import check_call, DeviceLike, FilterError, to_uint8_hwc
 
 
 class CannyFilter:
@@ -82,9 +82,7 @@ class CannyFilter:
         self, images: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge maps for ``images`` (B,3,H,W) in [0,1]; ``generator`` is unused (deterministic)."""
-        reject_kwargs(kwargs, "CannyFilter", ())
-        images = check_images(images, "CannyFilter")
-        check_generator(generator, "CannyFilter")
+        images = check_call("CannyFilter", images, generator, kwargs)
         h, w = images.shape[-2:]
         edges = self.edges_at_working_size(images)
         if edges.shape[-2:] != (h, w):

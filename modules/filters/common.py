@@ -118,6 +118,15 @@ def gaussian_blur_separable(x: torch.Tensor, kernel_size: int, sigma: Optional[f
     return y
 
 
+def check_call(who: str, images: Any, generator: Any, kwargs: dict, accepted: Sequence[str] = ()) -> torch.Tensor:
+    """The checks every filter call starts with: no unknown per-call keyword, images (B, 3, H, W) in
+    [0, 1], a generator or None; returns the images."""
+    reject_kwargs(kwargs, who, accepted)
+    images = check_images(images, who)
+    check_generator(generator, who)
+    return images
+
+
 def reject_kwargs(kwargs: dict, who: str, accepted: Sequence[str]) -> None:
     """Unknown per-call keyword arguments are an error (a typo would otherwise be ignored silently)."""
     if kwargs:

@@ -7,7 +7,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from modules.filters.common import check_generator, check_images, check_probability, DeviceLike, FilterError, IMPORT_PATH, reject_kwargs, to_uint8_hwc, uniform
+from modules.filters.common import (
+    check_call, check_probability, DeviceLike, FilterError, IMPORT_PATH, to_uint8_hwc, uniform)
 from modules.filters.face_model import load_face_model
 
 # 12 distinct preview colours (RGB in [0,1]); indexed with len(_PALETTE), not the official `j % 13`.
@@ -124,9 +125,7 @@ class IdentityFilter:
     def __call__(
         self, images: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        reject_kwargs(kwargs, "IdentityFilter", ())
-        images = check_images(images, "IdentityFilter")
-        check_generator(generator, "IdentityFilter")
+        images = check_call("IdentityFilter", images, generator, kwargs)
         b, _, h, w = images.shape
         mh, mw = h // self.STRIDE, w // self.STRIDE
         if mh < 1 or mw < 1:

@@ -9,7 +9,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from modules.filters.common import check_generator, check_images, check_probability, default_sigma, DeviceLike, FilterError, gaussian_blur_separable, reject_kwargs, uniform
+from modules.filters.common import (
+    check_call, check_probability, default_sigma, DeviceLike, FilterError, gaussian_blur_separable,
+    uniform)
 
 
 def spectral_residual_saliency(images: torch.Tensor, side: int = 64, blur_fraction: float = 0.04) -> torch.Tensor:
@@ -374,9 +376,7 @@ class InpaintFilter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked images + mask, see the class docstring. ``threshold`` (a float in [0,1]) fixes the
         saliency threshold, ``outpaint`` (bool) forces/forbids the inversion."""
-        reject_kwargs(kwargs, "InpaintFilter", ("mask", "threshold", "outpaint"))
-        images = check_images(images, "InpaintFilter").to(self.device)
-        check_generator(generator, "InpaintFilter")
+        images = check_call("InpaintFilter", images, generator, kwargs, ("mask", "threshold", "outpaint")).to(self.device)
         if threshold is not None and (
             isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1
         ):

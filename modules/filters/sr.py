@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from modules.filters.common import check_generator, check_images, check_scale_factor, DeviceLike, FilterError, reject_kwargs
+from modules.filters.common import check_call, check_scale_factor, DeviceLike, FilterError
 
 
 class SRFilter:
@@ -31,9 +31,7 @@ class SRFilter:
     def __call__(
         self, images: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        reject_kwargs(kwargs, "SRFilter", ())
-        images = check_images(images, "SRFilter").to(self.device)
-        check_generator(generator, "SRFilter")
+        images = check_call("SRFilter", images, generator, kwargs).to(self.device)
         h, w = images.shape[-2:]
         small = F.interpolate(images, scale_factor=self.scale_factor, mode="nearest")
         if min(small.shape[-2:]) < 1:

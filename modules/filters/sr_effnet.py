@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.effnet import imagenet_normalize
-from modules.filters.common import check_generator, check_images, check_scale_factor, DeviceLike, FilterError, reject_kwargs
+from modules.filters.common import check_call, check_scale_factor, DeviceLike, FilterError
 
 
 class SREffnetFilter:
@@ -45,9 +45,7 @@ class SREffnetFilter:
     def __call__(
         self, images: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        reject_kwargs(kwargs, "SREffnetFilter", ())
-        images = check_images(images, "SREffnetFilter").to(self.device)
-        check_generator(generator, "SREffnetFilter")
+        images = check_call("SREffnetFilter", images, generator, kwargs).to(self.device)
         effnet = self.effnet
         if effnet is None:
             raise FilterError(
