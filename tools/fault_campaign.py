@@ -833,6 +833,22 @@ def case_validate_only_missing_path(c: Campaign) -> Result:
                           effnet_checkpoint_path=str(c.dir / "no_such_effnet.safetensors"))
 
 
+def case_validate_only_scheme(c: Campaign) -> Result:
+    return _validate_only(c, "unsupported URL scheme", webdataset_path="ftp://host/shard.tar")
+
+
+def case_validate_only_not_a_tar(c: Campaign) -> Result:
+    page = c.dir / "error-page-0000.tar"
+    page.write_text("<html>503 Service Unavailable</html>")
+    return _validate_only(c, "not a tar shard", webdataset_path=str(page))
+
+
+def case_lora_merge_strength(c: Campaign) -> Result:
+    files = _tiny_files(c)
+    return user_error(*c.run(["tools/lora_merge.py", "--base", str(files["base"]), "--lora", str(files["lora_nan"]),
+                              "--out", str(c.dir / "merged_s.safetensors"), "--strength", "inf"]), "--strength")
+
+
 def case_validate_only_placeholders(c: Campaign) -> Result:
     code, out = c.train("vo", "--validate-only", generator_checkpoint_path="/path/to/stage_c.safetensors")
     ok = code == 0 and "config OK" in out and "generator_checkpoint_path=/path/to/stage_c.safetensors" in out
@@ -884,6 +900,9 @@ CASES = [
     Case("validate_only_http_folder", "--validate-only: HTTP folder cannot be listed", case_validate_only_http_folder),
     Case("validate_only_missing_file", "--validate-only: a missing input file named", case_validate_only_missing_path),
     Case("validate_only_placeholders", "--validate-only: OK, placeholders listed", case_validate_only_placeholders),
+    Case("validate_only_scheme", "--validate-only: unsupported URL scheme named", case_validate_only_scheme),
+    Case("validate_only_not_a_tar", "--validate-only: a shard that is no tar named", case_validate_only_not_a_tar),
+    Case("lora_merge_strength_inf", "one line: --strength must be finite", case_lora_merge_strength),
 ]
 
 
