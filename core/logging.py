@@ -6,10 +6,10 @@ wandb is used when ``wandb_project`` is set: it is imported lazily, honours its 
 (``WANDB_MODE``, ``WANDB_BASE_URL``, ``WANDB_API_KEY``, ``WANDB_DIR``, ``WANDB_INIT_TIMEOUT``), runs
 offline when the server of ``WANDB_BASE_URL`` does not answer within 3 s, and is an optional
 integration (core/integrations.py): a missing package, no API key, a server that fails or a log
-call that raises is ONE warning naming wandb and the reason, and the run continues without it. Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a
-resumed training continues the same wandb run id (saved in the trainer state), offline too: each
-session is one ``offline-run-<time>-<id>`` folder, and ``wandb sync`` uploads them in order into
-one run.
+call that raises is ONE warning naming wandb and the reason, and the run continues without it.
+Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a resumed training continues the
+same wandb run id (saved in the trainer state), offline too: each session is one
+``offline-run-<time>-<id>`` folder, and ``wandb sync`` uploads them in order into one run.
 """
 from __future__ import annotations
 
@@ -273,11 +273,14 @@ class RunLogger:
 
         config = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else {}
         name = run_name or getattr(cfg, "experiment_id", None)
-        # bounded: wandb waits init_timeout seconds for its server (WANDB_INIT_TIMEOUT, its own key, wins)
-        settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
-        self.wandb = self._wandb_guard.start(
-            lambda: wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow", dir=root,
-                               config=config, mode=mode or "online", settings=settings))
+
+        def start() -> Any:
+            # bounded: wandb waits init_timeout seconds for its server (WANDB_INIT_TIMEOUT, its own key, wins)
+            settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
+            return wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow", dir=root,
+                              config=config, mode=mode or "online", settings=settings)
+
+        self.wandb = self._wandb_guard.start(start)
 
     # ------------------------------------------------------------------------------ files
     def _truncate_after(self, step: int) -> None:
