@@ -91,6 +91,16 @@ class TrainingCore(ParamGroups):
         return []
 
     @classmethod
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        """``{config key: value}`` of every data set the run reads (None: required but unset), for
+        ``--validate-only`` (core/cli.py ``check_inputs``): the training images and the held-out set;
+        jobs add theirs (regularization images) or drop what they do not read (a cache)."""
+        out = {"webdataset_path": cfg.webdataset_path}
+        if getattr(cfg, "validation_webdataset_path", None) is not None:
+            out["validation_webdataset_path"] = cfg.validation_webdataset_path
+        return out
+
+    @classmethod
     def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
         """The job's ``core.memory.MemorySpec`` of ONE rank of a ``world_size``-rank run, for the
         dry-run estimate (None: no estimate)."""
@@ -285,7 +295,7 @@ class TrainingCore(ParamGroups):
         self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
                                 wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
                                 run_id=self.wandb_run_id, start_step=self.step,
-                                resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
+                                resume_step=self.step, preview_dir=str(self.output_dir))
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:

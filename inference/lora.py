@@ -22,7 +22,7 @@ from torch import nn
 
 from inference.errors import UserError
 from modules.lora import lora_targets
-from modules.lora_formats import LoraFormatError, check_entries, detect_layout, read_entries, read_tokens
+from modules.lora_formats import LoraFormatError, check_fits, detect_layout, read_entries, read_tokens
 
 OFFICIAL_FILTERS = (".attn",)
 
@@ -56,7 +56,7 @@ def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
         params = {n: tuple(p.shape) for n, p in model.named_parameters()}
         entries = read_entries(state_dict, list(params), targets, source)
         known = [e for e in entries if e.target in params]  # an unknown target is reported by merge_lora
-        check_entries(known, params, source)
+        check_fits(known, params, source)
         tokens = read_tokens(state_dict)
     except LoraFormatError as exc:  # inference raises one error type (inference.errors)
         raise UserError(str(exc)) from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -223,10 +224,38 @@ def read_entries(sd: Mapping[str, torch.Tensor], param_names: Iterable[str],
     """All adapter records in ``sd`` (any layout) for a model with parameters ``param_names``."""
     name = detect_layout(sd, source)
     if name == "tokens":
-        return []
-    if name == "official":
-        return _read_official(sd, official_targets, source)
-    return _read_stems(sd, list(param_names), L.layout(name), source)
+        entries = []
+    elif name == "official":
+        entries = _read_official(sd, official_targets, source)
+    else:
+        entries = _read_stems(sd, list(param_names), L.layout(name), source)
+    check_entries(entries, source)
+    return entries
+
+
+def check_entries(entries: Sequence[AdapterEntry], source: str = "LoRA file") -> None:
+    """LoraFormatError naming the file and the module when a record is inconsistent in itself
+    (e.g. a LoRA's ``lora_up`` and ``lora_down`` of different ranks: a damaged or hand-edited file no
+    ``rank`` of a run can fit; the kind says: ``Adapter.record_problem``) or has a non-finite ``alpha``."""
+    for e in entries:
+        problem = e.adapter.record_problem(e.tensors)
+        if problem:
+            raise LoraFormatError(f"{source}: {e.target}: {problem}")
+        if not math.isfinite(float(e.alpha)):
+            raise LoraFormatError(f"{source}: {e.target}: alpha is {float(e.alpha)}; the file is damaged")
+
+
+def _one_rank(entries: Sequence[AdapterEntry], source: str) -> None:
+    """A run trains one ``rank``: a file whose modules have different ranks cannot be loaded into it
+    (each module would ask for another rank); say so instead of naming one module's rank."""
+    ranks: dict[int, str] = {}
+    for e in entries:
+        ranks.setdefault(e.rank, e.target)
+    if len(ranks) > 1:
+        which = ", ".join(f"rank {r} at {t}" for r, t in sorted(ranks.items()))
+        raise LoraFormatError(f"{source}: the file mixes LoRA ranks ({which}); a run trains one rank for every "
+                              f"module, so it cannot continue from this file: merge it into the weights with "
+                              f"tools/lora_merge.py or sample with it")
 
 
 def pack_qkv(entries: Sequence[AdapterEntry], source: str = "LoRA file") -> list[AdapterEntry]:
@@ -481,6 +510,7 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[AdapterE
         raise LoraFormatError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
                               f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
                               f"set module_filters as the LoRA was trained")
+    _one_rank(entries, source)
     for target, adapter in loras:
         e = by_target[target]
         if e.kind != adapter.kind:
@@ -523,8 +553,8 @@ def _fits(e: AdapterEntry, shape: Sequence[int], source: str) -> None:
                               f"(LoRA for another model_version?)") from None
 
 
-def check_entries(entries: Sequence[AdapterEntry], shapes: Mapping[str, Sequence[int]],
-                  source: str = "LoRA file") -> None:
+def check_fits(entries: Sequence[AdapterEntry], shapes: Mapping[str, Sequence[int]],
+               source: str = "LoRA file") -> None:
     """Every record names a parameter of ``shapes`` and is a change of exactly that weight (before
     anything is merged, so a bad file changes nothing)."""
     for e in entries:
@@ -563,7 +593,7 @@ def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[Adapter
                   source: str = "LoRA file") -> dict[str, torch.Tensor]:
     """A copy of ``state_dict`` with every record merged (:func:`merged_weight`); all records are
     checked first. The state dict uses official (plain) key names, so the targets are the keys."""
-    check_entries(entries, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
+    check_fits(entries, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     out = dict(state_dict)
     for e in entries:
         out[e.target] = merged_weight(out[e.target], e, strength, source)
@@ -580,7 +610,8 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[AdapterEntry]:
 __all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "metadata_list",
            "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui", "export_kohya",
-           "export_layout", "check_entries", "is_depthwise", "unloadable_targets", "KOHYA_PREFIX", "PREFIXES",
+           "export_layout", "check_entries", "check_fits", "is_depthwise", "unloadable_targets", "KOHYA_PREFIX",
+           "PREFIXES",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version",
            "DORA_MAGNITUDE", "comfy_dora_scale"]

@@ -123,7 +123,8 @@ def build_mixed_pipeline(cfg: Any, batch_size: int, state: Optional[dict], optio
     data_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataConfig)}
     reg_cfg = DataConfig(**{**data_keys, "webdataset_path": cfg.regularization_webdataset_path, "dataset_filters": None})
     main = build_pipeline(cfg, batch_size=batch_size - k, state=state.get("main"), **options)
-    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), **options)
+    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), source_key="regularization_webdataset_path",
+                         **options)
     return MixedPipeline(main, reg)
 
 

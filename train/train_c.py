@@ -61,9 +61,8 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
             self.require("previewer_checkpoint_path", why="Stage C training")
             if not self.cache_path:  # a cached run never loads the EfficientNet
                 self.require("effnet_checkpoint_path", why="Stage C training")
-        if self.cache_path and not self.validate_only and not os.path.isdir(self.cache_path):
-            raise UserError(f"config key 'cache_path': folder not found: {self.cache_path} "
-                            f"(write it with python3 tools/cache_dataset.py)")
+        if self.cache_path:
+            self.check_folder("cache_path", "write it with python3 tools/cache_dataset.py")
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
             # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
@@ -88,6 +87,15 @@ class StageCTrainer(CascadeTrainer):
     preview_decoder = "previewer"
 
     memory_spec = staticmethod(stage_c_spec)  # the dry run's per-rank memory estimate
+
+    @classmethod
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        out = super().data_sources(cfg)
+        if cfg.cache_path:  # the cache replaces the images (its folder is an input path)
+            out.pop("webdataset_path")
+        if cfg.regularization_webdataset_path is not None:
+            out["regularization_webdataset_path"] = cfg.regularization_webdataset_path
+        return out
 
     # -- models ---------------------------------------------------------------------------
     def build_models(self) -> None:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .captions import make_caption_getter
 from .config import DataConfig
 from .device import batch_images_to_float
-from .errors import DataError
+from .errors import DataError, for_key
 from .filters import parse_filters
 from .plan import ShardPlan
 from .signals import blocked_while_starting, ignore_in_worker
@@ -87,7 +87,9 @@ class DataPipeline:
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                  transform_size: int | None = None, sample_format: str = "image",
                  partial_batches: bool = False, saliency: Any = None,
-                 image_dtype: str = "float32"):
+                 image_dtype: str = "float32", source_key: str = "webdataset_path"):
+        #: the config key that named this data: every error says which data set it is about
+        self.source_key = source_key
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
         if sample_format not in SAMPLE_FORMATS:
@@ -103,7 +105,10 @@ class DataPipeline:
         self.batch_size = batch_size
         self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
         self.workers = max(1, self.num_workers)
-        named = expand_named_sources(cfg.webdataset_path)
+        try:
+            named = expand_named_sources(cfg.webdataset_path)
+        except DataError as exc:
+            raise for_key(exc, source_key) from None
         urls, names = [u for u, _ in named], [n for _, n in named]
         plan = ShardPlan(urls, seed, rank, world_size, self.workers, cfg.resampled, names)
         if plan.split_by_sample:
@@ -188,6 +193,12 @@ class DataPipeline:
         return self
 
     def __next__(self) -> dict:
+        try:
+            return self._next_batch()
+        except DataError as exc:
+            raise for_key(exc, self.source_key) from None
+
+    def _next_batch(self) -> dict:
         if self._closed:
             raise DataError("data pipeline is closed")
         while True:
@@ -312,7 +323,7 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                    transform_size: int | None = None, sample_format: str = "image",
                    partial_batches: bool = False, saliency: Any = None,
-                   image_dtype: str = "float32") -> DataPipeline:
+                   image_dtype: str = "float32", source_key: str = "webdataset_path") -> DataPipeline:
     """Build the data pipeline of one rank.
 
     ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
@@ -331,12 +342,14 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
     ``image_dtype='uint8'``: the workers send uint8 images (no float conversion in the workers, a
     quarter of the bytes between processes and to the device); ``DataPipeline.to_device`` then
     converts them on the training device to the same float32 values.
+    ``source_key``: the config key that named the data (``validation_webdataset_path``, ...); its
+    errors name it instead of ``webdataset_path``.
     """
     if not isinstance(cfg, DataConfig):
         path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
         cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
     return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
-                        sample_format, partial_batches, saliency, image_dtype)
+                        sample_format, partial_batches, saliency, image_dtype, source_key)
 
 
 def resolve_crop(crop: str, multi_aspect_ratio: Any, saliency: Any) -> str:

@@ -201,6 +201,11 @@ class Adapter(nn.Module):
         return cls.required <= names and any(n.startswith(cls.prefix) for n in names)
 
     @classmethod
+    def record_problem(cls, tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+        """Why a record of this kind is inconsistent in itself (a damaged file), or None."""
+        return None
+
+    @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:
         """Trainable parameters of this kind on a weight of ``shape`` (the memory estimate's)."""
         raise NotImplementedError

@@ -60,6 +60,15 @@ class LoRA(Adapter):
 
 
     @classmethod
+    def record_problem(cls, tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+        up, down = tensors["lora_up"], tensors["lora_down"]
+        up_rank = up.shape[1] if up.dim() >= 2 else None
+        if up_rank != down.shape[0]:
+            return (f"lora_up {tuple(up.shape)} has rank {up_rank} but lora_down {tuple(down.shape)} has rank "
+                    f"{down.shape[0]}: the file is inconsistent (damaged or edited); re-export it from its training run")
+        return None
+
+    @classmethod
     def param_count(cls, shape: Sequence[int], rank: int, **options: Any) -> int:
         return rank * (int(shape[0]) + int(shape[1]))
 
