@@ -143,7 +143,7 @@ class RunConfig:
     batch_size: int = doc(REQUIRED_TRAIN, f"GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly; at most {MAX_BATCH_SIZE}.")
     grad_accum_steps: int = doc(1, "Micro-steps (forward/backward) per optimizer update.")
     updates: int = doc(REQUIRED_TRAIN, f"Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps); at most {MAX_UPDATES}.")
-    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr).")
+    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr); then the lr_scheduler curve.")
     max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
     # --- checkpoints and previews
     save_every: int = doc(REQUIRED_TRAIN, "Checkpoint (and preview) period in optimizer updates; a checkpoint is also written at the end.")

@@ -42,6 +42,7 @@ from core.checkpoint import load_json, refuse_broken_weights, refuse_nonfinite, 
 from core.config import RunConfig, config_to_dict, doc, save_config
 from core.data import DataConfig
 from core.ema import EMAConfig
+from core.lr_schedule import LRScheduleConfig
 from core.errors import UserError
 from core.faults import FaultInjection
 from core.models import ModelSet
@@ -57,8 +58,8 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
+class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig):
+    """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -223,7 +224,8 @@ class TrainingCore:
     def setup(self) -> None:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
-        from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
+        from core.lr_schedule import build_lr_scheduler, plot_lr_schedule
+        from core.optim import OptimizerState, build_optimizer
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
@@ -258,7 +260,7 @@ class TrainingCore:
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
-        self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -269,6 +271,7 @@ class TrainingCore:
         self.state.restore(paths, where)
         if self.is_main:
             save_config(cfg, str(self.run_dir / "config.yaml"))
+            plot_lr_schedule(cfg, str(self.run_dir / "lr_schedule.png"))
         from core.logging import RunLogger
 
         self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
