@@ -15,12 +15,13 @@ from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
 from modules.common import BLOCK_TYPES
 from train.diffusion_loss import DiffusionLoss, has_buckets
+from train.noise_options import NoiseConfig, NoiseOptions
 
 log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig):
+class CascadeConfig(TrainingConfig, NoiseConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
@@ -118,7 +119,9 @@ class CascadeTrainer(TrainingCore):
             from gdf import make_loss_weight
 
             self.gdf.loss_weight = make_loss_weight(self.cfg.loss_weighting, self.cfg.min_snr_gamma)
-        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast)
+        noise = NoiseOptions(self.cfg)
+        noise.apply_offset(self.gdf)
+        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast, noise=noise)
         if has_buckets(self.gdf.loss_weight):
             self.register_state("loss_weight.pt", self.gdf.loss_weight)
 

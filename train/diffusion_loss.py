@@ -41,8 +41,9 @@ class DiffusionLoss:
     sample's weighted loss before the batch mean."""
 
     def __init__(self, gdf: Any, defer: Callable[[Callable[[], None]], None],
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-        self.gdf, self.defer, self.autocast = gdf, defer, autocast
+                 autocast: Callable[[], contextlib.AbstractContextManager], noise: Any = None) -> None:
+        # noise: train/noise_options.NoiseOptions (timestep distribution, input perturbation) or None
+        self.gdf, self.defer, self.autocast, self.noise = gdf, defer, autocast, noise
 
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                  generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None,
@@ -51,7 +52,11 @@ class DiffusionLoss:
         with torch.no_grad():
             for i, g in enumerate(generators):
                 eps_i = None if epsilon is None else epsilon[i:i + 1]
-                parts.append(self.gdf.diffuse(x0[i:i + 1], shift=1, loss_shift=1, epsilon=eps_i, generator=g))
+                t_i = None if self.noise is None else self.noise.draw_t(g, x0.device)
+                part = self.gdf.diffuse(x0[i:i + 1], shift=1, loss_shift=1, epsilon=eps_i, t=t_i, generator=g)
+                if self.noise is not None:
+                    part = (self.noise.perturb(self.gdf, part[0], part[3], g), *part[1:])
+                parts.append(part)
             noised, _eps, target, log_snr, noise_cond, loss_weight = (torch.cat(t) for t in zip(*parts))
         with self.autocast():
             pred = model(noised, noise_cond)
