@@ -43,6 +43,7 @@ from core.config import RunConfig, config_to_dict, doc, save_config
 from core.data import DataConfig
 from core.ema import EMAConfig
 from core.lr_schedule import LRScheduleConfig
+from core.tensorboard_log import TensorBoardConfig
 from core.errors import UserError
 from core.faults import FaultInjection
 from core.models import ModelSet
@@ -58,7 +59,8 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig):
+class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig,
+                     TensorBoardConfig):
     """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(

@@ -29,13 +29,14 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.memory_specs import stage_c_spec
+from train.preview_prompts import PreviewPromptsConfig
 from train.regularization import (REG_KEY, RegularizationConfig, build_mixed_pipeline, regularization_count,
                                   regularized_loss)
 from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(CascadeConfig, RegularizationConfig):
+class StageCConfig(CascadeConfig, RegularizationConfig, PreviewPromptsConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
     previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
@@ -258,25 +259,23 @@ class StageCTrainer(CascadeTrainer):
 
     # -- previews ---------------------------------------------------------------------------
     def sample_latents(self, model: nn.Module, conditions: dict, unconditions: dict,
-                       shape: tuple[int, ...]) -> torch.Tensor:
-        """A Stage C sample with the official preview settings, through inference's sampler."""
+                       shape: tuple[int, ...], steps: Optional[int] = None, cfg: Optional[float] = None,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A Stage C sample with the official preview settings (``steps`` / ``cfg`` replace theirs),
+        through inference's sampler."""
         from inference.sampling import from_preset, run_sampler
 
-        return run_sampler(model, self.gdf, conditions, unconditions, shape, from_preset(self.preview_sampling),
-                           generator=self.preview_generator, device=self.device, autocast=self.autocast())
+        settings = from_preset(self.preview_sampling).replace(timesteps=steps, cfg=cfg)
+        return run_sampler(model, self.gdf, conditions, unconditions, shape, settings,
+                           generator=generator or self.preview_generator, device=self.device, autocast=self.autocast())
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
-        if "latents" in batch:  # cached run: no text encoder for the preview prompts; use the cached captions
-            cond, uncond = self.cached_preview_conditions(batch)
-            reference = batch["latents"].to(self.device).float()
-            n, (h, w) = len(reference), (reference.shape[-2] * 32, reference.shape[-1] * 32)
-        else:
-            n = self.cfg.num_preview_images
-            prompts = [self.cfg.preview_prompts[i % len(self.cfg.preview_prompts)] for i in range(n)]
-            cond = self.get_conditions({"captions": prompts}, is_eval=True)
-            uncond = self.get_conditions({"captions": prompts}, is_eval=True, is_unconditional=True)
-            h, w = batch["images"].shape[-2:]
-            reference = self.encode_latents(batch["images"].to(self.device))
+        if "latents" not in batch:
+            return self.prompt_previews(batch)
+        # cached run: no text encoder for the preview prompts; use the cached captions
+        cond, uncond = self.cached_preview_conditions(batch)
+        reference = batch["latents"].to(self.device).float()
+        n, (h, w) = len(reference), (reference.shape[-2] * 32, reference.shape[-1] * 32)
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
         # What the Previewer makes of the real latents of the preview images: the best a sample can look.
         grids = {"reference": self.previewer(reference).float()}
@@ -286,6 +285,35 @@ class StageCTrainer(CascadeTrainer):
             if self.stage_b is not None:
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
+        return grids
+
+    def prompt_previews(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Samples of the preview prompts (train/preview_prompts.py: per-prompt size, steps, CFG, seed,
+        negative prompt); ``self.preview_prompt_list`` keeps the prompts in grid order (CLIP score)."""
+        from train.preview_prompts import preview_specs, spec_groups
+
+        specs = preview_specs(self.cfg)
+        self.preview_prompt_list = [s.prompt for s in specs]
+        h, w = batch["images"].shape[-2:]
+        grids = {"reference": self.previewer(self.encode_latents(batch["images"].to(self.device))).float()}
+        for name, model in self.preview_models().items():
+            parts: dict[str, list] = {}
+            for idx in spec_groups(specs):
+                spec = specs[idx[0]]
+                hh, ww = spec.height or h, spec.width or w
+                cond = self.get_conditions({"captions": [specs[i].prompt for i in idx]}, is_eval=True)
+                uncond = self.get_conditions({"captions": [spec.negative or ""] * len(idx)}, is_eval=True)
+                generator = None
+                if spec.seed is not None:
+                    generator = torch.Generator(self.preview_generator.device).manual_seed(spec.seed)
+                latents = self.sample_latents(model, cond, uncond, (len(idx), 16, max(1, hh // 32), max(1, ww // 32)),
+                                              steps=spec.steps, cfg=spec.cfg, generator=generator)
+                parts.setdefault(name, []).append((idx, self.previewer(latents).float().clamp(0, 1)))
+                if self.stage_b is not None:
+                    full = self.decode_full(latents, cond["clip_text_pooled"], uncond["clip_text_pooled"], (hh, ww))
+                    parts.setdefault(f"{name}_full", []).append((idx, full))
+            for key, pieces in parts.items():
+                grids[key] = _in_order(pieces, len(specs))
         return grids
 
     def cached_preview_conditions(self, batch: dict) -> tuple[dict, dict]:
@@ -310,6 +338,20 @@ class StageCTrainer(CascadeTrainer):
         x0 = run_sampler(self.stage_b, presets.stage_b(), cond, uncond, shape, STAGE_B_INFERENCE,
                          generator=self.preview_generator, device=self.device, autocast=self.autocast())
         return decode_stage_a(self.stage_a, x0)
+
+
+def _in_order(pieces: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    """Images of the prompt groups back in prompt order, all resized to the first prompt's size."""
+    import torch.nn.functional as F
+
+    size = next(images for idx, images in pieces if 0 in idx).shape[-2:]
+    out: list[Optional[torch.Tensor]] = [None] * n
+    for idx, images in pieces:
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        for j, i in enumerate(idx):
+            out[i] = images[j]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
