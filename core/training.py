@@ -52,6 +52,7 @@ from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtyp
 from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
+from core.triggers import Triggers
 from core.state import ModuleState, StateRegistry, ValueState
 from core.validation import Validation, ValidationConfig
 
@@ -122,6 +123,7 @@ class TrainingCore:
         self._models = ModelSet(self)
         self._deferred: list[Callable[[], None]] = []
         self._signals = StopSignals()
+        self._triggers = Triggers(self.run_dir, self.is_main)  # sample now / save now (core/triggers.py)
         self._faults = FaultInjection()
 
     # -- hooks (override in a job) ----------------------------------------------------------
@@ -231,6 +233,7 @@ class TrainingCore:
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
+        self._triggers.install()
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -359,11 +362,12 @@ class TrainingCore:
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
             stop = self._signals.requested(self.device)
+            now = self._triggers.due(self.device)  # {"sample", "save"}: the same on every rank
             if self.validation is not None:
                 self.validation.run(step)  # core/validation.py: held-out loss, keep_best
-            if preview_due(cfg, step):
+            if preview_due(cfg, step) or "sample" in now:
                 run_preview(self, step)
-            if step % cfg.save_every == 0 or step == cfg.updates or stop:
+            if step % cfg.save_every == 0 or step == cfg.updates or stop or "save" in now:
                 self.save_checkpoint(step)
             if stop:
                 log.warning("received %s: saved the checkpoint of update %d and stopped; run the same command "
@@ -430,6 +434,7 @@ class TrainingCore:
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
         self._signals.restore()
+        self._triggers.restore()
         if self.logger is not None:
             self.logger.close()
             self.logger = None
