@@ -36,9 +36,10 @@ def repeat_inputs(inputs: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 class DiffusionLoss:
-    """``loss(model, x0, generators, epsilon=None, sample_weight=None) -> (loss, per-sample raw losses)``;
-    ``sample_weight`` (one number per sample, e.g. the regularization weight) multiplies each
-    sample's weighted loss before the batch mean."""
+    """``loss(model, x0, generators, epsilon=None, sample_weight=None, pixel_weight=None) -> (loss,
+    per-sample raw losses)``; ``sample_weight`` (one number per sample, e.g. the regularization
+    weight) multiplies each sample's weighted loss before the batch mean; ``pixel_weight`` (B, 1, h,
+    w) makes each sample's MSE a weighted mean over the latent pixels (masked loss)."""
 
     def __init__(self, gdf: Any, defer: Callable[[Callable[[], None]], None],
                  autocast: Callable[[], contextlib.AbstractContextManager], noise: Any = None) -> None:
@@ -47,7 +48,8 @@ class DiffusionLoss:
 
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                  generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None,
-                 sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sample_weight: Optional[torch.Tensor] = None,
+                 pixel_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
         with torch.no_grad():
             for i, g in enumerate(generators):
@@ -60,7 +62,13 @@ class DiffusionLoss:
             noised, _eps, target, log_snr, noise_cond, loss_weight = (torch.cat(t) for t in zip(*parts))
         with self.autocast():
             pred = model(noised, noise_cond)
-        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        err = (pred.float() - target.float()).pow(2)
+        if pixel_weight is None:
+            per_sample = err.mean(dim=(1, 2, 3))
+        else:  # masked loss (train/masked_loss.py): the weighted mean over the latent pixels
+            from train.masked_loss import masked_mean
+
+            per_sample = masked_mean(err, pixel_weight)
         weighted = per_sample * loss_weight.float().view(-1)
         if sample_weight is not None:
             weighted = weighted * sample_weight.to(weighted.device, torch.float32)

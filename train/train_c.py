@@ -152,9 +152,12 @@ class StageCTrainer(CascadeTrainer):
             return build_mixed_pipeline(self.cfg, batch_size, state, self.image_pipeline_options())
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
-        from train.stage_c_cache import build_cache_pipeline
+        from train.stage_c_cache import build_cache_pipeline, read_manifest
 
         cfg = self.cfg
+        if cfg.masked_loss and not read_manifest(cfg.cache_path).get("masks"):
+            raise UserError(f"config key 'masked_loss': the cache in {cfg.cache_path} holds no masks; write it again "
+                            f"with masked_loss: true in the config of tools/cache_dataset.py")
         return build_cache_pipeline(cfg.cache_path, batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
                                     seed=cfg.seed, num_workers=cfg.num_workers, state=state,
                                     shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict)
@@ -234,7 +237,7 @@ class StageCTrainer(CascadeTrainer):
             conditions, latents = self.conditions_and_latents(batch, generators)
         conditions.update(self.extra_model_inputs(batch, conditions))
         return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                         sample_weight=sample_weight)
+                         sample_weight=sample_weight, pixel_weight=self.pixel_weights(batch, latents))
 
     # -- validation (core/validation.py) ----------------------------------------------------
     def validation_losses(self, sample: dict, t: torch.Tensor, generator: torch.Generator,
