@@ -28,6 +28,7 @@ from torch import nn
 from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
+from train.concepts import CONCEPT_REG_KEY, ConceptsConfig
 from train.memory_specs import stage_c_spec
 from train.preview_prompts import PreviewPromptsConfig
 from train.regularization import (REG_KEY, RegularizationConfig, build_mixed_pipeline, regularization_count,
@@ -36,7 +37,7 @@ from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(CascadeConfig, RegularizationConfig, PreviewPromptsConfig):
+class StageCConfig(CascadeConfig, RegularizationConfig, ConceptsConfig, PreviewPromptsConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
     previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
@@ -148,6 +149,11 @@ class StageCTrainer(CascadeTrainer):
         return load_model("stage_b", version, path, dtype=self.frozen_dtype, device=self.device)
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        if self.cfg.concepts is not None:  # train/concepts.py
+            from train.concepts import build_concept_pipeline
+
+            return build_concept_pipeline(self.cfg, batch_size, self.dist.world_size, state,
+                                          self.image_pipeline_options())
         if self.cfg.regularization_webdataset_path is not None:  # train/regularization.py
             return build_mixed_pipeline(self.cfg, batch_size, state, self.image_pipeline_options())
         if not self.cfg.cache_path:
@@ -227,6 +233,10 @@ class StageCTrainer(CascadeTrainer):
         generators = self.sample_generators(n)
         if REG_KEY in batch:
             return regularized_loss(self.part_loss, batch, generators, self.cfg.regularization_weight)
+        if batch.get(CONCEPT_REG_KEY):  # a regularization concept's micro-batch (train/concepts.py)
+            weight = torch.full((n,), float(self.cfg.regularization_weight))
+            loss, per_sample = self.part_loss(batch, generators, sample_weight=weight)
+            return loss, {"raw_loss": per_sample.mean(), "reg_raw_loss": per_sample.mean()}
         loss, per_sample = self.part_loss(batch, generators)
         return loss, {"raw_loss": per_sample.mean()}
 
