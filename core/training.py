@@ -12,7 +12,8 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
+* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids) -> {name: number}``,
+  ``build_pipeline(batch_size, state)``,
   ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
@@ -137,6 +138,10 @@ class TrainingCore:
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         """Images for the preview grids: ``{name: (N,3,H,W) in [0,1]}``."""
+        return {}
+
+    def preview_metrics(self, grids: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Numbers about a preview's grids, logged at its update (e.g. CLIP scores); main rank's count."""
         return {}
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:

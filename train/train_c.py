@@ -30,6 +30,7 @@ from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.concepts import CONCEPT_REG_KEY, ConceptsConfig
 from train.memory_specs import stage_c_spec
+from train.preview_clip_score import PreviewClipScoreConfig
 from train.preview_prompts import PreviewPromptsConfig
 from train.regularization import (REG_KEY, RegularizationConfig, build_mixed_pipeline, regularization_count,
                                   regularized_loss)
@@ -37,7 +38,7 @@ from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(CascadeConfig, RegularizationConfig, ConceptsConfig, PreviewPromptsConfig):
+class StageCConfig(CascadeConfig, RegularizationConfig, ConceptsConfig, PreviewPromptsConfig, PreviewClipScoreConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
     previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
@@ -299,6 +300,12 @@ class StageCTrainer(CascadeTrainer):
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
         return grids
+
+    def preview_metrics(self, grids: dict[str, torch.Tensor]) -> dict[str, float]:
+        """CLIP scores of the sampled grids against their prompts (``preview_clip_score``)."""
+        from train.preview_clip_score import preview_clip_metrics
+
+        return preview_clip_metrics(self, grids)
 
     def prompt_previews(self, batch: dict) -> dict[str, torch.Tensor]:
         """Samples of the preview prompts (train/preview_prompts.py: per-prompt size, steps, CFG, seed,

@@ -249,6 +249,7 @@ class StageCControlNetTrainer(StageCTrainer):
         n = len(control)
         images = batch["images"][:n]
         captions = list(batch["captions"][:n])
+        self.preview_prompt_list = captions  # what the CLIP score compares the samples with
         cond = self.get_conditions({"captions": captions}, is_eval=True)
         uncond = self.get_conditions({"captions": captions}, is_eval=True, is_unconditional=True)
         h, w = images.shape[-2:]
