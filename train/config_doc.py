@@ -64,13 +64,16 @@ def render() -> str:
     from core.config import RunConfig
     from core.data import DataConfig
     from core.ema import EMAConfig
+    from core.lr_schedule import LRScheduleConfig
     from core.optim import OptimConfig
+    from core.tensorboard_log import TensorBoardConfig
     from core.training import TrainingConfig, TrainingCore
 
     parts = [HEADER, "## Components (every training job)\n"]
-    for cls in (RunConfig, OptimConfig, EMAConfig, DataConfig):
+    components = (RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, TensorBoardConfig)
+    for cls in components:
         parts.append(config_reference(cls))
-    parts.append(script_table(TrainingConfig, RunConfig, OptimConfig, EMAConfig, DataConfig))
+    parts.append(script_table(TrainingConfig, *components))
     from train.cascade import CascadeConfig
 
     parts.append("## Keys of every Stage B / Stage C job (`train/cascade.py`)\n")
