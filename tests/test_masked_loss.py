@@ -126,3 +126,33 @@ def test_empty_mask_contributes_nothing():
 def test_validation(keys, message):
     with pytest.raises(UserError, match=message):
         MaskedLossConfig(**keys).validate_masked_loss()
+
+
+def test_the_encoder_cache_carries_the_masks(train_assets, tmp_path):
+    """tools/cache_dataset.py with masked_loss stores each sample's mask at the latent grid, and the
+    cached pipeline gives it back; a cache without masks is refused by a masked run."""
+    from tests.helpers.cache_assets import tiny_config
+    from tools.cache_dataset import cache_dataset
+    from train.stage_c_cache import build_cache_pipeline
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 120
+    rgba[:32, :, 3] = 255  # the top half is the subject
+    write_tar(str(tmp_path / "s" / "a.tar"), [(f"{i:04d}", {"png": png(rgba, "RGBA"), "txt": b"a cut-out"})
+                                              for i in range(2)])
+    cfg = tiny_config(train_assets, tmp_path, webdataset_path=str(tmp_path / "s"), masked_loss=True, crop="center",
+                      batch_size=2)
+    info = cache_dataset(cfg, str(tmp_path / "cache"), batch_size=2, shard_size=2, progress=False)
+    assert info["masks"] is True
+    with build_cache_pipeline(str(tmp_path / "cache"), batch_size=2, num_workers=0) as pipe:
+        batch = next(iter(pipe))
+    assert batch["mask"].shape == (2, 1, 2, 2) and batch["mask"][:, 0].tolist() == [[[1.0, 1.0], [0.0, 0.0]]] * 2
+    # a masked run on a cache without masks: one clear error before any model loads
+    from train.train_c import StageCTrainer
+
+    plain = tiny_config(train_assets, tmp_path, webdataset_path=str(tmp_path / "s"), crop="center")
+    cache_dataset(plain, str(tmp_path / "plain"), batch_size=2, shard_size=2, progress=False)
+    masked = tiny_config(train_assets, tmp_path, cache_path=str(tmp_path / "plain"), masked_loss=True,
+                         experiment_id="m")
+    with pytest.raises(UserError, match="holds no masks"):
+        StageCTrainer(masked, resume="never").build_pipeline(2, None)

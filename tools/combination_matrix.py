@@ -321,8 +321,10 @@ def make_controls_assets(assets: Path, score_clip: Optional[Path] = None) -> Non
     for i in range(3):
         Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(CAPTION)
-    Image.fromarray(rgb).save(folder / "003.png")
-    Image.fromarray(alpha).save(folder / "003.mask.png")  # the same mask as a file
+    # the same mask as a file, beside the RGBA pictures' pixels as the data layer sees them (composited over
+    # white), so every sample is one image and tensor (the 2-process cell must equal the 1-process one)
+    Image.fromarray(np.where(alpha[..., None] > 0, rgb, 255).astype(np.uint8)).save(folder / "003.png")
+    Image.fromarray(alpha).save(folder / "003.mask.png")
     (folder / "003.txt").write_text(CAPTION)
     (a / PROMPTS_FILE).write_text("# the controls cell's previews\n"
                                   "a photo of [fernando] the astronaut --w 64 --h 128 --s 2 --l 3 --d 7 --n blurry\n"
