@@ -12,8 +12,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids) -> {name: number}``,
-  ``build_pipeline(batch_size, state)``,
+* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids)``, ``build_pipeline(batch_size, state)``,
   ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
@@ -43,18 +42,18 @@ from core.checkpoint import load_json, refuse_broken_weights, refuse_nonfinite, 
 from core.config import RunConfig, config_to_dict, doc, save_config
 from core.data import DataConfig
 from core.ema import EMAConfig
-from core.lr_schedule import LRScheduleConfig
-from core.tensorboard_log import TensorBoardConfig
 from core.errors import UserError
 from core.faults import FaultInjection
+from core.lr_schedule import LRScheduleConfig, build_lr_scheduler, plot_lr_schedule
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
-from core.triggers import Triggers
 from core.state import ModuleState, StateRegistry, ValueState
+from core.tensorboard_log import TensorBoardConfig
+from core.triggers import Triggers
 from core.validation import Validation, ValidationConfig
 
 log = logging.getLogger("cascade.train")
@@ -233,7 +232,6 @@ class TrainingCore:
     def setup(self) -> None:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
-        from core.lr_schedule import build_lr_scheduler, plot_lr_schedule
         from core.optim import OptimizerState, build_optimizer
 
         cfg = self.cfg
