@@ -156,3 +156,12 @@ def test_the_encoder_cache_carries_the_masks(train_assets, tmp_path):
                          experiment_id="m")
     with pytest.raises(UserError, match="holds no masks"):
         StageCTrainer(masked, resume="never").build_pipeline(2, None)
+
+
+def test_regularization_part_masks_are_fitted_like_its_images():
+    from train.regularization import REG_KEY, merge_parts
+
+    batch = {"images": torch.rand(2, 3, 64, 32), "masks": torch.ones(2, 1, 64, 32), "captions": ["a", "b"],
+             REG_KEY: {"images": torch.rand(1, 3, 32, 32), "masks": torch.zeros(1, 1, 32, 32), "captions": ["c"]}}
+    merged, n_main = merge_parts(batch)
+    assert n_main == 2 and merged["masks"].shape == (3, 1, 64, 32) and merged["masks"][2].max() == 0

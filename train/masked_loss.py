@@ -10,6 +10,7 @@ binary mask and ``unmasked_weight: 0`` exactly the MSE over the masked latent pi
 weights are all 0 contributes 0). The GDF loss weight and the regularization weight multiply it as
 before.
 
+The held-out loss (``validation_webdataset_path``) stays unmasked: it measures the plain objective.
 The Stage C encoder cache (``tools/cache_dataset.py`` with ``masked_loss: true``) stores each
 sample's ``mask`` already at the latent grid (``mask`` (1, h/32, w/32)), so a cached run weighs alike.
 """

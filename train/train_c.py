@@ -312,7 +312,9 @@ class StageCTrainer(CascadeTrainer):
         negative prompt); ``self.preview_prompt_list`` keeps the prompts in grid order (CLIP score)."""
         from train.preview_prompts import preview_specs, spec_groups
 
-        specs = preview_specs(self.cfg)
+        if getattr(self, "_preview_specs", None) is None:  # read once: a file edited mid-run cannot break it
+            self._preview_specs = preview_specs(self.cfg)
+        specs = self._preview_specs
         self.preview_prompt_list = [s.prompt for s in specs]
         h, w = batch["images"].shape[-2:]
         grids = {"reference": self.previewer(self.encode_latents(batch["images"].to(self.device))).float()}
