@@ -143,8 +143,11 @@ class PlannedLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> PlannedLR:
-    """The configured schedule on ``optimizer``; ``step()`` after each update."""
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, plot: Optional[str] = None) -> PlannedLR:
+    """The configured schedule on ``optimizer``; ``step()`` after each update. ``plot``: also write
+    the planned curve there (:func:`plot_lr_schedule`)."""
+    if plot is not None:
+        plot_lr_schedule(cfg, plot)
     return PlannedLR(optimizer, LRSchedule.from_config(cfg))
 
 
@@ -165,7 +168,7 @@ def plot_lr_schedule(cfg: Any, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from core.atomic import atomic_write_bytes
+    from fileio.atomic import atomic_write_bytes
 
     s = LRSchedule.from_config(cfg)
     stride = max(1, s.updates // 2000)  # at most ~2000 points (every restart/warmup edge stays visible enough)

@@ -24,7 +24,7 @@ def run_preview(trainer: Any, step: int) -> None:
     with eval_mode([getattr(trainer, n) for n in trainer.trained_modules()]):
         trainer.preview_generator = seeded_generator(trainer.cfg.seed, "preview")
         grids = trainer.preview(trainer.batches.preview_batch)
-        metrics = trainer.preview_metrics(grids)
+        metrics = getattr(trainer, "preview_metrics", lambda _grids: {})(grids)  # an optional job hook
     if trainer.is_main:
         trainer.logger.log_previews(step, grids, trainer.cfg.num_preview_images)
         if metrics:

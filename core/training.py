@@ -12,7 +12,8 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids)``, ``build_pipeline(batch_size, state)``,
+* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids) -> {name: number}`` (logged at the
+  preview's update, e.g. CLIP scores), ``build_pipeline(batch_size, state)``,
   ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
@@ -44,7 +45,7 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
-from core.lr_schedule import LRScheduleConfig, build_lr_scheduler, plot_lr_schedule
+from core.lr_schedule import LRScheduleConfig, build_lr_scheduler
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
@@ -60,8 +61,7 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig,
-                     TensorBoardConfig):
+class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig, TensorBoardConfig):
     """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
@@ -139,8 +139,10 @@ class TrainingCore:
         """Images for the preview grids: ``{name: (N,3,H,W) in [0,1]}``."""
         return {}
 
-    def preview_metrics(self, grids: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Numbers about a preview's grids, logged at its update (e.g. CLIP scores); main rank's count."""
+    def model_identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained with to resume this run, e.g. the trained
+        network's architecture: ``{key: JSON value}``, saved in ``trainer.json`` and compared on
+        resume (before any data or model loads); a difference is a UserError naming the key."""
         return {}
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
@@ -268,7 +270,7 @@ class TrainingCore:
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=str(self.run_dir / "lr_schedule.png") if self.is_main else None)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -279,7 +281,6 @@ class TrainingCore:
         self.state.restore(paths, where)
         if self.is_main:
             save_config(cfg, str(self.run_dir / "config.yaml"))
-            plot_lr_schedule(cfg, str(self.run_dir / "lr_schedule.png"))
         from core.logging import RunLogger
 
         self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
@@ -290,17 +291,18 @@ class TrainingCore:
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
         trainer = load_json(paths["trainer.json"]) if "trainer.json" in paths else {}
-        saved, now = trainer.get("model_version"), getattr(self.cfg, "model_version", None)
-        if saved is not None and saved != now:
-            raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
-                            f"says '{now}'; fix model_version or use another experiment_id")
+        # checkpoints written before "identity" existed kept its keys at the top level
+        saved = trainer.get("identity", trainer)
+        for key, now in self.model_identity().items():
+            if key in saved and saved[key] != now:
+                raise UserError(f"checkpoint in {where} was trained with {key} '{saved[key]}' but this run has "
+                                f"'{now}'; fix {key} or use another experiment_id")
         log.info("resuming from the checkpoint of update %s in %s", trainer.get("step"), where)
         if self.is_main:
             print(f"resuming from update {trainer.get('step')} ({where})", flush=True)
 
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "model_kind": getattr(self, "model_kind", ""),
-                "model_version": getattr(self.cfg, "model_version", None), "experiment_id": self.cfg.experiment_id,
+        return {"step": self.step, "identity": self.model_identity(), "experiment_id": self.cfg.experiment_id,
                 "world_size": self.dist.world_size, "nonfinite_total": self.nonfinite_total,
                 "ema_loss": self.ema_loss, "wandb_run_id": self.wandb_run_id, "config": config_to_dict(self.cfg)}
 
@@ -364,8 +366,7 @@ class TrainingCore:
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
-            stop = self._signals.requested(self.device)
-            now = self._triggers.due(self.device)  # {"sample", "save"}: the same on every rank
+            stop, now = self._signals.requested(self.device), self._triggers.due(self.device)  # now: {"sample", "save"}
             if self.validation is not None:
                 self.validation.run(step)  # core/validation.py: held-out loss, keep_best
             if preview_due(cfg, step) or "sample" in now:

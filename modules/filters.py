@@ -455,7 +455,7 @@ class InpaintFilter:
                 "controlnet_filter_params: {saliency: spectral_residual} for the proxy masks"
             )
         if not isinstance(model, torch.nn.Module):
-            from modules.loading import CheckpointError
+            from fileio.errors import CheckpointError
             from modules.saliency import load_saliency_model
 
             try:

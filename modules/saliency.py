@@ -76,7 +76,8 @@ def load_saliency_model(path: Union[str, os.PathLike], device: Union[str, torch.
     Raises ``CheckpointError`` (one line naming the file) when the file is missing, unreadable or
     does not match the layout.
     """
-    from modules.loading import load_state_dict_strict, read_state_dict
+    from fileio.state_dicts import read_state_dict
+    from modules.loading import load_state_dict_strict
 
     model = MicroResNet()
     load_state_dict_strict(model, read_state_dict(path), str(path),

@@ -82,7 +82,7 @@ def cfg(**kw):
     class C(RunConfig, LRScheduleConfig):
         pass
 
-    base = dict(experiment_id="x", checkpoint_path="c", output_path="o", model_version="tiny", lr=1e-3,
+    base = dict(experiment_id="x", checkpoint_path="c", output_path="o", lr=1e-3,
                 batch_size=1, updates=20, save_every=10, warmup_updates=5)
     return C(**{**base, **kw})
 
@@ -106,7 +106,7 @@ def test_config_rejects_unknown_schedule(tmp_path):
     path.write_text("lr_scheduler: cosine_annealing\n")
     with pytest.raises(UserError, match="'lr_scheduler' expects one of 'constant'"):
         load_config(type(cfg()), str(path), extra=dict(experiment_id="x", checkpoint_path="c", output_path="o",
-                                                       model_version="tiny", lr=1e-3, batch_size=1, updates=2,
+                                                       lr=1e-3, batch_size=1, updates=2,
                                                        save_every=1))
 
 

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.saliency import MicroResNet  # noqa: E402
+from modules.saliency import MicroResNet
 
 
 def synthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,7 +52,7 @@ def write_synthetic_saliency(path: os.PathLike | str, seed: int = 0) -> Path:
         torch.save(sd, tmp)
         os.replace(tmp, path)
     else:
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
 
         save_safetensors(sd, path)
     return path

@@ -13,10 +13,7 @@ Previews: reconstructions of a fixed batch next to the originals (Stage B sample
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -160,5 +157,10 @@ class StageBTrainer(CascadeTrainer):
         return grids
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-b``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageBTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -376,5 +373,10 @@ def _in_order(pieces: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Ten
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

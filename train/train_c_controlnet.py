@@ -19,10 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -129,7 +126,8 @@ class StageCControlNetTrainer(StageCTrainer):
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet
-        from modules.loading import load_state_dict_strict, read_state_dict
+        from fileio.state_dicts import read_state_dict
+        from modules.loading import load_state_dict_strict
 
         super().build_models()
         cfg = self.cfg
@@ -287,5 +285,10 @@ def init_backbone_from_effnet(controlnet: nn.Module, effnet: nn.Module) -> None:
             v.copy_(src[k][:, :v.shape[1]])
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c-controlnet``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCControlNetTrainer.main)
+
+
+if __name__ == "__main__":
+    main()
