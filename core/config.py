@@ -24,7 +24,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar
+from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar, Union
 
 import yaml
 
@@ -150,6 +150,10 @@ class RunConfig:
     # --- logging
     wandb_project: Optional[str] = doc(None, "Weights & Biases project; enables wandb logging when set (offline when WANDB_MODE=offline; a warning if wandb is not installed).")
     wandb_entity: Optional[str] = doc(None, "Weights & Biases entity (user or team).")
+    tensorboard: bool = doc(False, "Also log to TensorBoard event files (scalars, preview grids, validation figures), "
+                                   "offline (core/tensorboard_log.py); needs the tensorboard package (pip install "
+                                   "tensorboard). A failure is one warning and the run continues.")
+    tensorboard_dir: Optional[str] = doc(None, "Folder of the TensorBoard event files (None = <run folder>/tensorboard).")
     log_every: int = doc(10, "Write a metrics.jsonl line every N optimizer updates.")
     # --- optimisation
     lr: float = doc(REQUIRED_TRAIN, f"Learning rate (AdamW by default); finite, > 0 and <= {MAX_LR:g}.")
@@ -171,7 +175,7 @@ class RunConfig:
     # --- models
     generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network: a file, or a diffusers model folder where the job accepts one (None = from scratch).")
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
-    gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+    gradient_checkpointing: Union[bool, int] = doc(False, "Recompute block activations in backward to save memory: true = every block, N (an integer >= 1) = every N-th block of the Stage B/C U-Net (blocks 0, N, 2N, ... in registration order; 1 = true), trading speed for memory in steps; also the frozen Stage C under ControlNet. Other networks (ControlNet, EfficientNet) recompute all their units whenever it is on.")
     compile: bool = doc(False, "torch.compile the trained network.")
     frozen_dtype: Optional[Literal["float32", "bfloat16"]] = doc(None, "Storage dtype of the frozen networks (CLIP text/vision, EfficientNet, Previewer, preview Stage B, and the frozen Stage C under LoRA/ControlNet); None = bfloat16 on GPUs that support it, float32 otherwise. Stage A (20M, decode only) stays float32.")
     # --- official keys kept for compatibility
@@ -208,6 +212,13 @@ class RunConfig:
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
 
+    def check_fraction(self, *keys: str) -> None:
+        """UserError unless every config key in ``keys`` holds a number in [0, 1] (a probability)."""
+        for key in keys:
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"config key '{key}' must be in [0, 1], got {value}")
+
     def per_rank_batch(self, world_size: int) -> int:
         """Images per rank per micro-step (:func:`per_rank_batch`)."""
         return per_rank_batch(self.batch_size, world_size, self.grad_accum_steps)
@@ -222,6 +233,10 @@ class RunConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value < 1:
                 raise UserError(f"config key '{key}' must be >= 1, got {value}")
+        gc = self.gradient_checkpointing
+        if not isinstance(gc, bool) and (not isinstance(gc, int) or gc < 1):
+            raise UserError(f"config key 'gradient_checkpointing' must be true, false or a block period N >= 1 "
+                            f"(every N-th block), got {gc!r}")
         for key in ("warmup_updates", "preview_every", "backup_every"):
             value = getattr(self, key)
             if isinstance(value, int) and value < 0:

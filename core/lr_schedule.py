@@ -143,11 +143,11 @@ class PlannedLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, plot: Optional[str] = None) -> PlannedLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, plot: Optional[Any] = None) -> PlannedLR:
     """The configured schedule on ``optimizer``; ``step()`` after each update. ``plot``: also write
     the planned curve there (:func:`plot_lr_schedule`)."""
     if plot is not None:
-        plot_lr_schedule(cfg, plot)
+        plot_lr_schedule(cfg, str(plot))
     return PlannedLR(optimizer, LRSchedule.from_config(cfg))
 
 

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate warmup (training.md §4, with the reference's defects fixed).
+"""Optimizer and learning-rate warmup (docs/OFFICIAL.md, Optimizer and warmup; the official defects fixed).
 
 Defaults equal the reference (AdamW, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01, gradient
 clipping at 1.0). Warmup and the lr schedule after it: ``core/lr_schedule.py`` (the first update already trains; the
@@ -13,15 +13,16 @@ import torch
 
 from core.config import doc
 from core.errors import UserError
+from core.lr_schedule import LRSchedule, LRScheduleConfig, PlannedLR, build_lr_scheduler
 
-__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "OptimizerState"]
+__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "build_lr_scheduler", "OptimizerState"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
 @dataclass
-class OptimConfig:
-    """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults)."""
+class OptimConfig(LRScheduleConfig):
+    """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults), with the lr schedule's."""
 
     optimizer: Literal["adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy"] = doc("adamw", "adamw (reference), adamw_fused (fused kernel), adafactor (torch.optim.Adafactor, low memory), adamw8bit (needs bitsandbytes on CUDA), prodigy (prodigyopt.Prodigy: estimates the step size itself, use lr: 1.0; popular for LoRAs because no lr search is needed).")
     betas: tuple[float, float] = doc((0.9, 0.999), "Adam betas (not used by adafactor).")
@@ -111,8 +112,6 @@ def _build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.opti
 def build_warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup and constant lr afterwards (``core.lr_schedule``, schedule ``constant``); call
     ``step()`` after each update and save/restore with ``state_dict()`` / ``load_state_dict()``."""
-    from core.lr_schedule import LRSchedule, PlannedLR
-
     return PlannedLR(optimizer, LRSchedule("constant", warmup_updates, updates=1))
 
 

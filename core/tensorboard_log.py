@@ -1,6 +1,7 @@
 """TensorBoard logging beside metrics.jsonl and wandb: scalars, preview grids and validation figures.
 
-Offline by nature (event files in ``<run>/tensorboard/``, or ``tensorboard_dir``); view them with
+Switched on by the run keys ``tensorboard`` / ``tensorboard_dir`` (``core.config.RunConfig``, beside
+the wandb keys). Offline by nature (event files in ``<run>/tensorboard/``, or ``tensorboard_dir``); view them with
 ``tensorboard --logdir <run>/tensorboard``. An optional integration: the package missing, a write
 that fails or anything else the writer raises is ONE warning and the run continues without
 TensorBoard (metrics.jsonl and the preview PNGs are written either way). A resumed run purges the
@@ -11,27 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import torch
 
-from core.config import doc
-
-__all__ = ["TensorBoardConfig", "TensorBoardLogger"]
+__all__ = ["TensorBoardLogger"]
 
 log = logging.getLogger("core")
 T = TypeVar("T")
-
-
-@dataclass
-class TensorBoardConfig:
-    """Keys of the TensorBoard logger (core/tensorboard_log.py)."""
-
-    tensorboard: bool = doc(False, "Also log to TensorBoard event files (scalars, preview grids, validation figures), "
-                                   "offline; needs the tensorboard package (pip install tensorboard). A failure is one "
-                                   "warning and the run continues.")
-    tensorboard_dir: Optional[str] = doc(None, "Folder of the TensorBoard event files (None = <run folder>/tensorboard).")
 
 
 class _Optional:

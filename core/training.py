@@ -12,8 +12,7 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids) -> {name: number}`` (logged at the
-  preview's update, e.g. CLIP scores), ``build_pipeline(batch_size, state)``,
+* optional: ``preview(batch) -> {name: images}``, ``preview_metrics(grids)``, ``build_pipeline(batch_size, state)``,
   ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
   ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
 
@@ -45,7 +44,6 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
-from core.lr_schedule import LRScheduleConfig, build_lr_scheduler
 from core.models import ModelSet
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
@@ -53,15 +51,13 @@ from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
 from core.signals import StopSignals
 from core.state import ModuleState, StateRegistry, ValueState
-from core.tensorboard_log import TensorBoardConfig
-from core.triggers import Triggers
 from core.validation import Validation, ValidationConfig
 
 log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, ValidationConfig, TensorBoardConfig):
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
     """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
@@ -116,14 +112,14 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
+        self.fused: Any = None  # fused_backward: core.fused_backward.FusedBackward, its per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
         self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device, cfg.allow_tf32)
         self._models = ModelSet(self)
         self._deferred: list[Callable[[], None]] = []
-        self._signals = StopSignals()
-        self._triggers = Triggers(self.run_dir, self.is_main)  # sample now / save now (core/triggers.py)
+        self._signals = StopSignals(self.run_dir, self.is_main)  # stop; sample now / save now (core/triggers.py)
         self._faults = FaultInjection()
 
     # -- hooks (override in a job) ----------------------------------------------------------
@@ -165,13 +161,14 @@ class TrainingCore:
                                 publish=True, required=True)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False,
+                   quantize: bool = False) -> nn.Module:
         """Register a network that never trains, as attribute ``name``: eval mode, no gradients,
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard)
+        the same forwards through it (the core's previews do). ``quantize``: in ``base_dtype`` (core/quantize.py)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard, quantize)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -234,11 +231,11 @@ class TrainingCore:
     def setup(self) -> None:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
-        from core.optim import OptimizerState, build_optimizer
+        from core.fused_backward import FusedBackward
+        from core.optim import OptimizerState, build_lr_scheduler, build_optimizer
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
-        self._triggers.install()
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -266,11 +263,13 @@ class TrainingCore:
                                 publish=True)
             self.state.restore(paths, where)
         self._models.wrap(cfg, self.dist, self.block_types, self.autocast_dtype)
+        self.offload = self._models.offload(cfg, self.block_types, self.device)  # after every move of the networks
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=str(self.run_dir / "lr_schedule.png") if self.is_main else None)
+        self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=self.run_dir / "lr_schedule.png" if self.is_main else None)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -350,7 +349,7 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
+                self.optimizer.step()  # a no-op under fused_backward: each parameter stepped inside backward
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -366,7 +365,7 @@ class TrainingCore:
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
-            stop, now = self._signals.requested(self.device), self._triggers.due(self.device)  # now: {"sample", "save"}
+            stop, now = self._signals.requested(self.device), self._signals.triggers.due(self.device)  # now: sample/save
             if self.validation is not None:
                 self.validation.run(step)  # core/validation.py: held-out loss, keep_best
             if preview_due(cfg, step) or "sample" in now:
@@ -380,6 +379,8 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     def _clip_gradients(self) -> float:
+        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
+            return self.fused.finish()
         D.average_gradients(self._models.unwrapped_trainable())
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if not params:
@@ -412,7 +413,7 @@ class TrainingCore:
     # -- checkpoints ------------------------------------------------------------------------
     def backup_due(self, step: int) -> bool:
         """True when a ``backup_every`` boundary was crossed since the previous save (the reference
-        backed up only when a save step was an exact multiple, reference-behaviour.md §13 item 12)."""
+        backed up only when a save step was an exact multiple, docs/OFFICIAL.md, Defects)."""
         every = self.cfg.backup_every
         return bool(every) and step // every > self.last_saved_step // every
 
@@ -438,7 +439,6 @@ class TrainingCore:
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
         self._signals.restore()
-        self._triggers.restore()
         if self.logger is not None:
             self.logger.close()
             self.logger = None

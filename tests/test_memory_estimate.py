@@ -36,7 +36,7 @@ def test_stage_c_3b_weights_equal_params_times_bytes():
 
 def test_lora_freezes_the_generator_in_bf16():
     est = estimate_memory(lora_spec(run_cfg(model_version="3.6B", rank=4, module_filters=[".attn"])), activations=False)
-    assert est["params"]["trainable"] == 3_145_728              # 128 LoRAs, networks.md §7.1
+    assert est["params"]["trainable"] == 3_145_728              # 128 LoRAs (docs/OFFICIAL.md, LoRA and ReToken)
     assert est["bytes"]["weights_frozen"] == N_3B * 2
     assert est["bytes"]["gradients"] == 3_145_728 * 4           # float32 LoRA factors only
 

@@ -2,7 +2,7 @@
 
     python3 tools/saliency_weights.py OUT.pt|OUT.safetensors [--seed N]
 
-The file has exactly the layout of the released ``saliency_model.pt`` (networks.md §7b: 35 float32
+The file has exactly the layout of the released ``saliency_model.pt`` (docs/OFFICIAL.md, Saliency network: 35 float32
 tensors, 111,233 parameters), seeded random values: the code that reads the real file is tested
 without it. Its maps are not meaningful saliency, only well-formed.
 """

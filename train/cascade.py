@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from core.config import REQUIRED, doc
+from core.fused_backward import FusedBackwardConfig
+from core.offload import OffloadConfig
+from core.quantize import QuantConfig
 from core.errors import UserError
 from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
@@ -23,7 +26,7 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig, NoiseConfig, MaskedLossConfig):
+class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadConfig, NoiseConfig, MaskedLossConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
@@ -62,8 +65,7 @@ class CascadeConfig(TrainingConfig, NoiseConfig, MaskedLossConfig):
             check_loss_weighting(self.loss_weighting, self.min_snr_gamma)
         except ValueError as exc:
             raise UserError(f"config keys 'loss_weighting' / 'min_snr_gamma': {exc}") from None
-        if not 0.0 <= self.text_dropout <= 1.0:
-            raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
+        self.check_fraction("text_dropout")
         self.validate_crop()
 
     def validate_crop(self) -> None:
@@ -87,6 +89,8 @@ class CascadeTrainer(TrainingCore):
 
     #: registry kind of the trained network ("stage_c" / "stage_b")
     model_kind: str = ""
+    #: registry kind of the frozen network that decodes previews ("previewer" / "stage_a")
+    preview_decoder: str = ""
     #: FSDP shards each residual/attention/timestep/feed-forward block before the root
     block_types = BLOCK_TYPES
 
@@ -96,8 +100,12 @@ class CascadeTrainer(TrainingCore):
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        """``{name: (registry kind, model_version)}`` of the networks a dry run reports."""
-        return {"generator": (cls.model_kind, cfg.model_version)}
+        """``{name: (registry kind, model_version)}`` of the networks a dry run reports: the generator,
+        the EfficientNet encoder and the preview decoder."""
+        layout = {"generator": (cls.model_kind, cfg.model_version), "effnet": ("effnet", "default")}
+        if cls.preview_decoder:
+            layout[cls.preview_decoder] = (cls.preview_decoder, "default")
+        return layout
 
     @classmethod
     def describe(cls, cfg: Any) -> list[str]:
@@ -114,8 +122,11 @@ class CascadeTrainer(TrainingCore):
 
     # -- building blocks of build_models() ------------------------------------------------
     def make_gdf(self) -> Any:
-        """The GDF of the job (official presets)."""
-        raise NotImplementedError
+        """The GDF of the job: the official preset named by ``model_kind`` (``gdf.presets.stage_c`` /
+        ``stage_b``), with the adaptive loss weight when ``adaptive_loss_weight`` is set."""
+        from gdf import presets
+
+        return getattr(presets, self.model_kind)(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
 
     def setup_loss(self) -> None:
         """``self.gdf`` and ``self.loss``; an adaptive loss weight is saved with every checkpoint."""

@@ -60,13 +60,11 @@ def render() -> str:
     from core.config import RunConfig
     from core.data import DataConfig
     from core.ema import EMAConfig
-    from core.lr_schedule import LRScheduleConfig
     from core.optim import OptimConfig
-    from core.tensorboard_log import TensorBoardConfig
     from core.training import TrainingConfig, TrainingCore
 
     parts = [HEADER, "## Components (every training job)\n"]
-    components = (RunConfig, OptimConfig, LRScheduleConfig, EMAConfig, DataConfig, TensorBoardConfig)
+    components = (RunConfig, OptimConfig, EMAConfig, DataConfig)
     for cls in components:
         parts.append(config_reference(cls))
     parts.append(script_table(TrainingConfig, *components))

@@ -2,7 +2,7 @@
 
     python3 train/train_b.py configs/training/finetune_b_3b.yaml [--set lr=2e-5] [--dry-run]
 
-What one step does (docs: shared training.md §6):
+What one step does (docs/OFFICIAL.md, Stage B):
 * target latents: Stage A encoder output of the image (unquantised, / 0.43), frozen;
 * conditions: EfficientNet latents of a copy downscaled by ONE factor U(0.5, 1) per batch (nearest,
   multiples of 32), zeroed for 10 % of the samples, and the pooled CLIP text embedding of the caption
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import doc
-from core.errors import UserError, run_cli
+from core.errors import run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.memory_specs import stage_b_spec
 
@@ -37,8 +37,7 @@ class StageBConfig(CascadeConfig):
         for key in ("effnet_checkpoint_path", "stage_a_checkpoint_path", "generator_checkpoint_path"):
             # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
             self.check_file(key, folder_ok=key == "generator_checkpoint_path")
-        if not 0.0 <= self.effnet_dropout <= 1.0:
-            raise UserError(f"config key 'effnet_dropout' must be in [0, 1], got {self.effnet_dropout}")
+        self.check_fraction("effnet_dropout")
 
 
 class StageBTrainer(CascadeTrainer):
@@ -48,20 +47,11 @@ class StageBTrainer(CascadeTrainer):
     model_kind = "stage_b"
     description = "Finetune / train Stage B (image reconstruction from Stage A latents)."
     preview_sampling = "stage_b_preview"
+    preview_decoder = "stage_a"
 
-    @classmethod
-    def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        return {"generator": ("stage_b", cfg.model_version), "effnet": ("effnet", "default"),
-                "stage_a": ("stage_a", "default")}
-
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_b_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(stage_b_spec)  # the dry run's per-rank memory estimate
 
     # -- models ---------------------------------------------------------------------------
-    def make_gdf(self) -> Any:
-        from gdf import presets
-
-        return presets.stage_b(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
-
     def build_models(self) -> None:
         from modules.conditioning import load_clip_text, load_tokenizer
         from modules.loading import load_model
@@ -73,12 +63,13 @@ class StageBTrainer(CascadeTrainer):
         self.add_frozen("stage_a", load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev),
                         cast=False)  # 20M parameters: float32
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-        self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
+        self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev),
+                        quantize=True)  # base_dtype
 
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``effnet`` and ``clip`` (training.md §6.2)."""
+        """``effnet`` and ``clip`` (docs/OFFICIAL.md, Stage B)."""
         from modules.conditioning import encode_text
 
         images = batch["images"].to(self.device)

@@ -2,7 +2,7 @@
 
     python3 train/train_c.py configs/training/finetune_c_3b.yaml [--set lr=2e-5] [--dry-run]
 
-What one step does (docs: shared training.md §3):
+What one step does (docs/OFFICIAL.md, Stage C conditions and Stage C step):
 * conditions: CLIP text of the caption (dropped to "" for 5 % of the samples), pooled CLIP text, and
   the CLIP image embedding of the training image for 10 % of the samples (zeros otherwise);
 * target latents: EfficientNet encoder of the ImageNet-normalised images (frozen);
@@ -77,8 +77,7 @@ class StageCConfig(CascadeConfig, RegularizationConfig, ConceptsConfig, PreviewP
         if self.cache_path and self.validation_webdataset_path is not None:
             raise UserError("config key 'validation_webdataset_path' is not supported with cache_path (a cached run "
                             "loads no image encoders to encode the held-out images); remove one of them")
-        if not 0.0 <= self.image_embed_prob <= 1.0:
-            raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
+        self.check_fraction("image_embed_prob")
 
 
 class StageCTrainer(CascadeTrainer):
@@ -87,22 +86,13 @@ class StageCTrainer(CascadeTrainer):
     Config = StageCConfig
     model_kind = "stage_c"
     description = "Finetune / train Stage C (text-conditional prior)."
-    #: official training-preview sampling (gdf.md §8.2)
+    #: official training-preview sampling (docs/OFFICIAL.md, Official sampling settings)
     preview_sampling = "stage_c_preview"
+    preview_decoder = "previewer"
 
-    @classmethod
-    def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        return {"generator": ("stage_c", cfg.model_version), "effnet": ("effnet", "default"),
-                "previewer": ("previewer", "default")}
-
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_c_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(stage_c_spec)  # the dry run's per-rank memory estimate
 
     # -- models ---------------------------------------------------------------------------
-    def make_gdf(self) -> Any:
-        from gdf import presets
-
-        return presets.stage_c(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
-
     def build_models(self) -> None:
         self.setup_loss()
         self.build_generator()  # first: a wrong checkpoint fails before the big loads
@@ -128,7 +118,8 @@ class StageCTrainer(CascadeTrainer):
         else:
             self.add_frozen("effnet", self.load_effnet())
             self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-            self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
+            self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev),
+                            quantize=True)  # base_dtype
             self.add_frozen("image_model", load_clip_vision(cfg.clip_image_model_name, dtype=self.frozen_dtype,
                                                             device=dev))
         if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews
@@ -175,7 +166,7 @@ class StageCTrainer(CascadeTrainer):
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        eval_image_embeds: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (training.md §3.1); training draws
+        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (docs/OFFICIAL.md, Stage C conditions); training draws
         come from :func:`condition_dropout`."""
         from modules.conditioning import encode_images_clip, encode_text
 

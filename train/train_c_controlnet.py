@@ -2,7 +2,7 @@
 
     python3 train/train_c_controlnet.py configs/training/controlnet_c_3b_canny.yaml [--dry-run]
 
-Per step (training.md §8, docs/CONTROLNET.md): control = filter(images) (no grad; or the sample's
+Per step (docs/OFFICIAL.md, ControlNet training; docs/CONTROLNET.md): control = filter(images) (no grad; or the sample's
 pre-computed ``control_image_key`` file); cnet = ControlNet(control) (with grad); Stage C conditions
 as in train_c.py (no grad) plus ``cnet``; diffusion loss with ``offset_noise``. Only the ControlNet
 trains. Deviations from the official script (on purpose):
@@ -105,7 +105,7 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: controlnet_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(controlnet_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:
@@ -120,9 +120,9 @@ class StageCControlNetTrainer(StageCTrainer):
         """Stage C is frozen (eval, no grad, frozen dtype); the ControlNet's gradients still flow
         back through its activations, so gradient checkpointing applies to it too."""
         # shard=True: under use_fsdp each rank holds 1/world of the frozen Stage C (3.6B in bf16 is 7 GB).
-        generator = self.add_frozen("generator", self.load_generator(), shard=True)
+        generator = self.add_frozen("generator", self.load_generator(), shard=True, quantize=True)
         if self.cfg.gradient_checkpointing:
-            generator.set_gradient_checkpointing(True)
+            generator.set_gradient_checkpointing(self.cfg.gradient_checkpointing)  # True or a block period N
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet
@@ -257,7 +257,7 @@ class StageCControlNetTrainer(StageCTrainer):
             param = next(net.parameters())
             with self.autocast():
                 cnet = net(control.to(param.device, param.dtype))
-            # The same control list for both CFG halves (training.md §8).
+            # The same control list for both CFG halves (docs/OFFICIAL.md, ControlNet training).
             latents = self.sample_latents(self.generator, {**cond, "cnet": cnet}, {**uncond, "cnet": cnet}, shape)
             grids[name] = self.previewer(latents).float().clamp(0, 1)
         return grids

@@ -2,7 +2,7 @@
 
     python3 train/train_c_lora.py configs/training/finetune_c_3b_lora.yaml [--set rank=8] [--dry-run]
 
-What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
+What differs from ``train_c.py`` (docs/OFFICIAL.md, LoRA tokens; docs/LORA.md):
 * the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
   paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
   trainable generator parameters (kept in float32 on a bf16 base); ``lora_type: dora`` makes them
@@ -30,6 +30,7 @@ from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli
+from core.quantize import quantize_as_configured
 from core.seeding import derive_seed
 from modules.lora import apply_lora
 from train.memory_specs import lora_parameter_count, lora_spec
@@ -110,7 +111,7 @@ class StageCLoraTrainer(StageCTrainer):
                       f"{n:,} {'DoRA' if cfg.lora_type == 'dora' else 'LoRA'} parameters; "
                       f"train_tokens: {cfg.train_tokens or []}"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(lora_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -126,6 +127,7 @@ class StageCLoraTrainer(StageCTrainer):
         the only parameters of it that train (float32 even on a bf16 base)."""
         cfg = self.cfg
         generator = self.load_generator().requires_grad_(False).to(self.frozen_dtype)
+        quantize_as_configured(generator, cfg)  # base_dtype: before the adapters attach (they wrap quantised weights)
         # lora_up ~ N(0, 1) comes from the global RNG: seed it so runs and ranks agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
@@ -182,7 +184,7 @@ class StageCLoraTrainer(StageCTrainer):
                   sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.retoken is None:
             return super().part_loss(batch, generators, sample_weight)
-        # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
+        # Tokens train through CLIP: the conditions are computed WITH grad (docs/OFFICIAL.md, LoRA tokens).
         images = batch["images"].to(self.device)
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
