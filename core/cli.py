@@ -179,6 +179,11 @@ def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
         print("# missing files (download them before training): " + ", ".join(sorted(missing)))
     for line in job.describe(cfg):
         print(line)
+    if hasattr(cfg, "lr_scheduler") and getattr(cfg, "training", True):
+        from core.lr_schedule import schedule_lines
+
+        for line in schedule_lines(cfg):
+            print(line)
     print("# data")
     shards = _list_shards(cfg)
     if shards:

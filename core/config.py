@@ -162,13 +162,17 @@ class RunConfig:
     # --- logging
     wandb_project: Optional[str] = doc(None, "Weights & Biases project; enables wandb logging when set (offline when WANDB_MODE=offline; a warning if wandb is not installed).")
     wandb_entity: Optional[str] = doc(None, "Weights & Biases entity (user or team).")
+    tensorboard: bool = doc(False, "Also log to TensorBoard event files (scalars, preview grids, validation figures), "
+                                   "offline (core/tensorboard_log.py); needs the tensorboard package (pip install "
+                                   "tensorboard). A failure is one warning and the run continues.")
+    tensorboard_dir: Optional[str] = doc(None, "Folder of the TensorBoard event files (None = <run folder>/tensorboard).")
     log_every: int = doc(10, "Write a metrics.jsonl line every N optimizer updates.")
     # --- optimisation
     lr: float = doc(REQUIRED_TRAIN, f"Learning rate (AdamW by default); finite, > 0 and <= {MAX_LR:g}.")
     batch_size: int = doc(REQUIRED_TRAIN, f"GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly; at most {MAX_BATCH_SIZE}.")
     grad_accum_steps: int = doc(1, "Micro-steps (forward/backward) per optimizer update.")
     updates: int = doc(REQUIRED_TRAIN, f"Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps); at most {MAX_UPDATES}.")
-    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr).")
+    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr); then the lr_scheduler curve.")
     max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
     # --- checkpoints and previews
     save_every: int = doc(REQUIRED_TRAIN, "Checkpoint (and preview) period in optimizer updates; a checkpoint is also written at the end.")

@@ -234,6 +234,8 @@ class RunLogger:
         self._wandb_guard = Integration("wandb")  # every wandb call goes through it (core/integrations.py)
         self._bar: Any = None
         self.status: dict[str, float] = {}  # shown on the progress line until replaced (e.g. val_loss)
+        self.tensorboard: Any = None  # core/tensorboard_log.py when the config's `tensorboard` is on
+        self._last_step = start_step
         setup_logging(is_main)
         if not is_main:
             return
@@ -247,6 +249,11 @@ class RunLogger:
         self._last_time = time.monotonic()
         if wandb_project:
             self._start_wandb(cfg, wandb_project, wandb_entity, run_name)
+        if getattr(cfg, "tensorboard", False):
+            from core.tensorboard_log import TensorBoardLogger
+
+            folder = getattr(cfg, "tensorboard_dir", None) or os.path.join(run_dir, "tensorboard")
+            self.tensorboard = TensorBoardLogger(folder, resume_step=resume_step)
 
     # ----------------------------------------------------------------------------- wandb
     def _start_wandb(self, cfg: Any, project: str, entity: Optional[str], run_name: Optional[str]) -> None:
@@ -328,6 +335,9 @@ class RunLogger:
         if self.wandb is not None:
             values = {k: v for k, v in record.items() if k not in ("step", "time")}
             self._wandb_guard.call("log metrics", lambda: self.wandb.log(values, step=int(step)))
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, record)
+        self._last_step = max(self._last_step, int(step))
         if self._bar is not None and step >= self._bar.n:
             self.progress(step, loss=record.get("loss"), images_per_s=record.get("images_per_s"))
 
@@ -336,7 +346,10 @@ class RunLogger:
         to wandb). Returns the grid path (None on non-main ranks)."""
         if not self.is_main:
             return None
-        data = _png_bytes(image_grid(images, nrow=nrow))
+        grid = image_grid(images, nrow=nrow)
+        data = _png_bytes(grid)
+        if self.tensorboard is not None:
+            self.tensorboard.image(step, f"previews/{name}", grid)
         path = os.path.join(self.preview_dir, f"{name}_{step:08d}.png")
         atomic_write_bytes(path, data)
         atomic_write_bytes(os.path.join(self.preview_dir, f"latest_{name}.png"), data)
@@ -364,7 +377,9 @@ class RunLogger:
         if not self.is_main:
             return None
         path = path or os.path.join(self.run_dir, "loss.png")
-        plot_timesteps(self.metrics_path, os.path.join(os.path.dirname(path), "val_timesteps.png"))
+        figure = os.path.join(os.path.dirname(path), "val_timesteps.png")
+        if plot_timesteps(self.metrics_path, figure) and self.tensorboard is not None:
+            self.tensorboard.figure_file(self._last_step, "validation/mse_over_t", figure)
         return path if plot_loss(self.metrics_path, path, key) else None
 
     def close(self) -> None:
@@ -372,6 +387,9 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             run, self.wandb = self.wandb, None
             self._wandb_guard.close(run.finish)

@@ -150,7 +150,7 @@ def merge_parts(batch: dict) -> tuple[dict, int]:
     for key, value in main.items():
         other = reg.get(key)
         if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
-            if key == "images":
+            if key in ("images", "masks"):  # the loss masks (train/masked_loss.py) are cut like their images
                 other = fit_to(other, tuple(value.shape[-2:]))
             merged[key] = torch.cat([value, other.to(value.dtype)])
         elif isinstance(value, list) and isinstance(other, list):

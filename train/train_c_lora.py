@@ -203,7 +203,7 @@ class StageCLoraTrainer(StageCTrainer):
         with torch.no_grad():
             latents = self.encode_latents(images)
         return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                         sample_weight=sample_weight)
+                         sample_weight=sample_weight, pixel_weight=self.pixel_weights(batch, latents))
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ and exact resume (byte offsets in the virtual stream) are the tar path's, unchan
   ``_`` (as ``make_shards`` does: webdataset keys end at the first dot): ``sub/0001.v2.jpg`` is
   key ``sub/0001_v2``, extension ``jpg``.
 * Files taken: the image extensions of ``images.IMAGE_EXTS`` (``.jpeg`` read as ``jpg``), ``.txt``
-  and ``.json``, case-insensitive; hidden files and folders (leading ``.``) and other files are
+  and ``.json``, case-insensitive; ``name.mask.png`` (any image extension) is the loss mask of
+  sample ``name`` (member ``name.mask.png``, as in a tar shard); hidden files and folders (leading ``.``) and other files are
   ignored. Linked sub-folders are followed, except links back into the folders being scanned
   (loops). An unlistable sub-folder is a DataError. A stem with a caption or json but no image is a sample too, so the pipeline reports
   it (``missing_image``, with its key) instead of dropping it silently.
@@ -97,6 +98,8 @@ def list_folder(folder: str) -> Listing:
             if not dot or not stem or fn.startswith(".") or ext not in _EXTS:
                 continue
             ext = "jpg" if ext == "jpeg" else ext
+            if stem.lower().endswith(".mask") and ext in IMAGE_EXTS and len(stem) > 5:
+                stem, ext = stem[:-5], f"mask.{ext}"  # name.mask.png: the loss mask of sample `name`
             path = os.path.join(root, fn)
             rel = os.path.relpath(os.path.join(root, stem), folder)
             key = rel.replace(os.sep, "/").replace(".", "_")
