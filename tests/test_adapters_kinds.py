@@ -186,9 +186,8 @@ def test_fresh_adapter_is_identity_and_counts_match_the_interface(lora_type):
     model = build_model("stage_c", "tiny").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     shapes = {k: tuple(v.shape) for k, v in before.items()}
-    loras = apply_lora(model, FILTERS, rank=2, lora_type=lora_type, factor=4) if lora_type == "lokr" else \
-        apply_lora(model, FILTERS, rank=2, lora_type=lora_type)
-    options = {"factor": 4} if lora_type == "lokr" else {}
+    options = {"factor": 4} if "factor" in kind(lora_type).config_options else {}  # LoKr's option
+    loras = apply_lora(model, FILTERS, rank=2, lora_type=lora_type, **options)
     built = sum(p.numel() for _, a in loras for p in a.parameters())
     assert built == adapter_param_count(shapes, [t for t, _ in loras], lora_type, 2, **options)
     after = _effective(model)
