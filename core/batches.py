@@ -31,6 +31,7 @@ class Batches:
         self._iter = iter(pipeline)
         self._prefetched: Optional[dict] = next(self._iter)  # fails early on an empty dataset
         self.preview_batch: Optional[dict] = None
+        self.epoch: Optional[int] = None  # the data epoch of the latest batch (the progress line shows it)
 
     def next(self) -> dict:
         if self._prefetched is not None:
@@ -38,6 +39,7 @@ class Batches:
         else:
             batch = next(self._iter)
         batch = self._to_device(batch)
+        self.epoch = batch.get("epoch") if isinstance(batch.get("epoch"), int) else self.epoch
         if self.preview_batch is None:  # the first samples of the first batch, for every preview
             keep = min(self.num_preview, len(batch["captions"]))
             # kept on the CPU, where the previews have always found it

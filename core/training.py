@@ -12,15 +12,13 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
-  ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
-  ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
+* optional: ``preview(batch)``, ``preview_metrics(grids)``, ``build_pipeline(batch_size, state)``, ``validation_losses``
+  (core/validation.py), ``describe(cfg)``, ``memory_spec(cfg, world_size)`` (core/memory.py), ``data_sources(cfg)``.
 
-The core does the rest (docs/ARCHITECTURE.md): freezing (eval, no grad, frozen dtype, device),
-wrapping (dropout override, checkpointing, compile, DDP/FSDP), saving and restoring every registered
-state object, EMA, warmup, non-finite guards, signals, logging and previews.
+The core does the rest (docs/ARCHITECTURE.md): freezing, wrapping (dropout, checkpointing, compile, DDP/FSDP),
+saving and restoring every registered state object, EMA, lr schedule, non-finite guards, signals, logs, previews.
 
-Randomness: per-sample draws from ``sample_generators(n)`` (seed, update, micro-step, GLOBAL sample
+Randomness: per-sample draws from ``sample_generators(n)``, seeded by (seed, update, micro-step, global sample
 index: core/seeding.py); module dropout from the global RNG re-seeded per (seed, rank, update, micro-step).
 """
 from __future__ import annotations
@@ -45,7 +43,7 @@ from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
 from core.models import ModelSet
-from core.optim import OptimConfig
+from core.optim import OptimConfig, ParamGroups
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
@@ -58,7 +56,7 @@ log = logging.getLogger("cascade.train")
 
 @dataclass
 class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
+    """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -69,7 +67,7 @@ class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationCo
             raise UserError(f"config key 'generator_dropout' must be in [0, 1), got {self.generator_dropout}")
 
 
-class TrainingCore:
+class TrainingCore(ParamGroups):
     """Base class of every training job (see the module docstring for the contract)."""
 
     Config: type = TrainingConfig
@@ -91,6 +89,12 @@ class TrainingCore:
         return []
 
     @classmethod
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        """``{config key: value}`` of every data set the run reads, for ``--validate-only`` (jobs add or drop theirs)."""
+        val = getattr(cfg, "validation_webdataset_path", None)
+        return {"webdataset_path": cfg.webdataset_path, **({"validation_webdataset_path": val} if val is not None else {})}
+
+    @classmethod
     def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
         """The job's ``core.memory.MemorySpec`` of ONE rank of a ``world_size``-rank run, for the
         dry-run estimate (None: no estimate)."""
@@ -103,8 +107,6 @@ class TrainingCore:
         self.device: torch.device = self.dist.device
         self.is_main: bool = self.dist.is_main
         self.resume_mode = resume
-        #: True once setup found a checkpoint to resume: the jobs' weights then come from it
-        self.resuming = False
         self.run_dir = Path(cfg.checkpoint_path) / cfg.experiment_id
         self.output_dir = Path(cfg.output_path) / cfg.experiment_id
         self.step = 0                  # completed optimizer updates
@@ -121,7 +123,7 @@ class TrainingCore:
         self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device, cfg.allow_tf32)
         self._models = ModelSet(self)
         self._deferred: list[Callable[[], None]] = []
-        self._signals = StopSignals()
+        self._signals = StopSignals(self.run_dir, self.is_main)  # stop; sample now / save now (core/triggers.py)
         self._faults = FaultInjection()
 
     # -- hooks (override in a job) ----------------------------------------------------------
@@ -233,15 +235,11 @@ class TrainingCore:
     def setup(self) -> None:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
-        from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
         from core.fused_backward import FusedBackward
+        from core.optim import OptimizerState, build_lr_scheduler, build_optimizer
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
-        # The dataset first: one that is missing or empty fails before any folder is created.
-        from core.discovery import discover_data
-
-        discover_data(cfg)  # every rank: each fails alike, none waits at a barrier for another
         if self.is_main:
             check_writable({"checkpoint_path": self.run_dir, "output_path": self.output_dir})
         D.barrier()
@@ -262,8 +260,7 @@ class TrainingCore:
         if cfg.ema_start_iters is not None:
             from core.ema import EMA
 
-            source = self._models.first_trained()
-            self.ema = EMA(self.unwrapped(source), cfg)
+            self.ema = EMA(self.unwrapped(source := self._models.first_trained()), cfg)
             stem = self._models.trained[source].save_as or source
             self.register_state(f"{stem}_ema.safetensors", ModuleState(lambda: self.ema.module, self.is_main),
                                 publish=True)
@@ -273,9 +270,9 @@ class TrainingCore:
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
-        self.optimizer = build_optimizer(params, cfg.lr, cfg)
+        self.optimizer = build_optimizer(self.optimizer_param_groups(params), cfg.lr, cfg)
         self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
-        self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=self.run_dir / "lr_schedule.png" if self.is_main else None)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -288,10 +285,9 @@ class TrainingCore:
             save_config(cfg, str(self.run_dir / "config.yaml"))
         from core.logging import RunLogger
 
-        self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
-                                wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
-                                run_id=self.wandb_run_id, start_step=self.step,
-                                resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
+        self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates, wandb_project=cfg.wandb_project,
+                                wandb_entity=cfg.wandb_entity, run_id=self.wandb_run_id, start_step=self.step,
+                                resume_step=self.step, preview_dir=str(self.output_dir), epochs=self.batches)
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
@@ -302,7 +298,7 @@ class TrainingCore:
             if key in saved and saved[key] != now:
                 raise UserError(f"checkpoint in {where} was trained with {key} '{saved[key]}' but this run has "
                                 f"'{now}'; fix {key} or use another experiment_id")
-        self.resuming = True
+        self.resuming = True  # the jobs' weights come from the checkpoint (train/cascade.py)
         if self.is_main:  # one line (stdout: launchers and tests read it), not a log line as well
             print(f"resuming from update {trainer.get('step')} ({where})", flush=True)
 
@@ -340,7 +336,6 @@ class TrainingCore:
                 self.micro_step = (step, micro)
                 torch.manual_seed(derive_seed(cfg.seed, "module-rng", self.dist.rank, step, micro))
                 batch = self._faults.poison(self.batches.next(), step)
-                self._note_epoch(batch, step)
                 with contextlib.ExitStack() as stack:
                     for module in wrapped:  # no gradient all-reduce before the last micro-step
                         stack.enter_context(D.grad_sync(module, enabled=micro == accum - 1))
@@ -372,29 +367,17 @@ class TrainingCore:
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
-            stop = self._signals.requested(self.device)
+            stop, now = self._signals.requested(self.device), self._signals.triggers.due(self.device)  # now: sample/save
             if self.validation is not None:
                 self.validation.run(step)  # core/validation.py: held-out loss, keep_best
-            if preview_due(cfg, step):
+            if preview_due(cfg, step) or "sample" in now:
                 run_preview(self, step)
-            if step % cfg.save_every == 0 or step == cfg.updates or stop:
+            if step % cfg.save_every == 0 or step == cfg.updates or stop or "save" in now:
                 self.save_checkpoint(step)
             if stop:
-                log.warning("received %s: saved the checkpoint of update %d and stopped; run the same command "
-                            "again to resume", stop, step)
+                log.warning("received %s: saved the checkpoint of update %d and stopped; run it again to resume", stop, step)
                 return
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
-
-    def _note_epoch(self, batch: dict, step: int) -> None:
-        """Log when the data starts a new epoch (a pass over this rank's shards) and show it on the progress line."""
-        epoch = batch.get("epoch") if isinstance(batch, dict) else None
-        if isinstance(epoch, int) and epoch != self.logger.epoch:
-            self.logger.epoch = epoch
-            last = getattr(self, "_epoch_logged_at", None)
-            # a dataset smaller than a few batches starts an epoch every update: at most one line per log_every
-            if last is None or step - last >= self.cfg.log_every:
-                log.info("data: epoch %d begins at update %d", epoch, step)
-                self._epoch_logged_at = step
 
     def _clip_gradients(self) -> float:
         if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
@@ -407,8 +390,7 @@ class TrainingCore:
         return D.clip_grad_norm(params, max_norm)
 
     def _skip_update(self, step: int, losses: list[float], grad_norm: float) -> None:
-        self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 1
+        self.nonfinite_total, self.nonfinite_in_a_row = self.nonfinite_total + 1, self.nonfinite_in_a_row + 1
         what = "loss" if not all(math.isfinite(x) for x in losses) else f"gradient norm ({grad_norm})"
         log.warning("update %d skipped: non-finite %s (no weight, EMA or optimizer change); %d skipped so far",
                     step, what, self.nonfinite_total)

@@ -52,7 +52,7 @@ def _hub_offline() -> bool:
         return False
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else (absolute, relative with ./, deeper paths,
     # ~) can only be meant as a local folder.
     if name.startswith(("/", ".", "~")) or "\\" in name:
@@ -79,7 +79,7 @@ def _from_pretrained(loader, name_or_path: str, what: str, local_files_only: boo
         raise ClipModelNotFoundError(
             f"{what}: '{name}' is a file; expected a folder written by save_pretrained or a hub id"
         )
-    if not _looks_like_hub_id(name):
+    if not looks_like_hub_id(name):
         raise ClipModelNotFoundError(
             f"{what}: folder '{name}' does not exist. Point the config key at a folder holding the model "
             "(e.g. one written by `python3 tools/tiny_clip.py DIR`) or use a hub id."
@@ -121,6 +121,9 @@ def _load_frozen(class_name: str, name_or_path: str, what: str, dtype: torch.dty
     hf_logging.disable_progress_bar()
     model_cls = getattr(transformers, class_name)
     model = _from_pretrained(model_cls.from_pretrained, name_or_path, what, local_files_only, dtype=dtype)
+    from fileio.finite import check_finite
+
+    check_finite(model.state_dict(), f"{what} {os.fspath(name_or_path)}")  # a damaged input is named at load
     # Frozen encoders: eval (no dropout) and no parameter gradients. Gradients can still flow to
     # parametrizations added later (ReToken on the token embedding), so encode_text does not force
     # no_grad.

@@ -19,12 +19,14 @@ from core.training import TrainingConfig, TrainingCore
 from gdf.weighting import LossWeighting, check_loss_weighting
 from modules.common import BLOCK_TYPES
 from train.diffusion_loss import DiffusionLoss, has_buckets
+from train.masked_loss import MaskedLossConfig
+from train.noise_options import NoiseConfig, NoiseOptions
 
 log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadConfig):
+class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadConfig, NoiseConfig, MaskedLossConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
@@ -133,7 +135,9 @@ class CascadeTrainer(TrainingCore):
             from gdf import make_loss_weight
 
             self.gdf.loss_weight = make_loss_weight(self.cfg.loss_weighting, self.cfg.min_snr_gamma)
-        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast)
+        noise = NoiseOptions(self.cfg)
+        noise.apply_offset(self.gdf)
+        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast, noise=noise)
         if has_buckets(self.gdf.loss_weight):
             self.register_state("loss_weight.pt", self.gdf.loss_weight)
 
@@ -142,7 +146,7 @@ class CascadeTrainer(TrainingCore):
         when the key is null/absent (logged loudly)."""
         cfg = self.cfg
         if cfg.generator_checkpoint_path is None:
-            if self.resuming:  # the resumed checkpoint's weights replace the init: not a fresh start
+            if getattr(self, "resuming", False):  # the resumed checkpoint's weights replace the init
                 log.info("building %s %s; its weights come from the checkpoint being resumed", self.model_kind,
                          cfg.model_version)
             else:
@@ -179,7 +183,16 @@ class CascadeTrainer(TrainingCore):
 
             saliency = load_job_saliency(cfg, "cpu")  # the workers decode on the CPU
         return dict(rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed,
-                    num_workers=cfg.num_workers, saliency=saliency, image_dtype="uint8")
+                    num_workers=cfg.num_workers, saliency=saliency, image_dtype="uint8", masks=cfg.mask_mode())
+
+    def pixel_weights(self, batch: dict, latents: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per latent pixel loss weights of a batch under ``masked_loss`` (train/masked_loss.py), else None."""
+        if not self.cfg.masked_loss:
+            return None
+        from train.masked_loss import CACHE_MASK, MASK_KEY, pixel_weights
+
+        masks = batch[MASK_KEY] if MASK_KEY in batch else batch[CACHE_MASK]
+        return pixel_weights(masks.to(latents.device), tuple(latents.shape[-2:]), self.cfg.unmasked_weight)
 
     def load_effnet(self) -> nn.Module:
         """The frozen EfficientNet encoder (channels-last: ~2-3x faster convolutions, same results)."""

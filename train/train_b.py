@@ -115,7 +115,7 @@ class StageBTrainer(CascadeTrainer):
                 pyramid_noise(torch.randn(latents[i:i + 1].shape, generator=g).to(self.device), generator=g)
                 for i, g in enumerate(generators)])
         loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                                     epsilon=epsilon)
+                                     epsilon=epsilon, pixel_weight=self.pixel_weights(batch, latents))
         return loss, {"raw_loss": per_sample.mean()}
 
     # -- validation (core/validation.py) ----------------------------------------------------
