@@ -400,7 +400,7 @@ def load_config(cls: type[T], path: Optional[str], overrides: Sequence[str] = ()
     for key, value in data.items():
         where = origin.get(key, source)
         if not isinstance(key, str) or key not in known:
-            errors.append(f"{where}: unknown config key '{key}'{_suggestion(str(key), known)}")
+            errors.append(f"{where}: unknown config key '{key}'{_suggestion(str(key), known, config_hints(cls))}")
             continue
         try:
             values[key] = coerce_value(value, hints[key])
@@ -435,27 +435,20 @@ COMMON_NAMES = {
     "checkpointing_steps": "save_every", "save_steps": "save_every", "lr_warmup_steps": "warmup_updates",
     "warmup_steps": "warmup_updates", "max_grad_norm": "grad_clip", "clip_grad_norm": "grad_clip",
     "adam_weight_decay": "weight_decay", "pretrained_model_name_or_path": "generator_checkpoint_path",
-    "network_dim": "rank", "lora_rank": "rank", "r": "rank", "network_alpha": "alpha", "lora_alpha": "alpha",
+    "network_dim": "rank", "r": "rank", "network_alpha": "alpha",
     "gradient_checkpoint": "gradient_checkpointing", "use_ema": "ema_start_iters", "validation_steps": "preview_every",
 }
-#: keys of one job that users put in another job's config: where they belong
-OTHER_JOB_KEYS = {"rank": "the LoRA job (train/train_c_lora.py)", "alpha": "the LoRA job (train/train_c_lora.py)",
-                  "train_tokens": "the LoRA job (train/train_c_lora.py)",
-                  "module_filters": "the LoRA job (train/train_c_lora.py)",
-                  "controlnet_filter": "the ControlNet job (train/train_c_controlnet.py)"}
-
-
-def _suggestion(key: str, known: Mapping[str, Any]) -> str:
-    """'; did you mean ...' for an unknown key: a common name for one of ours, a close spelling,
-    or the job the key belongs to."""
-    common = COMMON_NAMES.get(key.lower())
+def _suggestion(key: str, known: Mapping[str, Any], hints: Mapping[str, str]) -> str:
+    """'; did you mean ...' for an unknown key: a common name for one of ours (``COMMON_NAMES`` and
+    the config class's ``config_hints``), a close spelling, or where the key belongs."""
+    common = {**COMMON_NAMES, **hints}.get(key.lower())
     if common in known:
         return f"; did you mean '{common}'? (this project's name for {key})"
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{close[0]}'?"
-    if key in OTHER_JOB_KEYS:
-        return f"; it is a key of {OTHER_JOB_KEYS[key]}"
+    if key in hints:  # not one of ours under another name: where it belongs
+        return f"; {hints[key]}"
     return ""
 
 
@@ -465,6 +458,15 @@ def _raise_all(errors: Sequence[str]) -> None:
         raise UserError(errors[0])
     if errors:
         raise UserError(f"{len(errors)} config errors: " + " | ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
+
+
+def config_hints(cls: type) -> dict[str, str]:
+    """``{unknown key: our key, or where it belongs}`` from the ``config_hints`` class attributes of
+    ``cls`` and its bases: the 'did you mean' of the names a job's users bring from elsewhere."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("config_hints", {}))
+    return out
 
 
 def config_aliases(cls: type) -> dict[str, str]:

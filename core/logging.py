@@ -429,8 +429,8 @@ class RunLogger:
         if self.is_main and grids and not getattr(self, "_sizes_told", False):
             self._sizes_told = True  # once per run: why a 64 px run gives 16 px preview images
             sizes = ", ".join(f"{n} {tuple(v.shape[-2:])[0]}x{tuple(v.shape[-2:])[1]} px" for n, v in grids.items())
-            log.info("previews in %s: %s (each decoder's own size: Stage C's Previewer decodes 1/4 of image_size, "
-                     "a full C->B->A decode the whole size); grids under 128 px are enlarged (nearest) to see them",
+            log.info("previews in %s: %s (each grid has its decoder's own size, which can be a fraction of "
+                     "image_size: README 'Logging'); grids under 128 px are enlarged (nearest) to see them",
                      self.preview_dir, sizes)
         for name, images in grids.items():
             images = images.detach().float().clamp(0, 1).cpu()

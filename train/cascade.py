@@ -30,6 +30,10 @@ class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadCon
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
+    #: 'did you mean' of keys from other jobs (core.config.config_hints; the LoRA job names its own)
+    config_hints: ClassVar[dict[str, str]] = {
+        k: "it is a key of the LoRA job (train/train_c_lora.py)" for k in ("rank", "alpha", "train_tokens", "module_filters")
+    } | {"controlnet_filter": "it is a key of the ControlNet job (train/train_c_controlnet.py)"}
 
     model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, ClassVar, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,9 @@ COMFY_EMBEDDINGS_FILE = "lora_comfyui_embeddings.safetensors"
 @dataclass
 class LoraConfig(StageCConfig):
     """Keys of a Stage C LoRA job (official keys + alpha and output switches; docs/LORA.md)."""
+
+    #: other trainers' names for this job's keys ('did you mean', core.config.config_hints)
+    config_hints: ClassVar[dict[str, str]] = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dim": "rank"}
 
     module_filters: list[str] = doc([".attn"], "Substrings of module names that get a LoRA (plain substring match, "
                                                "as the official code); ['.attn'] = every attention's in_proj and out_proj.")
