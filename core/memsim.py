@@ -24,6 +24,7 @@ on it without a GPU), so the CPU is made to take the decisions a CUDA GPU takes,
 * ``scaled_dot_product_attention`` takes the fused path an H100 takes for bf16 attention (flash;
   dropout included): the saved set is q, k, v, the output and a float32 log-sum-exp per query,
   never the T x T probabilities of the math kernel;
+* dropout is the fused ``native_dropout`` (its saved mask is bool, not float);
 * the optimizers keep their ``foreach`` implementations (PyTorch picks them for CUDA tensors
   only): :func:`gpu_decisions` makes the default choice say yes for CPU tensors too, so the
   optimizer's multi-tensor temporaries are counted.
@@ -185,6 +186,14 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
 
+def _dropout(input, p, train):
+    """Dropout as on a GPU: the fused ``native_dropout`` (a bool mask is saved), where the CPU
+    composes it from a float mask."""
+    if p == 0 or not train or input.numel() == 0:
+        return input
+    return torch.ops.aten.native_dropout(input, p, train)[0]
+
+
 _ACTIVE = threading.local()
 
 
@@ -209,6 +218,7 @@ def gpu_decisions() -> Iterator[None]:
                 if op is not None and name not in _BOTH_LOWER:
                     lib.impl(name, _passthrough(op), "AutocastCPU")
             lib.impl("scaled_dot_product_attention", _sdpa, "CompositeImplicitAutograd")
+            lib.impl("dropout", _dropout, "CompositeImplicitAutograd")
 
         def default_foreach(params, differentiable, use_fused=False):
             # PyTorch's rule for CUDA tensors (foreach unless differentiable), here for all
