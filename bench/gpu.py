@@ -55,9 +55,12 @@ from torch import nn  # noqa: E402
 
 # the step itself (one code path for the GPU run and the simulation)
 from train.bench_step import (Row, _encode, build_encoders, build_trained,  # noqa: E402,F401
-                              controlnet_kwargs, make_optimizer, trained_loss, train_forward, training_step)
+                              controlnet_kwargs, make_optimizer, preset_rows, trained_loss, train_forward,
+                              training_step)
 
 GIB = 2**30
+#: what a card needs besides the allocated peak: CUDA context and allocator slack (GiB)
+BUDGET_SLACK_GIB = 1.5
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of
 #: ``torch.cuda.get_device_name()``; first match wins, so longer names come first.
@@ -150,9 +153,10 @@ def memory_estimate(row: Row, batch: int) -> Optional[float]:
 
     cfg = SimpleNamespace(model_version=row.version, batch_size=batch, image_size=row.image_size,
                           optimizer=row.optimizer, dtype=row.weight_dtype if row.mode == "full" else None,
-                          frozen_dtype="bfloat16", precision="auto", cache_path=None, rank=row.lora_rank,
-                          module_filters=[".attn"], grad_accum_steps=1, use_fsdp=False,
-                          gradient_checkpointing=row.checkpointing)
+                          frozen_dtype="bfloat16", precision="auto", cache_path="cache" if row.cached else None,
+                          rank=row.lora_rank, module_filters=list(row.lora_filters), grad_accum_steps=1,
+                          use_fsdp=False, gradient_checkpointing=row.checkpointing,
+                          stochastic_rounding=row.stochastic_rounding)
     if row.mode == "lora":
         spec = lora_spec(cfg)
     elif row.mode == "controlnet":
@@ -317,11 +321,32 @@ def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> 
     return result
 
 
-def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path: str) -> None:
-    if quick:
+def simulate_one(row: Row) -> dict:
+    """The simulated step of ``row`` (``core.memsim`` on fake tensors, full size) beside the
+    ``--dry-run`` estimate, as one JSON object."""
+    from train.bench_step import simulate_row
+
+    sim = simulate_row(row)
+    result: dict[str, Any] = {"name": row.name, "row": row.name, "title": row.title, "status": "ok",
+                              "batch_size": row.batch, "batch": row.batch, "image_size": row.image_size,
+                              **sim.as_dict(), "budget_gib": row.budget_gib}
+    if row.config:
+        result["config"] = os.path.relpath(row.config, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    est = memory_estimate(row, row.batch)
+    result["estimate_gib"] = est
+    result["estimate_error_pct"] = 100.0 * (est - sim.peak_gib) / sim.peak_gib if est else None
+    if row.budget_gib is not None:
+        result["limit_gib"] = row.budget_gib - BUDGET_SLACK_GIB
+        result["fits"] = sim.peak_gib <= row.budget_gib - BUDGET_SLACK_GIB
+    return result
+
+
+def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path: str,
+           simulate: bool = False) -> None:
+    if quick or simulate:
         torch.set_num_threads(1)
     try:
-        result = run_row(row, quick, warmup, steps, budget_s)
+        result = simulate_one(row) if simulate else run_row(row, quick, warmup, steps, budget_s)
     except BaseException as exc:  # noqa: BLE001 - reported as the row's result
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result = {"row": row.name, "title": row.title, "status": "error", "error": last[:300]}
@@ -329,13 +354,14 @@ def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path
         json.dump(result, fh)
 
 
-def run_isolated(row: Row, quick: bool, warmup: int, steps: int, timeout_s: float) -> dict:
-    """``run_row`` in a forked process with a wall-clock limit; whatever happens, a result."""
+def run_isolated(row: Row, quick: bool, warmup: int, steps: int, timeout_s: float, simulate: bool = False) -> dict:
+    """``run_row`` (``simulate``: :func:`simulate_one`) in a forked process with a wall-clock
+    limit; whatever happens, a result."""
     ctx = mp.get_context("fork")
     fd, path = tempfile.mkstemp(prefix=f"gpu_bench_{row.name}_", suffix=".json")
     os.close(fd)
     try:
-        proc = ctx.Process(target=_child, args=(row, quick, warmup, steps, timeout_s, path), daemon=True)
+        proc = ctx.Process(target=_child, args=(row, quick, warmup, steps, timeout_s, path, simulate), daemon=True)
         started = time.perf_counter()
         proc.start()
         proc.join(timeout_s)
@@ -391,6 +417,51 @@ def _run_one(row: Row, a: argparse.Namespace, timeout: float) -> dict:
     return r
 
 
+SIM_COLUMNS = ["row", "batch", "simulated peak GiB", "peak in", "weights", "gradients", "optimizer states",
+               "activations", "temporaries", "estimate GiB", "estimate error", "budget GiB", "fits"]
+
+
+def simulation_table(results: list[dict]) -> str:
+    """The ``--simulate`` rows as a markdown table (GiB)."""
+    lines = ["| " + " | ".join(SIM_COLUMNS) + " |", "|" + "---|" * len(SIM_COLUMNS)]
+    for r in results:
+        if r.get("status") != "ok":
+            cells = [f"{r['row']}: {r.get('title', '')}", "-", f"{r.get('status')} ({r.get('error', '')})".replace("|", "/")]
+            cells += ["-"] * (len(SIM_COLUMNS) - len(cells))
+        else:
+            b = r["breakdown_gib"]
+            err = r.get("estimate_error_pct")
+            fits = "-" if r.get("fits") is None else ("yes" if r["fits"] else f"NO (> {r['limit_gib']:.1f})")
+            cells = [f"{r['row']}: {r.get('title', '')}", _fmt(r["batch_size"]), _fmt(r["simulated_peak_gib"]),
+                     r["peak_phase"], *(_fmt(b.get(k, 0.0)) for k in ("weights", "gradients", "optimizer states",
+                                                                      "activations", "temporaries")),
+                     _fmt(r.get("estimate_gib")), f"{err:+.1f} %" if err is not None else "-",
+                     _fmt(r.get("budget_gib"), 0), fits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def simulate_main(rows: list[Row], a: argparse.Namespace) -> int:
+    """``--simulate``: each row's simulated step (own process, ``--row-timeout``, default 600 s)."""
+    timeout = a.row_timeout or 600.0
+    results = []
+    for row in rows:
+        r = run_isolated(row, False, 0, 0, timeout, simulate=True)
+        r.setdefault("name", row.name)
+        r.setdefault("batch_size", row.batch)
+        print(f"{row.name}: {r.get('status')} ({r.get('simulate_seconds', 0):.0f} s)", file=sys.stderr, flush=True)
+        results.append(r)
+    print(f"bench/gpu.py --simulate, torch {torch.__version__}: one training step per row at full size on fake "
+          f"tensors with a CUDA GPU's decisions (core/memsim.py); peak = what torch.cuda.max_memory_allocated would "
+          f"report; estimate = --dry-run; a preset fits when its peak <= budget - {BUDGET_SLACK_GIB} GiB.")
+    print(simulation_table(results))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as fh:
+            json.dump({"bench": "gpu-simulate", "torch": torch.__version__, "rows": results,
+                       "definitions": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (see --list)")
@@ -401,10 +472,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--row-timeout", type=float, default=None, help="seconds per row (default 90; --quick 60)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--simulate", action="store_true",
+                   help="no GPU: simulate each row's step at full size on the CPU (core/memsim.py) and print "
+                        "peak, phase, breakdown and the --dry-run estimate")
     a = p.parse_args(argv)
-    names = [r.name for r in ROWS]
+    all_rows = ROWS + preset_rows()
+    names = [r.name for r in all_rows]
     if a.list:
-        for r in ROWS:
+        for r in all_rows:
             print(f"{r.name:16s} {r.title} (batch {r.batch}, {r.image_size} px)")
         return 0
     unknown = [n for n in (a.only or []) if n not in names]
@@ -414,7 +489,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    rows = [r for r in ROWS if not a.only or r.name in a.only]
+    rows = [r for r in all_rows if not a.only or r.name in a.only]
+    if a.simulate:
+        return simulate_main(rows, a)
     if a.quick:
         rows = [quick_row(r) for r in rows]
     timeout = a.row_timeout or (60.0 if a.quick else 90.0)

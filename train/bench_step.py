@@ -15,6 +15,9 @@ simulates one.
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
@@ -53,7 +56,15 @@ class Row:
     stochastic_rounding: bool = False
     search_max_batch: bool = False  # double the batch until out of memory
     lora_rank: int = 4
-
+    lora_filters: tuple[str, ...] = (".attn",)
+    #: ControlNet kwargs except c_proj (None: the official canny one, :func:`controlnet_kwargs`)
+    controlnet: Optional[dict] = None
+    grad_clip: Optional[float] = 1.0
+    #: conditions read from a cache (``cache_path``): no encoders loaded, no encoder step
+    cached: bool = False
+    #: a preset's card size (GiB) and config file
+    budget_gib: Optional[float] = None
+    config: Optional[str] = None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -74,7 +85,7 @@ def controlnet_kwargs(row: Row) -> dict:
     """The official canny ControlNet (tiny Stage C: injected into its first two ResBlock calls)."""
     from modules.registry import model_config
 
-    kw = dict(model_config("controlnet", "canny"))
+    kw = dict(model_config("controlnet", "canny") if row.controlnet is None else row.controlnet)
     kw["c_proj"] = model_config(row.kind, row.version).get("c_hidden", [2048])[0]
     if row.version == "tiny":
         kw["proj_blocks"] = [0, 1]
@@ -127,7 +138,7 @@ def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Paramet
     if row.mode == "lora":
         from modules.lora import apply_lora
 
-        for _name, module in apply_lora(generator, [".attn"], rank=row.lora_rank):
+        for _name, module in apply_lora(generator, list(row.lora_filters), rank=row.lora_rank):
             # the LoRA factors train in float32 on the bf16 base, as the job does (assigned: a
             # parametrization's module cannot be cast in place)
             module.lora_down = nn.Parameter(module.lora_down.detach().float())
@@ -254,6 +265,22 @@ def make_optimizer(row: Row, params: list[nn.Parameter]) -> torch.optim.Optimize
 
 
 
+def _encoded_stand_in(row: Row, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A cached run's batch: latents and conditions as read from the cache (float32, random)."""
+    from modules.registry import model_config
+
+    kw, b, s = model_config(row.kind, row.version), images.shape[0], row.image_size
+    dev = images.device
+    if row.kind == "stage_c":
+        return torch.randn(b, kw.get("c_in", 16), s // 32, s // 32, device=dev), {
+            "clip_text": torch.randn(b, 77, kw.get("c_clip_text", 1280), device=dev),
+            "clip_text_pooled": torch.randn(b, 1, kw.get("c_clip_text_pooled", 1280), device=dev),
+            "clip_img": torch.randn(b, 1, kw.get("c_clip_img", 768), device=dev)}
+    return torch.randn(b, kw.get("c_in", 4), s // 4, s // 4, device=dev), {
+        "effnet": torch.randn(b, kw.get("c_effnet", 16), s * 3 // 4 // 32, s * 3 // 4 // 32, device=dev),
+        "clip": torch.randn(b, 1, kw.get("c_clip", 1280), device=dev)}
+
+
 def training_step(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.Optimizer,
                   enc: dict[str, nn.Module], images: torch.Tensor, device: torch.device,
                   phase: Callable[[str], None] = lambda _name: None) -> None:
@@ -261,14 +288,15 @@ def training_step(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.
     (encode, forward, backward, clip, optimizer), for the simulation's accounting."""
     phase("encode")
     with torch.no_grad():
-        x0, cond = _encode(row, enc, images, device)
+        x0, cond = _encoded_stand_in(row, images) if row.cached else _encode(row, enc, images, device)
     phase("forward")
     loss = train_forward(row, nets, x0, cond, images, device)
     phase("backward")
     loss.backward()
     del loss, x0, cond
     phase("clip")
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if row.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, row.grad_clip)
     phase("optimizer")
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -283,7 +311,7 @@ def simulate_row(row: Row, fake: bool = True) -> Any:
     cpu = torch.device("cpu")
 
     def build() -> SimJob:
-        enc = build_encoders(row, cpu if not fake else None, quick=row.version == "tiny")
+        enc = {} if row.cached else build_encoders(row, cpu if not fake else None, quick=row.version == "tiny")
         nets, params = build_trained(row, cpu if not fake else None)
         opt = make_optimizer(row, params)
 
@@ -295,3 +323,83 @@ def simulate_row(row: Row, fake: bool = True) -> Any:
                       warmup=optimizer_warmup(opt, params))
 
     return simulate(build, fake=fake)
+
+
+# ------------------------------------------------------------------------------------------------
+# a job's config as a row (presets, --dry-run --simulate)
+# ------------------------------------------------------------------------------------------------
+#: training script (train/<name>.py) -> (network kind, mode)
+JOB_MODES = {"train_c": ("stage_c", "full"), "train_b": ("stage_b", "full"),
+             "train_c_lora": ("stage_c", "lora"), "train_c_controlnet": ("stage_c", "controlnet")}
+
+
+def _controlnet_of(cfg: Any) -> dict:
+    """ControlNet kwargs (except c_proj) of a ControlNet job's config, as its job builds them."""
+    from modules import filters
+
+    cls = filters.FILTERS.get(cfg.controlnet_filter)
+    # the control input's channels: every filter's num_channels reads class constants only
+    c_in = int(cls.num_channels(cls)) if cls is not None else 1
+    kw = {"c_in": c_in, "proj_blocks": list(cfg.controlnet_blocks)}
+    if cfg.controlnet_bottleneck_mode:
+        kw["bottleneck_mode"] = cfg.controlnet_bottleneck_mode
+    return kw
+
+
+def row_from_config(script: str, cfg: Any, world_size: int = 1, name: Optional[str] = None,
+                    budget_gib: Optional[float] = None, config: Optional[str] = None) -> Row:
+    """The row of one rank of a run of ``train/<script>.py`` with the (validated) config ``cfg``."""
+    kind, mode = JOB_MODES[script]
+    g = lambda key, default=None: getattr(cfg, key, default)  # noqa: E731
+    row = Row(name=name or str(g("experiment_id", script)), title=str(g("experiment_id", script)), kind=kind,
+              version=str(g("model_version")), mode=mode, batch=int(cfg.per_rank_batch(world_size)),
+              image_size=int(g("image_size", 768)), checkpointing=g("gradient_checkpointing", False) or False,
+              weight_dtype=(g("dtype") or "float32") if mode == "full" else "bfloat16",
+              optimizer=g("optimizer", "adamw") or "adamw", stochastic_rounding=bool(g("stochastic_rounding", False)),
+              grad_clip=g("grad_clip", 1.0), cached=bool(g("cache_path")), budget_gib=budget_gib, config=config)
+    if mode == "lora":
+        row = replace(row, lora_rank=int(g("rank", 4) or 4), lora_filters=tuple(g("module_filters") or [".attn"]))
+    if mode == "controlnet":
+        row = replace(row, controlnet=_controlnet_of(cfg))
+    return row
+
+
+#: the header lines of a preset config (configs/training/*.yaml)
+PRESET_JOB = re.compile(r"^#\s*job:\s*train/(\w+)\.py", re.M)
+PRESET_BUDGET = re.compile(r"^#\s*budget_gib:\s*([0-9.]+)", re.M)
+
+
+def trainer_of(script: str) -> type:
+    """The trainer class ``train/<script>.py`` defines."""
+    import importlib
+    import inspect
+
+    from core.training import TrainingCore
+
+    module = importlib.import_module(f"train.{script}")
+    found = [c for _, c in inspect.getmembers(module, inspect.isclass)
+             if issubclass(c, TrainingCore) and c.__module__ == module.__name__]
+    if len(found) != 1:
+        raise ValueError(f"train/{script}.py defines {len(found)} trainers")
+    return found[0]
+
+
+def preset_rows(folder: Optional[str] = None) -> list[Row]:
+    """One row per preset under ``configs/training/``: a config whose header names its job
+    (``# job: train/<script>.py``) and its card size (``# budget_gib: N``); named ``preset:<stem>``."""
+    from core.config import load_config
+
+    folder = folder or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "training")
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        job, budget = PRESET_JOB.search(text), PRESET_BUDGET.search(text)
+        if not (job and budget):
+            continue
+        cfg = load_config(trainer_of(job.group(1)).Config, path, validate_only=True, world_size=1)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        row = row_from_config(job.group(1), cfg, 1, name=f"preset:{stem}", budget_gib=float(budget.group(1)),
+                              config=path)
+        rows.append(replace(row, title=f"preset {stem} ({budget.group(1)} GB card)"))
+    return rows
