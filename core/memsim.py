@@ -357,6 +357,22 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
+def fake_materialize(module: nn.Module) -> nn.Module:
+    """A meta-device module given (uninitialised) storage of the current fake mode: parameters
+    and buffers replaced, shared tensors kept shared."""
+    new: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    x = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
+                table[k] = new[id(t)]
+    return module
+
+
 def _stand_in_scalar(t: torch.Tensor) -> Any:
     """A fake tensor has no value; ``.item()`` (Adafactor's step size, a schedule's bounds) gets
     a plausible one: memory never depends on it, only shapes do."""
@@ -509,5 +525,5 @@ def format_result(r: SimResult) -> str:
     return f"simulated peak {r.peak_gib:.2f} GiB in {r.peak_phase} ({parts})"
 
 
-__all__ = ["gpu_decisions", "LiveMemory", "simulate", "SimJob", "SimResult", "Phases", "mark_host",
+__all__ = ["fake_materialize", "gpu_decisions", "LiveMemory", "simulate", "SimJob", "SimResult", "Phases", "mark_host",
            "active_counter", "optimizer_warmup", "format_result", "CUDA_AUTOCAST", "CATEGORIES", "GIB"]

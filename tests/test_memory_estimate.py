@@ -153,7 +153,14 @@ def test_checkpointing_lowers_the_activation_estimate():
         b = est["bytes"]
         first = b["activations"] if first is None else first   # stage_c full, batch 2
         assert 0 < b["activations_checkpointed"] < b["activations"], spec.title
-        assert est["total_checkpointed"] < est["total"]
+        # the peak is the largest of backward, optimizer step and encoders: checkpointing lowers
+        # it where the activations set it (LoRA: tiny gradients and optimizer step; without the
+        # encoders' forward, which sets this tiny run's peak)
+        assert est["total_checkpointed"] <= est["total"]
+        if spec.details["mode"] == "lora":
+            spec.transient = None
+            est = estimate_memory(spec)
+            assert est["total_checkpointed"] < est["total"], spec.title
     big = estimate_memory(stage_c_spec(run_cfg(batch_size=8, image_size=128)))["bytes"]["activations"]
     assert 2.5 * first < big                                   # activations grow with the batch (2 -> 8)
 

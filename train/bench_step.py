@@ -369,6 +369,18 @@ PRESET_JOB = re.compile(r"^#\s*job:\s*train/(\w+)\.py", re.M)
 PRESET_BUDGET = re.compile(r"^#\s*budget_gib:\s*([0-9.]+)", re.M)
 
 
+def script_of(trainer: type) -> str:
+    """The training script (``train/<name>.py`` stem) that defines ``trainer`` or its nearest base."""
+    import sys
+
+    for cls in trainer.__mro__:
+        module = sys.modules.get(cls.__module__)
+        stem = os.path.splitext(os.path.basename(getattr(module, "__file__", "") or ""))[0]
+        if stem in JOB_MODES:
+            return stem
+    raise ValueError(f"{trainer.__name__} is not a training job of {sorted(JOB_MODES)}")
+
+
 def trainer_of(script: str) -> type:
     """The trainer class ``train/<script>.py`` defines."""
     import importlib

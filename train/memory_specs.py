@@ -100,6 +100,8 @@ def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
     return {"model_version": str(_get(cfg, "model_version")), "batch_size": _per_rank_batch(cfg, world_size),
             "image_size": (size, size), "optimizer": _get(cfg, "optimizer", "adamw") or "adamw",
             "weight_dtype": _get(cfg, "dtype") or "float32",
+            # stochastic rounding steps bf16 weights in float32: the optimizer keeps float32 states
+            "optimizer_state_dtype": "float32" if _get(cfg, "stochastic_rounding", False) else None,
             "frozen_dtype": _get(cfg, "frozen_dtype") or "bfloat16",
             "autocast": _get(cfg, "precision", "auto") != "fp32",
             "cached": bool(_get(cfg, "cache_path")),
@@ -120,6 +122,31 @@ def _encoders(kind: str, f: dict[str, Any]) -> dict[str, Any]:
     else:
         out["stage_a"] = (_meta_params("stage_a"), "float32")  # registered uncast (decode only)
     return out
+
+
+def _encoder_forward(kind: str, b: int, h: int, w: int, frozen_dtype: str) -> None:
+    """The convolutional encoders' no-grad forward of one step (under the caller's fake mode):
+    EfficientNet on the images (Stage C) or on 3/4-size images + Stage A's encoder in float32
+    (Stage B). CLIP's 77-token forwards are small and not built here."""
+    from modules.registry import build_model
+
+    from core.memsim import fake_materialize
+
+    with default_dtype(frozen_dtype):
+        effnet = fake_materialize(build_model("effnet", "default", device="meta")).eval()
+    images = torch.empty(b, 3, h, w)
+    if kind == "stage_c":
+        effnet(images.to(_dtype_of(effnet)).contiguous(memory_format=torch.channels_last))
+        return
+    small = torch.empty(b, 3, max(32, h * 3 // 4 // 32 * 32), max(32, w * 3 // 4 // 32 * 32))
+    effnet(small.to(_dtype_of(effnet)).contiguous(memory_format=torch.channels_last))
+    del effnet, small
+    stage_a = fake_materialize(build_model("stage_a", "default", device="meta")).eval()
+    stage_a.encode(images)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -155,7 +182,9 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
     def build() -> nn.Module:
         with default_dtype(f["weight_dtype"] if full else f["frozen_dtype"]):
             generator = build_model(kind, version)
-        generator.train()
+        # trained (or LoRA-adapted) in train mode; the frozen base under a ControlNet in eval mode
+        # (no dropout), as the ControlNet job registers it
+        generator.train(controlnet is None)
         networks = nn.ModuleDict({"generator": generator})
         generator.requires_grad_(full)
         if lora is not None:
@@ -201,7 +230,9 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         title=f"{kind} {version} {mode}", build=build, forward=forward, batch_size=b, image_size=(h, w),
         unit_types=BLOCK_TYPES, extra_units=cnet_units if controlnet is not None else None,
         frozen=_encoders(kind, f), weight_dtype=f["weight_dtype"], frozen_dtype=f["frozen_dtype"],
-        optimizer=f["optimizer"], autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
+        optimizer=f["optimizer"], optimizer_state_dtype=f["optimizer_state_dtype"],
+        transient=None if f["cached"] else functools.partial(_encoder_forward, kind, b, h, w, f["frozen_dtype"]),
+        autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
         cached=f["cached"], param_counts=param_counts, frozen_label="weights (frozen generator/cnet)",
         details=details, world_size=f["world_size"], fsdp_networks=FSDP_SHARDED[mode] if f["fsdp"] else None,
         device=f["device"])
