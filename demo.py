@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
 CONFIG = "configs/training/demo_c.yaml"
 #: photographs (the first N of tools/make_demo_assets.PHOTOS), one view each (the full photo): the

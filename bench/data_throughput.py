@@ -24,14 +24,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from core.data import DataConfig, build_pipeline  # noqa: E402
-from core.data.images import load_to_bucket, probe_size  # noqa: E402
-from core.data.tario import iter_samples  # noqa: E402
-from tools.photo_shards import write_photo_shards  # noqa: E402
+from core.data import DataConfig, build_pipeline
+from core.data.images import load_to_bucket, probe_size
+from core.data.tario import iter_samples
+from tools.photo_shards import write_photo_shards
 
 RATIOS = ["1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16"]
 SIZES = [(1024, 1024), (768, 1024), (1024, 768), (576, 1024), (1024, 683), (1024, 512)]

@@ -48,13 +48,11 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 # the step itself (one code path for the GPU run and the simulation)
-from train.bench_step import (Row, _encode, build_encoders, build_trained,  # noqa: E402,F401
+from train.bench_step import (Row, _encode, build_encoders, build_trained,  # noqa: F401
                               controlnet_kwargs, make_optimizer, preset_rows, trained_loss, train_forward,
                               training_step)
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.memory import MemorySpec, estimate_memory, format_estimate  # noqa: E402
+from core.memory import MemorySpec, estimate_memory, format_estimate
 
 
 def run_spec(a: argparse.Namespace) -> MemorySpec:

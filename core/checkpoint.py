@@ -17,7 +17,7 @@ old folders pruned. A kill -9 at any point leaves ``latest`` naming a complete f
 reads the model files from the step folder, so it never mixes a newer model with older state.
 
 A save that fails (disk full, read-only file system, ...) removes its ``.tmp`` folder and raises a
-one-line :class:`core.atomic.WriteError` naming the file, the OS reason and the update ``latest``
+one-line :class:`fileio.errors.WriteError` naming the file, the OS reason and the update ``latest``
 still names. On resume, :func:`find_resume` checks every file of the chosen folder (size against
 the COMPLETE manifest, then the format can be read) before anything is restored; a folder that
 fails is reported in one warning line and the next older complete one is tried.
@@ -36,13 +36,14 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from core.atomic import WriteError, atomic_json, atomic_torch_save, atomic_write_bytes, atomic_write_with, fsync_dir
 from core.errors import UserError
+from fileio.atomic import atomic_json, atomic_torch_save, atomic_write_bytes, atomic_write_with, fsync_dir
+from fileio.errors import WriteError
+from fileio.state_dicts import save_safetensors
 
 __all__ = [
-    "atomic_write_bytes", "atomic_torch_save", "atomic_json", "atomic_write_with", "CheckpointManager",
-    "capture_rng_state", "restore_rng_state", "backup_name", "load_torch", "load_json", "find_resume",
-    "check_writable", "check_state_folder", "WriteError", "DEFAULT_CHECKS", "refuse_broken_weights",
+    "CheckpointManager", "capture_rng_state", "restore_rng_state", "backup_name", "load_torch", "load_json",
+    "find_resume", "check_writable", "check_state_folder", "DEFAULT_CHECKS", "refuse_broken_weights",
     "refuse_nonfinite", "write_on_main_rank",
 ]
 
@@ -78,10 +79,7 @@ def _write_object(path: str, obj: FileSpec) -> None:
     elif path.endswith(".json"):
         atomic_json(obj, path)
     elif path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in obj.items()}
-        atomic_write_with(path, lambda tmp: save_file(tensors, tmp))
+        save_safetensors(obj, path)
     else:
         atomic_torch_save(obj, path)
 

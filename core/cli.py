@@ -44,8 +44,8 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
         if args.dry_run:  # says which files are missing
             dry_run(job, cfg, world_size, simulate=args.simulate)
         else:
-            print(f"config OK: {args.config} ({job.__name__}, model_version {getattr(cfg, 'model_version', '-')}, "
-                  f"world size {world_size}: per-rank micro-batch {cfg.per_rank_batch(world_size)})")
+            print(f"config OK: {args.config} ({job.__name__}, world size {world_size}: "
+                  f"per-rank micro-batch {cfg.per_rank_batch(world_size)})")
         return 0
     cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size)
     from core.distributed import init_distributed

@@ -120,6 +120,20 @@ def is_placeholder_path(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # RunConfig: the keys of the loop and the run (official meaning kept, see docs/CORE_API.md)
 # --------------------------------------------------------------------------------------------
+def per_rank_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1) -> int:
+    """Images one rank loads per micro-step: the GLOBAL ``batch_size`` / (``world_size`` x
+    ``grad_accum_steps``). The split must be exact (the official code silently rounded the per-rank
+    batch down, possibly to 0): otherwise a UserError suggesting the nearest exact batch sizes."""
+    per_step = world_size * grad_accum_steps
+    if per_step < 1 or batch_size % per_step != 0:
+        lower = max(per_step, batch_size // max(per_step, 1) * per_step)
+        raise UserError(
+            f"config key 'batch_size' = {batch_size} is the GLOBAL batch and must be divisible by "
+            f"world_size ({world_size}) x grad_accum_steps ({grad_accum_steps}) = {per_step}; "
+            f"use e.g. batch_size={lower} or {lower + per_step}")
+    return batch_size // per_step
+
+
 @dataclass
 class RunConfig:
     """Keys of the run and the training loop (official names and meanings)."""
@@ -129,7 +143,6 @@ class RunConfig:
     checkpoint_path: str = doc(REQUIRED_TRAIN, "Root folder of checkpoints; the run writes checkpoint_path/experiment_id/.")
     output_path: str = doc(REQUIRED_TRAIN, "Root folder of preview images; the run writes output_path/experiment_id/.")
     training: bool = doc(True, "True for training jobs; False (inference/notebook configs) waives the training-only required keys.")
-    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = doc(None, "Storage dtype of the generator and CLIP models (None = float32).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast for the forward pass: 'auto' = bf16 on GPUs that support it, fp32 on CPU. fp16 is refused for Stage C.")
     allow_tf32: bool = doc(True, "Enable TF32 matmul/cuDNN on NVIDIA GPUs.")
@@ -191,13 +204,13 @@ class RunConfig:
         if path is None or isinstance(path, _Required) or self.validate_only:
             return
         if not os.path.isfile(path) and not (folder_ok and os.path.isdir(path)):
-            from modules.loading import download_hint  # the error path only: keeps configs torch-free
+            from fileio.state_dicts import download_hint  # the error path only: keeps configs torch-free
 
             raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
 
     def per_rank_batch(self, world_size: int) -> int:
-        """Images per rank per micro-step: batch_size / (world_size * grad_accum_steps)."""
-        return self.batch_size // (world_size * self.grad_accum_steps)
+        """Images per rank per micro-step (:func:`per_rank_batch`)."""
+        return per_rank_batch(self.batch_size, world_size, self.grad_accum_steps)
 
     def validate_run(self, world_size: Optional[int] = None) -> None:
         """Checks of the run keys; with ``world_size`` also the batch divisibility (the official
@@ -234,13 +247,7 @@ class RunConfig:
         if not self.preview_prompts:
             raise UserError("config key 'preview_prompts' must list at least one prompt")
         if world_size is not None and self.training and isinstance(self.batch_size, int):
-            per_step = world_size * self.grad_accum_steps
-            if self.batch_size % per_step != 0:
-                lower = max(per_step, self.batch_size // per_step * per_step)
-                raise UserError(
-                    f"config key 'batch_size' = {self.batch_size} is the GLOBAL batch and must be divisible by "
-                    f"world_size ({world_size}) x grad_accum_steps ({self.grad_accum_steps}) = {per_step}; "
-                    f"use e.g. batch_size={lower} or {lower + per_step}")
+            per_rank_batch(self.batch_size, world_size, self.grad_accum_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +423,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config as YAML atomically (loadable again with ``load_config``)."""
-    from core.atomic import atomic_write_bytes
+    from fileio.atomic import atomic_write_bytes
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     atomic_write_bytes(path, text.encode("utf-8"))

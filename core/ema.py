@@ -1,4 +1,4 @@
-"""Exponential moving average of the trained network (training.md §5), counted in updates.
+"""Exponential moving average of the trained network (docs/OFFICIAL.md, EMA), counted in updates.
 
 Rule: after optimizer update ``step`` with ``step % ema_iters == 0``:
 ``beta = ema_beta if step > ema_start_iters else 0`` and ``ema <- ema * beta + model * (1 - beta)``

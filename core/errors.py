@@ -32,7 +32,7 @@ def _user_error_types() -> tuple[type, ...]:
     """The user-error classes of other packages that are already imported. Importing them here
     would cost seconds (torch) on every error; class-name matching covers them anyway."""
     types: list[type] = [UserError]
-    for module_name, class_name in (("modules.loading", "CheckpointError"), ("core.data", "DataError")):
+    for module_name, class_name in (("fileio.errors", "CheckpointError"), ("core.data", "DataError")):
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if isinstance(cls, type):

@@ -1,7 +1,7 @@
 """What a person watches: progress bar, metrics.jsonl, preview grids, loss curve, optional wandb.
 
 Local files are always written (main rank only); a write that fails for an operating-system reason
-(disk full, read-only file system) raises a one-line ``core.atomic.WriteError`` naming the file.
+(disk full, read-only file system) raises a one-line ``fileio.errors.WriteError`` naming the file.
 wandb is used when ``wandb_project`` is set: it is imported lazily, runs offline when
 ``WANDB_MODE=offline`` or the wandb server is unreachable, and a missing wandb package gives ONE
 warning instead of a crash. Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a
@@ -24,7 +24,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from core.atomic import WriteError, atomic_write_bytes
+from fileio.atomic import atomic_write_bytes
+from fileio.errors import WriteError
 
 __all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss", "plot_timesteps"]
 

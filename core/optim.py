@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate warmup (training.md §4, with the reference's defects fixed).
+"""Optimizer and learning-rate warmup (docs/OFFICIAL.md, Optimizer and warmup; the official defects fixed).
 
 Defaults equal the reference (AdamW, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01, gradient
 clipping at 1.0). Warmup: ``lr = base * min(1, (n + 1) / warmup_updates)`` for update ``n``

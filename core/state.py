@@ -129,15 +129,15 @@ class StateRegistry:
 
 def _writer(name: str, value: Any, metadata: Optional[Callable[[], dict]]) -> Callable[[str], None]:
     if name.endswith(".safetensors"):
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
 
         meta = metadata() if callable(metadata) else None
         return lambda path: save_safetensors(value, path, metadata=meta)
     if name.endswith(".json"):
-        from core.atomic import atomic_json
+        from fileio.atomic import atomic_json
 
         return lambda path: atomic_json(value, path)
-    from core.atomic import atomic_torch_save
+    from fileio.atomic import atomic_torch_save
 
     return lambda path: atomic_torch_save(value, path)
 
@@ -215,7 +215,7 @@ def first_nonfinite(value: Any, _path: str = "") -> Optional[str]:
 
 def _read(path: str) -> Any:
     if path.endswith(".safetensors"):
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         return read_state_dict(path)
     if path.endswith(".json"):

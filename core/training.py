@@ -140,6 +140,12 @@ class TrainingCore:
         """Images for the preview grids: ``{name: (N,3,H,W) in [0,1]}``."""
         return {}
 
+    def model_identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained with to resume this run, e.g. the trained
+        network's architecture: ``{key: JSON value}``, saved in ``trainer.json`` and compared on
+        resume (before any data or model loads); a difference is a UserError naming the key."""
+        return {}
+
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
         """The training batches of this rank (``batch_size`` per micro-step)."""
         from core.data import build_pipeline
@@ -285,17 +291,18 @@ class TrainingCore:
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
         trainer = load_json(paths["trainer.json"]) if "trainer.json" in paths else {}
-        saved, now = trainer.get("model_version"), getattr(self.cfg, "model_version", None)
-        if saved is not None and saved != now:
-            raise UserError(f"checkpoint in {where} was trained with model_version '{saved}' but the config "
-                            f"says '{now}'; fix model_version or use another experiment_id")
+        # checkpoints written before "identity" existed kept its keys at the top level
+        saved = trainer.get("identity", trainer)
+        for key, now in self.model_identity().items():
+            if key in saved and saved[key] != now:
+                raise UserError(f"checkpoint in {where} was trained with {key} '{saved[key]}' but this run has "
+                                f"'{now}'; fix {key} or use another experiment_id")
         log.info("resuming from the checkpoint of update %s in %s", trainer.get("step"), where)
         if self.is_main:
             print(f"resuming from update {trainer.get('step')} ({where})", flush=True)
 
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "model_kind": getattr(self, "model_kind", ""),
-                "model_version": getattr(self.cfg, "model_version", None), "experiment_id": self.cfg.experiment_id,
+        return {"step": self.step, "identity": self.model_identity(), "experiment_id": self.cfg.experiment_id,
                 "world_size": self.dist.world_size, "nonfinite_total": self.nonfinite_total,
                 "ema_loss": self.ema_loss, "wandb_run_id": self.wandb_run_id, "config": config_to_dict(self.cfg)}
 
@@ -405,7 +412,7 @@ class TrainingCore:
     # -- checkpoints ------------------------------------------------------------------------
     def backup_due(self, step: int) -> bool:
         """True when a ``backup_every`` boundary was crossed since the previous save (the reference
-        backed up only when a save step was an exact multiple, reference-behaviour.md §13 item 12)."""
+        backed up only when a save step was an exact multiple, docs/OFFICIAL.md, Defects)."""
         every = self.cfg.backup_every
         return bool(every) and step // every > self.last_saved_step // every
 

@@ -1,4 +1,5 @@
-"""The official Stable Cascade configurations (gdf.md §8): training GDFs and sampling settings."""
+"""The official Stable Cascade configurations: training GDFs and sampling settings (docs/OFFICIAL.md,
+GDF and sampling)."""
 from __future__ import annotations
 
 import copy
@@ -59,7 +60,7 @@ def controlnet(offset_noise: float = 0.0) -> GDF:
     return _build(P2LossWeight(), _check_offset(offset_noise))
 
 
-#: Official sampling settings (gdf.md §8.2): keyword arguments of ``GDF.sample`` plus
+#: Official sampling settings (docs/OFFICIAL.md, Official sampling settings): keyword arguments of ``GDF.sample`` plus
 #: ``"sampler"`` as a name (resolve it with ``make_sampler`` or use ``sampling_kwargs``).
 #: For "stage_c_img2img" the caller also passes ``x_init = gdf.diffuse(latents, t=ones·t_start)[0]``.
 SAMPLING: dict[str, dict[str, Any]] = {

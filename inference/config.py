@@ -65,7 +65,7 @@ class InferenceConfig:
                                                      " large")
     controlnet_checkpoint_path: Optional[str] = _doc("ControlNet weights")
     cnet_multiplier: float = _doc("multiplier of every ControlNet output (notebooks' knob)", 1.0)
-    # sampling overrides (unset: the official settings, gdf.md 8.2)
+    # sampling overrides (unset: the official settings, docs/OFFICIAL.md)
     sampler: Optional[str] = _doc("ddpm (official), ddim or lcm")
     steps: Optional[int] = _doc("sampling steps (official: 20 Stage C, 10 Stage B)")
     cfg: Optional[float] = _doc("guidance scale (official: 4 Stage C, 1.1 Stage B)")

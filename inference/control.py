@@ -1,6 +1,6 @@
 """ControlNet at inference: filter the control image, run the ControlNet, scale its outputs.
 
-The resulting list is used for BOTH CFG halves (training.md 8; gdf.md 8.2), each entry multiplied
+The resulting list is used for BOTH CFG halves (docs/OFFICIAL.md, ControlNet training), each entry multiplied
 by ``cnet_multiplier`` (the notebooks' knob).
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ def require_file(cfg: InferenceConfig, key: str, why: str) -> str:
     if not path:
         raise UserError(f"config key '{key}' is not set; it is needed for {why}")
     if not os.path.isfile(path) and not (key == "generator_checkpoint_path" and os.path.isdir(path)):
-        from modules.loading import download_hint
+        from fileio.state_dicts import download_hint
 
         raise UserError(f"{key}: checkpoint file not found: {path} ({download_hint(path)}; relative paths "
                         f"resolve against --root)")
@@ -78,7 +78,9 @@ def load_controlnet(cfg: InferenceConfig, c_in: int, c_proj: int, dtype: torch.d
                     device: torch.device) -> nn.Module:
     """The configured ControlNet, built on meta and filled from its checkpoint (strict)."""
     from modules.controlnet import ControlNet
-    from modules.loading import CheckpointError, load_state_dict_strict, read_state_dict
+    from fileio.errors import CheckpointError
+    from fileio.state_dicts import read_state_dict
+    from modules.loading import load_state_dict_strict
 
     path = require_file(cfg, "controlnet_checkpoint_path", "the ControlNet")
     try:

@@ -1,4 +1,4 @@
-"""``CascadePipeline``: prompts -> Stage C -> Stage B -> Stage A -> images (training.md 10).
+"""``CascadePipeline``: prompts -> Stage C -> Stage B -> Stage A -> images (docs/OFFICIAL.md, Inference recipes).
 
 Also image variation, image-to-image, reconstruction (effnet -> Stage B -> Stage A), LoRA and
 ControlNet from the config. The sampling itself is :mod:`inference.sampling`, which the training
@@ -131,14 +131,14 @@ class CascadePipeline:
     # ------------------------------------------------------------------ components loaded lazily
     @cached_property
     def gdf_c(self) -> Any:
-        """The Stage C GDF (gdf.md 8.1)."""
+        """The Stage C GDF (docs/OFFICIAL.md, Training objects)."""
         from gdf import presets
 
         return presets.stage_c()
 
     @cached_property
     def gdf_b(self) -> Any:
-        """The Stage B GDF (gdf.md 8.1)."""
+        """The Stage B GDF (docs/OFFICIAL.md, Training objects)."""
         from gdf import presets
 
         return presets.stage_b()
@@ -199,11 +199,11 @@ class CascadePipeline:
 
     # ------------------------------------------------------------------ settings and conditions
     def settings_c(self, **overrides: Any) -> SamplingSettings:
-        """Stage C settings: official (gdf.md 8.2) <- config keys <- ``overrides``."""
+        """Stage C settings: official (docs/OFFICIAL.md, Official sampling settings) <- config keys <- ``overrides``."""
         return self._settings(sampling.STAGE_C_INFERENCE, self.cfg_c, overrides)
 
     def settings_b(self, **overrides: Any) -> SamplingSettings:
-        """Stage B settings: official (gdf.md 8.2) <- config keys <- ``overrides``."""
+        """Stage B settings: official (docs/OFFICIAL.md, Official sampling settings) <- config keys <- ``overrides``."""
         return self._settings(sampling.STAGE_B_INFERENCE, self.cfg_b, overrides)
 
     @staticmethod
@@ -225,7 +225,7 @@ class CascadePipeline:
 
     def stage_c_conditions(self, prompts: Sequence[str], clip_img: Optional[torch.Tensor] = None
                            ) -> tuple[dict, dict]:
-        """(conditions, unconditions) for Stage C: prompts vs "" (training.md 3.1, is_eval=True);
+        """(conditions, unconditions) for Stage C: prompts vs "" (docs/OFFICIAL.md, Stage C conditions);
         image embeds given -> conditional only, zeros otherwise."""
         batch = len(prompts)
         text, pooled = self.encode_text(prompts)
@@ -378,7 +378,7 @@ class CascadePipeline:
     def image_variation(self, images: ImageLike, prompts: Union[str, Sequence[str]] = "", *,
                         num_images: int = 1, height: int = 1024, width: int = 1024, seed: Seed = 0,
                         preview_only: bool = False, **overrides: Any) -> list:
-        """Variations of an image: its CLIP image embedding conditions Stage C (training.md 10).
+        """Variations of an image: its CLIP image embedding conditions Stage C (docs/OFFICIAL.md, Inference recipes).
 
         ``overrides``: steps_c, steps_b, cfg_c, cfg_b, shift_c, shift_b, sampler.
         """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from inference.errors import UserError
 
@@ -155,7 +155,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-sample``): ``error: ...`` and exit 2 on a user error."""
     from core.errors import run_cli
 
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 
 CfgValue = Union[float, Sequence[float], None]
 
-# Compression factors of the official inference helper (reference-behaviour.md 12).
+# Compression factors of the official inference helper (docs/OFFICIAL.md, Inference recipes).
 STAGE_C_COMPRESSION = 42.67
 STAGE_A_COMPRESSION = 4.0
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """The knobs of ``GDF.sample`` for one stage (gdf.md 1.4)."""
+    """The knobs of ``GDF.sample`` for one stage (docs/OFFICIAL.md, The sampling loop)."""
 
     timesteps: int
     cfg: CfgValue
@@ -60,7 +60,7 @@ def from_preset(name: str) -> SamplingSettings:
                             eta=(preset.get("sampler_params") or {}).get("eta"))
 
 
-# gdf.md 8.2: official sampling settings.
+# Official sampling settings (docs/OFFICIAL.md).
 STAGE_C_INFERENCE = from_preset("stage_c_inference")
 STAGE_B_INFERENCE = from_preset("stage_b_inference")
 STAGE_C_PREVIEW = from_preset("stage_c_preview")
@@ -113,10 +113,11 @@ def run_sampler(model: torch.nn.Module, gdf: Any, conditions: Mapping[str, Any],
                 x_init: Optional[torch.Tensor] = None, device: Union[str, torch.device, None] = None,
                 progress: Union[bool, str] = False,
                 autocast: Optional[contextlib.AbstractContextManager] = None) -> torch.Tensor:
-    """Run ``GDF.sample`` to the end and return the LAST predicted x0 (float32), gdf.md 1.4 step 7.
+    """Run ``GDF.sample`` to the end and return the LAST predicted x0 (float32); see
+    docs/OFFICIAL.md, The sampling loop.
 
-    ``conditions``/``unconditions`` are paired by position (gdf.md 1.4), so both must list the
-    same keys in the same order. ``progress`` shows a tqdm bar (a string is its label).
+    ``conditions``/``unconditions`` are paired by position (as in the official loop), so both must
+    list the same keys in the same order. ``progress`` shows a tqdm bar (a string is its label).
     ``autocast``: the context the model runs in (a training run passes its own precision); None =
     bf16 autocast on CUDA for bf16 weights (:func:`autocast_for`).
     """

@@ -1,4 +1,4 @@
-"""Replay LoRA-trained tokens into the tokenizer and CLIP text embedding (training.md 7.1).
+"""Replay LoRA-trained tokens into the tokenizer and CLIP text embedding (docs/OFFICIAL.md, LoRA tokens).
 
 Training (``modules.lora_tokens``) adds each new token (``[name]`` or ``<name>``) to the tokenizer and appends one embedding
 row, initialised to the mean of the rows whose vocabulary string matches the init regex. The LoRA

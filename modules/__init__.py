@@ -1,5 +1,7 @@
 """Stable Cascade networks as pure ``nn.Module``s, their registry, weight loading and CLIP encoders.
 
+Files themselves (``read_state_dict``, ``save_safetensors``, ``CheckpointError``) are :mod:`fileio`'s.
+
 The public classes are imported lazily so that ``import modules`` stays cheap and a notebook can
 ``from modules import StageC`` without importing torchvision or transformers.
 """
@@ -23,9 +25,6 @@ _EXPORTS = {
     "load_model": "modules.loading",
     "load_state_dict_strict": "modules.loading",
     "detect_model_version": "modules.loading",
-    "read_state_dict": "modules.loading",
-    "save_safetensors": "modules.loading",
-    "CheckpointError": "modules.loading",
 }
 
 __all__ = sorted(_EXPORTS)

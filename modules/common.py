@@ -1,4 +1,4 @@
-"""Building blocks shared by StageB and StageC (networks.md §1).
+"""Building blocks shared by StageB and StageC (docs/OFFICIAL.md, Shared blocks).
 
 Attribute names are the official state-dict prefixes; do not rename them. Mixed precision: the
 original code casts a few paths to float32 and relies on CUDA autocast to cast back. Every such
@@ -224,7 +224,7 @@ class UpDownBlock2d(nn.Module):
 
 
 class CnetDeliverer:
-    """Hands out ControlNet entries one per ResBlock call (networks.md §2.5); None past the end."""
+    """Hands out ControlNet entries one per ResBlock call (docs/OFFICIAL.md, Stage C); None past the end."""
 
     def __init__(self, entries: Sequence[Optional[torch.Tensor]]):
         self.entries = list(entries)
@@ -382,7 +382,7 @@ class CascadeUNet(nn.Module):
         return match_dtype(torch.cat(embs, dim=1), dtype)
 
     def _init_common(self, n_down_blocks: int) -> None:
-        """Init rules 5 and 6 of networks.md §2.4 (residual scaling, zero TimestepBlock linears)."""
+        """The official init's residual scaling and zero TimestepBlock linears (docs/OFFICIAL.md, Stage C)."""
         scale = math.sqrt(1 / n_down_blocks)
         for level in list(self.down_blocks) + list(self.up_blocks):
             for block in level:

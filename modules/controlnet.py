@@ -1,6 +1,6 @@
 """ControlNet for Stage C: a control image -> a list of feature maps added before Stage C ResBlocks.
 
-networks.md §6. The network encodes the (filtered) control input with one of three backbones and
+docs/OFFICIAL.md, ControlNet. The network encodes the (filtered) control input with one of three backbones and
 projects the features once per entry of ``proj_blocks``; the output list is indexed by Stage C
 ResBlock call number (down path then up path), ``None`` where no control is injected. Projections
 end in a zero-initialised conv, so an untrained ControlNet injects zeros.
@@ -178,7 +178,7 @@ class ControlNet(nn.Module):
 
 
 def __getattr__(name: str):
-    # ARCHITECTURE.md promises the filters under modules.controlnet (configs name them like the
+    # docs/ARCHITECTURE.md promises the filters under modules.controlnet (configs name them like the
     # original's `getattr(modules.controlnet, filter_name)`); they live in modules/filters.py and are
     # imported lazily so building a ControlNet does not pull in the filters' dependencies.
     if not name.startswith("_"):

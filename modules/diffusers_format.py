@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from modules.loading import CheckpointError
+from fileio.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -243,7 +243,7 @@ def read_config(path: Path) -> dict[str, Any]:
 def read_diffusers(path: str | os.PathLike, kind: str, model_version: str) -> dict[str, torch.Tensor]:
     """Our (official) state dict of the diffusers folder/file ``path`` for ``kind``/``model_version``
     (its ``config.json``, when there is one, is checked first). Keys are not checked here."""
-    from modules.loading import read_state_dict
+    from fileio.state_dicts import read_state_dict
 
     found = diffusers_weights_path(path)
     if found is None:
@@ -258,7 +258,7 @@ def save_diffusers(sd: Mapping[str, torch.Tensor], kind: str, model_version: str
                    dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``folder/config.json`` + ``folder/diffusion_pytorch_model.safetensors`` (what
     ``StableCascadeUNet.from_pretrained(folder)`` loads) from our ``kind`` state dict."""
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     out = Path(folder)
     if out.exists() and not out.is_dir():

@@ -2,9 +2,10 @@
 
 Backbone = torchvision ``efficientnet_v2_s().features`` built with ``weights=None`` (the released
 ``effnet_encoder.safetensors`` overwrites every tensor, so nothing is downloaded), plus a 1x1 conv +
-non-affine BatchNorm ``mapper`` (networks.md §5.1). ``backbone="demo"`` is a narrow EfficientNet of
-the same kind (Fused-MBConv then MBConv stages, stride 32) that the CPU demo fits on its photographs
-(registry version ``effnet/demo``); it is not an official network.
+non-affine BatchNorm ``mapper`` (docs/OFFICIAL.md, EfficientNet encoder and Previewer).
+``backbone="demo"`` is a narrow EfficientNet of the same kind (Fused-MBConv then MBConv stages,
+stride 32) that the CPU demo fits on its photographs (registry version ``effnet/demo``); it is not
+an official network.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ControlNet filters: turn a batch of training images into the ControlNet input.
 
-Every filter is a small class (training.md §9):
+Every filter is a small class (docs/OFFICIAL.md, ControlNet filters):
 
 * the constructor takes the official parameter names (the keys of ``controlnet_filter_params``);
 * ``num_channels()`` is the ControlNet ``c_in``;
@@ -15,7 +15,7 @@ global RNG), so a run seeded from (seed, rank, step) repeats exactly.
 ``controlnet_filter_params``: a bare name from :data:`FILTERS`, or ``"package.module:ClassName"``
 for a user filter (imported with importlib, never ``eval``).
 
-Differences from the official filters (reference-behaviour.md §13 item 24 and training.md §9):
+Differences from the official filters (docs/OFFICIAL.md, ControlNet filters and Defects):
 
 * ``InpaintFilter`` computes its masks with the released saliency network (``modules/saliency.py``)
   as the official filter does; the spectral-residual proxy remains as an explicit option
@@ -178,7 +178,7 @@ def _reject_kwargs(kwargs: dict, who: str, accepted: Sequence[str]) -> None:
 
 
 class CannyFilter:
-    """Canny edge map (1 channel), as the official filter (training.md §9).
+    """Canny edge map (1 channel), as the official filter (docs/OFFICIAL.md, ControlNet filters).
 
     Steps: bilinear resize to ``resize``×``resize`` (``align_corners=False``, no antialias); per image
     OpenCV ``cv2.Canny`` on the uint8 HWC RGB image (``x*255`` truncated) with hysteresis thresholds
@@ -301,7 +301,8 @@ class InpaintFilter:
     """Inpainting / outpainting input (4 channels): the image with masked pixels set to 1.0 (white)
     followed by the mask as float, ``cat([masked_image, mask])``.
 
-    Masks as the official filter computes them (training.md §9), with ``saliency="model"`` (default):
+    Masks as the official filter computes them (docs/OFFICIAL.md, ControlNet filters), with
+    ``saliency="model"`` (default):
 
     1. the released saliency network (:class:`modules.saliency.MicroResNet`, ``saliency_model``) on a
        copy of the batch resized to shorter side 240 (bilinear, antialias; torchvision's rule);
@@ -455,7 +456,7 @@ class InpaintFilter:
                 "controlnet_filter_params: {saliency: spectral_residual} for the proxy masks"
             )
         if not isinstance(model, torch.nn.Module):
-            from modules.loading import CheckpointError
+            from fileio.errors import CheckpointError
             from modules.saliency import load_saliency_model
 
             try:
@@ -856,7 +857,7 @@ def load_face_model(spec: Any, **kwargs: Any) -> Any:
 
 class IdentityFilter:
     """Face-identity map (512 channels): the face embeddings written into their boxes on the
-    Stage C latent grid (training.md §9).
+    Stage C latent grid (docs/OFFICIAL.md, ControlNet filters).
 
     Per image the face model returns ``(box_xyxy, embedding_512)`` pairs (pixel coordinates of the
     RGB uint8 image, ``x*255`` truncated). Faces are ranked like insightface's detector ranks them

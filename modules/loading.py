@@ -1,5 +1,6 @@
-"""Reading, checking, loading and saving flat state dicts (networks.md §8).
+"""Loading flat state dicts into the registered networks, and checking that they fit.
 
+Files are read and written by :mod:`fileio.state_dicts` (``read_state_dict``, ``save_safetensors``).
 ``load_model`` builds the parameters on the meta device and assigns the file's tensors one by one in
 the requested dtype/device, so a bf16 file loaded as bf16 never passes through float32 and a 3.6B
 model never exists twice in memory. Buffers are built for real (they are small), so buffers that are
@@ -8,8 +9,6 @@ not stored in files (non-persistent ones) keep their constructed values.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -17,14 +16,10 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
+from fileio.errors import CheckpointError
+from fileio.state_dicts import PathLike, checkpoint_path, iter_safetensors, read_state_dict, safetensors_shapes
+from fileio.state_dicts import file_shapes as read_file_shapes
 from modules.registry import build_model, describe_model_version, model_class, model_config
-
-PathLike = Union[str, os.PathLike]
-_TORCH_EXTS = (".pt", ".ckpt", ".pth", ".bin")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, cannot be written or does not fit the requested model."""
 
 
 class StateDictMismatchError(CheckpointError, ValueError):
@@ -32,95 +27,6 @@ class StateDictMismatchError(CheckpointError, ValueError):
 
     Also a ValueError because that is what LoRA loading raised before this error type existed.
     """
-
-
-# File names models/download_models.sh writes (stage_c_bf16.safetensors, controlnet/canny..., ...).
-_OFFICIAL_NAME = re.compile(r"(stage_[abc](_lite)?(_bf16)?|previewer|effnet_encoder|canny|inpainting|"
-                            r"super_resolution|lora_fernando_10k)\.safetensors")
-
-
-def download_hint(path: PathLike) -> str:
-    """How to get a missing file: the download command when ``path`` looks like an official file
-    (in a ``models/`` folder or named like one), else a plain "fix the path"."""
-    p = Path(path)
-    if "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name):
-        return "download the official weights with `bash models/download_models.sh` (see models/README.md) or fix the path"
-    return "check the path in your config"
-
-
-def _check_path(path: PathLike) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint file not found ({download_hint(p)})")
-    ext = p.suffix.lower()
-    if ext != ".safetensors" and ext not in _TORCH_EXTS:
-        raise CheckpointError(
-            f"{p}: unsupported checkpoint extension {ext!r}; use .safetensors, {', '.join(_TORCH_EXTS)}")
-    return p
-
-
-def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor (nested dicts are "
-                                  "not supported; save a flat state dict)")
-    return dict(obj)
-
-
-def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        # mmap avoids a second in-memory copy; files in the legacy (pre-zip) format cannot be mapped.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    return _unwrap(obj, path)
-
-
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed)."""
-    p = _check_path(path)
-    if p.suffix.lower() == ".safetensors":
-        return dict(_iter_safetensors(p))
-    return _torch_load(p)
-
-
-def _iter_safetensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt header etc.
-        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
-
-
-def _safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    """Key -> shape of a safetensors file, from its header only (no tensor data is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
-
-
-def _file_shapes(path: Path) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, torch.Tensor]]]:
-    """Key -> shape without reading tensor data for safetensors; .pt files are read (mmap)."""
-    if path.suffix.lower() == ".safetensors":
-        return _safetensors_shapes(path), None
-    sd = _torch_load(path)
-    return {k: tuple(v.shape) for k, v in sd.items()}, sd
 
 
 def detect_model_version(kind: str, path: PathLike) -> Optional[str]:
@@ -131,10 +37,10 @@ def detect_model_version(kind: str, path: PathLike) -> Optional[str]:
     :func:`modules.registry.describe_model_version`. Raises :class:`CheckpointError` when the file
     is missing or unreadable.
     """
-    p = _check_path(path)
+    p = checkpoint_path(path)
     if p.suffix.lower() != ".safetensors":
         return None
-    shapes = _safetensors_shapes(p)
+    shapes = safetensors_shapes(p)
     return describe_model_version(kind, shapes) if shapes else None
 
 
@@ -286,7 +192,7 @@ def load_model(
     (``modules.diffusers_format``): it is converted to the official layout first, then checked the same way.
     """
     foreign = _read_diffusers(kind, model_version, path)
-    p = Path(path) if foreign is not None else _check_path(path)
+    p = Path(path) if foreign is not None else checkpoint_path(path)
     device = torch.device(device)
     cls = model_class(kind)
     cfg = model_config(kind, model_version, **overrides)
@@ -314,7 +220,7 @@ def load_model(
     if foreign is not None:
         shapes, preloaded = {k: tuple(v.shape) for k, v in foreign.items()}, foreign
     else:
-        shapes, preloaded = _file_shapes(p)
+        shapes, preloaded = read_file_shapes(p)
     report = mismatch_report(kind, model_version, shapes, {k: v.shape for k, v in expected.items()}, str(p))
     if report is not None:
         raise CheckpointError(report)
@@ -325,7 +231,7 @@ def load_model(
             if buf is not None:
                 mod._buffers[name] = _convert(buf, dtype, device)
 
-    items = preloaded.items() if preloaded is not None else _iter_safetensors(p)
+    items = preloaded.items() if preloaded is not None else iter_safetensors(p)
     converted = {}
     for k, v in items:
         wrong_dtype = dtype_mismatch(expected, {k: v}, str(p))
@@ -348,100 +254,3 @@ def _read_diffusers(kind: str, model_version: str, path: PathLike) -> Optional[D
     if kind not in KINDS or diffusers_weights_path(path) is None:
         return None
     return read_diffusers(path, kind, model_version)
-
-
-def _flat_tensors(state: Union[nn.Module, Mapping[str, torch.Tensor]], dtype: Optional[torch.dtype]
-                  ) -> Dict[str, torch.Tensor]:
-    sd = state.state_dict() if isinstance(state, nn.Module) else state
-    out: Dict[str, torch.Tensor] = {}
-    seen_ptrs = set()
-    for k, v in sd.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise TypeError(f"save_safetensors: entry {k!r} is {type(v).__name__}; a flat dict of tensors is required")
-        if v.is_meta:
-            raise ValueError(f"save_safetensors: entry {k!r} is on the meta device (no data to save)")
-        t = v.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.to("cpu").contiguous()
-        # safetensors refuses entries that share storage: give views and aliases their own copy.
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen_ptrs or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen_ptrs.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
-def save_safetensors(
-    state_dict_or_module: Union[nn.Module, Mapping[str, torch.Tensor]],
-    path: PathLike,
-    dtype: Optional[torch.dtype] = None,
-    metadata: Optional[Mapping[str, str]] = None,
-) -> None:
-    """Write a flat safetensors file atomically (temp file in the same folder, fsync, os.replace),
-    with the mode a plain ``open`` gives (0666 minus the process umask).
-
-    ``dtype`` casts floating-point tensors only (integer buffers stay int64). The file gets mode
-    0666 minus the umask. A write that fails for an operating-system reason (disk full, read-only
-    file system, ...) raises ``CheckpointError`` naming the file and the reason, chained to the
-    original error, and leaves no temp file.
-    """
-    from safetensors.torch import save_file
-
-    tensors = _flat_tensors(state_dict_or_module, dtype)
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise TypeError("save_safetensors: metadata must map str to str")
-    path = Path(path)
-    tmp: Optional[Path] = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temp_beside(path)
-        mode = os.stat(tmp).st_mode & 0o777  # 0666 minus the umask, read without touching the umask
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata is not None else None)
-        os.chmod(tmp, mode)  # safetensors renames a 0600 temp file of its own over ``tmp``
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except Exception as exc:
-        reason = _os_reason(exc)
-        if reason is None:
-            raise
-        raise CheckpointError(f"{path}: cannot write the file: {reason}") from exc
-    finally:
-        if tmp is not None:  # removing can fail on a read-only file system; never hide the real error
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    with contextlib.suppress(OSError):  # persist the rename; not possible on every filesystem
-        dir_fd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _create_temp_beside(path: Path) -> Path:
-    """A new empty ``.NAME.XXXXXXXX.tmp`` beside ``path`` with mode 0666 minus the umask
-    (``tempfile.mkstemp`` forces 0600, which the renamed file would keep)."""
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{path}: no free temporary file name")
-
-
-def _os_reason(exc: BaseException) -> Optional[str]:
-    """"No space left on device (errno 28)" for an OSError, or for a safetensors error whose
-    message carries "(os error 28)"; None for anything else."""
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{exc.strerror or os.strerror(exc.errno)} (errno {exc.errno})"
-    match = re.search(r"os error (\d+)", str(exc))
-    if match:
-        code = int(match.group(1))
-        return f"{os.strerror(code)} (errno {code})"
-    return None

@@ -1,4 +1,4 @@
-"""LoRA, DoRA and ReToken as torch parametrizations (networks.md §7).
+"""LoRA, DoRA and ReToken as torch parametrizations (docs/OFFICIAL.md, LoRA and ReToken).
 
 ``apply_lora`` attaches :class:`LoRA` (or, with ``lora_type="dora"``, :class:`DoRA`) to weights so the state-dict keys become the official
 ``...parametrizations.<name>.original`` / ``.0.lora_down`` / ``.0.lora_up``. The helpers at the end

@@ -9,7 +9,7 @@ Layouts (``detect_layout``):
   The delta of a target is ``up @ down * alpha / r``. A DoRA (``lora_type: dora``) adds
   ``<target>.dora_magnitude`` (out,) float32: the magnitude vector m of
   ``W' = m * (W + delta) / ||W + delta||_row`` (norm per output row; :func:`modules.lora.dora_weight`).
-* ``official`` (networks.md §7.3): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
+* ``official`` (docs/OFFICIAL.md, LoRA and ReToken): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
   of ``apply_lora(model, module_filters, rank)`` (official ``modules()`` order); scale 1/rank.
 * ``comfyui`` (ComfyUI's Stable Cascade Stage C names): ``lora_prior_unet_<module with _>.lora_down.weight``
   / ``.lora_up.weight`` / ``.alpha``, scale ``alpha / rank``.
@@ -92,7 +92,7 @@ class LoraEntry:
         rows = weight_shape[0] // 3 if self.block is not None else weight_shape[0]
         shape = (rows, *weight_shape[1:])
         if down.dim() == 2:
-            # Our LoRA on a conv weight is constant over the kernel positions (networks.md §7.1).
+            # Our LoRA on a conv weight is constant over the kernel positions (docs/OFFICIAL.md, LoRA and ReToken).
             d = (up @ down) * self.scale
             return d.view(d.shape + (1,) * (len(shape) - 2)).expand(shape)
         return ((up @ down.flatten(1)) * self.scale).view(shape)
@@ -370,7 +370,7 @@ def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[
     into q/k/v sharing ``lora_down``).
 
     ComfyUI scales by ``alpha / rank`` like we do, so ``alpha`` is written unchanged. A LoRA on a
-    conv weight (constant over the kernel, networks.md §7.1) is written as ``lora_down`` repeated
+    conv weight (constant over the kernel, docs/OFFICIAL.md) is written as ``lora_down`` repeated
     over the kernel positions and ``lora_up`` (out, r, 1, 1): ComfyUI's ``up.flatten(1) @
     down.flatten(1)`` then gives exactly the same update. ``param_shapes`` is needed for convs.
     A DoRA entry also gets ``<stem>.dora_scale`` (float32, each q/k/v third its rows), computed

@@ -1,6 +1,6 @@
 """Token training for LoRA jobs: ``train_tokens`` -> tokenizer additions + trainable embedding rows.
 
-``train_tokens`` (training.md §7.1) is a list of ``[token_spec, init_regex_or_null]``:
+``train_tokens`` (docs/OFFICIAL.md, LoRA tokens) is a list of ``[token_spec, init_regex_or_null]``:
 
 * ``[name]`` or ``<name>`` is a NEW token: added to the tokenizer, with a new row appended to the
   CLIP token-embedding table, initialised to the mean of the rows whose vocabulary string matches

@@ -1,7 +1,8 @@
 """Previewer: a small conv decoder from Stage C latents (16 ch) to a rough RGB image at 8x resolution.
 
-Used only for training/inference previews (networks.md §5.2). Order inside each stage is
-conv -> GELU -> BatchNorm (BN in eval mode for the released weights); the output is not clamped.
+Used only for training/inference previews (docs/OFFICIAL.md, EfficientNet encoder and Previewer).
+Order inside each stage is conv -> GELU -> BatchNorm (BN in eval mode for the released weights); the
+output is not clamped.
 """
 from __future__ import annotations
 

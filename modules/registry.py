@@ -1,6 +1,6 @@
 """Model registry: (kind, model_version) -> constructor kwargs, and building models from it.
 
-Official versions reproduce the released checkpoints (networks.md §2.1, §3.1). The ``tiny`` versions
+Official versions reproduce the released checkpoints (docs/OFFICIAL.md, Stage C and Stage B). The ``tiny`` versions
 are structurally complete CPU-sized models for tests and the demo:
 
 * ``stage_c/tiny``: c_hidden [32, 32], c_cond 32, nhead [2, 2], blocks [[1, 2], [2, 1]] ('CTA' levels,
@@ -48,7 +48,7 @@ MODEL_CONFIGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     # "demo": the CPU demo's encoder / Previewer pair (demo.py fits them together as an autoencoder)
     "effnet": {"default": {}, "demo": {"backbone": "demo"}},
     "previewer": {"default": {}, "demo": {"c_hidden": 128}},
-    # Official ControlNets (networks.md §6.2), all for Stage C 3.6B (c_proj 2048). For another Stage C
+    # Official ControlNets (docs/OFFICIAL.md, ControlNet), all for Stage C 3.6B (c_proj 2048). For another Stage C
     # pass ``c_proj=<its c_hidden[0]>`` as an override.
     "controlnet": {
         "canny": {"c_in": 1, "c_proj": 2048, "proj_blocks": [0, 4, 8, 12, 51, 55, 59, 63]},

@@ -1,10 +1,11 @@
 """MicroResNet: the official saliency network of the inpainting filter and of SmartCrop.
 
-networks.md §7b (manifest ``saliency_model.json``): 35 float32 tensors, 111,233 parameters, no
-buffers. The released weights are ``modules/cnet_modules/inpainting/saliency_model.pt`` of the
-official repository (the same file as torchtools' ``transforms/models/saliency_model_v9.pt``), a
-torch pickle of a plain state dict; :func:`load_saliency_model` reads it with ``weights_only=True``
-(or a converted ``.safetensors`` copy) and loads it strictly.
+docs/OFFICIAL.md, Saliency network (layout: ``tests/data/saliency_model.json``): 35 float32 tensors,
+111,233 parameters, no buffers. The released weights are
+``modules/cnet_modules/inpainting/saliency_model.pt`` of the official repository (the same file as
+torchtools' ``transforms/models/saliency_model_v9.pt``), a torch pickle of a plain state dict;
+:func:`load_saliency_model` reads it with ``weights_only=True`` (or a converted ``.safetensors``
+copy) and loads it strictly.
 
 Input: RGB in [0, 1] (no normalisation), any size; output: a sigmoid map (B, 1, h, w) at 1/8 of
 the input size (stride 16 down, then x2 nearest up).
@@ -44,7 +45,7 @@ class SaliencyResBlock(nn.Module):
 
 
 class MicroResNet(nn.Module):
-    """The saliency CNN: ``segmentator(residual(downsampler(x)))`` (networks.md §7b)."""
+    """The saliency CNN: ``segmentator(residual(downsampler(x)))`` (docs/OFFICIAL.md, Saliency network)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,10 +77,11 @@ def load_saliency_model(path: Union[str, os.PathLike], device: Union[str, torch.
     Raises ``CheckpointError`` (one line naming the file) when the file is missing, unreadable or
     does not match the layout.
     """
-    from modules.loading import load_state_dict_strict, read_state_dict
+    from fileio.state_dicts import read_state_dict
+    from modules.loading import load_state_dict_strict
 
     model = MicroResNet()
     load_state_dict_strict(model, read_state_dict(path), str(path),
-                           hint="(expected the MicroResNet saliency weights, networks.md §7b)")
+                           hint="(expected the MicroResNet saliency weights, docs/OFFICIAL.md)")
     return model.to(device).eval().requires_grad_(False)
 

@@ -1,6 +1,6 @@
 """Stage A: the VQGAN that maps 3xHxW images in [0,1] to a 4-channel latent at 1/4 resolution and back.
 
-Layout and semantics follow the released ``stage_a.safetensors`` (networks.md §4): encoder
+Layout and semantics follow the released ``stage_a.safetensors`` (docs/OFFICIAL.md, Stage A): encoder
 (``in_block``, ``down_blocks`` ending in an affine BatchNorm), vector quantizer (``vquantizer`` with
 an 8192x4 codebook parameter) and decoder (``up_blocks``, ``out_block``). Latents are divided by
 ``scale_factor`` (0.43) on encode and multiplied back on decode. Stage B is trained on and generates

@@ -1,4 +1,4 @@
-"""StageB: the latent decoder from EfficientNet latents to Stage A latents (networks.md §3)."""
+"""StageB: the latent decoder from EfficientNet latents to Stage A latents (docs/OFFICIAL.md, Stage B)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

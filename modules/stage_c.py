@@ -1,4 +1,4 @@
-"""StageC: the text-conditional prior in the EfficientNet latent space (networks.md §2)."""
+"""StageC: the text-conditional prior in the EfficientNet latent space (docs/OFFICIAL.md, Stage C)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -7,7 +7,11 @@
 * ``train_assets`` (session): the demo assets the Stage C / Stage B training tests train on.
 * ``adapter_assets`` (module, with ``one_thread``): the LoRA / ControlNet assets; the folder is
   built once per session.
-* ``repo_on_pythonpath`` (test): the repository root on PYTHONPATH for child Python processes.
+
+Child Python processes (``python3 train/train_c.py ...``, ``torch.distributed.run``, scripts written
+into a temporary folder) import THIS checkout: the repository root is put first on the PYTHONPATH
+environment variable of the test process when this file loads, so it holds even where another copy
+of cascade-train is installed (pytest's ``pythonpath`` setting only reaches the test process itself).
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from typing import Iterator
 
 import pytest
 import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [ROOT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT)])
 
 
 @contextmanager
@@ -50,17 +58,6 @@ def train_assets(tmp_path_factory) -> Path:
         make_models(folder, calibration_size=64)
         make_dataset(folder, image_size=64, n_variants=2, n_shards=2, limit=8)
     return folder
-
-
-@pytest.fixture
-def repo_on_pythonpath(monkeypatch):
-    """The repository root first on PYTHONPATH during the test (restored after).
-
-    For child scripts written outside the repository: pytest's ``pythonpath`` setting only reaches
-    this process, and a script's own folder, not the working directory, starts its ``sys.path``.
-    """
-    root = str(Path(__file__).resolve().parents[1])
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_quick_prints_the_table(tmp_path):
     rows = ["c36_lora_ckpt", "c36_full_max"]  # every row: bench/gpu.py --quick (about a minute)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--only", *rows,
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ["PYTHONPATH"]})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     header = next(x for x in lines if x.startswith("| row"))

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import (CheckpointManager, atomic_json, atomic_torch_save, atomic_write_bytes, backup_name,
-                             capture_rng_state, load_json, load_torch, restore_rng_state)
+from core.checkpoint import CheckpointManager, backup_name, capture_rng_state, load_json, load_torch, restore_rng_state
 from core.errors import UserError
+from fileio.atomic import atomic_json, atomic_torch_save, atomic_write_bytes
 
 
 def model_sd(value: float) -> dict:
@@ -37,7 +37,7 @@ def test_atomic_helpers(tmp_path):
     atomic_torch_save({"t": torch.ones(2)}, str(tmp_path / "x.pt"))
     assert torch.equal(load_torch(str(tmp_path / "x.pt"))["t"], torch.ones(2))
     with pytest.raises(RuntimeError):  # a failing writer leaves neither a file nor a temp file
-        from core.checkpoint import atomic_write_with
+        from fileio.atomic import atomic_write_with
 
         def boom(path):
             Path(path).write_bytes(b"partial")
@@ -138,7 +138,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_kill9_mid_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format())

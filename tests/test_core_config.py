@@ -19,7 +19,7 @@ from core.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 BASE = {
-    "experiment_id": "exp", "checkpoint_path": "/tmp/ck", "output_path": "/tmp/out", "model_version": "tiny",
+    "experiment_id": "exp", "checkpoint_path": "/tmp/ck", "output_path": "/tmp/out",
     "lr": 1.0e-4, "batch_size": 8, "updates": 10, "save_every": 5,
 }
 
@@ -71,7 +71,7 @@ def test_types_and_nested_shapes(tmp_path):
 
 def test_yaml11_float_strings_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("needed: x\nexperiment_id: e\ncheckpoint_path: c\noutput_path: o\nmodel_version: tiny\n"
+    path.write_text("needed: x\nexperiment_id: e\ncheckpoint_path: c\noutput_path: o\n"
                     "lr: 1e-4\nbatch_size: 4\nupdates: 3\nsave_every: 1\n")
     cfg = load_config(Composed, str(path), ["lr=2e-5", "batch_size=8", "wandb_project=P", "mode=b"])
     assert cfg.lr == 2e-5 and cfg.batch_size == 8 and cfg.wandb_project == "P" and cfg.mode == "b"
@@ -103,10 +103,10 @@ def test_required_keys_and_training_flag(tmp_path):
     with pytest.raises(UserError, match="required config key 'lr'"):
         load_config(Composed, write(tmp_path, {"needed": "x", **data}))
     # training: false waives the training-only keys (inference configs), not the always-required ones
-    cfg = load_config(Composed, write(tmp_path, {"needed": "x", "model_version": "3B", "training": False}))
+    cfg = load_config(Composed, write(tmp_path, {"needed": "x", "training": False}))
     assert cfg.training is False and config_to_dict(cfg)["lr"] is None
     with pytest.raises(UserError, match="'needed'"):
-        load_config(Composed, write(tmp_path, {"model_version": "3B", "training": False}))
+        load_config(Composed, write(tmp_path, {"training": False}))
 
 
 def test_bool_strings(tmp_path):
@@ -116,7 +116,7 @@ def test_bool_strings(tmp_path):
 
 def test_official_compat_keys_of_the_stage_jobs(tmp_path, caplog):
     """Stage keys live in the jobs' config (train/cascade.py), not in core's RunConfig."""
-    RANDOM_CROP = {"crop": "random"}  # crop: auto would be SmartCrop, which needs the saliency weights
+    RANDOM_CROP = {"crop": "random", "model_version": "tiny"}  # crop: auto would be SmartCrop (saliency weights)
     from train.cascade import CascadeConfig
 
     @dataclass
@@ -202,7 +202,6 @@ def test_parse_cli():
         parse_cli(["c.yaml", "--bogus"])
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_run_cli_exit_codes(tmp_path):
     script = tmp_path / "cli.py"
     script.write_text(textwrap.dedent("""

@@ -71,10 +71,10 @@ class C(RunConfig, EMAConfig):
 ])
 def test_validation(data, message):
     with pytest.raises(UserError, match=message):
-        load_config(C, None, [f"{k}={v}" for k, v in data.items()], extra={"model_version": "x", "training": False})
+        load_config(C, None, [f"{k}={v}" for k, v in data.items()], extra={"training": False})
 
 
 def test_readme_example_validates():
     cfg = load_config(C, None, ["ema_start_iters=5000", "ema_iters=100", "ema_beta=0.9"],
-                      extra={"model_version": "x", "training": False})
+                      extra={"training": False})
     assert cfg.ema_enabled and cfg.ema_beta == 0.9

@@ -83,6 +83,6 @@ class C(RunConfig, OptimConfig):
 ])
 def test_validation(override, message):
     with pytest.raises(UserError, match=message):
-        load_config(C, None, [override], extra={"model_version": "x", "training": False})
-    cfg = load_config(C, None, ["betas=[0.9, 0.95]", "grad_clip=null"], extra={"model_version": "x", "training": False})
+        load_config(C, None, [override], extra={"training": False})
+    cfg = load_config(C, None, ["betas=[0.9, 0.95]", "grad_clip=null"], extra={"training": False})
     assert cfg.betas == (0.9, 0.95) and cfg.grad_clip is None

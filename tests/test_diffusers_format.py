@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from modules.diffusers_format import (
     DiffusersFormatError, check_config, diffusers_config, read_diffusers, save_diffusers, to_diffusers,
 )
-from modules.loading import CheckpointError, load_model
+from fileio.errors import CheckpointError
+from modules.loading import load_model
 from modules.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +124,7 @@ def test_strict_keys_and_config_checks(tmp_path):
 
 
 def test_export_tool_both_directions_exact(tmp_path):
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from tools.export_diffusers import main
 
     ours = _random("stage_b", seed=3).state_dict()

@@ -140,7 +140,7 @@ INTERNAL = {
     "modules.filters.FilterError": "the jobs and inference.control convert it into a UserError",
     "modules.filters.MissingDependencyError": "a FilterError (same conversion)",
 }
-PACKAGES = ("core", "modules", "inference", "tools", "train")
+PACKAGES = ("core", "fileio", "modules", "inference", "tools", "train")
 
 
 def _exception_classes() -> list[str]:
@@ -162,7 +162,7 @@ def test_every_exception_class_is_a_user_error_or_documented_internal():
     from core.errors import is_user_error_class
 
     found = _exception_classes()
-    assert "modules.loading.CheckpointError" in found and "core.data.errors.DataError" in found
+    assert "fileio.errors.CheckpointError" in found and "core.data.errors.DataError" in found
     unclassified = []
     for name in found:
         module, cls_name = name.rsplit(".", 1)
@@ -177,7 +177,7 @@ def test_every_exception_class_is_a_user_error_or_documented_internal():
 
 
 USER_ERROR_CLASSES = [
-    "core.errors.UserError", "modules.loading.CheckpointError", "modules.loading.StateDictMismatchError",
+    "core.errors.UserError", "fileio.errors.CheckpointError", "modules.loading.StateDictMismatchError",
     "modules.lora_formats.LoraFormatError", "modules.lora_tokens.TrainTokensError",
     "modules.conditioning.ClipModelNotFoundError", "core.data.errors.DataError", "core.data.errors.ShardMissing",
 ]
@@ -226,7 +226,8 @@ def test_int_dtype_generator_tensor_is_one_line(assets, tmp_path, capsys):
 def test_missing_official_file_names_the_download_command(assets, tmp_path, capsys):
     code, err = _run(assets, tmp_path, capsys, effnet_checkpoint_path="models/effnet_encoder.safetensors")
     assert_one_clear_line(code, err, "effnet_checkpoint_path", "bash models/download_models.sh")
-    from modules.loading import CheckpointError, read_state_dict
+    from fileio.errors import CheckpointError
+    from fileio.state_dicts import read_state_dict
 
     with pytest.raises(CheckpointError, match="download_models.sh"):
         read_state_dict(tmp_path / "models" / "stage_c_bf16.safetensors")
@@ -252,7 +253,7 @@ def test_controlnet_sampling_without_control_image_is_an_error(tmp_path):
 def test_model_files_are_created_with_the_process_umask(tmp_path):
     import torch
 
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     old = os.umask(0o022)
     try:

@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import CheckpointManager, atomic_torch_save, find_resume
+from core.checkpoint import CheckpointManager, find_resume
 from core.errors import UserError
+from fileio.atomic import atomic_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 C_CONFIG = str(ROOT / "configs/training/tiny_c.yaml")
@@ -158,7 +159,7 @@ def test_save_beyond_the_file_size_limit_is_one_line_and_keeps_latest(train_asse
 NAMESPACE_CHILD = textwrap.dedent("""
     import json, os, subprocess, sys
     import torch
-    from core.atomic import WriteError
+    from fileio.errors import WriteError
     from core.checkpoint import CheckpointManager
     from core.logging import RunLogger
     from core.state import StateRegistry, ValueState
@@ -211,7 +212,6 @@ def _user_namespace_tmpfs_works(tmp_path: Path) -> bool:
     return result.returncode == 0
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_disk_full_and_read_only_file_system_name_the_file_and_keep_latest(tmp_path):
     """Real ENOSPC and EROFS: tiny tmpfs mounts in a private mount namespace (skipped where user
     namespaces are not allowed)."""
@@ -243,7 +243,8 @@ def test_disk_full_and_read_only_file_system_name_the_file_and_keep_latest(tmp_p
 def test_os_reasons_of_torch_and_safetensors_writers(tmp_path):
     """torch's zip writer reports a full disk as "unexpected pos"; the reason is recovered from the
     file object's error (real ENOSPC from /dev/full)."""
-    from core.atomic import WriteError, os_error_of
+    from fileio.atomic import os_error_of
+    from fileio.errors import WriteError
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
@@ -345,9 +346,9 @@ def test_restore_errors_name_the_file_without_a_traceback(tmp_path):
 # ----------------------------------------------------------------------------- 4. file modes
 @pytest.mark.parametrize("umask", [0o022, 0o007])
 def test_files_are_created_with_the_process_umask(tmp_path, umask):
-    from core.atomic import atomic_json, atomic_write_bytes
+    from fileio.atomic import atomic_json, atomic_write_bytes
     from core.logging import RunLogger
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     old = os.umask(umask)
     try:

@@ -1,4 +1,4 @@
-"""gdf components against hand-computed values from the spec (gdf.md)."""
+"""gdf components against hand-computed values (docs/OFFICIAL.md, GDF and sampling)."""
 import math
 
 import pytest

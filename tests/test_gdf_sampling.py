@@ -1,4 +1,4 @@
-"""GDF.sample (gdf.md §1.4, §7), presets (§8) and pyramid noise (training.md §6.3)."""
+"""GDF.sample, presets and pyramid noise (docs/OFFICIAL.md, The sampling loop, Official sampling settings, Stage B)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def stage_b_file(tmp_path_factory) -> Path:
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from modules.registry import build_model
 
     path = tmp_path_factory.mktemp("stage_b") / "stage_b_tiny.safetensors"

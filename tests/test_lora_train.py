@@ -186,7 +186,7 @@ def test_kohya_lora_and_diffusers_generator_folder_load_in_training(straight, as
     StableCascadeUNet folder (config validation and loading; the conversions: test_lora_kohya.py,
     test_diffusers_format.py)."""
     from modules.diffusers_format import save_diffusers
-    from modules.loading import read_state_dict
+    from fileio.state_dicts import read_state_dict
     from tools.lora_export import export_file
 
     trained, run, _ = straight

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from core.errors import UserError
 from core.memory import MemorySpec, estimate_memory, format_estimate, optimizer_state_bytes
 from train.memory_specs import clip_text_params, clip_vision_params, controlnet_spec, lora_spec, stage_b_spec, stage_c_spec
 
@@ -35,7 +36,7 @@ def test_stage_c_3b_weights_equal_params_times_bytes():
 
 def test_lora_freezes_the_generator_in_bf16():
     est = estimate_memory(lora_spec(run_cfg(model_version="3.6B", rank=4, module_filters=[".attn"])), activations=False)
-    assert est["params"]["trainable"] == 3_145_728              # 128 LoRAs, networks.md §7.1
+    assert est["params"]["trainable"] == 3_145_728              # 128 LoRAs (docs/OFFICIAL.md, LoRA and ReToken)
     assert est["bytes"]["weights_frozen"] == N_3B * 2
     assert est["bytes"]["gradients"] == 3_145_728 * 4           # float32 LoRA factors only
 
@@ -110,7 +111,7 @@ def test_fsdp_shards_the_frozen_base_of_adapter_runs():
             buffers = sum(b.numel() * b.element_size() for b in spec.build().buffers())
         # the bf16 base, sharded 4 ways, is the frozen part
         assert est["bytes"]["weights_frozen"] == fsdp_shard_bytes(gen, 4, element_size=2) + buffers, make
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(UserError, match="divisible"):  # core.config.per_rank_batch, the one rule
         stage_c_spec(run_cfg(batch_size=6), 4)
 
 
@@ -217,3 +218,16 @@ def test_a_generic_spec():
     with pytest.raises(ValueError, match="optimizer"):
         estimate_memory(MemorySpec(title="x", build=build, forward=spec.forward, batch_size=1, image_size=(1, 1),
                                    optimizer="sgd"))
+
+
+@pytest.mark.parametrize("lora_type", ["lora", "dora"])
+def test_lora_parameter_count_is_what_float32_lora_trains(lora_type):
+    """The dry run's count (no build) and the estimate's adapters (built) are the same parameters."""
+    from modules.lora_formats import stage_c_targets
+    from modules.registry import build_model
+    from train.memory_specs import float32_lora, lora_parameter_count
+
+    targets, shapes = stage_c_targets("tiny", [".attn"])
+    params = float32_lora(build_model("stage_c", "tiny").requires_grad_(False), [".attn"], 3, lora_type)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert sum(p.numel() for p in params) == lora_parameter_count({t: shapes[t] for t in targets}, 3, lora_type)

@@ -7,7 +7,9 @@ from safetensors import safe_open
 from torch import nn
 
 from modules import registry
-from modules.loading import CheckpointError, load_model, mismatch_report, read_state_dict, save_safetensors
+from fileio.errors import CheckpointError
+from fileio.state_dicts import read_state_dict, save_safetensors
+from modules.loading import load_model, mismatch_report
 from modules.registry import build_model, describe_model_version, registered_shapes
 
 
@@ -172,7 +174,7 @@ def test_save_shared_and_view_tensors(tmp_path):
 
 
 def test_load_state_dict_strict_names_the_source_and_first_keys():
-    from modules.loading import StateDictMismatchError, load_state_dict_strict, state_dict_mismatch
+    from modules.loading import load_state_dict_strict, state_dict_mismatch, StateDictMismatchError
 
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     sd = {k: torch.ones_like(v) for k, v in net.state_dict().items()}

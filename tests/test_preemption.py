@@ -183,7 +183,6 @@ print(got, len(workers), all(w.is_alive() for w in workers), flush=True)
 """
 
 
-@pytest.mark.usefixtures("repo_on_pythonpath")
 def test_workers_ignore_group_signals_and_end_with_the_main_process(assets, tmp_path):
     script = tmp_path / "pipe.py"
     script.write_text(PIPELINE_SCRIPT)

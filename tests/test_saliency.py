@@ -62,7 +62,8 @@ def test_state_dict_matches_the_released_manifest():
 
 
 def test_synthetic_files_load_strictly_and_bad_files_are_one_line(weights, tmp_path):
-    from modules.loading import CheckpointError, read_state_dict
+    from fileio.errors import CheckpointError
+    from fileio.state_dicts import read_state_dict
     from modules.saliency import load_saliency_model
     from tools.saliency_weights import write_synthetic_saliency
 

@@ -78,7 +78,8 @@ def assets(train_assets):
 
 
 def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
-    from modules.loading import load_model, save_safetensors
+    from fileio.state_dicts import save_safetensors
+    from modules.loading import load_model
     from modules.registry import build_model
 
     stage_b = tmp_path / "stage_b_tiny.safetensors"  # enables the full C -> B -> A preview
@@ -97,7 +98,7 @@ def test_tiny_stage_c_trains_and_writes_every_checkpoint_part(assets, tmp_path):
                  "generator.safetensors", "generator_ema.safetensors", "COMPLETE"):
         assert (state / name).is_file(), name
     trainer = json.loads((state / "trainer.json").read_text())
-    assert trainer["step"] == 3 and trainer["model_version"] == "tiny"
+    assert trainer["step"] == 3 and trainer["identity"] == {"model_kind": "stage_c", "model_version": "tiny"}
     assert json.loads((state / "data.json").read_text())["ranks"][0] is not None
     # official layout: other tools load the file with the registry's strict loader
     load_model("stage_c", "tiny", run / "generator.safetensors")

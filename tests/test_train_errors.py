@@ -62,7 +62,7 @@ def test_missing_checkpoint_file(assets, tmp_path, capsys):
 
 
 def test_wrong_model_version_for_checkpoint(assets, tmp_path, capsys):
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from modules.registry import build_model
 
     path = tmp_path / "stage_c_tiny.safetensors"

@@ -13,12 +13,8 @@ back by core.data's pipeline. Train from the cache with ``--set cache_path=/data
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from typing import NoReturn
 
 import torch
 
@@ -121,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-cache-dataset``): ``error: ...`` and exit 2 on a user error."""
     from core.errors import run_cli
 
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

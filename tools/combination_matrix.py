@@ -53,8 +53,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
 
 #: updates of the straight run, and the checkpoint the resumed run starts from
 UPDATES = 6
@@ -194,7 +192,7 @@ def make_assets(folder: Path, frozen_from: Optional[Path] = None, caches: bool =
             make_models(folder, calibration_size=64)
     if not (folder / "shards.READY").is_file():
         from core.data.tarwrite import write_tar
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
         from modules.registry import build_model
         from tools.photo_shards import jpeg_bytes
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-import sys
+from typing import NoReturn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.config import config_reference  # noqa: E402
-from core.errors import UserError, run_cli  # noqa: E402
+from core.config import config_reference
+from core.errors import UserError, run_cli
 
 
 def load_class(spec: str) -> type:
@@ -44,5 +41,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-config-reference``): ``error: ...`` and exit 2 on a user error."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+from typing import NoReturn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli
 
 DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 STAGES = {"c": "stage_c", "b": "stage_b"}
@@ -49,7 +47,7 @@ def export(src: str, out: str, stage: str | None = None, model_version: str | No
     import torch
 
     from modules.diffusers_format import save_diffusers
-    from modules.loading import read_state_dict
+    from fileio.state_dicts import read_state_dict
 
     sd = read_state_dict(src)
     kind, version = _recognise({k: tuple(v.shape) for k, v in sd.items()}, stage, model_version, src)
@@ -65,7 +63,7 @@ def to_official(src: str, out: str, stage: str | None = None, model_version: str
 
     from modules.diffusers_format import (KINDS, diffusers_weights_path, from_diffusers, is_diffusers_layout,
                                           read_diffusers)
-    from modules.loading import read_state_dict, save_safetensors
+    from fileio.state_dicts import read_state_dict, save_safetensors
 
     found = diffusers_weights_path(src)
     if found is None:
@@ -91,7 +89,7 @@ def to_official(src: str, out: str, stage: str | None = None, model_version: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export_diffusers.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="our .safetensors (default) or a diffusers folder/file (--to-official)")
     parser.add_argument("--out", required=True, help="diffusers folder to write (or, --to-official, a .safetensors)")
     parser.add_argument("--to-official", action="store_true", help="convert a diffusers folder/file to our layout")
@@ -106,5 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-export-diffusers``): ``error: ...`` and exit 2 on a user error."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TINY_C = "configs/training/tiny_c.yaml"
 DEFAULT_TIMEOUT = 180

@@ -23,10 +23,9 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli
 
 DTYPES = ("float32", "float16", "bfloat16")
 FORMATS = ("comfyui", "kohya")
@@ -62,7 +61,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
 
     from modules.lora_formats import (PREFIXES, export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file,
                                       read_tokens, stage_c_targets, token_embedding_file, unloadable_targets)
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown LoRA layout (known: {', '.join(FORMATS)})")
@@ -76,7 +75,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
         if not base:
             raise UserError(f"{lora} is a DoRA: pass --base, the Stage C checkpoint it was trained on "
                             f"(ComfyUI's dora_scale is computed from the base weights)")
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         base_weights = read_state_dict(base)
     comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights,
@@ -104,7 +103,7 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora_export.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lora", help="LoRA file (ours or official positional)")
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     parser.add_argument("--format", choices=FORMATS, default="comfyui",
@@ -121,5 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-lora-export``): ``error: ...`` and exit 2 on a user error."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,10 +18,9 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core.errors import UserError, run_cli  # noqa: E402
+from core.errors import UserError, run_cli
 
 DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -33,7 +32,7 @@ def merge_files(base: str, lora: str, out: str, strength: float = 1.0, module_fi
 
     from modules.lora_formats import (check_stage_c_version, merge_entries, metadata_list, read_entries, read_lora_file,
                               read_tokens, stage_c_targets)
-    from modules.loading import read_state_dict, save_safetensors
+    from fileio.state_dicts import read_state_dict, save_safetensors
 
     base_sd = read_state_dict(base)
     sd, meta = read_lora_file(lora)
@@ -53,7 +52,7 @@ def merge_files(base: str, lora: str, out: str, strength: float = 1.0, module_fi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora_merge.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="Stage C checkpoint (.safetensors, official layout)")
     parser.add_argument("--lora", required=True, help="LoRA file (ours, official positional, ComfyUI or kohya)")
     parser.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors)")
@@ -75,5 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The command line (console script ``cascade-lora-merge``): ``error: ...`` and exit 2 on a user error."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

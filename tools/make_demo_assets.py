@@ -29,11 +29,7 @@ import io
 import json
 import os
 import random
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -193,7 +189,7 @@ def make_models(out_dir: Path, calibration_size: int = 128, seed: int = 0,
 
     ``previewer_steps`` > 0 also fits the Previewer to the demo photographs (demo only)."""
     from tools.tiny_clip import write_tiny_clip
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from modules.registry import build_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +233,7 @@ def make_demo_models(out_dir: Path, images: torch.Tensor, steps: int, seed: int 
     """The CPU demo's frozen parts: tiny CLIP, and ``effnet/demo`` + ``previewer/demo`` fitted
     together as an autoencoder on ``images`` (tools/demo_autoencoder.py) for ``steps`` Adam steps
     of ``batch_size`` images. Returns the paths and the reconstruction PSNR (dB, at preview size)."""
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from modules.registry import build_model
     from tools.demo_autoencoder import fit_autoencoder
     from tools.tiny_clip import write_tiny_clip

@@ -14,9 +14,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from torch import nn
 
@@ -53,7 +50,7 @@ def write_tiny_setup(folder: str | Path, seed: int = 0, overwrite: bool = False)
     """Write every tiny file under ``folder`` (skipped when already there); returns the paths."""
     from tools.tiny_clip import write_tiny_clip
     from modules.controlnet import ControlNet
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
 
     from modules.lora import lora_targets
 

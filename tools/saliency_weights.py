@@ -2,7 +2,7 @@
 
     python3 tools/saliency_weights.py OUT.pt|OUT.safetensors [--seed N]
 
-The file has exactly the layout of the released ``saliency_model.pt`` (networks.md §7b: 35 float32
+The file has exactly the layout of the released ``saliency_model.pt`` (docs/OFFICIAL.md, Saliency network: 35 float32
 tensors, 111,233 parameters), seeded random values: the code that reads the real file is tested
 without it. Its maps are not meaningful saliency, only well-formed.
 """
@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.saliency import MicroResNet  # noqa: E402
+from modules.saliency import MicroResNet
 
 
 def synthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,7 +52,7 @@ def write_synthetic_saliency(path: os.PathLike | str, seed: int = 0) -> Path:
         torch.save(sd, tmp)
         os.replace(tmp, path)
     else:
-        from modules.loading import save_safetensors
+        from fileio.state_dicts import save_safetensors
 
         save_safetensors(sd, path)
     return path

@@ -136,14 +136,9 @@ def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Paramet
         generator.requires_grad_(False)
         params = []
     if row.mode == "lora":
-        from modules.lora import apply_lora
+        from train.memory_specs import float32_lora
 
-        for _name, module in apply_lora(generator, list(row.lora_filters), rank=row.lora_rank):
-            # the LoRA factors train in float32 on the bf16 base, as the job does (assigned: a
-            # parametrization's module cannot be cast in place)
-            module.lora_down = nn.Parameter(module.lora_down.detach().float())
-            module.lora_up = nn.Parameter(module.lora_up.detach().float())
-            params += [module.lora_down, module.lora_up]
+        params += float32_lora(generator, list(row.lora_filters), row.lora_rank)  # float32 on the bf16 base, as the job
     if row.mode == "controlnet":
         from modules.controlnet import ControlNet
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from core.config import doc
+from core.config import REQUIRED, doc
 from core.errors import UserError
 from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
+from gdf.weighting import LossWeighting, check_loss_weighting
 from modules.common import BLOCK_TYPES
 from train.diffusion_loss import DiffusionLoss, has_buckets
 
@@ -25,11 +26,12 @@ class CascadeConfig(TrainingConfig):
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
 
+    model_version: str = doc(REQUIRED, "Architecture of the trained network: '3.6B' / '1B' (Stage C), '3B' / '700M' (Stage B), 'tiny' (CPU tests/demo).")
     effnet_checkpoint_path: Optional[str] = doc(None, "EfficientNetEncoder weights (.safetensors); required by Stage C and Stage B training.")
     stage_a_checkpoint_path: Optional[str] = doc(None, "Stage A weights: required by Stage B jobs (latents and previews); with stage_b_checkpoint_path, full C->B->A previews of Stage C jobs.")
     clip_text_model_name: str = doc("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "Tokenizer + CLIP text encoder (Hugging Face name or local folder).")
     adaptive_loss_weight: bool = doc(False, "Use AdaptiveLossWeight instead of P2LossWeight (accepts true/false, also as strings).")
-    loss_weighting: Optional[Literal["p2", "adaptive", "min_snr", "debiased", "sech", "constant"]] = doc(
+    loss_weighting: Optional[LossWeighting] = doc(
         None, "Per-sample weight of the ε-MSE by noise level: p2 = 1/(1+SNR) (official), adaptive (= adaptive_loss_weight: "
               "true), min_snr = min(SNR, min_snr_gamma)/SNR (Min-SNR-γ: faster convergence, less weight on nearly clean "
               "steps), debiased = 1/sqrt(SNR), sech = 1/cosh(logSNR/2), constant = 1. None: the job's official choice "
@@ -54,12 +56,10 @@ class CascadeConfig(TrainingConfig):
         if self.adaptive_loss_weight and self.loss_weighting not in (None, "adaptive"):
             raise UserError(f"config keys 'adaptive_loss_weight: true' and 'loss_weighting: {self.loss_weighting}' "
                             f"conflict; keep one (loss_weighting: adaptive is the same as adaptive_loss_weight: true)")
-        if self.min_snr_gamma is not None:
-            if self.loss_weighting != "min_snr":
-                raise UserError(f"config key 'min_snr_gamma' applies to 'loss_weighting: min_snr' only (got "
-                                f"loss_weighting: {self.loss_weighting}); remove it or set loss_weighting: min_snr")
-            if not self.min_snr_gamma > 0:
-                raise UserError(f"config key 'min_snr_gamma' must be > 0, got {self.min_snr_gamma}")
+        try:
+            check_loss_weighting(self.loss_weighting, self.min_snr_gamma)
+        except ValueError as exc:
+            raise UserError(f"config keys 'loss_weighting' / 'min_snr_gamma': {exc}") from None
         if not 0.0 <= self.text_dropout <= 1.0:
             raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
         self.validate_crop()
@@ -87,6 +87,10 @@ class CascadeTrainer(TrainingCore):
     model_kind: str = ""
     #: FSDP shards each residual/attention/timestep/feed-forward block before the root
     block_types = BLOCK_TYPES
+
+    def model_identity(self) -> dict[str, Any]:
+        """The generator's registry kind and architecture: a checkpoint of another one cannot resume."""
+        return {"model_kind": self.model_kind, "model_version": self.cfg.model_version}
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:

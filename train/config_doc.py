@@ -11,10 +11,6 @@ import dataclasses
 import importlib
 import inspect
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import config_reference
 
@@ -93,5 +89,11 @@ def render() -> str:
     return "\n".join(parts)
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """The command line (console script ``cascade-config-doc``): the reference on stdout."""
     sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

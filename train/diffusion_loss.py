@@ -1,4 +1,4 @@
-"""The diffusion training loss of the Stage B / Stage C jobs (training.md §3.3), as an object
+"""The diffusion training loss of the Stage B / Stage C jobs (docs/OFFICIAL.md, Stage C step), as an object
 handed to the loop (edm2 style).
 
 Per sample, from its own generator: ``gdf.diffuse`` draws t and the noise; the loss is the MSE of

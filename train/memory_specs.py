@@ -26,14 +26,15 @@ uncast), the trained network in ``dtype`` (unset: float32), the forward under bf
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from core.config import per_rank_batch
 from core.memory import MemorySpec, default_dtype
 
-#: Official ControlNet 3.6B injection points (networks.md §6.2, canny/inpainting/SR).
+#: Official ControlNet 3.6B injection points (docs/OFFICIAL.md, ControlNet: canny/inpainting/SR).
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 #: The ControlNet the estimate builds unless told otherwise: the official canny one.
 DEFAULT_CONTROLNET = {"c_in": 1, "proj_blocks": CNET_PROJ_BLOCKS, "bottleneck_mode": "effnet"}
@@ -77,11 +78,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def _per_rank_batch(cfg: Any, world_size: int) -> int:
-    """Images one rank runs per micro-step: batch_size / (world_size * grad_accum_steps)."""
-    batch, accum = int(_get(cfg, "batch_size", 1)), int(_get(cfg, "grad_accum_steps", 1) or 1)
-    if world_size < 1 or batch % (world_size * accum):
-        raise ValueError(f"batch_size {batch} is not divisible by world_size {world_size} x grad_accum_steps {accum}")
-    return batch // (world_size * accum)
+    """Images one rank runs per micro-step (:func:`core.config.per_rank_batch`)."""
+    return per_rank_batch(int(_get(cfg, "batch_size", 1)), world_size, int(_get(cfg, "grad_accum_steps", 1) or 1))
 
 
 def _target_device(cfg: Any) -> str:
@@ -166,10 +164,10 @@ def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[
     return x, cond
 
 
-def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tuple[int, Sequence[str]]] = None,
+def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tuple[int, Sequence[str], str]] = None,
           controlnet: Optional[dict] = None) -> MemorySpec:
     """The spec of one rank of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
-    ``lora = (rank, filters)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
+    ``lora = (rank, filters, lora_type)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
     kwargs) that feeds it frozen."""
     from modules.common import BLOCK_TYPES
     from modules.registry import build_model, model_config
@@ -188,12 +186,7 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         networks = nn.ModuleDict({"generator": generator})
         generator.requires_grad_(full)
         if lora is not None:
-            from modules.lora import apply_lora
-
-            for _name, module in apply_lora(generator, list(lora[1]), rank=lora[0]):
-                # LoRA factors train in float32 on the bf16 base (assigned, not cast: see default_dtype)
-                module.lora_down = nn.Parameter(torch.zeros(module.lora_down.shape, dtype=torch.float32))
-                module.lora_up = nn.Parameter(torch.zeros(module.lora_up.shape, dtype=torch.float32))
+            float32_lora(generator, lora[1], lora[0], lora[2])
         if controlnet is not None:
             from modules.controlnet import ControlNet
 
@@ -221,7 +214,7 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
 
     details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
     if lora is not None:
-        details.update(lora_rank=lora[0], lora_filters=list(lora[1]))
+        details.update(lora_rank=lora[0], lora_filters=list(lora[1]), lora_type=lora[2])
     if controlnet is not None:
         details["controlnet"] = dict(controlnet)
     if kind == "stage_c":
@@ -259,7 +252,30 @@ def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
     are not counted."""
     rank = int(_get(cfg, "rank", 4) or 4)
     filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
-    return _spec(cfg, "stage_c", "lora", world_size, lora=(rank, filters))
+    return _spec(cfg, "stage_c", "lora", world_size, lora=(rank, filters, _get(cfg, "lora_type", "lora") or "lora"))
+
+
+def float32_lora(generator: nn.Module, filters: Sequence[str], rank: int, lora_type: str = "lora") -> list[nn.Parameter]:
+    """Attach the LoRA job's adapters (``modules.lora.apply_lora``) to a frozen ``generator``, their
+    parameters in float32 as the job trains them on a bf16 base; returns those trainable parameters.
+    Assigned, not cast: the module of a parametrization cannot be cast in place on a meta or fake build.
+    (The memory estimate and bench/gpu.py build with it; the adapter interface will own this.)"""
+    from modules.lora import apply_lora
+
+    params: list[nn.Parameter] = []
+    for _name, module in apply_lora(generator, list(filters), rank=rank, lora_type=lora_type):
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().float()))
+        params += list(module.parameters(recurse=False))
+    return params
+
+
+def lora_parameter_count(shapes: Mapping[str, Sequence[int]], rank: int, lora_type: str = "lora") -> int:
+    """Trainable parameters of the adapters :func:`float32_lora` attaches to the weights of
+    ``shapes`` (target -> weight shape ``(out, in)``): ``rank x (out + in)`` each, + ``out`` (the
+    magnitude vector) for ``lora_type: dora``. Counted without building the model (the dry run)."""
+    dora = lora_type == "dora"
+    return sum(rank * (shape[0] + shape[1]) + (shape[0] if dora else 0) for shape in shapes.values())
 
 
 def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
@@ -270,5 +286,6 @@ def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict]
     return _spec(cfg, "stage_c", "controlnet", world_size, controlnet=dict(controlnet or DEFAULT_CONTROLNET))
 
 
-__all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "clip_text_params",
+__all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "float32_lora", "lora_parameter_count",
+           "clip_text_params",
            "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]

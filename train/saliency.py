@@ -38,7 +38,7 @@ def check_saliency_file(cfg: Any, who: str) -> None:
 
 def load_job_saliency(cfg: Any, device: Any = "cpu") -> torch.nn.Module:
     """The saliency network of ``saliency_model_path``, strictly loaded; a bad file is one line."""
-    from modules.loading import CheckpointError
+    from fileio.errors import CheckpointError
     from modules.saliency import load_saliency_model
 
     check_saliency_file(cfg, f"crop: {cfg.crop}" if cfg.crop == "smart" else "the saliency masks")

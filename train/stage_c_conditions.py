@@ -1,4 +1,4 @@
-"""The Stage C condition dropout draws (training.md §3.1), one implementation for every source of
+"""The Stage C condition dropout draws (docs/OFFICIAL.md, Stage C conditions), one implementation for every source of
 conditions (the live CLIP encoders and the encoder cache).
 
 Per sample, from its own generator and in this order: the caption is dropped (-> CLIP('')) iff

@@ -2,7 +2,7 @@
 
     python3 train/train_b.py configs/training/finetune_b_3b.yaml [--set lr=2e-5] [--dry-run]
 
-What one step does (docs: shared training.md §6):
+What one step does (docs/OFFICIAL.md, Stage B):
 * target latents: Stage A encoder output of the image (unquantised, / 0.43), frozen;
 * conditions: EfficientNet latents of a copy downscaled by ONE factor U(0.5, 1) per batch (nearest,
   multiples of 32), zeroed for 10 % of the samples, and the pooled CLIP text embedding of the caption
@@ -13,10 +13,7 @@ Previews: reconstructions of a fixed batch next to the originals (Stage B sample
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +78,7 @@ class StageBTrainer(CascadeTrainer):
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``effnet`` and ``clip`` (training.md §6.2)."""
+        """``effnet`` and ``clip`` (docs/OFFICIAL.md, Stage B)."""
         from modules.conditioning import encode_text
 
         images = batch["images"].to(self.device)
@@ -160,5 +157,10 @@ class StageBTrainer(CascadeTrainer):
         return grids
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-b``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageBTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
     python3 train/train_c.py configs/training/finetune_c_3b.yaml [--set lr=2e-5] [--dry-run]
 
-What one step does (docs: shared training.md §3):
+What one step does (docs/OFFICIAL.md, Stage C conditions and Stage C step):
 * conditions: CLIP text of the caption (dropped to "" for 5 % of the samples), pooled CLIP text, and
   the CLIP image embedding of the training image for 10 % of the samples (zeros otherwise);
 * target latents: EfficientNet encoder of the ImageNet-normalised images (frozen);
@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -87,7 +84,7 @@ class StageCTrainer(CascadeTrainer):
     Config = StageCConfig
     model_kind = "stage_c"
     description = "Finetune / train Stage C (text-conditional prior)."
-    #: official training-preview sampling (gdf.md §8.2)
+    #: official training-preview sampling (docs/OFFICIAL.md, Official sampling settings)
     preview_sampling = "stage_c_preview"
 
     @classmethod
@@ -167,7 +164,7 @@ class StageCTrainer(CascadeTrainer):
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,
                        eval_image_embeds: bool = False,
                        generators: Optional[list[torch.Generator]] = None) -> dict[str, Any]:
-        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (training.md §3.1); training draws
+        """``clip_text``, ``clip_text_pooled``, ``clip_img`` (docs/OFFICIAL.md, Stage C conditions); training draws
         come from :func:`condition_dropout`."""
         from modules.conditioning import encode_images_clip, encode_text
 
@@ -312,5 +309,10 @@ class StageCTrainer(CascadeTrainer):
         return decode_stage_a(self.stage_a, x0)
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
     python3 train/train_c_controlnet.py configs/training/controlnet_c_3b_canny.yaml [--dry-run]
 
-Per step (training.md §8, docs/CONTROLNET.md): control = filter(images) (no grad; or the sample's
+Per step (docs/OFFICIAL.md, ControlNet training; docs/CONTROLNET.md): control = filter(images) (no grad; or the sample's
 pre-computed ``control_image_key`` file); cnet = ControlNet(control) (with grad); Stage C conditions
 as in train_c.py (no grad) plus ``cnet``; diffusion loss with ``offset_noise``. Only the ControlNet
 trains. Deviations from the official script (on purpose):
@@ -19,10 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -132,7 +129,8 @@ class StageCControlNetTrainer(StageCTrainer):
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet
-        from modules.loading import load_state_dict_strict, read_state_dict
+        from fileio.state_dicts import read_state_dict
+        from modules.loading import load_state_dict_strict
 
         super().build_models()
         cfg = self.cfg
@@ -261,7 +259,7 @@ class StageCControlNetTrainer(StageCTrainer):
             param = next(net.parameters())
             with self.autocast():
                 cnet = net(control.to(param.device, param.dtype))
-            # The same control list for both CFG halves (training.md §8).
+            # The same control list for both CFG halves (docs/OFFICIAL.md, ControlNet training).
             latents = self.sample_latents(self.generator, {**cond, "cnet": cnet}, {**uncond, "cnet": cnet}, shape)
             grids[name] = self.previewer(latents).float().clamp(0, 1)
         return grids
@@ -289,5 +287,10 @@ def init_backbone_from_effnet(controlnet: nn.Module, effnet: nn.Module) -> None:
             v.copy_(src[k][:, :v.shape[1]])
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c-controlnet``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCControlNetTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

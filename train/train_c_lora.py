@@ -2,7 +2,7 @@
 
     python3 train/train_c_lora.py configs/training/finetune_c_3b_lora.yaml [--set rank=8] [--dry-run]
 
-What differs from ``train_c.py`` (training.md §7, docs/LORA.md):
+What differs from ``train_c.py`` (docs/OFFICIAL.md, LoRA tokens; docs/LORA.md):
 * the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
   paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
   trainable generator parameters (kept in float32 on a bf16 base); ``lora_type: dora`` makes them
@@ -23,10 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
-
-if __package__ in (None, ""):
-    import _path  # noqa: F401  (repository root on sys.path)
+from typing import Any, NoReturn, Optional
 
 import torch
 from torch import nn
@@ -35,7 +32,7 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from core.seeding import derive_seed
 from modules.lora import apply_lora
-from train.memory_specs import lora_spec
+from train.memory_specs import lora_parameter_count, lora_spec
 from train.train_c import StageCConfig, StageCTrainer
 
 log = logging.getLogger("cascade.train.lora")
@@ -107,11 +104,11 @@ class StageCLoraTrainer(StageCTrainer):
         from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
-        dora = cfg.lora_type == "dora"  # + the magnitude (out,)
-        n = sum(cfg.rank * (shapes[t][0] + shapes[t][1]) + (shapes[t][0] if dora else 0) for t in targets)
+        n = lora_parameter_count({t: shapes[t] for t in targets}, cfg.rank, cfg.lora_type)
         return super().describe(cfg) + [
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
-                      f"{n:,} {'DoRA' if dora else 'LoRA'} parameters; train_tokens: {cfg.train_tokens or []}"]
+                      f"{n:,} {'DoRA' if cfg.lora_type == 'dora' else 'LoRA'} parameters; "
+                      f"train_tokens: {cfg.train_tokens or []}"]
 
     memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
 
@@ -185,7 +182,7 @@ class StageCLoraTrainer(StageCTrainer):
                   sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.retoken is None:
             return super().part_loss(batch, generators, sample_weight)
-        # Tokens train through CLIP: the conditions are computed WITH grad (training.md §7.1).
+        # Tokens train through CLIP: the conditions are computed WITH grad (docs/OFFICIAL.md, LoRA tokens).
         images = batch["images"].to(self.device)
         conditions = self.get_conditions(batch, generators=generators)
         with torch.no_grad():
@@ -265,7 +262,7 @@ class StageCLoraTrainer(StageCTrainer):
     def load_lora_file(self, path: str, exact: bool = False) -> None:
         """Load a LoRA file of any layout into this run's LoRAs (and token rows)."""
         from modules.lora_formats import load_into_loras, read_entries, read_tokens, stage_c_targets
-        from modules.loading import read_state_dict
+        from fileio.state_dicts import read_state_dict
 
         cfg = self.cfg
         sd = read_state_dict(path)
@@ -302,5 +299,10 @@ def _base_shape(model: nn.Module, target: str) -> tuple[int, ...]:
     return tuple(_base_weight(model, target).shape)
 
 
-if __name__ == "__main__":
+def main() -> NoReturn:
+    """The command line (console script ``cascade-train-c-lora``): ``error: ...`` and exit 2 on a user error."""
     run_cli(StageCLoraTrainer.main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Bucket tables and the per-image bucket / resize rule (training.md §2.3).
+"""Bucket tables and the per-image bucket / resize rule (docs/OFFICIAL.md, Data).
 
 Pure arithmetic, no I/O: the same functions serve fixed-size training (one square bucket) and
 multi-aspect-ratio bucketing, and the tests compare them with the official tables.

@@ -1,8 +1,8 @@
 """Caption extraction (``captions_getter`` / ``caption_key``) without ``eval``.
 
 Known function names replace the official ``eval``-ed expressions:
-``identity`` (the file's UTF-8 text) and ``captions_getter`` (the official json rule, training.md
-§2.1). ``caption_key`` is the simpler spelling: ``'txt'`` or ``'json:caption'``.
+``identity`` (the file's UTF-8 text) and ``captions_getter`` (the official json rule,
+docs/OFFICIAL.md, Data). ``caption_key`` is the simpler spelling: ``'txt'`` or ``'json:caption'``.
 
 Tag captions (``caption_tag_shuffle``, ``caption_keep_tags``, ``caption_tag_dropout``): the
 caption is split at commas into tags; the first ``keep`` stay in place, each other tag is dropped

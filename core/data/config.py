@@ -76,7 +76,7 @@ class DataConfig:
     crop: str = _doc(
         "auto", "Crop after resizing: `random`, `center`, `smart` (the official SmartCrop: centred on "
                 "the salient part of the image, computed by the saliency network of "
-                "`saliency_model_path`; training.md §2.2) or `auto` (default): `smart` for fixed-size "
+                "`saliency_model_path`; docs/OFFICIAL.md, Data) or `auto` (default): `smart` for fixed-size "
                 "training when `saliency_model_path` is set, `random` with `multi_aspect_ratio` (the "
                 "official bucketing) or when it is null.")
     bucket_random_ratio: float = _doc(

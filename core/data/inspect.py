@@ -24,7 +24,7 @@ from .filters import parse_filters
 from .images import BadImage, ImageTooLarge, load_to_bucket
 from .plan import ShardPlan
 from .sources import expand_sources
-from .worker import StreamSpec, WorkerStream, _Pos
+from .worker import StreamSpec, WorkerStream
 
 
 class _InOrder(ShardPlan):
@@ -65,11 +65,9 @@ def inspect(cfg: DataConfig, decode: bool = False, limit: int | None = None) -> 
     ws = WorkerStream(spec, 0)
     hist: Counter[str] = Counter()
     seen = kept = 0
-    for pos, url, s in ws._read(0, _Pos()):
+    for url, s, bucket, entry in ws.scan():
         seen += 1
-        bucket = ws._admit(0, pos, url, s)
         if bucket is not None:
-            entry = ws.buckets[bucket].pop()
             if decode:
                 try:
                     load_to_bucket(entry.data, bucket, "center", np.random.default_rng(0),

@@ -20,8 +20,7 @@ from .plan import ShardPlan
 from .signals import blocked_while_starting, ignore_in_worker
 from .sources import expand_named_sources
 from .stats import Stats, log_report, log_shard_fault
-from .worker import (_ADMITTED, _DECODED, _PRODUCED, _UNDECODABLE, IMAGE_DTYPES, SAMPLE_FORMATS, StreamSpec,
-                     WorkerStream)
+from .worker import IMAGE_DTYPES, SAMPLE_FORMATS, StreamSpec, WorkerStream, sum_epoch_counts
 
 log = logging.getLogger("core.data")
 
@@ -226,20 +225,20 @@ class DataPipeline:
         if len(got) < self.workers:
             return
         del self._epoch_ends[epoch]
-        total = [sum(c[i] for c in got) for i in range(4)]
-        self._decoded = self._decoded or total[_DECODED] > 0
-        self._empty_streak = self._empty_streak + 1 if total[_ADMITTED] == 0 else 0
+        total = sum_epoch_counts(got)
+        self._decoded = self._decoded or total["decoded"] > 0
+        self._empty_streak = self._empty_streak + 1 if total["admitted"] == 0 else 0
         s = self._stats
         # Batches may wait for the next epoch (partial buckets carry over), so "no batch this
         # epoch" proves nothing; an epoch in which no sample at all was admitted does: it covers
         # all of this rank's shards. A resampled pseudo-epoch is a random draw of shards: ask for
         # several in a row. And samples that are admitted but never decode never make a batch.
-        if total[_PRODUCED] == 0 and total[_UNDECODABLE] > 0 and not self._decoded:
+        if total["produced"] == 0 and total["undecodable"] > 0 and not self._decoded:
             last = s.records[-1] if s.records else None
             where = f" (last: {last['url']} key={last['key']})" if last else ""
             raise DataError(
                 f"no sample survived epoch {epoch} on rank {self.spec.plan.rank}: none could be decoded "
-                f"({total[_UNDECODABLE]} undecodable this epoch), bad: {dict(s.bad)}{where}; check the "
+                f"({total['undecodable']} undecodable this epoch), bad: {dict(s.bad)}{where}; check the "
                 f"shards with python3 -m core.data.inspect --decode")
         if self._empty_streak >= (3 if self.cfg.resampled else 1):
             raise DataError(

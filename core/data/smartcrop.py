@@ -1,4 +1,4 @@
-"""``crop: smart``: the official SmartCrop (training.md §2.2), run in the data workers.
+"""``crop: smart``: the official SmartCrop (docs/OFFICIAL.md, Data), run in the data workers.
 
 The crop window is centred on the salient part of the resized image: a *saliency function* (any
 callable ``(1, 3, h, w) float in [0, 1] -> (1, 1, h', w')`` map; the training jobs hand in the

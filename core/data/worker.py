@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,8 +111,14 @@ def sample_seed(seed: int, epoch: int, name: str, key: str) -> int:
     return int.from_bytes(h, "little")
 
 
-# Per-epoch counters of a worker (cursor "counts" and the epoch_end item).
-_ADMITTED, _PRODUCED, _DECODED, _UNDECODABLE = range(4)
+#: per-epoch counters of a worker, in the order of its cursor's and epoch_end item's ``counts`` list
+EPOCH_COUNTS = ("admitted", "produced", "decoded", "undecodable")
+_ADMITTED, _PRODUCED, _DECODED, _UNDECODABLE = range(len(EPOCH_COUNTS))
+
+
+def sum_epoch_counts(per_worker: Sequence[Sequence[int]]) -> dict[str, int]:
+    """The ``counts`` of several workers' epoch_end items added up, by name (:data:`EPOCH_COUNTS`)."""
+    return {name: sum(counts[i] for counts in per_worker) for i, name in enumerate(EPOCH_COUNTS)}
 
 
 def _rng(sample: int, stream: int) -> np.random.Generator:
@@ -203,6 +209,14 @@ class WorkerStream:
                 self._bad(reason, url, e.key, str(e), shard_level=True, offset=e.offset)
             finally:
                 f.close()
+
+    def scan(self, epoch: int = 0) -> Iterator[tuple[str, RawSample, tuple | None, Entry | None]]:
+        """Every sample of this worker's shards of ``epoch`` in order, through the filters, captions
+        and bucketing but not batched: ``(url, sample, bucket, entry)``, bucket and entry None for a
+        dropped sample (counted in ``stats``). For reports over a dataset (``core.data.inspect``)."""
+        for pos, url, s in self._read(epoch, _Pos()):
+            bucket = self._admit(epoch, pos, url, s)
+            yield url, s, bucket, (self.buckets[bucket].pop() if bucket is not None else None)
 
     def _fetch(self, ref: list[int]) -> tuple[str, RawSample] | None:
         """Re-read one waiting sample by its reference (resume)."""

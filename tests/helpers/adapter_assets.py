@@ -23,7 +23,7 @@ def make_adapter_assets(base: Path) -> Path:
         return folder
     from tools.photo_shards import jpeg_bytes, photo_variant, write_tar
     from modules.filters import CannyFilter
-    from modules.loading import save_safetensors
+    from fileio.state_dicts import save_safetensors
     from modules.registry import build_model
     from tools.make_demo_assets import make_models
 

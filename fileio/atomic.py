@@ -4,8 +4,8 @@ A reader (or a resume after kill -9) sees either the old file or the complete ne
 partial file. Temp files are created with mode 0666 filtered by the process umask (like any
 ``open(path, "w")``), so the files of a run are as readable as the user's other files. A write that
 fails for an operating-system reason (disk full, read-only file system, permissions, quota, file
-size limit) raises :class:`WriteError` naming the file and that reason, after removing the temp
-file. Re-exported by ``core.checkpoint``.
+size limit) raises :class:`fileio.errors.WriteError` naming the file and that reason, after
+removing the temp file.
 """
 from __future__ import annotations
 
@@ -16,43 +16,13 @@ import os
 import re
 from typing import Any, Callable, Optional
 
-from core.errors import UserError
+from fileio.errors import WriteError
 
 __all__ = ["atomic_write_bytes", "atomic_write_with", "atomic_torch_save", "atomic_json", "fsync_dir",
-           "WriteError", "os_error_of", "create_temp_beside"]
+           "os_error_of", "create_temp_beside"]
 
 # Rust writers (safetensors) report the OS error only inside their message: "... (os error 28)".
 _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
-
-
-class WriteError(UserError):
-    """A file could not be written for an operating-system reason.
-
-    ``path``: the file; ``errno`` / ``reason``: the OS error number and its text ("No space left
-    on device", "Read-only file system", ...). The message is one line with both and a fix."""
-
-    def __init__(self, path: str, errno: int, reason: Optional[str] = None, context: str = "") -> None:
-        self.path, self.errno = path, errno
-        self.reason = reason or (os.strerror(errno) if errno else "input/output error")
-        self.context = context
-        super().__init__(f"{context}{path}: {self.reason}; {self.hint}")
-
-    @property
-    def hint(self) -> str:
-        """How to fix it, by error class."""
-        if self.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
-            return "free disk space (or raise the quota) and run the same command again"
-        if self.errno == errno_codes.EFBIG:
-            return "raise the file size limit (ulimit -f) and run the same command again"
-        if self.errno == errno_codes.EROFS:
-            return "the file system is read-only: remount it writable or choose another folder in the config"
-        if self.errno in (errno_codes.EACCES, errno_codes.EPERM):
-            return "fix the folder's permissions or choose another folder in the config"
-        return "fix the storage and run the same command again"
-
-    def with_context(self, context: str) -> "WriteError":
-        """The same error with ``context`` (e.g. which checkpoint) before the path."""
-        return WriteError(self.path, self.errno, self.reason, context)
 
 
 def os_error_of(exc: BaseException) -> Optional[OSError]:

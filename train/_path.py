@@ -1,7 +1,0 @@
-"""Make the repository root importable when a script runs as ``python3 train/train_x.py``."""
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
