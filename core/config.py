@@ -24,7 +24,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar
+from typing import Any, Iterable, Literal, Optional, Sequence, TypeVar, Union
 
 import yaml
 
@@ -171,7 +171,7 @@ class RunConfig:
     # --- models
     generator_checkpoint_path: Optional[str] = doc(None, "Pretrained weights of the trained network: a file, or a diffusers model folder where the job accepts one (None = from scratch).")
     use_fsdp: bool = doc(False, "Shard the trained network with FSDP2 (fully_shard) instead of DDP when running multi-process; for full finetunes.")
-    gradient_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+    gradient_checkpointing: Union[bool, int] = doc(False, "Recompute block activations in backward to save memory: true = every block, N (an integer >= 1) = every N-th block of the Stage B/C U-Net (blocks 0, N, 2N, ... in registration order; 1 = true), trading speed for memory in steps; also the frozen Stage C under ControlNet. Other networks (ControlNet, EfficientNet) recompute all their units whenever it is on.")
     compile: bool = doc(False, "torch.compile the trained network.")
     frozen_dtype: Optional[Literal["float32", "bfloat16"]] = doc(None, "Storage dtype of the frozen networks (CLIP text/vision, EfficientNet, Previewer, preview Stage B, and the frozen Stage C under LoRA/ControlNet); None = bfloat16 on GPUs that support it, float32 otherwise. Stage A (20M, decode only) stays float32.")
     # --- official keys kept for compatibility
@@ -222,6 +222,10 @@ class RunConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value < 1:
                 raise UserError(f"config key '{key}' must be >= 1, got {value}")
+        gc = self.gradient_checkpointing
+        if not isinstance(gc, bool) and (not isinstance(gc, int) or gc < 1):
+            raise UserError(f"config key 'gradient_checkpointing' must be true, false or a block period N >= 1 "
+                            f"(every N-th block), got {gc!r}")
         for key in ("warmup_updates", "preview_every", "backup_every"):
             value = getattr(self, key)
             if isinstance(value, int) and value < 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -50,10 +50,10 @@ class ModelSet:
         return module
 
     def add_frozen(self, name: str, module: nn.Module, dtype: Optional[torch.dtype], device: torch.device,
-                   shard: bool = False) -> nn.Module:
-        """Freeze now (eval, no grad, ``dtype`` unless None, device), so trained parts a job adds
-        inside it later (e.g. token rows) keep their own dtype. ``shard``: FSDP shards it in
-        :meth:`wrap` (it must then be called the same number of times on every rank)."""
+                   shard: bool = False, quantize: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
+        """Freeze now (eval, no grad, ``dtype`` unless None, ``quantize(module)`` if given, device), so
+        trained parts a job adds inside it later (e.g. token rows) keep their own dtype. ``shard``:
+        FSDP shards it in :meth:`wrap` (it must then be called the same number of times on every rank)."""
         if name in self.trained or name in self.frozen:
             raise ValueError(f"module {name!r} is registered twice")
         self.frozen[name] = dtype is not None
@@ -62,6 +62,8 @@ class ModelSet:
         module.eval().requires_grad_(False)
         if dtype is not None:
             cast_frozen(module, dtype)
+        if quantize is not None:  # after the cast (it sets the compute dtype), before the move (host memory)
+            quantize(module)
         setattr(self.owner, name, module.to(device))
         return module
 
@@ -90,7 +92,7 @@ class ModelSet:
                     elif isinstance(m, nn.MultiheadAttention):  # attention-weight dropout is a float
                         m.dropout = float(cfg.generator_dropout)
             if cfg.gradient_checkpointing and hasattr(module, "set_gradient_checkpointing"):
-                module.set_gradient_checkpointing(True)
+                module.set_gradient_checkpointing(cfg.gradient_checkpointing)  # True or a block period N
             module.to(device).train()
         unregistered = [k for k, v in vars(self.owner).items() if isinstance(v, nn.Module)
                         and k not in self.trained and k not in self.frozen]
@@ -120,6 +122,24 @@ class ModelSet:
             setattr(self.owner, name, D.wrap_model(
                 module, dist, mode, block_types=block_types, param_dtype=autocast_dtype,
                 reduce_dtype=torch.float32 if autocast_dtype else None))
+
+    def offload(self, cfg: Any, block_types: tuple[type, ...], device: torch.device) -> list[Any]:
+        """``offload_blocks: N`` (0: nothing): the frozen parameters inside the ``block_types`` blocks
+        of every registered network go to host memory behind a ring of N blocks (core/offload.py);
+        trained parameters stay. After :meth:`wrap` (a later move would fetch them back)."""
+        from core.offload import offload_blocks_
+
+        ring = int(getattr(cfg, "offload_blocks", 0) or 0)
+        rings: list[Any] = []
+        if not ring:
+            return rings
+        for name in list(self.trained) + list(self.frozen):
+            module = D.unwrap_model(self.get(name))
+            blocks = [m for m in module.modules() if isinstance(m, block_types)]
+            if any(not p.requires_grad for b in blocks for p in b.parameters()):
+                rings.append(offload_blocks_(blocks, ring, device))
+                log.info("%s: frozen weights of %d blocks offloaded to host memory (ring of %d)", name, len(blocks), ring)
+        return rings
 
     def networks(self) -> list[nn.Module]:
         """The trained networks as the job holds them now (wrapped after ``wrap``)."""

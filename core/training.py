@@ -44,7 +44,10 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
+from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
+from core.offload import OffloadConfig
+from core.quantize import quantize_as_configured
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
@@ -57,8 +60,9 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data and validation components."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig,
+                     OffloadConfig):
+    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused backward, offload."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -118,6 +122,7 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
+        self.fused: Optional[FusedBackward] = None  # fused_backward: the per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
@@ -166,13 +171,16 @@ class TrainingCore:
                                 publish=True, required=True)
         return module
 
-    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False) -> nn.Module:
+    def add_frozen(self, name: str, module: nn.Module, cast: bool = True, shard: bool = False,
+                   quantize: bool = False) -> nn.Module:
         """Register a network that never trains, as attribute ``name``: eval mode, no gradients,
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard)
+        the same forwards through it (the core's previews do). ``quantize=True``: its big weights
+        are stored in the config's ``base_dtype`` when set (core/quantize.py)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard,
+                                       quantize=(lambda m: quantize_as_configured(m, self.cfg)) if quantize else None)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -266,11 +274,14 @@ class TrainingCore:
                                 publish=True)
             self.state.restore(paths, where)
         self._models.wrap(cfg, self.dist, self.block_types, self.autocast_dtype)
+        self.offload = self._models.offload(cfg, self.block_types, self.device)  # after every move of the networks
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
         self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
+        if getattr(cfg, "fused_backward", False):  # core/fused_backward.py: steps inside backward
+            self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -350,7 +361,8 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
+                if self.fused is None:  # fused_backward stepped every parameter inside backward
+                    self.optimizer.step()
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -380,6 +392,8 @@ class TrainingCore:
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
     def _clip_gradients(self) -> float:
+        if self.fused is not None:  # the gradients are gone: the norm was summed in the hooks (nan: non-finite)
+            return self.fused.finish()
         D.average_gradients(self._models.unwrapped_trainable())
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if not params:

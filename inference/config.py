@@ -73,6 +73,10 @@ class InferenceConfig:
     cfg_rho: Optional[float] = _doc("CFG std rescaling (official 0.7)")
     # memory
     offload: bool = _doc("keep models on the CPU and move each to the GPU only while it runs", False)
+    base_dtype: Optional[str] = _doc("int8 or float8_e4m3fn: store the generator's big weights (and, for the "
+                                     "first stage's config, the CLIP text encoder's) in 8 bits, a scale per 64 "
+                                     "weights, computing in dtype (modules/quantize.py); not with a LoRA, "
+                                     "which is merged into the weights")
     # kept so the official stage_b_3b.yaml loads unchanged (its reconstruction notebook reads them)
     batch_size: Optional[int] = _doc("default images per prompt / reconstruction batch")
     image_size: Optional[int] = _doc("reconstruction: shorter side the input is resized to")
@@ -99,6 +103,15 @@ class InferenceConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"config: dtype {self.dtype!r} is not supported; use bfloat16 or "
                             f"float32 (float16 overflows in these models)")
+        if self.base_dtype is not None:
+            from modules.quantize import QUANT_DTYPES
+
+            if self.base_dtype not in QUANT_DTYPES:
+                raise UserError(f"config: base_dtype {self.base_dtype!r} is not supported; use one of "
+                                f"{', '.join(QUANT_DTYPES)} (or leave it unset)")
+            if self.uses_lora:
+                raise UserError("config: base_dtype does not combine with a LoRA at inference (the LoRA is "
+                                "merged into the weights, which must then stay dense); remove one of them")
         if self.sampler is not None and self.sampler.lower() not in SAMPLER_NAMES:
             raise UserError(f"config: sampler {self.sampler!r} unknown; use one of "
                             f"{', '.join(SAMPLER_NAMES)}")

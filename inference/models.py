@@ -62,7 +62,16 @@ def load_generator(cfg: InferenceConfig, dtype: torch.dtype, device: torch.devic
 
     kind = "stage_c" if cfg.stage == "c" else "stage_b"
     path = require_file(cfg, "generator_checkpoint_path", f"the Stage {cfg.stage.upper()} generator")
-    return _frozen(load_model(kind, cfg.model_version, path, dtype=dtype, device=device))
+    return quantize_base(cfg, _frozen(load_model(kind, cfg.model_version, path, dtype=dtype, device=device)))
+
+
+def quantize_base(cfg: InferenceConfig, model: nn.Module) -> nn.Module:
+    """``base_dtype``: the big weights of ``model`` stored in 8 bits (modules/quantize.py)."""
+    if cfg.base_dtype:
+        from modules.quantize import quantize_frozen_
+
+        quantize_frozen_(model, cfg.base_dtype)
+    return model
 
 
 def load_aux(kind: str, cfg: InferenceConfig, key: str, device: torch.device) -> nn.Module:

@@ -17,7 +17,7 @@ from inference.config import InferenceConfig, load_inference_config
 from inference.errors import UserError
 from inference.images import ImageLike, resize_cover_crop, to_batch, to_pil
 from inference.models import (Placement, load_aux, load_clip, load_clip_image, load_controlnet,
-                              load_generator, pick_device, weights_dtype)
+                              load_generator, pick_device, quantize_base, weights_dtype)
 from inference.sampling import SamplingSettings
 
 ConfigSource = Union[str, Mapping[str, Any], InferenceConfig]
@@ -85,6 +85,7 @@ class CascadePipeline:
         main = stage_c or stage_b
         self._check_files()  # fail on a missing checkpoint before spending minutes loading CLIP
         self.tokenizer, self.text_model = load_clip(main.clip_text_model_name, self.dtype, home)
+        quantize_base(main, self.text_model)
         self.stage_c = load_generator(stage_c, self.dtype, home) if stage_c else None
         self.stage_b = load_generator(stage_b, weights_dtype(stage_b, self.device), home) \
             if stage_b else None

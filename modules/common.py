@@ -176,6 +176,23 @@ class TimestepBlock(nn.Module):
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)
 
 
+def checkpoint_every(setting: "bool | int") -> int:
+    """The dial ``gradient_checkpointing: false | true | N`` as a period: 0 = off, 1 = every block,
+    N = every N-th block."""
+    if isinstance(setting, bool) or setting is None:
+        return int(bool(setting))
+    if int(setting) < 0:
+        raise ValueError(f"gradient checkpointing period must be >= 0, got {setting}")
+    return int(setting)
+
+
+def checkpointed_blocks(n_blocks: int, every: int) -> list[bool]:
+    """Which of ``n_blocks`` blocks (registration order, as ``modules()`` lists them) are recomputed
+    in backward with period ``every`` (:func:`checkpoint_every`): blocks 0, N, 2N, ... The one
+    definition of the dial; the networks and the memory estimate both read it."""
+    return [every > 0 and i % every == 0 for i in range(n_blocks)]
+
+
 def gen_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of r (B,) -> (B, c_r): sin block then cos block (float32)."""
     r = r.float() * max_positions
@@ -253,6 +270,8 @@ class CascadeUNet(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    #: period of the checkpointed blocks (:func:`checkpoint_every`), 0 = none
+    checkpoint_period: int = 0
 
     def _build_levels(
         self,
@@ -315,12 +334,18 @@ class CascadeUNet(nn.Module):
             self.up_repeat_mappers.append(nn.ModuleList(
                 nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(up_repeats[i] - 1)))
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block in backward (saves activation memory) when ``enabled``."""
-        self.gradient_checkpointing = bool(enabled)
+    def set_gradient_checkpointing(self, enabled: "bool | int") -> None:
+        """Recompute blocks in backward (saves activation memory): ``True`` every block, an int N
+        every N-th block (:func:`checkpointed_blocks`), ``False``/0 none."""
+        every = checkpoint_every(enabled)
+        self.gradient_checkpointing = every > 0
+        self.checkpoint_period = every
+        blocks = [m for m in self.modules() if isinstance(m, BLOCK_TYPES)]
+        for block, on in zip(blocks, checkpointed_blocks(len(blocks), every)):
+            block._recompute = on  # type: ignore[assignment]  # plain attribute: survives deepcopy (EMA)
 
     def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if self.gradient_checkpointing and getattr(block, "_recompute", True) and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

@@ -44,7 +44,7 @@ class StageB(CascadeUNet):
         dropout=(0, 0, 0.1, 0.1),
         self_attn=True,
         t_conds: Sequence[str] = ("sca",),
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: "bool | int" = False,
     ):
         super().__init__()
         self.c_r = c_r

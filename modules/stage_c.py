@@ -42,7 +42,7 @@ class StageC(CascadeUNet):
         self_attn=True,
         t_conds: Sequence[str] = ("sca", "crp"),
         switch_level: Sequence[bool] = (False,),
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: "bool | int" = False,
     ):
         super().__init__()
         self.c_r = c_r

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from core.config import REQUIRED, doc
+from core.quantize import QuantConfig
 from core.errors import UserError
 from core.seeding import derive_seed
 from core.training import TrainingConfig, TrainingCore
@@ -21,7 +22,7 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig):
+class CascadeConfig(TrainingConfig, QuantConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}

@@ -33,7 +33,10 @@ from torch import nn
 
 from core.config import per_rank_batch
 from core.memory import MemorySpec, default_dtype
+from modules.common import checkpoint_every
 
+#: The low-VRAM settings every spec carries in its ``details`` (see :func:`_run_fields`).
+LOW_VRAM_FIELDS = ("checkpoint_every", "base_dtype", "base_quant_block", "offload_blocks", "fused_backward")
 #: Official ControlNet 3.6B injection points (docs/OFFICIAL.md, ControlNet: canny/inpainting/SR).
 CNET_PROJ_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 #: The ControlNet the estimate builds unless told otherwise: the official canny one.
@@ -105,6 +108,13 @@ def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
             "cached": bool(_get(cfg, "cache_path")),
             "image_conditioning": float(_get(cfg, "image_embed_prob", 0.1) or 0) > 0,
             "gradient_checkpointing": bool(_get(cfg, "gradient_checkpointing", False)),
+            # the dial's period (modules.common.checkpoint_every): 1 = every block, N = every N-th
+            "checkpoint_every": checkpoint_every(_get(cfg, "gradient_checkpointing", False)),
+            # the low-VRAM options (modules/quantize.py, core/offload.py, core/fused_backward.py), passed on in
+            # the spec's details for the estimate and the simulation to read
+            "base_dtype": _get(cfg, "base_dtype"), "base_quant_block": int(_get(cfg, "base_quant_block", 64) or 0),
+            "offload_blocks": int(_get(cfg, "offload_blocks", 0) or 0),
+            "fused_backward": bool(_get(cfg, "fused_backward", False)),
             "world_size": int(world_size), "fsdp": bool(_get(cfg, "use_fsdp", False)) and world_size > 1,
             "device": _target_device(cfg)}
 
@@ -212,7 +222,8 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         # the base generator, without the LoRA factors parametrizing it
         return {"generator": sum(p.numel() for n, p in networks["generator"].named_parameters() if "lora_" not in n)}
 
-    details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode}
+    details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode,
+                               **{k: f[k] for k in LOW_VRAM_FIELDS}}
     if lora is not None:
         details.update(lora_rank=lora[0], lora_filters=list(lora[1]), lora_type=lora[2])
     if controlnet is not None:

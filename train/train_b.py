@@ -73,7 +73,8 @@ class StageBTrainer(CascadeTrainer):
         self.add_frozen("stage_a", load_model("stage_a", "default", cfg.stage_a_checkpoint_path, device=dev),
                         cast=False)  # 20M parameters: float32
         self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-        self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
+        self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev),
+                        quantize=True)  # base_dtype
 
     # -- conditions and latents -------------------------------------------------------------
     def get_conditions(self, batch: dict, is_eval: bool = False, is_unconditional: bool = False,

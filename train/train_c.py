@@ -125,7 +125,8 @@ class StageCTrainer(CascadeTrainer):
         else:
             self.add_frozen("effnet", self.load_effnet())
             self.tokenizer = load_tokenizer(cfg.clip_text_model_name)
-            self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev))
+            self.add_frozen("text_model", load_clip_text(cfg.clip_text_model_name, dtype=self.frozen_dtype, device=dev),
+                            quantize=True)  # base_dtype
             self.add_frozen("image_model", load_clip_vision(cfg.clip_image_model_name, dtype=self.frozen_dtype,
                                                             device=dev))
         if cfg.stage_b_checkpoint_path and cfg.stage_a_checkpoint_path:  # full C -> B -> A previews

@@ -123,9 +123,9 @@ class StageCControlNetTrainer(StageCTrainer):
         """Stage C is frozen (eval, no grad, frozen dtype); the ControlNet's gradients still flow
         back through its activations, so gradient checkpointing applies to it too."""
         # shard=True: under use_fsdp each rank holds 1/world of the frozen Stage C (3.6B in bf16 is 7 GB).
-        generator = self.add_frozen("generator", self.load_generator(), shard=True)
+        generator = self.add_frozen("generator", self.load_generator(), shard=True, quantize=True)
         if self.cfg.gradient_checkpointing:
-            generator.set_gradient_checkpointing(True)
+            generator.set_gradient_checkpointing(self.cfg.gradient_checkpointing)  # True or a block period N
 
     def build_models(self) -> None:
         from modules.controlnet import ControlNet

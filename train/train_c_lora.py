@@ -30,6 +30,7 @@ from torch import nn
 
 from core.config import doc
 from core.errors import UserError, run_cli
+from core.quantize import quantize_as_configured
 from core.seeding import derive_seed
 from modules.lora import apply_lora
 from train.memory_specs import lora_parameter_count, lora_spec
@@ -126,6 +127,7 @@ class StageCLoraTrainer(StageCTrainer):
         the only parameters of it that train (float32 even on a bf16 base)."""
         cfg = self.cfg
         generator = self.load_generator().requires_grad_(False).to(self.frozen_dtype)
+        quantize_as_configured(generator, cfg)  # base_dtype: before the adapters attach (they wrap quantised weights)
         # lora_up ~ N(0, 1) comes from the global RNG: seed it so runs and ranks agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
