@@ -247,6 +247,14 @@ def _passthrough(op: torch._ops.OpOverload) -> Callable:
 # ------------------------------------------------------------------------------------------------
 # Counting live storages
 # ------------------------------------------------------------------------------------------------
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds its data: plain and fake tensors; a wrapper subclass (e.g. a
+    quantised weight) reports a storage of its dense size while its inner tensors hold the bytes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return type(t) in (torch.Tensor, nn.Parameter) or isinstance(t, FakeTensor)
+
+
 def _rounded(nbytes: int) -> int:
     return -(-int(nbytes) // BLOCK) * BLOCK
 
@@ -275,7 +283,7 @@ class LiveMemory(TorchDispatchMode):
     def __init__(self, fake: bool = True) -> None:
         super().__init__()
         self.fake = fake
-        self.live: dict[int, list] = {}          # id(storage) -> [rounded bytes, category]
+        self.live: dict[int, list] = {}          # id(storage) -> [rounded bytes, category, storage key]
         self.totals: dict[str, int] = {c: 0 for c in CATEGORIES}
         self.host: set[int] = set()              # storages marked host-resident: not counted
         self.current = 0
@@ -286,6 +294,8 @@ class LiveMemory(TorchDispatchMode):
     # -- registration --------------------------------------------------------------------------
     def track(self, t: torch.Tensor, category: str) -> None:
         """Count ``t``'s storage (if it is not counted yet) as ``category``; re-tag it otherwise."""
+        if not _owns_storage(t):
+            return  # a wrapper subclass (quantised or host weight): its inner tensors are counted
         s = t.untyped_storage()
         key = id(s)
         if key in self.host:
@@ -293,7 +303,7 @@ class LiveMemory(TorchDispatchMode):
         entry = self.live.get(key)
         if entry is None:
             size = _rounded(s.nbytes())
-            self.live[key] = [size, category]
+            self.live[key] = [size, category, s._cdata]
             self.totals[category] += size
             self.current += size
             weakref.finalize(s, self._free, key)
@@ -319,7 +329,17 @@ class LiveMemory(TorchDispatchMode):
         self.host.add(key)
         weakref.finalize(s, self.host.discard, key)
 
+    def exclude_storages(self, keys: set[int]) -> None:
+        """Stop counting the live storages whose ``untyped_storage()._cdata`` is in ``keys``."""
+        for key, entry in list(self.live.items()):
+            if entry[2] in keys:
+                self.live.pop(key)
+                self.totals[entry[1]] -= entry[0]
+                self.current -= entry[0]
+                self.host.add(key)
+
     def _free(self, key: int) -> None:
+        self.host.discard(key)  # an id is reused once its storage is gone
         entry = self.live.pop(key, None)
         if entry is not None:
             self.totals[entry[1]] -= entry[0]
@@ -343,7 +363,7 @@ class LiveMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         category = self.phase_category.get(self.phase, "temporaries")
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and _owns_storage(t):
                 s = t.untyped_storage()
                 entry = self.live.get(id(s))
                 if entry is None:
@@ -453,10 +473,20 @@ class SimJob:
     warmup: Optional[Callable[[Phases], None]] = None
 
 
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data (a quantised weight's codes and scales)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _meta = t.__tensor_flatten__()
+    return [x for n in names for x in _inner_tensors(getattr(t, n))]
+
+
 def _tag_state(counter: LiveMemory, job: SimJob) -> None:
     for m in job.modules:
         for t in list(m.parameters()) + list(m.buffers()):
-            counter.tag(t, "weights")
+            for inner in _inner_tensors(t):
+                counter.tag(inner, "weights")
     if job.optimizer is not None:
         for state in job.optimizer.state.values():
             for k, v in state.items():
@@ -464,6 +494,13 @@ def _tag_state(counter: LiveMemory, job: SimJob) -> None:
                     counter.exclude(v)  # a CPU scalar on a GPU run too (not capturable/fused)
                 elif isinstance(v, torch.Tensor):
                     counter.tag(v, "optimizer states")
+
+
+def _exclude_host_copies(counter: LiveMemory) -> None:
+    """Block offload's host copies (core/offload.py registers every one it makes) are host memory."""
+    offload = sys.modules.get("core.offload")
+    if offload is not None:
+        counter.exclude_storages(offload.host_storage_keys())
 
 
 def simulate(build: Callable[[], SimJob], fake: bool = True) -> SimResult:
@@ -489,6 +526,7 @@ def simulate(build: Callable[[], SimJob], fake: bool = True) -> SimResult:
             hooks = [p.register_post_accumulate_grad_hook(lambda p: counter.tag(p.grad, "gradients"))
                      for p in job.params]
             _tag_state(counter, job)
+            _exclude_host_copies(counter)
             if job.warmup is not None:
                 job.warmup(phases)
             _tag_state(counter, job)

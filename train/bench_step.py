@@ -65,6 +65,12 @@ class Row:
     #: a preset's card size (GiB) and config file
     budget_gib: Optional[float] = None
     config: Optional[str] = None
+    # the low-VRAM options (core/quantize.py, core/offload.py, core/fused_backward.py); checkpointing
+    # above is the dial true | N
+    base_dtype: Optional[str] = None
+    base_quant_block: int = 64
+    offload_blocks: int = 0
+    fused_backward: bool = False
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -135,6 +141,10 @@ def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Paramet
     else:
         generator.requires_grad_(False)
         params = []
+    if row.mode != "full" and row.base_dtype:  # the frozen base, before adapters attach (as the jobs)
+        from core.quantize import quantize_as_configured
+
+        quantize_as_configured(generator, row)
     if row.mode == "lora":
         from train.memory_specs import float32_lora
 
@@ -148,6 +158,14 @@ def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Paramet
         params += list(nets["controlnet"].parameters())
     for net in nets.values():
         net.set_gradient_checkpointing(row.checkpointing)
+    if row.offload_blocks:  # as core.models.ModelSet.offload: blocks holding frozen weights
+        from core.offload import offload_blocks_
+        from modules.common import BLOCK_TYPES
+
+        for net in nets.values():
+            blocks = [m for m in net.modules() if isinstance(m, BLOCK_TYPES)]
+            if any(not p.requires_grad for b in blocks for p in b.parameters()):
+                offload_blocks_(blocks, row.offload_blocks, torch.device(device if device is not None else "cpu"))
     return nets, params
 
 
@@ -174,6 +192,10 @@ def build_encoders(row: Row, device: Any, quick: bool) -> dict[str, nn.Module]:
             out["stage_a"] = _materialize(build_model("stage_a", "default"), device)  # float32, as the job has it
     for name, m in out.items():
         out[name] = m.requires_grad_(False).eval()
+    if row.base_dtype:  # the jobs store the CLIP text encoder in base_dtype too
+        from core.quantize import quantize_as_configured
+
+        quantize_as_configured(out["text"], row)
     return out
 
 
@@ -252,11 +274,18 @@ def train_forward(row: Row, nets: nn.ModuleDict, x0: torch.Tensor, cond: dict[st
 
 
 def make_optimizer(row: Row, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The job's optimizer (core.optim); with ``fused_backward`` its per-parameter hooks
+    (core/fused_backward.py) are attached and kept as ``opt._bench_fused``."""
     from core.optim import OptimConfig, build_optimizer
 
     cfg = OptimConfig()
     cfg.optimizer, cfg.stochastic_rounding = row.optimizer, row.stochastic_rounding
-    return build_optimizer(params, 1e-5, cfg)
+    opt = build_optimizer(params, 1e-5, cfg)
+    if row.fused_backward:
+        from core.fused_backward import FusedBackward
+
+        opt._bench_fused = FusedBackward(opt, params)  # type: ignore[attr-defined]
+    return opt
 
 
 
@@ -287,13 +316,17 @@ def training_step(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.
     phase("forward")
     loss = train_forward(row, nets, x0, cond, images, device)
     phase("backward")
-    loss.backward()
+    loss.backward()  # fused_backward: each parameter is stepped (and its gradient freed) in here
     del loss, x0, cond
-    phase("clip")
-    if row.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, row.grad_clip)
-    phase("optimizer")
-    opt.step()
+    fused = getattr(opt, "_bench_fused", None)
+    if fused is not None:
+        fused.finish()
+    else:
+        phase("clip")
+        if row.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, row.grad_clip)
+        phase("optimizer")
+        opt.step()
     opt.zero_grad(set_to_none=True)
     phase("done")
 
@@ -351,7 +384,9 @@ def row_from_config(script: str, cfg: Any, world_size: int = 1, name: Optional[s
               image_size=int(g("image_size", 768)), checkpointing=g("gradient_checkpointing", False) or False,
               weight_dtype=(g("dtype") or "float32") if mode == "full" else "bfloat16",
               optimizer=g("optimizer", "adamw") or "adamw", stochastic_rounding=bool(g("stochastic_rounding", False)),
-              grad_clip=g("grad_clip", 1.0), cached=bool(g("cache_path")), budget_gib=budget_gib, config=config)
+              grad_clip=g("grad_clip", 1.0), cached=bool(g("cache_path")), budget_gib=budget_gib, config=config,
+              base_dtype=g("base_dtype"), base_quant_block=int(g("base_quant_block", 64)),
+              offload_blocks=int(g("offload_blocks", 0) or 0), fused_backward=bool(g("fused_backward", False)))
     if mode == "lora":
         row = replace(row, lora_rank=int(g("rank", 4) or 4), lora_filters=tuple(g("module_filters") or [".attn"]))
     if mode == "controlnet":
