@@ -85,6 +85,16 @@ ROWS: list[Row] = [
         checkpointing=True),
     Row("b3b_full", "Stage B 3B full, bf16 + Adafactor, grad ckpt", "stage_b", "3B", checkpointing=True,
         weight_dtype="bfloat16", optimizer="adafactor"),
+    # the low-VRAM goals of issue 24 (bench/README.md)
+    Row("c36_lora_int8", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, cached", "stage_c", "3.6B", "lora",
+        checkpointing=True, base_dtype="int8", cached=True),
+    Row("c36_lora_offload_b1", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, offload 2 blocks, cached",
+        "stage_c", "3.6B", "lora", batch=1, checkpointing=True, base_dtype="int8", offload_blocks=2, cached=True),
+    Row("c36_full_fused_b1", "Stage C 3.6B full, bf16 + Adafactor, fused backward, grad ckpt", "stage_c", "3.6B",
+        batch=1, checkpointing=True, weight_dtype="bfloat16", optimizer="adafactor", fused_backward=True,
+        grad_clip=None),
+    Row("c36_controlnet_int8_offload", "ControlNet canny on Stage C 3.6B, int8 base, offload 2 blocks, grad ckpt",
+        "stage_c", "3.6B", "controlnet", checkpointing=True, base_dtype="int8", offload_blocks=2),
 ]
 
 
@@ -154,7 +164,9 @@ def memory_estimate(row: Row, batch: int) -> Optional[float]:
                           frozen_dtype="bfloat16", precision="auto", cache_path="cache" if row.cached else None,
                           rank=row.lora_rank, module_filters=list(row.lora_filters), grad_accum_steps=1,
                           use_fsdp=False, gradient_checkpointing=row.checkpointing,
-                          stochastic_rounding=row.stochastic_rounding)
+                          stochastic_rounding=row.stochastic_rounding, base_dtype=row.base_dtype,
+                          base_quant_block=row.base_quant_block, offload_blocks=row.offload_blocks,
+                          fused_backward=row.fused_backward)
     if row.mode == "lora":
         spec = lora_spec(cfg)
     elif row.mode == "controlnet":

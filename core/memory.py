@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 GIB = 2**30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
+          None: torch.float32}
 OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy")
 
 #: A frozen part that only needs counting: a parameter count (stored in ``MemorySpec.frozen_dtype``),
@@ -114,6 +115,15 @@ class MemorySpec:
     #: The frozen parts' no-grad forward of one step (encoders before the trained forward), run on
     #: fake tensors: its transient peak is one candidate for the step's peak. None = not counted.
     transient: Optional[Callable[[], Any]] = None
+    #: Of the units found by ``unit_types``, those that gradient checkpointing recomputes (e.g.
+    #: every N-th block); None = all of them.
+    unit_filter: Optional[Callable[[list], list]] = None
+    #: Block offload: frozen weights inside the ``unit_types`` units live in host memory, a ring
+    #: of this many units' frozen weights on the device (0 = no offload).
+    offload_blocks: int = 0
+    #: Fused backward: each parameter is stepped inside backward and its gradient freed, so
+    #: neither all gradients nor the optimizer step's temporaries exist at once.
+    fused_backward: bool = False
     #: bf16 autocast of the forward (as on the GPU).
     autocast: bool = True
     #: Whether the run as configured turns gradient checkpointing on (marks the matching peak).
@@ -322,7 +332,10 @@ def _shard(p: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes ``t`` stores: a quantised weight (a wrapper subclass) by its codes and scales."""
+    from core.memsim import _inner_tensors
+
+    return sum(x.numel() * x.element_size() for x in _inner_tensors(t))
 
 
 def _fsdp_gather_bytes(roots: Sequence[nn.Module], unit_types: tuple[type, ...], trainable_ids: set[int],
@@ -376,7 +389,8 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
         trainable = (list(spec.trainable(networks)) if spec.trainable is not None
                      else [p for p in networks.parameters() if p.requires_grad])
         trainable_ids = {id(p) for p in trainable}
-        units = modules_of_types(networks, tuple(spec.unit_types))
+        blocks = modules_of_types(networks, tuple(spec.unit_types))
+        units = list(spec.unit_filter(blocks)) if spec.unit_filter is not None else list(blocks)
         if spec.extra_units is not None:
             units += list(spec.extra_units(networks))
         roots = [networks.get_submodule(name) for name in spec.fsdp_networks or ()] if mode == "fsdp" else []
@@ -387,11 +401,17 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
 
         trained_local = [local(p) for p in trainable]
         trained_w = sum(_nbytes(p) for p in trained_local)
-        frozen_w = sum(_nbytes(local(p)) for p in networks.parameters() if id(p) not in trainable_ids)
-        frozen_w += sum(_nbytes(b) for b in networks.buffers())
+        frozen = [p for p in networks.parameters() if id(p) not in trainable_ids]
+        frozen_w = sum(_nbytes(local(p)) for p in frozen) + sum(_nbytes(b) for b in networks.buffers())
+        if spec.offload_blocks:  # the blocks' frozen weights in host memory, a ring of them on the device
+            per_block = [sum(_nbytes(p) for p in blk.parameters() if id(p) not in trainable_ids) for blk in blocks]
+            frozen_w += spec.offload_blocks * max(per_block, default=0) - sum(per_block)
         grads = trained_w
+        if spec.fused_backward:  # one tensor's gradient at a time (stepped, then freed)
+            grads = max((_nbytes(p) for p in trained_local), default=0)
         optim = optimizer_state_bytes(trained_local, spec.optimizer, spec.optimizer_state_dtype)
-        optim_step = optimizer_step_bytes(trained_local, spec.optimizer, spec.optimizer_state_dtype)
+        optim_step = optimizer_step_bytes(trained_local, "adafactor" if spec.fused_backward else spec.optimizer,
+                                          spec.optimizer_state_dtype)  # fused: one tensor at a time
         if mode == "fsdp":
             parallel = _fsdp_gather_bytes(roots, tuple(spec.unit_types), trainable_ids, spec.autocast)
         else:  # DDP's reducer copies every gradient into its flat buckets

@@ -476,7 +476,7 @@ class SimJob:
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data (a quantised weight's codes and scales)."""
     flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+    if flatten is None or _owns_storage(t):
         return [t]
     names, _meta = t.__tensor_flatten__()
     return [x for n in names for x in _inner_tensors(getattr(t, n))]
