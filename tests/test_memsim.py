@@ -207,3 +207,12 @@ def test_simulated_peak_equals_the_real_peak(optimizer):
     assert fake.breakdown["weights"] > 0 and fake.resident_bytes["optimizer states"] > 0
     if optimizer == "adamw":  # float32 weights: gradients as big as the weights at the optimizer step
         assert fake.phase_peaks["optimizer"] >= fake.breakdown["weights"] + fake.resident_bytes["optimizer states"]
+
+
+def test_simulate_needs_dry_run():
+    from core.cli import main
+    from core.errors import UserError
+    from train.train_c_lora import StageCLoraTrainer
+
+    with pytest.raises(UserError, match="--simulate needs --dry-run"):
+        main(StageCLoraTrainer, ["configs/training/tiny_c_lora.yaml", "--simulate"])
