@@ -108,8 +108,9 @@ def _print_simulation(job: type, cfg: Any, world_size: int, est: Optional[dict])
     from core.memsim import GIB, format_result
 
     print("# simulated GPU step (core/memsim.py: fake tensors at full size, a CUDA GPU's decisions)")
-    try:
-        sim = job.memory_simulation(cfg, world_size)
+    try:  # an optional hook of the job: memory_simulation(cfg, world_size) -> core.memsim.SimResult
+        hook = getattr(job, "memory_simulation", None)
+        sim = hook(cfg, world_size) if hook is not None else None
     except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not fail here
         print(f"# simulation unavailable ({type(exc).__name__}: {exc})")
         return

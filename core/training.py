@@ -100,12 +100,6 @@ class TrainingCore:
         dry-run estimate (None: no estimate)."""
         return None
 
-    @classmethod
-    def memory_simulation(cls, cfg: Any, world_size: int = 1) -> Any:
-        """``--dry-run --simulate``: the ``core.memsim.SimResult`` of one simulated step of ONE rank
-        (None: the job has no simulation)."""
-        return None
-
     # -- construction --------------------------------------------------------------------
     def __init__(self, cfg: Any, dist: Any = None, resume: str = "auto") -> None:
         self.cfg = cfg
