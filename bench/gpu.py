@@ -88,6 +88,8 @@ ROWS: list[Row] = [
     # the low-VRAM goals of issue 24 (bench/README.md)
     Row("c36_lora_int8", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, cached", "stage_c", "3.6B", "lora",
         checkpointing=True, base_dtype="int8", cached=True),
+    Row("c36_lora_lowvram", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, offload 2 blocks, cached", "stage_c",
+        "3.6B", "lora", checkpointing=True, base_dtype="int8", offload_blocks=2, cached=True),
     Row("c36_lora_offload_b1", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, offload 2 blocks, cached",
         "stage_c", "3.6B", "lora", batch=1, checkpointing=True, base_dtype="int8", offload_blocks=2, cached=True),
     Row("c36_full_fused_b1", "Stage C 3.6B full, bf16 + Adafactor, fused backward, grad ckpt", "stage_c", "3.6B",
