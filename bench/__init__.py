@@ -1,1 +1,1 @@
-"""Benchmarks that print figures (bench/README.md); run from a checkout: python3 bench/<name>.py."""
+"""Benchmarks that print figures (bench/README.md): python3 bench/<name>.py from a checkout."""

@@ -12,7 +12,6 @@ path is warm-up. One summary line; ``--out`` writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.report import report
 
 
 def _time_steps(step, batches, n: int) -> list[float]:
@@ -97,12 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         r = bench(args.config, args.steps, args.overrides)
     finally:
         logging.disable(logging.NOTSET)
-    print(f"cache_speedup {r['model_version']} batch {r['batch_size']} {r['image_size']}px: "
-          f"{r['steps_per_s_images']:.3f} steps/s from images, {r['steps_per_s_cache']:.3f} steps/s from cache "
-          f"(x{r['speedup']:.2f}) on {r['device']}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
-    return 0
+    return report(f"cache_speedup {r['model_version']} batch {r['batch_size']} {r['image_size']}px: "
+                  f"{r['steps_per_s_images']:.3f} steps/s from images, {r['steps_per_s_cache']:.3f} steps/s from cache "
+                  f"(x{r['speedup']:.2f}) on {r['device']}", r, args.out)
 
 
 if __name__ == "__main__":

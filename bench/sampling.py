@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from bench.report import report
 
 
 def _timed(fn, device: torch.device) -> tuple[float, object]:
@@ -95,14 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     r = bench(args.stage_c, args.stage_b, args.images, args.size, args.steps_c, args.steps_b, args.device)
-    print(f"sampling C {r['stage_c']} / B {r['stage_b']} {r['size']}px x{r['images']}: "
-          f"stage C {r['stage_c_s_per_image']:.3f} s/image ({r['steps_c']} steps), "
-          f"stage B {r['stage_b_s_per_image']:.3f} s/image ({r['steps_b']} steps), "
-          f"stage A {r['stage_a_s_per_image']:.3f} s/image, total {r['total_s_per_image']:.3f} s/image "
-          f"on {r['device']}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
-    return 0
+    return report(f"sampling C {r['stage_c']} / B {r['stage_b']} {r['size']}px x{r['images']}: "
+                  f"stage C {r['stage_c_s_per_image']:.3f} s/image ({r['steps_c']} steps), "
+                  f"stage B {r['stage_b_s_per_image']:.3f} s/image ({r['steps_b']} steps), "
+                  f"stage A {r['stage_a_s_per_image']:.3f} s/image, total {r['total_s_per_image']:.3f} s/image "
+                  f"on {r['device']}", r, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from bench.report import report
+
 #: dense bf16 tensor-core peaks (TFLOP/s) by device-name substring
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "4090": 165.0, "A10": 125.0}
 
@@ -146,13 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logging.disable(logging.NOTSET)
     mfu = f", MFU {r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else ""
-    print(f"train_step {r['trainer']} {r['model_version']} batch {r['batch_size']} {r['image_size']}px "
-          f"ckpt={r['gradient_checkpointing']}: median {r['median_step_s'] * 1000:.1f} ms/step, "
-          f"{r['images_per_s']:.2f} images/s, peak {r['peak_memory_bytes'] / 2**20:.0f} MiB "
-          f"({r['peak_memory_kind']}){mfu} on {r['device']}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
-    return 0
+    return report(f"train_step {r['trainer']} {r['model_version']} batch {r['batch_size']} {r['image_size']}px "
+                  f"ckpt={r['gradient_checkpointing']}: median {r['median_step_s'] * 1000:.1f} ms/step, "
+                  f"{r['images_per_s']:.2f} images/s, peak {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+                  f"({r['peak_memory_kind']}){mfu} on {r['device']}", r, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The command line of every training script: ``python3 train/<job>.py CONFIG [options]``.
 
-``--set KEY=VALUE`` overrides (YAML values), ``--validate-only`` checks a config (placeholder paths
-allowed), ``--dry-run`` runs the same checks, then prints the resolved config, what the job would
+``--set KEY=VALUE`` overrides (YAML values), ``--validate-only`` runs every check of a run's start
+that needs no model (:func:`check_inputs`: input files and folders, CLIP folders, the data sets
+listed and their first shard opened; placeholders, official files not downloaded yet and hub ids
+are allowed and listed), ``--dry-run`` runs the same checks, then prints the resolved config, what the job would
 build, the data and batch split and the per-rank memory estimate, then exits; ``--resume
 auto|never|PATH``. Both check the batch split against the launcher's world size
 (``WORLD_SIZE`` / ``SLURM_NTASKS``, :func:`core.distributed.world_size_from_env`), as the run does. A user error exits with
@@ -17,7 +19,7 @@ from typing import Any, Optional
 from core.config import config_to_dict, is_placeholder_path, load_config, parse_cli
 from core.distributed import world_size_from_env
 
-__all__ = ["main", "dry_run", "setup_python_logging"]
+__all__ = ["main", "dry_run", "check_inputs", "setup_python_logging"]
 
 
 def setup_python_logging() -> None:
@@ -44,8 +46,11 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
         if args.dry_run:  # says which files are missing
             dry_run(job, cfg, world_size, simulate=args.simulate)
         else:
+            pending = check_inputs(job, cfg)  # what the run's start checks, so "config OK" means it starts
             print(f"config OK: {args.config} ({job.__name__}, world size {world_size}: "
                   f"per-rank micro-batch {cfg.per_rank_batch(world_size)})")
+            if pending:
+                print("not checked (placeholders, official files not downloaded yet, hub ids): " + ", ".join(pending))
         return 0
     cfg = load_config(job.Config, args.config, args.overrides, world_size=world_size)
     from core.distributed import init_distributed
@@ -58,10 +63,116 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def check_inputs(job: type, cfg: Any) -> list[str]:
+    """The input checks of a run's start, without loading a model: every file and folder the config
+    validators named (``RunConfig.check_file``), the CLIP folders, and every data set of
+    ``job.data_sources`` (required, schemes, listing, the first shard opened). Raises the run's
+    one-line error; returns ``key=value`` of what cannot be checked yet: placeholders
+    (``/path/to/...``), official files not downloaded yet, hub ids."""
+    from core.config import input_path_problem
+    from core.errors import UserError
+    from fileio.state_dicts import is_official_file
+
+    pending: list[str] = []
+    for key, (kind, fix) in sorted(cfg.input_paths.items()):
+        path = getattr(cfg, key)
+        problem = input_path_problem(key, path, kind, fix)
+        if problem is None:
+            _check_weights_file(key, path)
+            continue
+        if is_placeholder_path(path) or (kind != "folder" and is_official_file(path)):
+            pending.append(f"{key}={path}")
+            continue
+        raise UserError(problem)
+    for key in sorted(k for k in vars(cfg) if k.endswith("_model_name")):
+        name = getattr(cfg, key)
+        if not isinstance(name, str) or os.path.isdir(os.path.expanduser(name)) or is_placeholder_path(name):
+            continue
+        from modules.conditioning import looks_like_hub_id
+
+        if os.path.exists(os.path.expanduser(name)) or not looks_like_hub_id(name):
+            raise UserError(f"config key '{key}': folder not found: {name} (a folder written by save_pretrained, "
+                            f"or a Hugging Face hub id)")
+        pending.append(f"{key}={name}")
+    for key, value in job.data_sources(cfg).items():
+        pending += _check_source(key, value)
+    return pending
+
+
+def _check_weights_file(key: str, path: str) -> None:
+    """A weights file as the run's loader opens it: a supported extension and, for safetensors, a
+    readable header (no tensor data is read; torch files are only read by the run)."""
+    if not (key.endswith("_checkpoint_path") or key.endswith("_model_path")) or not os.path.isfile(path):
+        return
+    from core.errors import UserError
+    from fileio.errors import CheckpointError
+    from fileio.state_dicts import checkpoint_path, safetensors_shapes
+
+    try:
+        if checkpoint_path(path).suffix.lower() == ".safetensors":
+            safetensors_shapes(path)
+    except CheckpointError as exc:
+        raise UserError(f"config key '{key}': {exc}") from None
+
+
+def _check_source(key: str, value: Any) -> list[str]:
+    """One data set of the run: its sources expanded as the run's pipeline does, the first shard
+    opened; errors name ``key``. Placeholder entries are returned, not read."""
+    from core.data import DataError
+    from core.data.errors import for_key
+    from core.data.sources import expand_named_sources, open_shard
+    from core.errors import UserError
+
+    if value is None:
+        raise UserError(f"config key '{key}' is required: the images the run trains on (a folder of images, .tar "
+                        f"shards, a .yml list, s3:// or http(s):// URLs)")
+    entries = [value] if isinstance(value, str) else list(value)
+    placeholders = [e for e in entries if is_placeholder_path(e)]
+    real = [e for e in entries if not is_placeholder_path(e)]
+    if real:
+        try:
+            urls = [u for u, _ in expand_named_sources(real)]
+            _open_one(urls[:3])
+        except DataError as exc:
+            message = str(for_key(exc, key))
+            raise DataError(message if message.startswith(key) else f"{key}: {message}") from None
+    return [f"{key}={e}" for e in placeholders]
+
+
+def _open_one(urls: list[str]) -> None:
+    """Read the first tar header of the first of ``urls`` that opens and starts like a tar shard
+    (the run skips missing and broken shards too); the last error when none does."""
+    import tarfile
+
+    from core.data import DataError
+    from core.data.sources import open_shard
+
+    error: Exception = DataError("no shard")
+    for url in urls:
+        try:
+            with open_shard(url) as fh:
+                block = fh.read(512)
+            try:
+                tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.EmptyHeaderError:
+                error = DataError(f"{url}: an empty tar shard (no sample)")
+                continue
+            except tarfile.HeaderError:
+                error = DataError(f"{url}: not a tar shard (its first {len(block)} bytes are no tar header)")
+                continue
+            return
+        except DataError as exc:  # ShardMissing included
+            error = exc
+        except OSError as exc:
+            error = DataError(f"cannot read {url}: {exc.strerror or exc}")
+    raise error
+
+
 def dry_run(job: type, cfg: Any, world_size: Optional[int] = None, simulate: bool = False) -> None:
     """Print the resolved config, missing files, the job's description of what it builds, the
     dataset's first shard, the batch split and the per-rank memory estimate of the job's spec,
-    for ``world_size`` ranks (default: the launcher's environment)."""
+    for ``world_size`` ranks (default: the launcher's environment); ``simulate``: also the peak of
+    one simulated step (core/memsim.py) beside the estimate."""
     import yaml
 
     ws = world_size_from_env() if world_size is None else world_size
@@ -73,6 +184,11 @@ def dry_run(job: type, cfg: Any, world_size: Optional[int] = None, simulate: boo
         print("# missing files (download them before training): " + ", ".join(sorted(missing)))
     for line in job.describe(cfg):
         print(line)
+    if hasattr(cfg, "lr_scheduler") and getattr(cfg, "training", True):
+        from core.lr_schedule import schedule_lines
+
+        for line in schedule_lines(cfg):
+            print(line)
     print("# data")
     shards = _list_shards(cfg)
     if shards:

@@ -34,7 +34,7 @@ from core.errors import UserError
 __all__ = [
     "REQUIRED", "REQUIRED_TRAIN", "MISSING", "RunConfig", "doc", "load_config", "validate_config",
     "config_to_dict", "save_config", "config_reference", "add_common_args", "parse_cli",
-    "parse_override", "is_placeholder_path", "config_aliases", "check_folder_name",
+    "parse_override", "is_placeholder_path", "input_path_problem", "config_aliases", "check_folder_name",
     "MAX_LR", "MAX_BATCH_SIZE", "MAX_UPDATES", "MAX_PREVIEW_IMAGES",
 ]
 
@@ -117,6 +117,18 @@ def is_placeholder_path(value: Any) -> bool:
     return isinstance(value, str) and ("/path/to" in value or value.startswith("s3://path/"))
 
 
+def input_path_problem(key: str, path: str, kind: str = "file", fix: Optional[str] = None) -> Optional[str]:
+    """The one-line error of config key ``key`` when ``path`` is not there as ``kind`` (``file``,
+    ``folder`` or ``file_or_folder``); None when it is."""
+    if kind == "folder":
+        return None if os.path.isdir(path) else f"config key '{key}': folder not found: {path} ({fix or 'check the path in your config'})"
+    if os.path.isfile(path) or (kind == "file_or_folder" and os.path.isdir(path)):
+        return None
+    from fileio.state_dicts import download_hint  # the error path only: keeps configs torch-free
+
+    return f"config key '{key}': file not found: {path} ({fix or download_hint(path)})"
+
+
 # --------------------------------------------------------------------------------------------
 # RunConfig: the keys of the loop and the run (official meaning kept, see docs/CORE_API.md)
 # --------------------------------------------------------------------------------------------
@@ -150,13 +162,17 @@ class RunConfig:
     # --- logging
     wandb_project: Optional[str] = doc(None, "Weights & Biases project; enables wandb logging when set (offline when WANDB_MODE=offline; a warning if wandb is not installed).")
     wandb_entity: Optional[str] = doc(None, "Weights & Biases entity (user or team).")
+    tensorboard: bool = doc(False, "Also log to TensorBoard event files (scalars, preview grids, validation figures), "
+                                   "offline (core/tensorboard_log.py); needs the tensorboard package (pip install "
+                                   "tensorboard). A failure is one warning and the run continues.")
+    tensorboard_dir: Optional[str] = doc(None, "Folder of the TensorBoard event files (None = <run folder>/tensorboard).")
     log_every: int = doc(10, "Write a metrics.jsonl line every N optimizer updates.")
     # --- optimisation
     lr: float = doc(REQUIRED_TRAIN, f"Learning rate (AdamW by default); finite, > 0 and <= {MAX_LR:g}.")
     batch_size: int = doc(REQUIRED_TRAIN, f"GLOBAL batch per optimizer update, over all processes and accumulation steps: each rank loads batch_size / (world_size * grad_accum_steps) images per micro-step; must divide evenly; at most {MAX_BATCH_SIZE}.")
     grad_accum_steps: int = doc(1, "Micro-steps (forward/backward) per optimizer update.")
     updates: int = doc(REQUIRED_TRAIN, f"Number of optimizer updates of the run (the loop runs updates * grad_accum_steps micro-steps); at most {MAX_UPDATES}.")
-    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr).")
+    warmup_updates: int = doc(1, "Linear warmup length in updates: lr = lr * min(1, (n + 1) / warmup_updates) at update n (the first update already uses a non-zero lr); then the lr_scheduler curve.")
     max_nonfinite_steps: int = doc(5, "A non-finite loss skips the update; this many in a row stop the run with an error.")
     # --- checkpoints and previews
     save_every: int = doc(REQUIRED_TRAIN, "Checkpoint (and preview) period in optimizer updates; a checkpoint is also written at the end.")
@@ -197,16 +213,43 @@ class RunConfig:
                 raise UserError(f"config key '{key}' is required{extra}; set it in the YAML or with --set {key}=...")
 
     def check_file(self, key: str, folder_ok: bool = False) -> None:
-        """UserError if the file named by ``key`` does not exist (skipped for None, and for
-        placeholder paths and missing files in validate-only mode). ``folder_ok``: a folder is
-        accepted too (a model folder; its loader checks what is inside)."""
-        path = getattr(self, key)
-        if path is None or isinstance(path, _Required) or self.validate_only:
-            return
-        if not os.path.isfile(path) and not (folder_ok and os.path.isdir(path)):
-            from fileio.state_dicts import download_hint  # the error path only: keeps configs torch-free
+        """UserError if the file named by ``key`` does not exist (skipped for None). ``folder_ok``:
+        a folder is accepted too (a model folder; its loader checks what is inside). In validate-only
+        mode the key is only recorded: ``--validate-only`` checks it (core/cli.py ``check_inputs``),
+        allowing and listing placeholders and official files not downloaded yet."""
+        self._check_input(key, "file_or_folder" if folder_ok else "file")
 
-            raise UserError(f"config key '{key}': file not found: {path} ({download_hint(path)})")
+    def check_folder(self, key: str, fix: str = "check the path in your config") -> None:
+        """UserError if the folder named by ``key`` does not exist (``fix``: how to make it);
+        recorded like :meth:`check_file` in validate-only mode."""
+        self._check_input(key, "folder", fix)
+
+    def _check_input(self, key: str, kind: str, fix: Optional[str] = None) -> None:
+        path = getattr(self, key)
+        if path is None or isinstance(path, _Required):
+            return
+        if self.validate_only:
+            self.input_paths[key] = (kind, fix)
+            return
+        problem = input_path_problem(key, path, kind, fix)
+        if problem is not None:
+            raise UserError(problem)
+
+    @property
+    def input_paths(self) -> dict[str, tuple[str, Optional[str]]]:
+        """``{key: (kind, fix)}`` of the input paths the validators named in validate-only mode."""
+        found = self.__dict__.get("_input_paths")
+        if found is None:
+            found = {}
+            object.__setattr__(self, "_input_paths", found)
+        return found
+
+    def check_fraction(self, *keys: str) -> None:
+        """UserError unless every config key in ``keys`` holds a number in [0, 1] (a probability)."""
+        for key in keys:
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"config key '{key}' must be in [0, 1], got {value}")
 
     def per_rank_batch(self, world_size: int) -> int:
         """Images per rank per micro-step (:func:`per_rank_batch`)."""

@@ -32,6 +32,7 @@ still measured (summed in the hooks, one sync after backward) and logged as ``gr
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -85,7 +86,8 @@ class FusedBackward:
     """Steps ``optimizer`` per parameter from post-accumulate-grad hooks on ``params``.
 
     After each backward :meth:`finish` returns the gradient norm (nan when a gradient was not
-    finite) and starts the next update. The hooks stay registered (:meth:`remove` drops them)."""
+    finite) and starts the next update. ``optimizer.step()`` is a no-op while the hooks are
+    attached (:meth:`remove` drops them)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
         self.optimizer = optimizer
@@ -94,12 +96,20 @@ class FusedBackward:
         if missing:
             raise ValueError(f"FusedBackward: {len(missing)} trained parameters are not in the optimizer")
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        # The loop's own optimizer.step() becomes a no-op (every parameter was stepped in backward);
+        # the hooks call the real one.
+        self.real_step = optimizer.step
+        optimizer.step = types.MethodType(lambda _self, closure=None: None, optimizer)  # type: ignore[method-assign]
         self.begin()
 
     @classmethod
     def for_run(cls, cfg: Any, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
-                world_size: int) -> "FusedBackward":
-        """The hooks of a run of ``world_size`` processes (refused on several: :func:`check_world`)."""
+                world_size: int) -> Optional["FusedBackward"]:
+        """The hooks of a run with ``cfg.fused_backward`` on ``world_size`` processes (refused on
+        several: :func:`check_world`), None without it. Build it before an LR scheduler wraps
+        ``optimizer.step`` (the no-op the loop then calls is what the scheduler wraps)."""
+        if not getattr(cfg, "fused_backward", False):
+            return None
         check_world(cfg, world_size)
         return cls(optimizer, params)
 
@@ -132,7 +142,7 @@ class FusedBackward:
             for g in groups:
                 g["params"] = []
             groups[self.group_of[id(p)]]["params"] = [p]
-            self.optimizer.step()
+            self.real_step()
         finally:
             for g, ps in zip(groups, saved):
                 g["params"] = ps
@@ -149,9 +159,11 @@ class FusedBackward:
         return norm
 
     def remove(self) -> None:
+        """Drop the hooks and give the optimizer its own step back."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.optimizer.step = self.real_step  # type: ignore[method-assign]
 
 
 def check_world(cfg: Any, world_size: int) -> None:

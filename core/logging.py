@@ -2,12 +2,14 @@
 
 Local files are always written (main rank only); a write that fails for an operating-system reason
 (disk full, read-only file system) raises a one-line ``fileio.errors.WriteError`` naming the file.
-wandb is used when ``wandb_project`` is set: it is imported lazily, runs offline when
-``WANDB_MODE=offline`` or the wandb server is unreachable, and a missing wandb package gives ONE
-warning instead of a crash. Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a
-resumed training continues the same wandb run id (saved in the trainer state), offline too: each
-session is one ``offline-run-<time>-<id>`` folder, and ``wandb sync`` uploads them in order into
-one run.
+wandb is used when ``wandb_project`` is set: it is imported lazily, honours its own settings
+(``WANDB_MODE``, ``WANDB_BASE_URL``, ``WANDB_API_KEY``, ``WANDB_DIR``, ``WANDB_INIT_TIMEOUT``), runs
+offline when the server of ``WANDB_BASE_URL`` does not answer within 3 s, and is an optional
+integration (core/integrations.py): a missing package, no API key, a server that fails or a log
+call that raises is ONE warning naming wandb and the reason, and the run continues without it.
+Its files go to ``$WANDB_DIR/wandb/`` (default: the run folder); a resumed training continues the
+same wandb run id (saved in the trainer state), offline too: each session is one
+``offline-run-<time>-<id>`` folder, and ``wandb sync`` uploads them in order into one run.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -24,12 +25,16 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from core.integrations import Integration
 from fileio.atomic import atomic_write_bytes
 from fileio.errors import WriteError
 
 __all__ = ["RunLogger", "setup_logging", "image_grid", "read_metrics", "plot_loss", "plot_timesteps"]
 
 log = logging.getLogger("core")
+
+#: seconds wandb.init waits for its server before the run goes on without wandb (unless WANDB_INIT_TIMEOUT is set)
+WANDB_INIT_TIMEOUT = 30.0
 
 _FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 
@@ -183,12 +188,28 @@ def plot_timesteps(metrics_path: str, out_path: str, prefix: str = "val_mse_t") 
     return True
 
 
-def _wandb_reachable(timeout: float = 3.0) -> bool:
+def _wandb_server() -> str:
+    """The wandb server this process talks to: ``WANDB_BASE_URL`` (wandb's own setting), else the cloud."""
+    return (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+
+
+def _wandb_reachable(url: str, timeout: float = 3.0) -> Optional[str]:
+    """None when an HTTP server answers at ``url`` within ``timeout`` seconds (any status), else the
+    reason (refused, no answer, unknown host). A server that accepts the connection but never
+    answers counts as unreachable: wandb would wait for it for minutes."""
+    import urllib.error
+    import urllib.request
+
     try:
-        socket.create_connection(("api.wandb.ai", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return None
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return getattr(reason, "strerror", None) or str(reason)
+    except (OSError, ValueError) as exc:  # timeouts, resets, a malformed WANDB_BASE_URL
+        return str(exc) or type(exc).__name__
 
 
 class RunLogger:
@@ -196,7 +217,8 @@ class RunLogger:
 
     Non-main ranks get a silent logger (every method is a no-op), so callers need no rank checks.
     ``resume_step`` drops metrics.jsonl records after that step (they belong to the updates a
-    crash threw away and are about to be redone)."""
+    crash threw away and are about to be redone); the trainer passes it on EVERY start (0 when no
+    checkpoint was restored), so the log always matches the weights the run continues from."""
 
     def __init__(self, run_dir: str, cfg: Any, is_main: bool, total_steps: int,
                  wandb_project: Optional[str] = None, wandb_entity: Optional[str] = None,
@@ -209,8 +231,11 @@ class RunLogger:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.run_id = run_id or uuid.uuid4().hex[:8]  # saved by the trainer so wandb resumes the same run
         self.wandb: Any = None
+        self._wandb_guard = Integration("wandb")  # every wandb call goes through it (core/integrations.py)
         self._bar: Any = None
         self.status: dict[str, float] = {}  # shown on the progress line until replaced (e.g. val_loss)
+        self.tensorboard: Any = None  # core/tensorboard_log.py when the config's `tensorboard` is on
+        self._last_step = start_step
         setup_logging(is_main)
         if not is_main:
             return
@@ -224,30 +249,45 @@ class RunLogger:
         self._last_time = time.monotonic()
         if wandb_project:
             self._start_wandb(cfg, wandb_project, wandb_entity, run_name)
+        if getattr(cfg, "tensorboard", False):
+            from core.tensorboard_log import TensorBoardLogger
+
+            folder = getattr(cfg, "tensorboard_dir", None) or os.path.join(run_dir, "tensorboard")
+            self.tensorboard = TensorBoardLogger(folder, resume_step=resume_step)
 
     # ----------------------------------------------------------------------------- wandb
     def _start_wandb(self, cfg: Any, project: str, entity: Optional[str], run_name: Optional[str]) -> None:
+        """wandb.init through the run's ``Integration`` guard: a missing package, no API key, an
+        unreachable or broken server is one warning and the run goes on without wandb."""
         try:
             import wandb  # type: ignore[import-not-found]
         except ImportError:
-            log.warning("wandb_project is set but wandb is not installed (pip install wandb); "
-                        "logging to %s only", self.metrics_path)
+            self._wandb_guard.disable("start", "wandb is not installed: pip install wandb")
             return
-        mode = os.environ.get("WANDB_MODE")
+        mode = os.environ.get("WANDB_MODE")  # wandb's own setting wins (online, offline, disabled)
         # wandb's own WANDB_DIR wins; otherwise the run's files sit beside its checkpoints
         root = os.environ.get("WANDB_DIR") or self.run_dir
-        if mode is None and not _wandb_reachable():
-            mode = "offline"
-            log.warning("wandb server unreachable: logging offline (upload later with "
-                        "`wandb sync %s`)", os.path.join(root, "wandb", f"offline-run-*-{self.run_id}"))
+        if mode is None:
+            server = _wandb_server()
+            why = _wandb_reachable(server)
+            if why is not None:
+                mode = "offline"
+                log.warning("wandb: server %s unreachable (%s): logging offline (upload later with `wandb sync %s`)",
+                            server, why, os.path.join(root, "wandb", f"offline-run-*-{self.run_id}"))
         import dataclasses
 
         from core.config import config_to_dict
 
         config = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else {}
         name = run_name or getattr(cfg, "experiment_id", None)
-        self.wandb = wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow",
-                                dir=root, config=config, mode=mode or "online")
+
+        def start() -> Any:
+            # bounded: wandb waits init_timeout seconds for its server (WANDB_INIT_TIMEOUT, its own key, wins)
+            settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
+            return wandb.init(project=project, entity=entity, name=name, id=self.run_id, resume="allow", dir=root,
+                              config=config, mode=mode or "online", settings=settings)
+
+        self.wandb = self._wandb_guard.start(start)
 
     # ------------------------------------------------------------------------------ files
     def _truncate_after(self, step: int) -> None:
@@ -293,7 +333,11 @@ class RunLogger:
             raise WriteError(self.metrics_path, exc.errno or 0, exc.strerror,
                              context=f"cannot log update {int(step)}: ") from exc
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step))
+            values = {k: v for k, v in record.items() if k not in ("step", "time")}
+            self._wandb_guard.call("log metrics", lambda: self.wandb.log(values, step=int(step)))
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, record)
+        self._last_step = max(self._last_step, int(step))
         if self._bar is not None and step >= self._bar.n:
             self.progress(step, loss=record.get("loss"), images_per_s=record.get("images_per_s"))
 
@@ -302,14 +346,20 @@ class RunLogger:
         to wandb). Returns the grid path (None on non-main ranks)."""
         if not self.is_main:
             return None
-        data = _png_bytes(image_grid(images, nrow=nrow))
+        grid = image_grid(images, nrow=nrow)
+        data = _png_bytes(grid)
+        if self.tensorboard is not None:
+            self.tensorboard.image(step, f"previews/{name}", grid)
         path = os.path.join(self.preview_dir, f"{name}_{step:08d}.png")
         atomic_write_bytes(path, data)
         atomic_write_bytes(os.path.join(self.preview_dir, f"latest_{name}.png"), data)
         if self.wandb is not None:
-            import wandb  # type: ignore[import-not-found]
+            def send() -> None:
+                import wandb  # type: ignore[import-not-found]
 
-            self.wandb.log({name: wandb.Image(path)}, step=int(step))
+                self.wandb.log({name: wandb.Image(path)}, step=int(step))
+
+            self._wandb_guard.call("log images", send)
         return path
 
     def log_previews(self, step: int, grids: Mapping[str, torch.Tensor], nrow: int) -> None:
@@ -327,7 +377,9 @@ class RunLogger:
         if not self.is_main:
             return None
         path = path or os.path.join(self.run_dir, "loss.png")
-        plot_timesteps(self.metrics_path, os.path.join(os.path.dirname(path), "val_timesteps.png"))
+        figure = os.path.join(os.path.dirname(path), "val_timesteps.png")
+        if plot_timesteps(self.metrics_path, figure) and self.tensorboard is not None:
+            self.tensorboard.figure_file(self._last_step, "validation/mse_over_t", figure)
         return path if plot_loss(self.metrics_path, path, key) else None
 
     def close(self) -> None:
@@ -335,6 +387,9 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+            run, self.wandb = self.wandb, None
+            self._wandb_guard.close(run.finish)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -50,10 +50,11 @@ class ModelSet:
         return module
 
     def add_frozen(self, name: str, module: nn.Module, dtype: Optional[torch.dtype], device: torch.device,
-                   shard: bool = False, quantize: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
-        """Freeze now (eval, no grad, ``dtype`` unless None, ``quantize(module)`` if given, device), so
-        trained parts a job adds inside it later (e.g. token rows) keep their own dtype. ``shard``:
-        FSDP shards it in :meth:`wrap` (it must then be called the same number of times on every rank)."""
+                   shard: bool = False, quantize: bool = False) -> nn.Module:
+        """Freeze now (eval, no grad, ``dtype`` unless None, the owner's config's ``base_dtype`` if
+        ``quantize``, device), so trained parts a job adds inside it later (e.g. token rows) keep their
+        own dtype. ``shard``: FSDP shards it in :meth:`wrap` (it must then be called the same number
+        of times on every rank)."""
         if name in self.trained or name in self.frozen:
             raise ValueError(f"module {name!r} is registered twice")
         self.frozen[name] = dtype is not None
@@ -62,8 +63,10 @@ class ModelSet:
         module.eval().requires_grad_(False)
         if dtype is not None:
             cast_frozen(module, dtype)
-        if quantize is not None:  # after the cast (it sets the compute dtype), before the move (host memory)
-            quantize(module)
+        if quantize:  # after the cast (it sets the compute dtype), before the move (host memory)
+            from core.quantize import quantize_as_configured
+
+            quantize_as_configured(module, self.owner.cfg)
         setattr(self.owner, name, module.to(device))
         return module
 

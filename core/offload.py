@@ -21,7 +21,11 @@ Host copies: every host-resident tensor this module creates comes from ONE funct
 accounting (the GPU-memory simulation counts device bytes only) the live host copies are known by
 their storages: :func:`host_storage_keys` returns the ``untyped_storage()._cdata`` keys of every
 live host copy (a weak registry: a copy leaves it when it dies), and :func:`is_host_resident` asks
-for one tensor. Works on fake tensors (``FakeTensorMode``) too.
+for one tensor. Works on fake tensors (``FakeTensorMode``) too. Counting a parameter by its own
+``untyped_storage()`` is wrong for the wrapper tensors of this project (a :class:`HostWeight` or a
+``modules.quantize.QuantizedWeight`` reports a dense-sized storage it never allocates):
+:func:`device_parts` gives the plain tensors whose storages hold a tensor's data on the device
+(the 8-bit codes and scales of a quantised weight; nothing for a host-resident one).
 
 Not combined with (refused by the config): ``use_fsdp`` (FSDP2 shards plain tensors), ``compile``.
 """
@@ -39,7 +43,7 @@ from core.config import doc
 from core.errors import UserError
 
 __all__ = ["OffloadConfig", "HostWeight", "BlockOffload", "offload_blocks_", "host_copy", "is_host_resident",
-           "host_storage_keys"]
+           "host_storage_keys", "device_parts"]
 
 aten = torch.ops.aten
 
@@ -224,6 +228,15 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
     if flatten is None:
         return [t]
     return [part for name in flatten()[0] for part in _plain_parts(getattr(t, name))]
+
+
+def device_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors whose storages hold ``t``'s data in device memory, for memory accounting:
+    none for a :class:`HostWeight` or a host copy, the inner tensors of a wrapper subclass such as
+    a quantised weight (codes, scales), else ``[t]``."""
+    if isinstance(t, HostWeight):
+        return []
+    return [p for p in _plain_parts(t) if not is_host_resident(p)]
 
 
 def offload_blocks_(blocks: Sequence[nn.Module], ring: int, device: torch.device) -> BlockOffload:

@@ -1,8 +1,8 @@
 """Optimizer and learning-rate warmup (docs/OFFICIAL.md, Optimizer and warmup; the official defects fixed).
 
 Defaults equal the reference (AdamW, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01, gradient
-clipping at 1.0). Warmup: ``lr = base * min(1, (n + 1) / warmup_updates)`` for update ``n``
-(0-based), so the first update already trains; the reference started at lr 0 and wasted it.
+clipping at 1.0). Warmup and the lr schedule after it: ``core/lr_schedule.py`` (the first update already trains; the
+reference started at lr 0 and wasted it).
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import torch
 
 from core.config import doc
 from core.errors import UserError
+from core.lr_schedule import LRSchedule, LRScheduleConfig, PlannedLR, build_lr_scheduler
 
-__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "LinearWarmup", "OptimizerState"]
+__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "build_lr_scheduler", "OptimizerState"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
 
 @dataclass
-class OptimConfig:
-    """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults)."""
+class OptimConfig(LRScheduleConfig):
+    """Optimizer keys (ours; the reference hard-coded AdamW with PyTorch defaults), with the lr schedule's."""
 
     optimizer: Literal["adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy"] = doc("adamw", "adamw (reference), adamw_fused (fused kernel), adafactor (torch.optim.Adafactor, low memory), adamw8bit (needs bitsandbytes on CUDA), prodigy (prodigyopt.Prodigy: estimates the step size itself, use lr: 1.0; popular for LoRAs because no lr search is needed).")
     betas: tuple[float, float] = doc((0.9, 0.999), "Adam betas (not used by adafactor).")
@@ -108,23 +109,10 @@ def _build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.opti
     raise UserError(f"unknown optimizer '{cfg.optimizer}'")
 
 
-class LinearWarmup:
-    """``min(1, (n + 1) / warmup_updates)`` (1 when warmup is 0). A class, not a lambda, so the
-    scheduler's state_dict stores it and it pickles."""
-
-    def __init__(self, warmup_updates: int) -> None:
-        self.warmup_updates = int(warmup_updates)
-
-    def __call__(self, n: int) -> float:
-        if self.warmup_updates <= 0:
-            return 1.0
-        return min(1.0, (n + 1) / self.warmup_updates)
-
-
 def build_warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with linear warmup and constant lr afterwards; call ``step()`` after each update
-    and save/restore with ``state_dict()`` / ``load_state_dict()``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_updates))
+    """Linear warmup and constant lr afterwards (``core.lr_schedule``, schedule ``constant``); call
+    ``step()`` after each update and save/restore with ``state_dict()`` / ``load_state_dict()``."""
+    return PlannedLR(optimizer, LRSchedule("constant", warmup_updates, updates=1))
 
 
 class OptimizerState:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from core import distributed as D
+from core.triggers import Triggers
 
 __all__ = ["StopSignals"]
 
@@ -27,11 +28,15 @@ class StopSignals:
 
     NAMES = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Optional[str] = None, is_main: bool = True) -> None:
         self.received: Optional[str] = None
         self._old: dict = {}
+        # sample now / save now (SIGUSR2, trigger files in ``run_dir``): core/triggers.py
+        self.triggers = Triggers(run_dir, is_main) if run_dir is not None else None
 
     def install(self) -> None:
+        if self.triggers is not None:
+            self.triggers.install()
         def handler(signum, _frame):
             self.received = signal.Signals(signum).name
             log.warning("%s received: finishing the current update, then saving", self.received)
@@ -59,6 +64,8 @@ class StopSignals:
         return stop is not None
 
     def restore(self) -> None:
+        if self.triggers is not None:
+            self.triggers.restore()
         for name, previous in self._old.items():
             signal.signal(getattr(signal, name), previous)
         self._old = {}

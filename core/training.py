@@ -12,15 +12,13 @@ A job is a subclass that says what it builds, what trains and what its loss is:
   state with ``register_state(file, obj)`` (``state_dict``/``load_state_dict``, see core/state.py);
 * ``compute_loss(batch) -> (loss, metrics)``: one micro-step's batch-mean loss; state updates that
   must only happen when the step is finite on every rank go through ``defer(fn)``;
-* optional: ``preview(batch) -> {name: images}``, ``build_pipeline(batch_size, state)``,
-  ``validation_losses(sample, t, generator, model)`` (held-out loss, core/validation.py),
-  ``describe(cfg)`` (dry-run lines), ``memory_spec(cfg, world_size)`` (core/memory.py), ``block_types``.
+* optional: ``preview(batch)``, ``preview_metrics(grids)``, ``build_pipeline(batch_size, state)``, ``validation_losses``
+  (core/validation.py), ``describe(cfg)``, ``memory_spec(cfg, world_size)`` (core/memory.py), ``data_sources(cfg)``.
 
-The core does the rest (docs/ARCHITECTURE.md): freezing (eval, no grad, frozen dtype, device),
-wrapping (dropout override, checkpointing, compile, DDP/FSDP), saving and restoring every registered
-state object, EMA, warmup, non-finite guards, signals, logging and previews.
+The core does the rest (docs/ARCHITECTURE.md): freezing, wrapping (dropout, checkpointing, compile, DDP/FSDP),
+saving and restoring every registered state object, EMA, lr schedule, non-finite guards, signals, logs, previews.
 
-Randomness: per-sample draws from ``sample_generators(n)`` (seed, update, micro-step, GLOBAL sample
+Randomness: per-sample draws from ``sample_generators(n)``, seeded by (seed, update, micro-step, global sample
 index: core/seeding.py); module dropout from the global RNG re-seeded per (seed, rank, update, micro-step).
 """
 from __future__ import annotations
@@ -44,10 +42,7 @@ from core.data import DataConfig
 from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
-from core.fused_backward import FusedBackward, FusedBackwardConfig
 from core.models import ModelSet
-from core.offload import OffloadConfig
-from core.quantize import quantize_as_configured
 from core.optim import OptimConfig
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
@@ -60,9 +55,8 @@ log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig, FusedBackwardConfig,
-                     OffloadConfig):
-    """Keys shared by every training job: run, optimizer, EMA, data, validation, fused backward, offload."""
+class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationConfig):
+    """Keys shared by every training job: run, optimizer, lr schedule, EMA, data and validation components."""
 
     generator_dropout: Optional[float] = doc(
         None, "Override the dropout probability of every Dropout layer and attention-weight dropout of the trained network "
@@ -95,6 +89,12 @@ class TrainingCore:
         return []
 
     @classmethod
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        """``{config key: value}`` of every data set the run reads, for ``--validate-only`` (jobs add or drop theirs)."""
+        val = getattr(cfg, "validation_webdataset_path", None)
+        return {"webdataset_path": cfg.webdataset_path, **({"validation_webdataset_path": val} if val is not None else {})}
+
+    @classmethod
     def memory_spec(cls, cfg: Any, world_size: int = 1) -> Any:
         """The job's ``core.memory.MemorySpec`` of ONE rank of a ``world_size``-rank run, for the
         dry-run estimate (None: no estimate)."""
@@ -116,14 +116,14 @@ class TrainingCore:
         self.ema_loss: Optional[float] = None
         self.wandb_run_id: Optional[str] = None
         self.ema = self.logger = self.pipeline = self.batches = self.validation = None
-        self.fused: Optional[FusedBackward] = None  # fused_backward: the per-parameter step hooks
+        self.fused: Any = None  # fused_backward: core.fused_backward.FusedBackward, its per-parameter step hooks
         self.state = StateRegistry()
         self.micro_step = (0, 0)       # (update, micro-step) being computed
         self.preview_generator: Optional[torch.Generator] = None  # seeded anew for every preview
         self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device, cfg.allow_tf32)
         self._models = ModelSet(self)
         self._deferred: list[Callable[[], None]] = []
-        self._signals = StopSignals()
+        self._signals = StopSignals(self.run_dir, self.is_main)  # stop; sample now / save now (core/triggers.py)
         self._faults = FaultInjection()
 
     # -- hooks (override in a job) ----------------------------------------------------------
@@ -171,10 +171,8 @@ class TrainingCore:
         on the device, stored in the frozen dtype unless ``cast=False``. ``shard=True``: with
         ``use_fsdp`` on several processes it is FSDP2-sharded like the trained networks (per
         ``block_types`` block, then the root), for a large frozen base; every rank must then run
-        the same forwards through it (the core's previews do). ``quantize=True``: its big weights
-        are stored in the config's ``base_dtype`` when set (core/quantize.py)."""
-        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard=shard,
-                                       quantize=(lambda m: quantize_as_configured(m, self.cfg)) if quantize else None)
+        the same forwards through it (the core's previews do). ``quantize``: in ``base_dtype`` (core/quantize.py)."""
+        return self._models.add_frozen(name, module, self.frozen_dtype if cast else None, self.device, shard, quantize)
 
     def register_state(self, name: str, obj: Any, publish: bool = False, required: bool = False,
                        restore: bool = True) -> None:
@@ -237,7 +235,8 @@ class TrainingCore:
     def setup(self) -> None:
         """Folders, resume lookup, data, models, freezing/wrapping, optimizer, state, logger, signals."""
         from core.checkpoint import CheckpointManager, capture_rng_state, check_writable, find_resume, restore_rng_state
-        from core.optim import OptimizerState, build_optimizer, build_warmup_scheduler
+        from core.fused_backward import FusedBackward
+        from core.optim import OptimizerState, build_lr_scheduler, build_optimizer
 
         cfg = self.cfg
         self._signals.install()  # first: a signal while weights load ends the run before its first update
@@ -261,8 +260,7 @@ class TrainingCore:
         if cfg.ema_start_iters is not None:
             from core.ema import EMA
 
-            source = self._models.first_trained()
-            self.ema = EMA(self.unwrapped(source), cfg)
+            self.ema = EMA(self.unwrapped(source := self._models.first_trained()), cfg)
             stem = self._models.trained[source].save_as or source
             self.register_state(f"{stem}_ema.safetensors", ModuleState(lambda: self.ema.module, self.is_main),
                                 publish=True)
@@ -273,9 +271,8 @@ class TrainingCore:
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
         self.optimizer = build_optimizer(params, cfg.lr, cfg)
-        self.scheduler = build_warmup_scheduler(self.optimizer, cfg.warmup_updates)
-        if getattr(cfg, "fused_backward", False):  # core/fused_backward.py: steps inside backward
-            self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)
+        self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=self.run_dir / "lr_schedule.png" if self.is_main else None)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)
         optimizer = OptimizerState(self.optimizer, self._models.networks, fsdp, self.is_main, str(self.run_dir))
         self.register_state("optimizer.pt", optimizer, required=True)  # always saved: missing = broken folder
@@ -288,10 +285,9 @@ class TrainingCore:
             save_config(cfg, str(self.run_dir / "config.yaml"))
         from core.logging import RunLogger
 
-        self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates,
-                                wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
-                                run_id=self.wandb_run_id, start_step=self.step,
-                                resume_step=self.step if found is not None else None, preview_dir=str(self.output_dir))
+        self.logger = RunLogger(str(self.run_dir), cfg, self.is_main, total_steps=cfg.updates, wandb_project=cfg.wandb_project,
+                                wandb_entity=cfg.wandb_entity, run_id=self.wandb_run_id, start_step=self.step,
+                                resume_step=self.step, preview_dir=str(self.output_dir))
         self.wandb_run_id = getattr(self.logger, "run_id", None) or self.wandb_run_id
 
     def _announce_resume(self, paths: dict[str, str], where: str) -> None:
@@ -355,8 +351,7 @@ class TrainingCore:
             grad_norm = self._clip_gradients() if finite else float("nan")
             finite = finite and math.isfinite(grad_norm)
             if finite:
-                if self.fused is None:  # fused_backward stepped every parameter inside backward
-                    self.optimizer.step()
+                self.optimizer.step()  # a no-op under fused_backward: each parameter stepped inside backward
                 self._faults.break_weights(self.trainable_parameters(), step)
                 refuse_broken_weights(self.trainable_parameters(), step, self.optimizer, self.ckpt, self.device)
                 self.scheduler.step()
@@ -372,16 +367,15 @@ class TrainingCore:
             if math.isfinite(loss_value):
                 self.ema_loss = loss_value if self.ema_loss is None else 0.99 * self.ema_loss + 0.01 * loss_value
             self._log_step(step, loss_value, grad_norm, metrics, time.perf_counter() - started)
-            stop = self._signals.requested(self.device)
+            stop, now = self._signals.requested(self.device), self._signals.triggers.due(self.device)  # now: sample/save
             if self.validation is not None:
                 self.validation.run(step)  # core/validation.py: held-out loss, keep_best
-            if preview_due(cfg, step):
+            if preview_due(cfg, step) or "sample" in now:
                 run_preview(self, step)
-            if step % cfg.save_every == 0 or step == cfg.updates or stop:
+            if step % cfg.save_every == 0 or step == cfg.updates or stop or "save" in now:
                 self.save_checkpoint(step)
             if stop:
-                log.warning("received %s: saved the checkpoint of update %d and stopped; run the same command "
-                            "again to resume", stop, step)
+                log.warning("received %s: saved the checkpoint of update %d and stopped; run it again to resume", stop, step)
                 return
         log.info("training finished at update %d; checkpoint in %s", self.step, self.run_dir)
 
@@ -396,8 +390,7 @@ class TrainingCore:
         return D.clip_grad_norm(params, max_norm)
 
     def _skip_update(self, step: int, losses: list[float], grad_norm: float) -> None:
-        self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 1
+        self.nonfinite_total, self.nonfinite_in_a_row = self.nonfinite_total + 1, self.nonfinite_in_a_row + 1
         what = "loss" if not all(math.isfinite(x) for x in losses) else f"gradient norm ({grad_norm})"
         log.warning("update %d skipped: non-finite %s (no weight, EMA or optimizer change); %d skipped so far",
                     step, what, self.nonfinite_total)

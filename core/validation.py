@@ -169,7 +169,7 @@ class Validation:
 
         # seed 0, not the run's: runs with other seeds see the same samples in the same order
         pipeline = build_pipeline(self.data, batch_size=max(1, self.cfg.batch_size), seed=0,
-                                  num_workers=0, partial_batches=True)
+                                  num_workers=0, partial_batches=True, source_key="validation_webdataset_path")
         seen: set[tuple[str, str]] = set()
         try:
             for batch in pipeline:

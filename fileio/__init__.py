@@ -5,5 +5,6 @@
 * :mod:`fileio.atomic`: crash-safe writes (temp file beside the target, fsync, rename, folder fsync),
   the OS error behind an exception (:func:`fileio.atomic.os_error_of`).
 * :mod:`fileio.state_dicts`: flat state dicts: ``read_state_dict`` (.safetensors / .pt / .ckpt),
-  shapes from a safetensors header, ``save_safetensors`` (atomic).
+  shapes from a safetensors header, ``save_safetensors`` (atomic); both refuse a NaN or an infinity.
+* :mod:`fileio.finite`: the one finiteness check of weights (``first_nonfinite_tensor``, ``check_finite``).
 """

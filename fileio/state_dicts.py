@@ -16,8 +16,9 @@ from torch import nn
 
 from fileio.atomic import atomic_write_with
 from fileio.errors import CheckpointError
+from fileio.finite import check_finite
 
-__all__ = ["PathLike", "TORCH_EXTS", "download_hint", "checkpoint_path", "read_state_dict", "iter_safetensors",
+__all__ = ["PathLike", "TORCH_EXTS", "download_hint", "is_official_file", "checkpoint_path", "read_state_dict", "iter_safetensors",
            "safetensors_shapes", "file_shapes", "save_safetensors"]
 
 PathLike = Union[str, os.PathLike]
@@ -29,11 +30,17 @@ _OFFICIAL_NAME = re.compile(r"(stage_[abc](_lite)?(_bf16)?|previewer|effnet_enco
                             r"super_resolution|lora_fernando_10k)\.safetensors")
 
 
+def is_official_file(path: PathLike) -> bool:
+    """True when ``path`` looks like a file of the official download (in a ``models/`` folder or
+    named like one): ``--validate-only`` lists such files as "not downloaded yet"."""
+    p = Path(path)
+    return "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name) is not None
+
+
 def download_hint(path: PathLike) -> str:
     """How to get a missing file: the download command when ``path`` looks like an official file
     (in a ``models/`` folder or named like one), else a plain "fix the path"."""
-    p = Path(path)
-    if "models" in p.parts[:-1] or _OFFICIAL_NAME.fullmatch(p.name):
+    if is_official_file(path):
         return "download the official weights with `bash models/download_models.sh` (see models/README.md) or fix the path"
     return "check the path in your config"
 
@@ -76,11 +83,12 @@ def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed)."""
+    """Read a flat state dict from .safetensors / .pt / .ckpt (a ``state_dict`` wrapper is removed);
+    CheckpointError naming the file and the tensor when one holds a NaN or an infinity."""
     p = checkpoint_path(path)
-    if p.suffix.lower() == ".safetensors":
-        return dict(iter_safetensors(p))
-    return _torch_load(p)
+    sd = dict(iter_safetensors(p)) if p.suffix.lower() == ".safetensors" else _torch_load(p)
+    check_finite(sd, p)
+    return sd
 
 
 def iter_safetensors(path: PathLike) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -151,11 +159,14 @@ def save_safetensors(
 
     ``dtype`` casts floating-point tensors only (integer buffers stay int64). A write that fails for
     an operating-system reason (disk full, read-only file system, ...) raises
-    :class:`fileio.errors.WriteError` naming the file and the reason, and leaves no temp file.
+    :class:`fileio.errors.WriteError` naming the file and the reason, and leaves no temp file. A
+    tensor holding a NaN or an infinity (after the cast) is refused before anything is written:
+    :class:`fileio.errors.CheckpointError` naming the file and the tensor.
     """
     from safetensors.torch import save_file
 
     tensors = _flat_tensors(state_dict_or_module, dtype)
+    check_finite(tensors, path, writing=True)  # every tool and job writes model files through here
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("save_safetensors: metadata must map str to str")
     meta = dict(metadata) if metadata is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -112,14 +112,3 @@ def read_png_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
     with Image.open(path) as img:
         return dict(getattr(img, "text", {}) or img.info)
 
-
-def read_prompts(path: Union[str, os.PathLike]) -> list[str]:
-    """Prompts file: one prompt per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        lines: Iterable[str] = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {path}") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file {path} holds no prompt (one prompt per line)")
-    return prompts

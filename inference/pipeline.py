@@ -224,13 +224,13 @@ class CascadePipeline:
             text, pooled = encode_text(self.tokenizer, self.text_model, list(captions))
         return text.to(self.device), pooled.to(self.device)
 
-    def stage_c_conditions(self, prompts: Sequence[str], clip_img: Optional[torch.Tensor] = None
-                           ) -> tuple[dict, dict]:
-        """(conditions, unconditions) for Stage C: prompts vs "" (docs/OFFICIAL.md, Stage C conditions);
-        image embeds given -> conditional only, zeros otherwise."""
+    def stage_c_conditions(self, prompts: Sequence[str], clip_img: Optional[torch.Tensor] = None,
+                           negative: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
+        """(conditions, unconditions) for Stage C: prompts vs "" (docs/OFFICIAL.md, Stage C conditions), or
+        vs the ``negative`` prompts (one per prompt); image embeds given -> conditional only, zeros otherwise."""
         batch = len(prompts)
         text, pooled = self.encode_text(prompts)
-        text_u, pooled_u = self.encode_text([""] * batch)
+        text_u, pooled_u = self.encode_text(list(negative) if negative is not None else [""] * batch)
         width = self.stage_c.clip_img_mapper.in_features
         zeros = torch.zeros(batch, 1, width, device=self.device, dtype=pooled.dtype)
         image = zeros if clip_img is None else _repeat_to(clip_img, batch).to(self.device, pooled.dtype)
@@ -273,13 +273,16 @@ class CascadePipeline:
     def sample_stage_c(self, prompts: Sequence[str], height: int, width: int, generator: Seed = 0,
                        settings: Optional[SamplingSettings] = None,
                        clip_img: Optional[torch.Tensor] = None, control_image: Optional[ImageLike] = None,
-                       x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Stage C latents (B,16,ceil(H/42.67),ceil(W/42.67)) for a list of prompts."""
+                       x_init: Optional[torch.Tensor] = None, negative: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Stage C latents (B,16,ceil(H/42.67),ceil(W/42.67)) for a list of prompts (``negative``: one
+        negative prompt per prompt, the unconditional side of the guidance; default "")."""
         self._need("c", "text-to-image")
         _check_size(height, width)
         generator = _generator(generator)
         settings = settings or self.settings_c()
-        cond, uncond = self.stage_c_conditions(prompts, clip_img)
+        if negative is not None and len(negative) != len(prompts):
+            raise UserError(f"give one negative prompt per prompt ({len(prompts)}), got {len(negative)}")
+        cond, uncond = self.stage_c_conditions(prompts, clip_img, negative)
         if control_image is not None:
             cond["cnet"] = uncond["cnet"] = self.control(control_image, len(prompts), height, width,
                                                          generator)
@@ -362,19 +365,25 @@ class CascadePipeline:
                       cfg_c: Optional[float] = None, cfg_b: Optional[float] = None,
                       shift_c: Optional[float] = None, shift_b: Optional[float] = None,
                       sampler: Optional[str] = None, control_image: Optional[ImageLike] = None,
-                      preview_only: bool = False) -> list:
+                      preview_only: bool = False, negative_prompt: Optional[str] = None) -> list:
         """Prompts -> PIL images of ``height`` x ``width`` (num_images per prompt, one batch).
 
         Without a Stage B config, or with ``preview_only``, the images are the Previewer's small
         Stage C previews (a quick look; Stage B and A are skipped). ``control_image`` feeds the
         configured ControlNet; without it a ControlNet config samples without control and the
-        metadata records ``"controlnet": null``.
+        metadata records ``"controlnet": null``. ``negative_prompt``: the unconditional side of Stage C's
+        guidance for every prompt (default "").
         """
         batch = _prompt_list(prompts, num_images)
         settings_c = self.settings_c(timesteps=steps_c, cfg=cfg_c, shift=shift_c, sampler=sampler)
         settings_b = self.settings_b(timesteps=steps_b, cfg=cfg_b, shift=shift_b, sampler=sampler)
-        return self._generate(batch, height, width, seed, settings_c, settings_b, "text_to_image",
-                              control_image=control_image, preview_only=preview_only)
+        negative = None if not negative_prompt else [negative_prompt] * len(batch)
+        images = self._generate(batch, height, width, seed, settings_c, settings_b, "text_to_image",
+                                control_image=control_image, preview_only=preview_only, negative=negative)
+        if negative is not None:
+            for image in images:
+                image.info["negative_prompt"] = negative_prompt
+        return images
 
     def image_variation(self, images: ImageLike, prompts: Union[str, Sequence[str]] = "", *,
                         num_images: int = 1, height: int = 1024, width: int = 1024, seed: Seed = 0,

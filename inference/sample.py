@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-b-config", help="Stage B inference config (full-resolution decoding)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts-file", help="text file, one prompt per line ('#' comments)")
+    src.add_argument("--prompts-file", help="prompt file: one prompt per line ('#' comments) with optional kohya "
+                                            "options --w --h --s --l --d --n (width, height, Stage C steps, "
+                                            "Stage C CFG, seed, negative prompt), or a YAML list (inference/prompts.py)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first batch (+1 per batch)")
     p.add_argument("--height", type=int, default=1024)
@@ -68,12 +70,24 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    from inference.images import read_prompts
+def _prompts(args: argparse.Namespace) -> list:
+    """The prompts as ``inference.prompts.PromptSpec`` (a prompt file's own settings override the flags)."""
+    from inference.prompts import PromptSpec, read_prompt_file
 
     if args.prompts_file:
-        return read_prompts(args.prompts_file)
-    return [args.prompt if args.prompt is not None else ""]
+        return read_prompt_file(args.prompts_file)
+    return [PromptSpec(args.prompt if args.prompt is not None else "")]
+
+
+def _batches(specs: list, batch_size: int) -> list[list]:
+    """Consecutive prompts with the same settings, at most ``batch_size`` together."""
+    out: list[list] = []
+    for spec in specs:
+        if out and len(out[-1]) < batch_size and out[-1][0].settings() == spec.settings():
+            out[-1].append(spec)
+        else:
+            out.append([spec])
+    return out
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -130,22 +144,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written.append(save_png(recon, out / f"{stem}_recon.png", meta))
             written.append(save_png(side_by_side(original, recon), out / f"{stem}_pair.png", meta))
     else:
-        prompts = _prompts(args)
-        overrides_s = dict(steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c,
-                           cfg_b=args.cfg_b, shift_c=args.shift_c, sampler=args.sampler)
         count = 0
-        for batch_index, start in enumerate(range(0, len(prompts), args.batch_size)):
-            chunk = prompts[start:start + args.batch_size]
-            common = dict(num_images=args.num_images, height=args.height, width=args.width,
-                          seed=args.seed + batch_index, preview_only=args.preview_only,
-                          **overrides_s)
+        for batch_index, specs in enumerate(_batches(_prompts(args), args.batch_size)):
+            chunk, first = [s.prompt for s in specs], specs[0]
+            pick = lambda own, default: default if own is None else own  # noqa: E731
+            common = dict(num_images=args.num_images, height=pick(first.height, args.height),
+                          width=pick(first.width, args.width), seed=pick(first.seed, args.seed + batch_index),
+                          preview_only=args.preview_only, steps_c=pick(first.steps, args.steps_c),
+                          steps_b=args.steps_b, cfg_c=pick(first.cfg, args.cfg_c), cfg_b=args.cfg_b,
+                          shift_c=args.shift_c, sampler=args.sampler)
+            if first.negative and (args.variation or args.img2img):
+                raise UserError("a negative prompt (--n) works with text-to-image only")
             if args.variation:
                 images = pipe.image_variation(args.variation, chunk, **common)
             elif args.img2img:
                 images = pipe.image_to_image(args.img2img, chunk, strength=args.strength,
                                              control_image=args.control_image, **common)
             else:
-                images = pipe.text_to_image(chunk, control_image=args.control_image, **common)
+                images = pipe.text_to_image(chunk, control_image=args.control_image, negative_prompt=first.negative,
+                                            **common)
             for image in images:
                 name = f"{count:05d}_{_slug(image.info.get('prompt', ''))}.png"
                 written.append(save_png(image, out / name, image.info))

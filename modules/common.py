@@ -406,8 +406,40 @@ class CascadeUNet(nn.Module):
             embs.append(gen_r_embedding(torch.zeros_like(r) if t is None else t, self.c_r))
         return match_dtype(torch.cat(embs, dim=1), dtype)
 
+    def _build_embedding(self, c_in: int, patch_size: int, c_hidden0: int) -> nn.Sequential:
+        """The input embedding: PixelUnshuffle, 1x1 conv to ``c_hidden0``, LayerNorm."""
+        return nn.Sequential(
+            nn.PixelUnshuffle(patch_size),
+            nn.Conv2d(c_in * patch_size**2, c_hidden0, kernel_size=1),
+            LayerNorm2d(c_hidden0, elementwise_affine=False, eps=1e-6),
+        )
+
+    def _finish_build(self, c_hidden0: int, c_out: int, patch_size: int, gradient_checkpointing: bool) -> None:
+        """After the levels: the output head ``clf`` (LayerNorm, 1x1 conv to ``c_out * patch_size**2``,
+        PixelShuffle), then the subclass's ``_init_weights`` and the checkpointing switch."""
+        self.clf = nn.Sequential(
+            LayerNorm2d(c_hidden0, elementwise_affine=False, eps=1e-6),
+            nn.Conv2d(c_hidden0, c_out * patch_size**2, kernel_size=1),
+            nn.PixelShuffle(patch_size),
+        )
+        self._init_weights()
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def _working_dtype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``(x, dtype)`` of the forward: the input's dtype under autocast (the official path);
+        otherwise the weights' (a bf16-stored model, e.g. master-free training or inference, takes
+        float32 inputs), ``x`` cast to it."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x, x.dtype
+        dtype = self.embedding[1].weight.dtype
+        return x.to(dtype), dtype
+
     def _init_common(self, n_down_blocks: int) -> None:
-        """The official init's residual scaling and zero TimestepBlock linears (docs/OFFICIAL.md, Stage C)."""
+        """The official init rules Stage B and C share, after their condition mappers': input
+        embedding xavier with gain 0.02, zero output conv, residual scaling, zero TimestepBlock
+        linears (docs/OFFICIAL.md, Stage C)."""
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
+        nn.init.constant_(self.clf[1].weight, 0)
         scale = math.sqrt(1 / n_down_blocks)
         for level in list(self.down_blocks) + list(self.up_blocks):
             for block in level:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ def _hub_offline() -> bool:
         return False
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else (absolute, relative with ./, deeper paths,
     # ~) can only be meant as a local folder.
     if name.startswith(("/", ".", "~")) or "\\" in name:
@@ -79,7 +79,7 @@ def _from_pretrained(loader, name_or_path: str, what: str, local_files_only: boo
         raise ClipModelNotFoundError(
             f"{what}: '{name}' is a file; expected a folder written by save_pretrained or a hub id"
         )
-    if not _looks_like_hub_id(name):
+    if not looks_like_hub_id(name):
         raise ClipModelNotFoundError(
             f"{what}: folder '{name}' does not exist. Point the config key at a folder holding the model "
             "(e.g. one written by `python3 tools/tiny_clip.py DIR`) or use a hub id."
@@ -108,43 +108,39 @@ def load_tokenizer(name_or_path: str, local_files_only: bool | None = None):
     return _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "CLIP tokenizer", local_files_only)
 
 
-def _load_frozen(model_cls, name_or_path, what, dtype, device, local_files_only):
+def _load_frozen(class_name: str, name_or_path: str, what: str, dtype: torch.dtype, device: str | torch.device,
+                 local_files_only: bool | None) -> Any:
+    """``transformers.<class_name>`` from ``name_or_path``, frozen: eval mode, no parameter gradients."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{what}: dtype must be a torch.dtype, got {dtype!r}")
+    import transformers
     from transformers.utils import logging as hf_logging
 
     # transformers draws a "Loading weights" bar per model; our callers log what they load, and the
     # bar would otherwise land in front of one-line user errors.
     hf_logging.disable_progress_bar()
+    model_cls = getattr(transformers, class_name)
     model = _from_pretrained(model_cls.from_pretrained, name_or_path, what, local_files_only, dtype=dtype)
+    from fileio.finite import check_finite
+
+    check_finite(model.state_dict(), f"{what} {os.fspath(name_or_path)}")  # a damaged input is named at load
     # Frozen encoders: eval (no dropout) and no parameter gradients. Gradients can still flow to
     # parametrizations added later (ReToken on the token embedding), so encode_text does not force
     # no_grad.
     return model.to(device=device).eval().requires_grad_(False)
 
 
-def load_clip_text(
-    name_or_path: str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    local_files_only: bool | None = None,
-):
+def load_clip_text(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   local_files_only: bool | None = None) -> Any:
     """Load a frozen ``CLIPTextModelWithProjection`` (eval mode, ``requires_grad=False``)."""
-    from transformers import CLIPTextModelWithProjection
-
-    return _load_frozen(CLIPTextModelWithProjection, name_or_path, "CLIP text model", dtype, device, local_files_only)
+    return _load_frozen("CLIPTextModelWithProjection", name_or_path, "CLIP text model", dtype, device, local_files_only)
 
 
-def load_clip_vision(
-    name_or_path: str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    local_files_only: bool | None = None,
-):
+def load_clip_vision(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     local_files_only: bool | None = None) -> Any:
     """Load a frozen ``CLIPVisionModelWithProjection`` (eval mode, ``requires_grad=False``)."""
-    from transformers import CLIPVisionModelWithProjection
-
-    return _load_frozen(CLIPVisionModelWithProjection, name_or_path, "CLIP vision model", dtype, device, local_files_only)
+    return _load_frozen("CLIPVisionModelWithProjection", name_or_path, "CLIP vision model", dtype, device,
+                        local_files_only)
 
 
 # --------------------------------------------------------------------------------------------------

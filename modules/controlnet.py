@@ -6,7 +6,7 @@ ResBlock call number (down path then up path), ``None`` where no control is inje
 end in a zero-initialised conv, so an untrained ControlNet injects zeros.
 
 The filters that turn images into control inputs (Canny, inpainting masks, ...) live in
-``modules/filters.py``.
+``modules/filters/`` (one file per filter).
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ class ControlNet(nn.Module):
 
 def __getattr__(name: str):
     # docs/ARCHITECTURE.md promises the filters under modules.controlnet (configs name them like the
-    # original's `getattr(modules.controlnet, filter_name)`); they live in modules/filters.py and are
-    # imported lazily so building a ControlNet does not pull in the filters' dependencies.
+    # original's `getattr(modules.controlnet, filter_name)`); they live in the modules/filters/ package
+    # and are imported lazily so building a ControlNet does not pull in the filters' dependencies.
     if not name.startswith("_"):
         from modules import filters
 

@@ -12,8 +12,9 @@ this module converts state dicts and configs at the boundary, from outside the m
   registered ``(kind, model_version)``; a folder's config is checked against the version the run
   asks for (:func:`check_config`).
 
-A diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a single
-diffusers-layout safetensors file is accepted wherever a Stage C / Stage B checkpoint is loaded
+A diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``; a folder without
+``config.json`` is refused: the head counts are only there) or a single diffusers-layout
+safetensors file (read as the configured model_version) is accepted wherever a Stage C / Stage B checkpoint is loaded
 (:func:`diffusers_weights_path`, used by ``modules.loading.load_model``). Errors are
 :class:`DiffusersFormatError` (a ``CheckpointError``): one line naming the file.
 """
@@ -214,7 +215,15 @@ def diffusers_weights_path(path: str | os.PathLike) -> Optional[tuple[Path, Opti
             raise DiffusersFormatError(f"{p}: a folder, but not a diffusers model folder (no {WEIGHTS_NAME}; "
                                        f"sharded or .bin folders are not supported)")
         config = p / CONFIG_NAME
-        return weights, config if config.is_file() else None
+        if not config.is_file():
+            # the head counts (and the rest of the architecture that shapes do not show) live only
+            # there: a folder without it would load unchecked, with the heads of whatever version is asked
+            raise DiffusersFormatError(f"{p}: a diffusers model folder without {CONFIG_NAME}: the attention head "
+                                       f"counts are not in the weights, so the folder cannot be checked against "
+                                       f"model_version; restore its {CONFIG_NAME} (diffusers and "
+                                       f"tools/export_diffusers.py write one), or name the {WEIGHTS_NAME} file "
+                                       f"itself to read it as the configured model_version")
+        return weights, config
     if p.is_file() and p.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 

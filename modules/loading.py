@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fileio.errors import CheckpointError
+from fileio.finite import check_finite
 from fileio.state_dicts import PathLike, checkpoint_path, iter_safetensors, read_state_dict, safetensors_shapes
 from fileio.state_dicts import file_shapes as read_file_shapes
 from modules.registry import build_model, describe_model_version, model_class, model_config
@@ -208,7 +209,10 @@ def load_model(
         wrong_dtype = dtype_mismatch(expected, sd, str(p))
         if wrong_dtype is not None:
             raise CheckpointError(wrong_dtype)
-        res = model.load_state_dict({k: _convert(v, dtype, device) for k, v in sd.items()}, strict=False)
+        converted = {k: _convert(v, dtype, device) for k, v in sd.items()}
+        if any(v.is_floating_point() and v.dtype != dtype for v in sd.values()):  # read_state_dict checked the file
+            check_finite(converted, f"{p} (as {dtype})")
+        res = model.load_state_dict(converted, strict=False)
         if res.missing_keys or res.unexpected_keys:
             warnings.warn(f"{p}: loaded non-strictly; missing {res.missing_keys[:5]}, "
                           f"unexpected {res.unexpected_keys[:5]}", stacklevel=2)
@@ -233,12 +237,17 @@ def load_model(
 
     items = preloaded.items() if preloaded is not None else iter_safetensors(p)
     converted = {}
+    cast = False
     for k, v in items:
+        cast = cast or (v.is_floating_point() and v.dtype != dtype)
         wrong_dtype = dtype_mismatch(expected, {k: v}, str(p))
         if wrong_dtype is not None:  # before torch's deep "can require gradients" failure
             raise CheckpointError(wrong_dtype)
         converted[k] = _convert(v, dtype, device)
     del preloaded
+    if foreign is None or cast:  # once per input file (read_diffusers checked its file), after a cast
+        # (float16 overflows beyond 65504): a damaged input is named here, not at the first save
+        check_finite(converted, f"{p} (as {dtype})" if cast else p)
     model.load_state_dict(converted, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

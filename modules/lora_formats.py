@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -206,12 +207,42 @@ def read_entries(sd: Mapping[str, torch.Tensor], param_names: Iterable[str],
     """All LoRA updates in ``sd`` (any layout) for a model with parameters ``param_names``."""
     layout = detect_layout(sd, source)
     if layout in PREFIXES:
-        return _read_comfy(sd, param_names, source, PREFIXES[layout])
-    if layout == "official":
-        return _read_official(sd, official_targets, source)
-    if layout == "named":
-        return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, source)
-    return []
+        entries = _read_comfy(sd, param_names, source, PREFIXES[layout])
+    elif layout == "official":
+        entries = _read_official(sd, official_targets, source)
+    elif layout == "named":
+        entries = _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, source)
+    else:
+        entries = []
+    check_entries(entries, source)
+    return entries
+
+
+def check_entries(entries: Sequence[LoraEntry], source: str = "LoRA file") -> None:
+    """LoraFormatError naming the file and the module when an entry is inconsistent in itself:
+    ``lora_up`` and ``lora_down`` of different ranks (a damaged or hand-edited file; no ``rank`` key
+    of a run can fit it) or a non-finite ``alpha``."""
+    for e in entries:
+        up_rank = e.up.shape[1] if e.up.dim() >= 2 else None
+        if up_rank != e.rank:
+            raise LoraFormatError(f"{source}: {e.target}: lora_up {tuple(e.up.shape)} has rank {up_rank} but "
+                                  f"lora_down {tuple(e.down.shape)} has rank {e.rank}: the file is inconsistent "
+                                  f"(damaged or edited); re-export it from its training run")
+        if not math.isfinite(float(e.alpha)):
+            raise LoraFormatError(f"{source}: {e.target}: alpha is {float(e.alpha)}; the file is damaged")
+
+
+def _one_rank(entries: Sequence[LoraEntry], source: str) -> None:
+    """A run trains one ``rank``: a file whose modules have different ranks cannot be loaded into it
+    (each module would ask for another rank); say so instead of naming one module's rank."""
+    ranks: dict[int, str] = {}
+    for e in entries:
+        ranks.setdefault(e.rank, e.target)
+    if len(ranks) > 1:
+        which = ", ".join(f"rank {r} at {t}" for r, t in sorted(ranks.items()))
+        raise LoraFormatError(f"{source}: the file mixes LoRA ranks ({which}); a run trains one rank for every "
+                              f"module, so it cannot continue from this file: merge it into the weights with "
+                              f"tools/lora_merge.py or sample with it")
 
 
 def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[LoraEntry]:
@@ -441,6 +472,7 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
         raise LoraFormatError(f"{source}: covers {len(by_target)} modules, the run adapts {len(ours)} "
                               f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
                               f"set module_filters as the LoRA was trained")
+    _one_rank(entries, source)
     for target, lora in loras:
         e = by_target[target]
         ours_dora = getattr(lora, "magnitude", None) is not None
@@ -557,7 +589,7 @@ def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
     return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
 
 
-__all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "metadata_list",
+__all__ = ["LoraEntry", "LoraFormatError", "check_entries", "merged_weight", "read_lora_file", "metadata_list",
            "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui", "export_kohya",
            "is_depthwise", "unloadable_targets", "KOHYA_PREFIX", "PREFIXES",

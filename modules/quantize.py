@@ -20,7 +20,8 @@ Memory in backward: autograd saves the :class:`QuantizedWeight` itself (8-bit co
 or convolution needs the weight for the input gradient, and dequantises again in backward, so no
 full-precision copy of a frozen weight outlives its op.
 
-Not combined with: FSDP sharding of the quantised network (its parameters are not plain tensors),
+``torch.compile`` traces it (a traceable wrapper subclass: checked with inductor on the CPU, not on
+a GPU). Not combined with: FSDP sharding of the quantised network (its parameters are not plain tensors),
 training the quantised weights (they are frozen by construction), in-place changes of a quantised
 weight (refused: e.g. merging a LoRA into it).
 

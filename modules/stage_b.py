@@ -60,11 +60,7 @@ class StageB(CascadeUNet):
         self.clip_mapper = nn.Linear(c_clip, c_cond * c_clip_seq)
         self.clip_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
 
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(patch_size),
-            nn.Conv2d(c_in * patch_size**2, c_hidden[0], kernel_size=1),
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-        )
+        self.embedding = self._build_embedding(c_in, patch_size, c_hidden[0])
 
         def make_down(i: int) -> nn.Module:
             return nn.Sequential(
@@ -81,13 +77,7 @@ class StageB(CascadeUNet):
         self._build_levels(c_hidden, c_cond, c_r, nhead, blocks, block_repeat, level_config, kernel_size,
                            dropout, self_attn, self.t_conds, make_down, make_up)
 
-        self.clf = nn.Sequential(
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-            nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
-            nn.PixelShuffle(patch_size),
-        )
-        self._init_weights()
-        self.set_gradient_checkpointing(gradient_checkpointing)
+        self._finish_build(c_hidden[0], c_out, patch_size, gradient_checkpointing)
 
     def _init_weights(self) -> None:
         self.apply(self._xavier)
@@ -95,8 +85,6 @@ class StageB(CascadeUNet):
         for m in (self.effnet_mapper, self.pixels_mapper):
             nn.init.normal_(m[0].weight, std=0.02)
             nn.init.normal_(m[2].weight, std=0.02)
-        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
-        nn.init.constant_(self.clf[1].weight, 0)
         self._init_common(sum(self.blocks[0]))
 
     def gen_c_embeddings(self, clip: torch.Tensor) -> torch.Tensor:
@@ -110,13 +98,7 @@ class StageB(CascadeUNet):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor,
                 pixels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        # Working dtype: the input's under autocast (the official path); otherwise the weights'
-        # (a bf16-stored model, e.g. master-free training or inference, takes float32 inputs).
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = x.dtype
-        else:
-            dtype = self.embedding[1].weight.dtype
-            x = x.to(dtype)
+        x, dtype = self._working_dtype(x)
         if pixels is None:  # the default still contributes a learned bias map (checklist 7)
             pixels = x.new_zeros(x.size(0), self.c_pixels, 8, 8)
         r_embed = self._r_embed(r, dtype, kwargs)

@@ -59,11 +59,7 @@ class StageC(CascadeUNet):
         self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)
         self.clip_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
 
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(patch_size),
-            nn.Conv2d(c_in * patch_size**2, c_hidden[0], kernel_size=1),
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-        )
+        self.embedding = self._build_embedding(c_in, patch_size, c_hidden[0])
 
         def make_down(i: int) -> nn.Module:
             return nn.Sequential(
@@ -80,20 +76,12 @@ class StageC(CascadeUNet):
         self._build_levels(c_hidden, c_cond, c_r, nhead, blocks, block_repeat, level_config, kernel_size,
                            dropout, self_attn, self.t_conds, make_down, make_up)
 
-        self.clf = nn.Sequential(
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-            nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
-            nn.PixelShuffle(patch_size),
-        )
-        self._init_weights()
-        self.set_gradient_checkpointing(gradient_checkpointing)
+        self._finish_build(c_hidden[0], c_out, patch_size, gradient_checkpointing)
 
     def _init_weights(self) -> None:
         self.apply(self._xavier)
         for m in (self.clip_txt_mapper, self.clip_txt_pooled_mapper, self.clip_img_mapper):
             nn.init.normal_(m.weight, std=0.02)
-        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
-        nn.init.constant_(self.clf[1].weight, 0)
         self._init_common(sum(self.blocks[0]))
 
     def gen_c_embeddings(self, clip_txt: torch.Tensor, clip_txt_pooled: torch.Tensor,
@@ -120,13 +108,7 @@ class StageC(CascadeUNet):
     def forward(self, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor,
                 clip_img: torch.Tensor, cnet: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 **kwargs) -> torch.Tensor:
-        # Working dtype: the input's under autocast (the official path); otherwise the weights'
-        # (a bf16-stored model, e.g. master-free training or inference, takes float32 inputs).
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = x.dtype
-        else:
-            dtype = self.embedding[1].weight.dtype
-            x = x.to(dtype)
+        x, dtype = self._working_dtype(x)
         r_embed = self._r_embed(r, dtype, kwargs)
         # Conditioning inputs follow the working dtype so a bf16 model runs without autocast too.
         clip = self.gen_c_embeddings(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))

@@ -60,6 +60,18 @@ def train_assets(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def score_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP whose text and vision embeddings share one width (16): a CLIP-score model
+    (train/preview_clip_score.py), in the text/ + vision/ layout."""
+    from tools.tiny_clip import write_tiny_clip
+
+    folder = tmp_path_factory.mktemp("score_clip", numbered=False)
+    with one_intraop_thread():
+        write_tiny_clip(folder, text_width=32, vision_width=32, projection_dim=16, image_size=32, patch_size=8, seed=5)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def adapter_assets(tmp_path_factory, one_thread):
     """Tiny frozen parts, a tiny 'pretrained' Stage C and a 4-photo shard (built once per session)."""

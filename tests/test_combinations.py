@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tools.combination_matrix import (JOBS, UPDATES, Cell, all_cells, cell_sets, compare_to_single, make_assets,
-                                      quick_cells, run_cell)
+                                      make_controls_assets, quick_cells, run_cell)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,11 @@ def matrix_assets(train_assets, tmp_path_factory, one_thread) -> Path:
 
 def test_matrix_cells():
     cells = all_cells()
-    assert len(cells) == len(set(cells)) == 3 * (16 + 16 + 8 + 8)
+    assert len(cells) == len(set(cells)) == 3 * (16 + 16 + 8 + 8) + 2  # + the LoRA controls cells (1 process, DDP)
     assert {c.job for c in cells if c.cache} == {"train_c", "train_c_lora"}
-    assert all(c.bucketing and c.adaptive and c.workers == 0 and not c.cache for c in quick_cells())
-    assert len(quick_cells()) == 3 * len(JOBS)
+    assert {(c.job, c.procs) for c in cells if c.controls} == {("train_c_lora", "1"), ("train_c_lora", "ddp")}
+    assert all(c.bucketing and c.adaptive and c.workers == 0 and not c.cache for c in quick_cells() if not c.controls)
+    assert len(quick_cells()) == 3 * len(JOBS) + 2
 
 
 @pytest.mark.parametrize("job", list(JOBS))
@@ -115,3 +116,13 @@ def test_official_config_two_processes_trains_and_resumes_exactly(cell, matrix_a
         (tmp_path / single.cell.name).symlink_to(work / single.cell.name)
         compare_to_single(res, single, tmp_path)
         assert res.matches_one, res.detail
+
+
+@pytest.mark.slow
+def test_lora_with_every_control_on_trains_saves_and_resumes_exactly(matrix_assets, score_clip, tmp_path):
+    """The controls cell, 1 process: lr schedule, concepts (+ a regularization concept), masked loss, noise
+    options, a prompt file, TensorBoard, the preview CLIP score and sample/save now, all at once
+    (check_controls looks at each one's traces; the DDP cell: tools/combination_matrix.py)."""
+    make_controls_assets(matrix_assets, score_clip=score_clip)
+    res = run_cell(Cell("train_c_lora", "1", True, False, 0, False, controls=True), matrix_assets, tmp_path)
+    assert res.trains and res.resume_exact, res.detail

@@ -137,8 +137,8 @@ INTERNAL = {
     "core.data.captions.MissingCaption": "a bad sample: counted and reported (DataError when strict)",
     "core.data.images.BadImage": "a bad sample: counted and reported (DataError when strict)",
     "core.data.tario.TarTruncated": "a bad shard: counted and reported (DataError when strict)",
-    "modules.filters.FilterError": "the jobs and inference.control convert it into a UserError",
-    "modules.filters.MissingDependencyError": "a FilterError (same conversion)",
+    "modules.filters.common.FilterError": "the jobs and inference.control convert it into a UserError",
+    "modules.filters.common.MissingDependencyError": "a FilterError (same conversion)",
 }
 PACKAGES = ("core", "fileio", "modules", "inference", "tools", "train")
 

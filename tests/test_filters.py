@@ -1,4 +1,4 @@
-"""Tests for modules/filters.py (ControlNet filters) on real photographs shipped with scikit-image."""
+"""Tests for modules/filters/ (ControlNet filters) on real photographs shipped with scikit-image."""
 from __future__ import annotations
 
 import os

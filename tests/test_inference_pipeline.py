@@ -157,6 +157,26 @@ def test_cli_writes_pngs_with_metadata(tiny_root, tmp_path):
     assert '"timesteps": 2' in meta["parameters"] and '"decoder": "previewer"' in meta["parameters"]
 
 
+def test_cli_prompt_file_with_per_prompt_settings(tiny_root, tmp_path):
+    """kohya options per line (inference/prompts.py): size, steps, CFG, seed and negative prompt."""
+    from inference.images import read_png_metadata
+    from inference.sample import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 96 --h 64 --s 1 --l 2.5 --d 3 --n ugly\na boat\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["--config", str(CONFIGS / "tiny_c.yaml"), "--root", str(tiny_root), "--prompts-file", str(prompts),
+                 "--out", str(out), "--seed", "7", "--height", "64", "--width", "64", "--steps-c", "2",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    cat, boat = sorted(out.glob("*.png"))
+    meta = read_png_metadata(cat)
+    assert meta["seed"] == "3" and meta["negative_prompt"] == "ugly"
+    assert '"timesteps": 1' in meta["parameters"] and '"cfg": 2.5' in meta["parameters"]
+    assert '"width": 96' in meta["parameters"]
+    boat_meta = read_png_metadata(boat)  # other settings: its own batch, the command line's values
+    assert boat_meta["seed"] == "8" and "negative_prompt" not in boat_meta and '"timesteps": 2' in boat_meta["parameters"]
+
+
 def test_reconstruction_of_a_real_photograph_from_the_cli(tiny_root, tmp_path):
     """effnet -> Stage B -> Stage A on a real photograph (400x600: resized, cropped to 64x64)."""
     from skimage import data

@@ -86,3 +86,14 @@ def test_the_ring_follows_forward_and_backward():
     assert windows == [[0, 1], [1, 2], [2, 3], [3, 4], [4]]
     x.sum().backward()  # each block's output gradient prefetches backwards from it
     assert sorted(ring.resident) == [0] and ring.peak_resident == 2
+
+
+def test_device_parts_for_memory_accounting():
+    from core.offload import BlockOffload, HostWeight, device_parts, host_copy
+    from modules.quantize import quantize_weight
+
+    w = torch.randn(64, 64)
+    q = quantize_weight(w, "int8")
+    assert [t.dtype for t in device_parts(q)] == [torch.int8, torch.float32]  # codes, scales
+    assert device_parts(w) == [w] and device_parts(host_copy(w)) == []
+    assert device_parts(HostWeight(host_copy(w), torch.device("cpu"), BlockOffload([], 1, torch.device("cpu")))) == []

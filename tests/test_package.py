@@ -28,8 +28,7 @@ def test_every_package_folder_is_installed_and_has_an_init():
         for init in [ROOT / top / "__init__.py", *(p / "__init__.py" for p in (ROOT / top).rglob("*")
                                                  if p.is_dir() and any(p.glob("*.py")))]:
             assert init.is_file(), f"{init.parent.relative_to(ROOT)} holds modules but no __init__.py"
-        if top != "bench":  # benchmarks run from a checkout
-            assert top in include and f"{top}.*" in include, f"pyproject.toml does not install {top}"
+        assert top in include and f"{top}.*" in include, f"pyproject.toml does not install {top}"
 
 
 def test_no_product_file_edits_sys_path():

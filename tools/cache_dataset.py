@@ -54,7 +54,8 @@ def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000
 
         saliency = load_job_saliency(cfg, "cpu")
     pipeline = build_pipeline(cfg, batch_size=batch_size, rank=0, world_size=1, seed=cfg.seed,
-                              num_workers=cfg.num_workers, partial_batches=True, saliency=saliency)
+                              num_workers=cfg.num_workers, partial_batches=True, saliency=saliency,
+                              masks=cfg.mask_mode())
     writer = CacheWriter(out_dir, shard_size=shard_size, dtype=store_dtype)
     seen: set[tuple[str, str]] = set()   # (shard url, key): keys repeat across shards
     started = time.perf_counter()
@@ -77,6 +78,11 @@ def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000
                        "keys": [batch["keys"][i] for i in fresh], "urls": [urls[i] for i in fresh]}
                 encoded = encode_batch(sub["images"], sub["captions"], enc["effnet"], enc["tokenizer"],
                                        enc["text_model"], enc["vision_model"])
+                if cfg.masked_loss:  # the mask at the latent grid (train/masked_loss.py)
+                    from train.masked_loss import CACHE_MASK, latent_mask
+
+                    masks = batch["masks"][fresh].float() / 255.0
+                    encoded[CACHE_MASK] = latent_mask(masks, tuple(encoded["latents"].shape[-2:])).cpu()
                 writer.add_batch(sub, encoded)
                 seen.update(zip(sub["urls"], sub["keys"]))
                 bar.update(len(fresh))
@@ -89,7 +95,8 @@ def cache_dataset(cfg, out_dir: str, batch_size: int = 8, shard_size: int = 1000
                 "clip_image": cfg.clip_image_model_name if image_embeds else None,
                 "encoder_dtype": str(model_dtype).replace("torch.", ""),
                 "store_dtype": str(store_dtype).replace("torch.", "") if store_dtype else "float32",
-                "image_size": cfg.image_size, "seconds": round(time.perf_counter() - started, 3)}
+                "image_size": cfg.image_size, "masks": bool(cfg.masked_loss),
+                "seconds": round(time.perf_counter() - started, 3)}
     return writer.close(encode_unconditional(enc["tokenizer"], enc["text_model"]), manifest)
 
 

@@ -29,6 +29,14 @@ it fills the 1/2 bucket (128 x 64) exactly; without, the random 96 x 96 crop of 
 the same picture wherever it is cut, so the crop position (drawn per sample) cannot change the math either. The shards
 hold 4, 3 and 3 samples, so ranks and workers get unequal shares and an epoch ends mid-batch.
 
+The CONTROLS cells (``train_c_lora`` with 1 process and with DDP, bucketing, ``-controls`` in their
+names) switch on every user control of train/ and core/ at once (:func:`controls_sets`): a cosine lr
+schedule with restarts, two concepts (the shards with repeats and an image folder of RGBA images and
+mask files as regularization data), the masked loss, offset noise, input perturbation and logit-normal
+timesteps, a kohya prompt file for the previews (every 2 updates), TensorBoard, the preview CLIP score
+and sample now / save now (SAMPLE_NOW and SAVE_NOW in the run folder before the straight run starts);
+besides the three checks above, :func:`check_controls` looks at what each control leaves behind.
+
 Prints a table of every cell and exits 1 if any cell fails. ``--quick`` runs a subset (every job with
 bucketing + adaptive loss weight, 1 process, DDP and FSDP, no workers, no cache). Cells run in parallel
 up to ``--parallel`` CPU slots (default: the CPU count; a 2-process cell takes 2 slots).
@@ -106,6 +114,7 @@ class Cell:
     adaptive: bool
     workers: int
     cache: bool
+    controls: bool = False  # every user control on at once (controls_sets)
 
     @property
     def nproc(self) -> int:
@@ -114,11 +123,11 @@ class Cell:
     @property
     def name(self) -> str:
         return (f"{self.job}-{self.procs}-b{int(self.bucketing)}-a{int(self.adaptive)}-w{self.workers}"
-                f"-c{int(self.cache)}")
+                f"-c{int(self.cache)}" + ("-controls" if self.controls else ""))
 
     def single(self) -> "Cell":
         """The 1-process cell with the same other settings."""
-        return Cell(self.job, "1", self.bucketing, self.adaptive, self.workers, self.cache)
+        return Cell(self.job, "1", self.bucketing, self.adaptive, self.workers, self.cache, self.controls)
 
 
 @dataclass
@@ -143,7 +152,13 @@ def all_cells(jobs: Iterable[str] = JOBS, procs: Iterable[str] = PROCS) -> list[
         if cache and not JOBS[job].cache:
             continue
         out.append(Cell(job, p, bucketing, adaptive, workers, cache))
-    return out
+    return out + controls_cells(jobs, procs)
+
+
+def controls_cells(jobs: Iterable[str] = JOBS, procs: Iterable[str] = PROCS) -> list[Cell]:
+    """The LoRA job with every user control on (1 process and DDP), when ``jobs`` / ``procs`` include them."""
+    return [Cell("train_c_lora", p, True, False, 0, False, controls=True)
+            for p in ("1", "ddp") if "train_c_lora" in jobs and p in procs]
 
 
 def select(cells: Iterable[Cell], **allowed: Optional[Sequence[object]]) -> list[Cell]:
@@ -152,8 +167,9 @@ def select(cells: Iterable[Cell], **allowed: Optional[Sequence[object]]) -> list
 
 
 def quick_cells(jobs: Iterable[str] = JOBS, procs: Iterable[str] = PROCS) -> list[Cell]:
-    """Every job with bucketing and the adaptive loss weight, no workers, no cache."""
-    return [c for c in all_cells(jobs, procs) if c.bucketing and c.adaptive and c.workers == 0 and not c.cache]
+    """Every job with bucketing and the adaptive loss weight, no workers, no cache; and the controls cells."""
+    return [c for c in all_cells(jobs, procs)
+            if (c.bucketing and c.adaptive and c.workers == 0 and not c.cache) or c.controls]
 
 
 # ---------------------------------------------------------------------------------------- assets
@@ -272,8 +288,95 @@ def cell_sets(cell: Cell, assets: Path, run_root: Path, **extra: object) -> list
         values["cache_path"] = str(cache_folder(a, cell.bucketing))
         if cell.job == "train_c_lora":
             values["train_tokens"] = None  # a cache holds CLIP outputs: trained tokens cannot use one
+    if cell.controls:
+        values.update(controls_sets(a))
     values.update(extra)
     return [f"{k}={_value(v)}" for k, v in values.items()]
+
+
+# ------------------------------------------------------------------------------ the controls cells
+PROMPTS_FILE = "controls_prompts.txt"
+CONCEPT_FOLDER = "controls_concept"
+SCORE_CLIP = "controls_score_clip"
+
+
+def make_controls_assets(assets: Path, score_clip: Optional[Path] = None) -> None:
+    """What the controls cells add to the assets (once): an image folder of the matrix image as RGBA
+    PNGs (alpha = mask) and one with a ``.mask.png`` file, a kohya prompt file, and a tiny CLIP-score
+    model (linked from ``score_clip`` when given, else written by tools/tiny_clip.py)."""
+    import numpy as np
+
+    a = Path(assets)
+    if (a / "controls.READY").is_file():
+        return
+    folder = a / CONCEPT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    rgb = np.asarray(_matrix_image())
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[:, : rgb.shape[1] // 2] = 255  # the left half: the "subject"
+    for i in range(3):
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(CAPTION)
+    # the same mask as a file, beside the RGBA pictures' pixels as the data layer sees them (composited over
+    # white), so every sample is one image and tensor (the 2-process cell must equal the 1-process one)
+    Image.fromarray(np.where(alpha[..., None] > 0, rgb, 255).astype(np.uint8)).save(folder / "003.png")
+    Image.fromarray(alpha).save(folder / "003.mask.png")
+    (folder / "003.txt").write_text(CAPTION)
+    (a / PROMPTS_FILE).write_text("# the controls cell's previews\n"
+                                  "a photo of [fernando] the astronaut --w 64 --h 128 --s 2 --l 3 --d 7 --n blurry\n"
+                                  "a photo of a dog --s 3 --l 1.5\n")
+    if not (a / SCORE_CLIP).exists():
+        if score_clip is not None:
+            (a / SCORE_CLIP).symlink_to(Path(score_clip).resolve())
+        else:
+            from tools.tiny_clip import write_tiny_clip
+
+            write_tiny_clip(a / SCORE_CLIP, projection_dim=16, image_size=32, patch_size=8, seed=5)
+    (a / "controls.READY").write_text("ok\n")
+
+
+def controls_sets(assets: Path) -> dict[str, object]:
+    """Every user control on (see the module docstring)."""
+    a = Path(assets)
+    return {
+        "lr_scheduler": "cosine_with_restarts", "lr_cycles": 2, "lr_final_ratio": 0.1, "warmup_updates": 2,
+        "webdataset_path": None,
+        "concepts": [{"name": "shards", "path": str(a / "shards"), "repeats": 2},
+                     {"name": "folder", "path": str(a / CONCEPT_FOLDER), "repeats": 1, "regularization": True,
+                      "caption_tag_shuffle": True}],
+        "regularization_weight": 0.5,
+        "masked_loss": True, "unmasked_weight": 0.2,
+        "offset_noise": 0.05, "input_perturbation": 0.1, "timestep_distribution": "logit_normal",
+        "preview_prompts_file": str(a / PROMPTS_FILE), "preview_every": 2,
+        "tensorboard": True,
+        "preview_clip_score": True, "preview_clip_model": str(a / SCORE_CLIP),
+    }
+
+
+def check_controls(run: Path, out: Path) -> str:
+    """'' when a controls cell's straight run left every control's traces, else what is missing."""
+    from core.logging import read_metrics
+
+    records = read_metrics(str(run / "metrics.jsonl"))
+    lrs = [r["lr"] for r in records if "lr" in r]
+    if len(set(lrs)) < 3:
+        return f"the lr did not follow the schedule: {lrs}"
+    if not (run / "lr_schedule.png").is_file():
+        return "no lr_schedule.png"
+    if not (run / "state" / "step_00000001").is_dir() or (run / "SAVE_NOW").exists():
+        return "SAVE_NOW did not save update 1"
+    if not list(Path(out).glob("*_00000001.png")) or (run / "SAMPLE_NOW").exists():
+        return "SAMPLE_NOW did not preview update 1"
+    scores = [r for r in records if any(k.startswith("clip_score_") for k in r)]
+    if [r["step"] for r in scores] != [1, 2, 4, 6]:
+        return f"CLIP scores logged at {[r['step'] for r in scores]}, expected 1 (sample now), 2, 4, 6"
+    if not any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").glob("*")):
+        return "no TensorBoard event file"
+    if not any("reg_raw_loss" in r for r in records):
+        return "no regularization concept micro-batch was logged"
+    return ""
 
 
 def set_args(overrides: Sequence[str]) -> list[str]:
@@ -405,8 +508,13 @@ def run_cell(cell: Cell, assets: Path, work: Path, resume: bool = True) -> Resul
     root = Path(work) / cell.name
     shutil.rmtree(root, ignore_errors=True)
     try:
-        proc = train(cell, assets, root)
         run = root / "ck" / cell.name
+        if cell.controls:  # sample now + save now at the first update boundary
+            make_controls_assets(assets)
+            run.mkdir(parents=True)
+            (run / "SAMPLE_NOW").touch()
+            (run / "SAVE_NOW").touch()
+        proc = train(cell, assets, root)
         got = losses(run)
         if proc.returncode != 0:
             res.trains, res.detail = False, "straight run " + _fail_line(proc)
@@ -414,6 +522,8 @@ def run_cell(cell: Cell, assets: Path, work: Path, resume: bool = True) -> Resul
             res.trains, res.detail = False, f"losses logged for updates {sorted(got)}: {got}"
         elif (run / "latest").read_text().strip() != f"step_{UPDATES:08d}":
             res.trains, res.detail = False, f"latest is {(run / 'latest').read_text().strip()!r}"
+        elif cell.controls and check_controls(run, root / "out" / cell.name):
+            res.trains, res.detail = False, check_controls(run, root / "out" / cell.name)
         else:
             res.trains = True
         if res.trains and resume:

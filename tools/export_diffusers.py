@@ -26,19 +26,42 @@ DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16":
 STAGES = {"c": "stage_c", "b": "stage_b"}
 
 
+class _NoMatch(UserError):
+    """No registered version matches; ``agree`` = keys of the closest one with the right shape."""
+
+    def __init__(self, message: str, agree: int) -> None:
+        super().__init__(message)
+        self.agree = agree
+
+
 def _recognise(shapes: dict, stage: str | None, model_version: str | None, source: str) -> tuple[str, str]:
-    """``(kind, model_version)`` of an official-layout state dict (exact key/shape match)."""
+    """``(kind, model_version)`` of an official-layout state dict (exact key/shape match); else
+    ``_NoMatch`` naming the closest registered stage/version and the tensors that differ."""
+    from modules.loading import state_dict_mismatch
     from modules.registry import MODEL_CONFIGS, registered_shapes
 
     kinds = [STAGES[stage]] if stage else list(STAGES.values())
+    closest = None
     for kind in kinds:
         versions = [model_version] if model_version else list(MODEL_CONFIGS[kind])
         for version in versions:
-            if version in MODEL_CONFIGS[kind] and registered_shapes(kind, version) == shapes:
+            if version not in MODEL_CONFIGS[kind]:
+                continue
+            expected = registered_shapes(kind, version)
+            if expected == shapes:
                 return kind, version
+            agree = sum(1 for k, v in shapes.items() if expected.get(k) == v)
+            if closest is None or agree > closest[0]:
+                closest = (agree, kind, version, expected)
     what = " ".join(x for x in (f"Stage {stage.upper()}" if stage else "Stage C/B", model_version) if x)
-    raise UserError(f"{source} is not a {what} checkpoint in the official layout (no registered version matches "
-                    f"its keys and shapes); pass --stage/--model-version or check the file")
+    if closest is None or closest[0] == 0:
+        raise _NoMatch(f"{source} is not a {what} checkpoint in the official layout (no registered version matches "
+                       f"its keys and shapes); pass --stage/--model-version or check the file", 0)
+    agree, kind, version, expected = closest
+    name = f"Stage {kind[-1].upper()} model_version {version}"
+    raise _NoMatch(f"{source} is closest to {name} ({agree} of {len(expected)} tensors agree) but differs: "
+                   f"{state_dict_mismatch(expected, shapes)}; the file is damaged or incomplete "
+                   f"(or pass --stage/--model-version)", agree)
 
 
 def export(src: str, out: str, stage: str | None = None, model_version: str | None = None,
@@ -73,19 +96,19 @@ def to_official(src: str, out: str, stage: str | None = None, model_version: str
         raise UserError(f"{src}: the weights are not in the diffusers layout")
     kinds = [STAGES[stage]] if stage else list(KINDS)
     # Stage B renames clip_mapper, so the kind decides the conversion: try each, keep the exact match.
-    errors = []
+    errors: list[_NoMatch] = []
     for kind in kinds:
         sd = from_diffusers(raw, kind, str(found[0]))
         try:
             kind, version = _recognise({k: tuple(v.shape) for k, v in sd.items()}, kind[-1], model_version, src)
-        except UserError as exc:
-            errors.append(str(exc))
+        except _NoMatch as exc:
+            errors.append(exc)
             continue
         sd = read_diffusers(src, kind, version)  # checks config.json too
         cast = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
         save_safetensors(sd, out, dtype=cast, metadata={"converted_from": "diffusers", "model_version": version})
         return {"out": out, "kind": kind, "model_version": version, "tensors": len(sd)}
-    raise UserError(errors[-1])
+    raise max(errors, key=lambda e: e.agree)  # the stage the file is closest to, not the last one tried
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Reproduce every fault example of issue 13 on tiny assets and print what happened.
+"""Reproduce every fault example of issues 13 and 28 on tiny assets and print what happened.
 
     python3 tools/fault_campaign.py [--only NAME[,NAME...]] [--keep DIR] [--timeout SECONDS] [--list]
 
@@ -57,6 +57,17 @@ class Case:
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT),
                 HF_HUB_OFFLINE="1")
+
+
+def _with(env: Optional[dict]) -> dict:
+    """The children's environment with ``env`` applied (a None value removes the variable)."""
+    out = _env()
+    for key, value in (env or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _first_message(output: str) -> str:
@@ -121,13 +132,14 @@ class Campaign:
         return args
 
     def run(self, argv: list[str], timeout: Optional[int] = None, umask: Optional[int] = None,
-            on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> tuple[int, str]:
+            on_start: Optional[Callable[[subprocess.Popen], None]] = None,
+            env: Optional[dict] = None) -> tuple[int, str]:
         """Run ``argv`` (after the python interpreter) in the repository root; (exit code, output)."""
         def preexec() -> None:
             if umask is not None:
                 os.umask(umask)
 
-        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=_with(env), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
         watcher = None
         if on_start is not None:
@@ -144,9 +156,9 @@ class Campaign:
         return proc.returncode, out
 
     def train(self, name: str, *extra: str, config: str = TINY_C, root: Optional[Path] = None,
-              umask: Optional[int] = None, on_start=None, **overrides) -> tuple[int, str]:
+              umask: Optional[int] = None, on_start=None, env: Optional[dict] = None, **overrides) -> tuple[int, str]:
         return self.run(["train/train_c.py", config, *self.train_args(name, root, **overrides), *extra],
-                        umask=umask, on_start=on_start)
+                        umask=umask, on_start=on_start, env=env)
 
     def probe(self, name: str) -> tuple[int, str, dict]:
         folder = self.dir / "probes" / name
@@ -599,6 +611,251 @@ def case_file_modes(c: Campaign) -> Result:
     return Result(True, "every file 0644 under umask 022", code, "")
 
 
+# ------------------------------------------------------------------------------------------------
+# round three (issue 28): integrations, non-finite weights in tools and inputs, logs, validate-only,
+# the real culprit named
+# ------------------------------------------------------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class _Server:
+    """An HTTP server on 127.0.0.1 answering every request with ``status`` (in a thread)."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "_Server":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wandb_env(c: Campaign, url: str) -> dict:
+    home = c.dir / "wandb_home"
+    home.mkdir(exist_ok=True)
+    return {"WANDB_BASE_URL": url, "HOME": str(home), "WANDB_CONFIG_DIR": str(home), "WANDB_API_KEY": None,
+            "WANDB_MODE": None, "WANDB_SILENT": "true"}
+
+
+def _wandb_case(c: Campaign, name: str, url: str, expect: str) -> Result:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return Result(None, "skipped (wandb is not installed)", None, "")
+    code, out = c.train(name, env=_wandb_env(c, url), wandb_project="faults3")
+    warnings = [line for line in out.splitlines() if "WARNING" in line and "wandb" in line]
+    ok = code == 0 and "Traceback" not in out and len(warnings) == 1 and expect in warnings[0]
+    return Result(ok, "trained, one wandb warning" if ok else f"{len(warnings)} wandb warning(s)", code,
+                  _short(warnings[0].split("] ", 1)[-1]) if warnings else _first_message(out))
+
+
+def case_wandb_refused(c: Campaign) -> Result:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    return _wandb_case(c, "wandb_refused", url, "offline")
+
+
+def case_wandb_no_key(c: Campaign) -> Result:
+    with _Server(401) as server:
+        return _wandb_case(c, "wandb_nokey", server.url, "wandb: cannot start")
+
+
+def case_metrics_restart(c: Campaign) -> Result:
+    run = c.run_dir("restart")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 9.0}}\n' for s in (1, 2, 3)))
+    code, out = c.train("restart")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return Result(code == 0 and steps == [1, 2], f"steps in metrics.jsonl: {steps}", code, _first_message(out))
+
+
+def _tiny_files(c: Campaign) -> dict:
+    """A tiny Stage C file and LoRA files (named: a NaN; kohya: inconsistent ranks) for the tools."""
+    import torch
+    from safetensors.torch import save_file
+
+    from modules.lora import apply_lora
+    from modules.lora_formats import entries_from_named, export_kohya, named_state_dict, stage_c_targets
+    from modules.registry import build_model
+
+    folder = c.dir / "tool_inputs"
+    if (folder / "done").exists():
+        return {p.stem: p for p in folder.iterdir()}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = build_model("stage_c", "tiny")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "base.safetensors"))
+    loras = apply_lora(model, [".attn"], rank=2)
+    for _, lora in loras:
+        torch.nn.init.normal_(lora.lora_up, std=0.01)
+        torch.nn.init.normal_(lora.lora_down, std=0.1)
+    named = named_state_dict(loras, alpha=1.0)
+    nan = dict(named)
+    key = next(k for k in nan if k.endswith(".lora_up"))
+    nan[key] = nan[key].clone().fill_(float("nan"))
+    save_file(nan, str(folder / "lora_nan.safetensors"))
+    _, shapes = stage_c_targets("tiny", [".attn"])
+    kohya = export_kohya(entries_from_named(named), shapes)
+    up = next(k for k in kohya if "out_proj" in k and k.endswith(".lora_up.weight"))
+    kohya[up] = kohya[up][:, :1].contiguous()
+    save_file(kohya, str(folder / "kohya_ranks.safetensors"))
+    generator = {k: v.detach().clone().contiguous() for k, v in build_model("stage_c", "tiny").state_dict().items()}
+    first = next(k for k, v in generator.items() if v.is_floating_point())
+    generator[first].view(-1)[0] = float("nan")
+    save_file(generator, str(folder / "generator_nan.safetensors"))
+    (folder / "done").write_text("")
+    return {p.stem: p for p in folder.iterdir()}
+
+
+def case_lora_merge_nan(c: Campaign) -> Result:
+    files = _tiny_files(c)
+    out = c.dir / "merged_nan.safetensors"
+    result = user_error(*c.run(["tools/lora_merge.py", "--base", str(files["base"]), "--lora", str(files["lora_nan"]),
+                                "--out", str(out)]), "lora_nan.safetensors", "NaN")
+    if out.exists():
+        result.ok, result.outcome = False, "a merged file was written"
+    return result
+
+
+def case_kohya_ranks(c: Campaign) -> Result:
+    files = _tiny_files(c)
+    return user_error(*c.run(["tools/lora_merge.py", "--base", str(files["base"]), "--lora",
+                              str(files["kohya_ranks"]), "--out", str(c.dir / "merged_kohya.safetensors")]),
+                      "kohya_ranks.safetensors", "inconsistent")
+
+
+def case_nan_generator(c: Campaign) -> Result:
+    files = _tiny_files(c)
+    code, out = c.train("nan_gen", generator_checkpoint_path=str(files["generator_nan"]))
+    result = user_error(code, out, "generator_nan.safetensors", "NaN")
+    if "lr" in result.message.split("NaN", 1)[-1]:
+        result.ok, result.outcome = False, "blamed on the learning rate"
+    return result
+
+
+def _diffusers_folder(c: Campaign, name: str) -> Path:
+    files = _tiny_files(c)
+    folder = c.dir / name
+    shutil.rmtree(folder, ignore_errors=True)
+    code, out = c.run(["tools/export_diffusers.py", str(files["base"]), "--out", str(folder)])
+    if code != 0:
+        raise RuntimeError(f"export failed: {_first_message(out)}")
+    return folder
+
+
+def case_diffusers_no_config(c: Campaign) -> Result:
+    folder = _diffusers_folder(c, "prior_no_config")
+    (folder / "config.json").unlink()
+    return user_error(*c.train("diff_nocfg", generator_checkpoint_path=str(folder)), "without config.json")
+
+
+def case_diffusers_damaged_c(c: Campaign) -> Result:
+    from safetensors.torch import load_file, save_file
+
+    folder = _diffusers_folder(c, "prior_damaged")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    del sd[next(k for k in sd if k.startswith("down_blocks.0.0"))]
+    save_file(sd, str(weights))
+    code, out = c.run(["tools/export_diffusers.py", str(folder), "--to-official", "--out",
+                       str(c.dir / "back.safetensors")])
+    result = user_error(code, out, "Stage C", "missing keys")
+    if "Stage B" in result.message:
+        result.ok, result.outcome = False, "called a Stage B checkpoint"
+    return result
+
+
+def case_image_fifo(c: Campaign) -> Result:
+    from PIL import Image
+
+    folder = c.dir / "fifo_images"
+    folder.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    if not (folder / "stuck.png").exists():
+        os.mkfifo(folder / "stuck.png")
+    return user_error(*c.train("fifo", webdataset_path=str(folder)), "stuck.png", "not a regular file")
+
+
+def case_heldout_corrupt(c: Campaign) -> Result:
+    from core.data.tarwrite import write_tar
+
+    shard = write_tar(str(c.dir / "heldout-bad.tar"), [(f"{i:04d}", {"png": b"not an image", "txt": b"x"})
+                                                          for i in range(3)])
+    code, out = c.train("heldout", validation_webdataset_path=shard)
+    result = user_error(code, out, "validation_webdataset_path")
+    if "check webdataset_path" in result.message:
+        result.ok, result.outcome = False, "blamed on webdataset_path"
+    return result
+
+
+def _validate_only(c: Campaign, *fragments: str, **overrides) -> Result:
+    return user_error(*c.train("vo", "--validate-only", **overrides), *fragments)
+
+
+def case_validate_only_pipe(c: Campaign) -> Result:
+    return _validate_only(c, "shell pipes", webdataset_path="pipe:cat shard.tar")
+
+
+def case_validate_only_no_data(c: Campaign) -> Result:
+    return _validate_only(c, "'webdataset_path' is required", webdataset_path="null")
+
+
+def case_validate_only_http_folder(c: Campaign) -> Result:
+    return _validate_only(c, "cannot be listed", webdataset_path="http://127.0.0.1:9/data/")
+
+
+def case_validate_only_missing_path(c: Campaign) -> Result:
+    return _validate_only(c, "effnet_checkpoint_path", "file not found",
+                          effnet_checkpoint_path=str(c.dir / "no_such_effnet.safetensors"))
+
+
+def case_validate_only_scheme(c: Campaign) -> Result:
+    return _validate_only(c, "unsupported URL scheme", webdataset_path="ftp://host/shard.tar")
+
+
+def case_validate_only_not_a_tar(c: Campaign) -> Result:
+    page = c.dir / "error-page-0000.tar"
+    page.write_text("<html>503 Service Unavailable</html>")
+    return _validate_only(c, "not a tar shard", webdataset_path=str(page))
+
+
+def case_lora_merge_strength(c: Campaign) -> Result:
+    files = _tiny_files(c)
+    return user_error(*c.run(["tools/lora_merge.py", "--base", str(files["base"]), "--lora", str(files["lora_nan"]),
+                              "--out", str(c.dir / "merged_s.safetensors"), "--strength", "inf"]), "--strength")
+
+
+def case_validate_only_placeholders(c: Campaign) -> Result:
+    code, out = c.train("vo", "--validate-only", generator_checkpoint_path="/path/to/stage_c.safetensors")
+    ok = code == 0 and "config OK" in out and "generator_checkpoint_path=/path/to/stage_c.safetensors" in out
+    return Result(ok, "config OK, placeholder listed" if ok else "not listed", code, _short(out.strip().splitlines()[-1]
+                                                                                          if out.strip() else ""))
+
+
 CASES = [
     Case("lr_inf", "config error naming lr", case_lr_inf),
     Case("lr_1e30", "config error naming lr", case_lr_1e30),
@@ -626,6 +883,26 @@ CASES = [
     Case("file_modes", "files follow the umask (0644 under 022)", case_file_modes),
     Case("missing_models_file", "error names bash models/download_models.sh", case_missing_models_file),
     Case("controlnet_no_control", "sampling error asking for --control-image", case_controlnet_no_control),
+    # round three (issue 28)
+    Case("wandb_refused", "WANDB_BASE_URL refused: one warning, offline, the run finishes", case_wandb_refused),
+    Case("wandb_no_key", "no API key: one warning naming wandb, the run finishes", case_wandb_no_key),
+    Case("metrics_restart", "restart without checkpoint: metrics.jsonl holds this run's updates only",
+         case_metrics_restart),
+    Case("lora_merge_nan", "one line naming the LoRA file and tensor, nothing written", case_lora_merge_nan),
+    Case("kohya_inconsistent_ranks", "one line: the file is inconsistent (not 'set rank')", case_kohya_ranks),
+    Case("nan_input_generator", "one line naming the input file at load (not the lr)", case_nan_generator),
+    Case("diffusers_no_config", "one line: folder without config.json refused", case_diffusers_no_config),
+    Case("diffusers_damaged_stage_c", "one line naming Stage C and the missing tensor", case_diffusers_damaged_c),
+    Case("image_folder_fifo", "one line: not a regular file (no hang)", case_image_fifo),
+    Case("heldout_corrupt", "one line naming validation_webdataset_path", case_heldout_corrupt),
+    Case("validate_only_pipe", "--validate-only refuses pipe:", case_validate_only_pipe),
+    Case("validate_only_no_data", "--validate-only: webdataset_path required", case_validate_only_no_data),
+    Case("validate_only_http_folder", "--validate-only: HTTP folder cannot be listed", case_validate_only_http_folder),
+    Case("validate_only_missing_file", "--validate-only: a missing input file named", case_validate_only_missing_path),
+    Case("validate_only_placeholders", "--validate-only: OK, placeholders listed", case_validate_only_placeholders),
+    Case("validate_only_scheme", "--validate-only: unsupported URL scheme named", case_validate_only_scheme),
+    Case("validate_only_not_a_tar", "--validate-only: a shard that is no tar named", case_validate_only_not_a_tar),
+    Case("lora_merge_strength_inf", "one line: --strength must be finite", case_lora_merge_strength),
 ]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import NoReturn
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-version", default=None,
                         help="Stage C version of --base (default: the LoRA's metadata, else recognised from the file)")
     args = parser.parse_args(argv)
+    if not math.isfinite(args.strength):  # argparse takes "nan" and "inf" as floats
+        raise UserError(f"--strength must be a finite number, got {args.strength}")
     if os.path.abspath(args.out) == os.path.abspath(args.base):
         raise UserError("--out must differ from --base (the base checkpoint is never overwritten)")
     summary = merge_files(args.base, args.lora, args.out, args.strength, args.module_filters, args.dtype,

@@ -172,7 +172,7 @@ def write_tiny_clip(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python3 tools/tiny_clip.py OUT_DIR [--text-width N ...]``; 2 on a user error."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 tools/tiny_clip.py", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--text-width", type=int, default=32)
     parser.add_argument("--vision-width", type=int, default=32)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from core.config import REQUIRED, doc
+from core.fused_backward import FusedBackwardConfig
+from core.offload import OffloadConfig
 from core.quantize import QuantConfig
 from core.errors import UserError
 from core.seeding import derive_seed
@@ -17,12 +19,14 @@ from core.training import TrainingConfig, TrainingCore
 from gdf.weighting import LossWeighting, check_loss_weighting
 from modules.common import BLOCK_TYPES
 from train.diffusion_loss import DiffusionLoss, has_buckets
+from train.masked_loss import MaskedLossConfig
+from train.noise_options import NoiseConfig, NoiseOptions
 
 log = logging.getLogger("cascade.train")
 
 
 @dataclass
-class CascadeConfig(TrainingConfig, QuantConfig):
+class CascadeConfig(TrainingConfig, QuantConfig, FusedBackwardConfig, OffloadConfig, NoiseConfig, MaskedLossConfig):
     """Keys shared by the Stage B and Stage C jobs (official names)."""
 
     config_aliases: ClassVar[dict[str, str]] = {"caption_dropout": "text_dropout"}
@@ -61,8 +65,7 @@ class CascadeConfig(TrainingConfig, QuantConfig):
             check_loss_weighting(self.loss_weighting, self.min_snr_gamma)
         except ValueError as exc:
             raise UserError(f"config keys 'loss_weighting' / 'min_snr_gamma': {exc}") from None
-        if not 0.0 <= self.text_dropout <= 1.0:
-            raise UserError(f"config key 'text_dropout' must be in [0, 1], got {self.text_dropout}")
+        self.check_fraction("text_dropout")
         self.validate_crop()
 
     def validate_crop(self) -> None:
@@ -86,6 +89,8 @@ class CascadeTrainer(TrainingCore):
 
     #: registry kind of the trained network ("stage_c" / "stage_b")
     model_kind: str = ""
+    #: registry kind of the frozen network that decodes previews ("previewer" / "stage_a")
+    preview_decoder: str = ""
     #: FSDP shards each residual/attention/timestep/feed-forward block before the root
     block_types = BLOCK_TYPES
 
@@ -95,8 +100,12 @@ class CascadeTrainer(TrainingCore):
 
     @classmethod
     def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        """``{name: (registry kind, model_version)}`` of the networks a dry run reports."""
-        return {"generator": (cls.model_kind, cfg.model_version)}
+        """``{name: (registry kind, model_version)}`` of the networks a dry run reports: the generator,
+        the EfficientNet encoder and the preview decoder."""
+        layout = {"generator": (cls.model_kind, cfg.model_version), "effnet": ("effnet", "default")}
+        if cls.preview_decoder:
+            layout[cls.preview_decoder] = (cls.preview_decoder, "default")
+        return layout
 
     @classmethod
     def describe(cls, cfg: Any) -> list[str]:
@@ -121,8 +130,11 @@ class CascadeTrainer(TrainingCore):
 
     # -- building blocks of build_models() ------------------------------------------------
     def make_gdf(self) -> Any:
-        """The GDF of the job (official presets)."""
-        raise NotImplementedError
+        """The GDF of the job: the official preset named by ``model_kind`` (``gdf.presets.stage_c`` /
+        ``stage_b``), with the adaptive loss weight when ``adaptive_loss_weight`` is set."""
+        from gdf import presets
+
+        return getattr(presets, self.model_kind)(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
 
     def setup_loss(self) -> None:
         """``self.gdf`` and ``self.loss``; an adaptive loss weight is saved with every checkpoint."""
@@ -131,7 +143,9 @@ class CascadeTrainer(TrainingCore):
             from gdf import make_loss_weight
 
             self.gdf.loss_weight = make_loss_weight(self.cfg.loss_weighting, self.cfg.min_snr_gamma)
-        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast)
+        noise = NoiseOptions(self.cfg)
+        noise.apply_offset(self.gdf)
+        self.loss = DiffusionLoss(self.gdf, self.defer, self.autocast, noise=noise)
         if has_buckets(self.gdf.loss_weight):
             self.register_state("loss_weight.pt", self.gdf.loss_weight)
 
@@ -173,7 +187,16 @@ class CascadeTrainer(TrainingCore):
 
             saliency = load_job_saliency(cfg, "cpu")  # the workers decode on the CPU
         return dict(rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed,
-                    num_workers=cfg.num_workers, saliency=saliency, image_dtype="uint8")
+                    num_workers=cfg.num_workers, saliency=saliency, image_dtype="uint8", masks=cfg.mask_mode())
+
+    def pixel_weights(self, batch: dict, latents: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per latent pixel loss weights of a batch under ``masked_loss`` (train/masked_loss.py), else None."""
+        if not self.cfg.masked_loss:
+            return None
+        from train.masked_loss import CACHE_MASK, MASK_KEY, pixel_weights
+
+        masks = batch[MASK_KEY] if MASK_KEY in batch else batch[CACHE_MASK]
+        return pixel_weights(masks.to(latents.device), tuple(latents.shape[-2:]), self.cfg.unmasked_weight)
 
     def load_effnet(self) -> nn.Module:
         """The frozen EfficientNet encoder (channels-last: ~2-3x faster convolutions, same results)."""

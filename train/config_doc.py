@@ -64,9 +64,10 @@ def render() -> str:
     from core.training import TrainingConfig, TrainingCore
 
     parts = [HEADER, "## Components (every training job)\n"]
-    for cls in (RunConfig, OptimConfig, EMAConfig, DataConfig):
+    components = (RunConfig, OptimConfig, EMAConfig, DataConfig)
+    for cls in components:
         parts.append(config_reference(cls))
-    parts.append(script_table(TrainingConfig, RunConfig, OptimConfig, EMAConfig, DataConfig))
+    parts.append(script_table(TrainingConfig, *components))
     from train.cascade import CascadeConfig
 
     parts.append("## Keys of every Stage B / Stage C job (`train/cascade.py`)\n")

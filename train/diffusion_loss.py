@@ -36,26 +36,39 @@ def repeat_inputs(inputs: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 class DiffusionLoss:
-    """``loss(model, x0, generators, epsilon=None, sample_weight=None) -> (loss, per-sample raw losses)``;
-    ``sample_weight`` (one number per sample, e.g. the regularization weight) multiplies each
-    sample's weighted loss before the batch mean."""
+    """``loss(model, x0, generators, epsilon=None, sample_weight=None, pixel_weight=None) -> (loss,
+    per-sample raw losses)``; ``sample_weight`` (one number per sample, e.g. the regularization
+    weight) multiplies each sample's weighted loss before the batch mean; ``pixel_weight`` (B, 1, h,
+    w) makes each sample's MSE a weighted mean over the latent pixels (masked loss)."""
 
     def __init__(self, gdf: Any, defer: Callable[[Callable[[], None]], None],
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-        self.gdf, self.defer, self.autocast = gdf, defer, autocast
+                 autocast: Callable[[], contextlib.AbstractContextManager], noise: Any = None) -> None:
+        # noise: train/noise_options.NoiseOptions (timestep distribution, input perturbation) or None
+        self.gdf, self.defer, self.autocast, self.noise = gdf, defer, autocast, noise
 
     def __call__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                  generators: list[torch.Generator], epsilon: Optional[torch.Tensor] = None,
-                 sample_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sample_weight: Optional[torch.Tensor] = None,
+                 pixel_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
         with torch.no_grad():
             for i, g in enumerate(generators):
                 eps_i = None if epsilon is None else epsilon[i:i + 1]
-                parts.append(self.gdf.diffuse(x0[i:i + 1], shift=1, loss_shift=1, epsilon=eps_i, generator=g))
+                t_i = None if self.noise is None else self.noise.draw_t(g, x0.device)
+                part = self.gdf.diffuse(x0[i:i + 1], shift=1, loss_shift=1, epsilon=eps_i, t=t_i, generator=g)
+                if self.noise is not None:
+                    part = (self.noise.perturb(self.gdf, part[0], part[3], g), *part[1:])
+                parts.append(part)
             noised, _eps, target, log_snr, noise_cond, loss_weight = (torch.cat(t) for t in zip(*parts))
         with self.autocast():
             pred = model(noised, noise_cond)
-        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        err = (pred.float() - target.float()).pow(2)
+        if pixel_weight is None:
+            per_sample = err.mean(dim=(1, 2, 3))
+        else:  # masked loss (train/masked_loss.py): the weighted mean over the latent pixels
+            from train.masked_loss import masked_mean
+
+            per_sample = masked_mean(err, pixel_weight)
         weighted = per_sample * loss_weight.float().view(-1)
         if sample_weight is not None:
             weighted = weighted * sample_weight.to(weighted.device, torch.float32)

@@ -123,7 +123,8 @@ def build_mixed_pipeline(cfg: Any, batch_size: int, state: Optional[dict], optio
     data_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataConfig)}
     reg_cfg = DataConfig(**{**data_keys, "webdataset_path": cfg.regularization_webdataset_path, "dataset_filters": None})
     main = build_pipeline(cfg, batch_size=batch_size - k, state=state.get("main"), **options)
-    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), **options)
+    reg = build_pipeline(reg_cfg, batch_size=k, state=state.get(REG_KEY), source_key="regularization_webdataset_path",
+                         **options)
     return MixedPipeline(main, reg)
 
 
@@ -149,7 +150,7 @@ def merge_parts(batch: dict) -> tuple[dict, int]:
     for key, value in main.items():
         other = reg.get(key)
         if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
-            if key == "images":
+            if key in ("images", "masks"):  # the loss masks (train/masked_loss.py) are cut like their images
                 other = fit_to(other, tuple(value.shape[-2:]))
             merged[key] = torch.cat([value, other.to(value.dtype)])
         elif isinstance(value, list) and isinstance(other, list):

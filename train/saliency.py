@@ -32,7 +32,9 @@ def check_saliency_file(cfg: Any, who: str) -> None:
     if path is None:
         raise UserError(f"{who} needs the saliency network: set config key 'saliency_model_path' "
                         f"(default models/saliency_model.pt; {GET_IT})")
-    if not cfg.validate_only and not os.path.isfile(path):
+    if cfg.validate_only:
+        cfg.check_file("saliency_model_path")  # recorded: --validate-only checks it
+    elif not os.path.isfile(path):
         raise UserError(f"config key 'saliency_model_path': file not found: {path} ({who} needs it); {GET_IT}")
 
 

@@ -97,14 +97,26 @@ class CacheWriter:
     def shards(self) -> list[str]:
         return self._shards.shards
 
-    def _cast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return tensors if self.dtype is None else {k: v.to(self.dtype) for k, v in tensors.items()}
+    def _cast(self, tensors: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+        """``tensors`` in the cache's dtype; UserError naming the sample and tensor when one is not
+        finite (a cache never holds a NaN: training on it would stop far from the cause)."""
+        from fileio.finite import first_nonfinite_tensor
+
+        out = tensors if self.dtype is None else {k: v.to(self.dtype) for k, v in tensors.items()}
+        bad = first_nonfinite_tensor(out)
+        if bad is not None:
+            from core.errors import UserError
+
+            raise UserError(f"cache {self.out_dir}: not written: sample '{key}': encoded tensor '{bad}' holds NaN or "
+                            f"infinite values{'' if self.dtype is None else f' as {self.dtype}'} (check that image "
+                            f"and the encoders; a float16 cache overflows beyond 65504)")
+        return out
 
     def add(self, key: str, tensors: dict[str, torch.Tensor], caption: str, meta: Optional[dict] = None) -> None:
         """Add one sample (per-sample tensors, no batch dimension)."""
         from core.data import TENSORS_EXT, encode_tensors
 
-        self._shards.add(key, {TENSORS_EXT: encode_tensors(self._cast(tensors)), "txt": caption.encode("utf-8"),
+        self._shards.add(key, {TENSORS_EXT: encode_tensors(self._cast(tensors, key)), "txt": caption.encode("utf-8"),
                                "json": json.dumps({"key": key, **(meta or {})}).encode("utf-8")})
 
     def add_batch(self, batch: dict, encoded: dict[str, torch.Tensor]) -> None:
@@ -121,7 +133,7 @@ class CacheWriter:
         from core.data import encode_tensors
 
         self._shards.close()
-        (self.out_dir / UNCOND_FILE).write_bytes(encode_tensors(self._cast(uncond)))
+        (self.out_dir / UNCOND_FILE).write_bytes(encode_tensors(self._cast(uncond, UNCOND_FILE)))
         info = {"format": FORMAT, "samples": self.count, "shards": list(self.shards), **(manifest or {})}
         tmp = self.out_dir / (MANIFEST_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")

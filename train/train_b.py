@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import doc
-from core.errors import UserError, run_cli
+from core.errors import run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
 from train.memory_specs import stage_b_spec
 
@@ -37,8 +37,7 @@ class StageBConfig(CascadeConfig):
         for key in ("effnet_checkpoint_path", "stage_a_checkpoint_path", "generator_checkpoint_path"):
             # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
             self.check_file(key, folder_ok=key == "generator_checkpoint_path")
-        if not 0.0 <= self.effnet_dropout <= 1.0:
-            raise UserError(f"config key 'effnet_dropout' must be in [0, 1], got {self.effnet_dropout}")
+        self.check_fraction("effnet_dropout")
 
 
 class StageBTrainer(CascadeTrainer):
@@ -48,20 +47,11 @@ class StageBTrainer(CascadeTrainer):
     model_kind = "stage_b"
     description = "Finetune / train Stage B (image reconstruction from Stage A latents)."
     preview_sampling = "stage_b_preview"
+    preview_decoder = "stage_a"
 
-    @classmethod
-    def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        return {"generator": ("stage_b", cfg.model_version), "effnet": ("effnet", "default"),
-                "stage_a": ("stage_a", "default")}
-
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_b_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(stage_b_spec)  # the dry run's per-rank memory estimate
 
     # -- models ---------------------------------------------------------------------------
-    def make_gdf(self) -> Any:
-        from gdf import presets
-
-        return presets.stage_b(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
-
     def build_models(self) -> None:
         from modules.conditioning import load_clip_text, load_tokenizer
         from modules.loading import load_model
@@ -125,7 +115,7 @@ class StageBTrainer(CascadeTrainer):
                 pyramid_noise(torch.randn(latents[i:i + 1].shape, generator=g).to(self.device), generator=g)
                 for i, g in enumerate(generators)])
         loss, per_sample = self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                                     epsilon=epsilon)
+                                     epsilon=epsilon, pixel_weight=self.pixel_weights(batch, latents))
         return loss, {"raw_loss": per_sample.mean()}
 
     # -- validation (core/validation.py) ----------------------------------------------------

@@ -25,14 +25,17 @@ from torch import nn
 from core.config import doc
 from core.errors import UserError, run_cli
 from train.cascade import CascadeConfig, CascadeTrainer
+from train.concepts import CONCEPT_REG_KEY, ConceptsConfig
 from train.memory_specs import stage_c_spec
+from train.preview_clip_score import PreviewClipScoreConfig
+from train.preview_prompts import PreviewPromptsConfig
 from train.regularization import (REG_KEY, RegularizationConfig, build_mixed_pipeline, regularization_count,
                                   regularized_loss)
 from train.stage_c_conditions import condition_dropout
 
 
 @dataclass
-class StageCConfig(CascadeConfig, RegularizationConfig):
+class StageCConfig(CascadeConfig, RegularizationConfig, ConceptsConfig, PreviewPromptsConfig, PreviewClipScoreConfig):
     """Keys of a Stage C job (all official keys; see docs/CONFIG.md)."""
 
     previewer_checkpoint_path: Optional[str] = doc(None, "Previewer weights; required by Stage C jobs (previews).")
@@ -61,9 +64,8 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
             self.require("previewer_checkpoint_path", why="Stage C training")
             if not self.cache_path:  # a cached run never loads the EfficientNet
                 self.require("effnet_checkpoint_path", why="Stage C training")
-        if self.cache_path and not self.validate_only and not os.path.isdir(self.cache_path):
-            raise UserError(f"config key 'cache_path': folder not found: {self.cache_path} "
-                            f"(write it with python3 tools/cache_dataset.py)")
+        if self.cache_path:
+            self.check_folder("cache_path", "write it with python3 tools/cache_dataset.py")
         for key in ("effnet_checkpoint_path", "previewer_checkpoint_path", "generator_checkpoint_path",
                     "stage_b_checkpoint_path", "stage_a_checkpoint_path"):
             # a diffusers StableCascadeUNet folder is a generator checkpoint too (modules/diffusers_format.py)
@@ -74,8 +76,7 @@ class StageCConfig(CascadeConfig, RegularizationConfig):
         if self.cache_path and self.validation_webdataset_path is not None:
             raise UserError("config key 'validation_webdataset_path' is not supported with cache_path (a cached run "
                             "loads no image encoders to encode the held-out images); remove one of them")
-        if not 0.0 <= self.image_embed_prob <= 1.0:
-            raise UserError(f"config key 'image_embed_prob' must be in [0, 1], got {self.image_embed_prob}")
+        self.check_fraction("image_embed_prob")
 
 
 class StageCTrainer(CascadeTrainer):
@@ -86,20 +87,20 @@ class StageCTrainer(CascadeTrainer):
     description = "Finetune / train Stage C (text-conditional prior)."
     #: official training-preview sampling (docs/OFFICIAL.md, Official sampling settings)
     preview_sampling = "stage_c_preview"
+    preview_decoder = "previewer"
+
+    memory_spec = staticmethod(stage_c_spec)  # the dry run's per-rank memory estimate
 
     @classmethod
-    def model_layout(cls, cfg: Any) -> dict[str, tuple[str, str]]:
-        return {"generator": ("stage_c", cfg.model_version), "effnet": ("effnet", "default"),
-                "previewer": ("previewer", "default")}
-
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: stage_c_spec(cfg, world_size))  # dry-run estimate, per rank
+    def data_sources(cls, cfg: Any) -> dict[str, Any]:
+        out = super().data_sources(cfg)
+        if cfg.cache_path:  # the cache replaces the images (its folder is an input path)
+            out.pop("webdataset_path")
+        if cfg.regularization_webdataset_path is not None:
+            out["regularization_webdataset_path"] = cfg.regularization_webdataset_path
+        return out
 
     # -- models ---------------------------------------------------------------------------
-    def make_gdf(self) -> Any:
-        from gdf import presets
-
-        return presets.stage_c(adaptive_loss_weight=self.cfg.adaptive_loss_weight)
-
     def build_models(self) -> None:
         self.setup_loss()
         self.build_generator()  # first: a wrong checkpoint fails before the big loads
@@ -145,13 +146,21 @@ class StageCTrainer(CascadeTrainer):
         return load_model("stage_b", version, path, dtype=self.frozen_dtype, device=self.device)
 
     def build_pipeline(self, batch_size: int, state: Optional[dict]) -> Any:
+        if self.cfg.concepts is not None:  # train/concepts.py
+            from train.concepts import build_concept_pipeline
+
+            return build_concept_pipeline(self.cfg, batch_size, self.dist.world_size, state,
+                                          self.image_pipeline_options())
         if self.cfg.regularization_webdataset_path is not None:  # train/regularization.py
             return build_mixed_pipeline(self.cfg, batch_size, state, self.image_pipeline_options())
         if not self.cfg.cache_path:
             return super().build_pipeline(batch_size, state)
-        from train.stage_c_cache import build_cache_pipeline
+        from train.stage_c_cache import build_cache_pipeline, read_manifest
 
         cfg = self.cfg
+        if cfg.masked_loss and not read_manifest(cfg.cache_path).get("masks"):
+            raise UserError(f"config key 'masked_loss': the cache in {cfg.cache_path} holds no masks; write it again "
+                            f"with masked_loss: true in the config of tools/cache_dataset.py")
         return build_cache_pipeline(cfg.cache_path, batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
                                     seed=cfg.seed, num_workers=cfg.num_workers, state=state,
                                     shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict)
@@ -221,6 +230,10 @@ class StageCTrainer(CascadeTrainer):
         generators = self.sample_generators(n)
         if REG_KEY in batch:
             return regularized_loss(self.part_loss, batch, generators, self.cfg.regularization_weight)
+        if batch.get(CONCEPT_REG_KEY):  # a regularization concept's micro-batch (train/concepts.py)
+            weight = torch.full((n,), float(self.cfg.regularization_weight))
+            loss, per_sample = self.part_loss(batch, generators, sample_weight=weight)
+            return loss, {"raw_loss": per_sample.mean(), "reg_raw_loss": per_sample.mean()}
         loss, per_sample = self.part_loss(batch, generators)
         return loss, {"raw_loss": per_sample.mean()}
 
@@ -231,7 +244,7 @@ class StageCTrainer(CascadeTrainer):
             conditions, latents = self.conditions_and_latents(batch, generators)
         conditions.update(self.extra_model_inputs(batch, conditions))
         return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                         sample_weight=sample_weight)
+                         sample_weight=sample_weight, pixel_weight=self.pixel_weights(batch, latents))
 
     # -- validation (core/validation.py) ----------------------------------------------------
     def validation_losses(self, sample: dict, t: torch.Tensor, generator: torch.Generator,
@@ -256,25 +269,23 @@ class StageCTrainer(CascadeTrainer):
 
     # -- previews ---------------------------------------------------------------------------
     def sample_latents(self, model: nn.Module, conditions: dict, unconditions: dict,
-                       shape: tuple[int, ...]) -> torch.Tensor:
-        """A Stage C sample with the official preview settings, through inference's sampler."""
+                       shape: tuple[int, ...], steps: Optional[int] = None, cfg: Optional[float] = None,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A Stage C sample with the official preview settings (``steps`` / ``cfg`` replace theirs),
+        through inference's sampler."""
         from inference.sampling import from_preset, run_sampler
 
-        return run_sampler(model, self.gdf, conditions, unconditions, shape, from_preset(self.preview_sampling),
-                           generator=self.preview_generator, device=self.device, autocast=self.autocast())
+        settings = from_preset(self.preview_sampling).replace(timesteps=steps, cfg=cfg)
+        return run_sampler(model, self.gdf, conditions, unconditions, shape, settings,
+                           generator=generator or self.preview_generator, device=self.device, autocast=self.autocast())
 
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
-        if "latents" in batch:  # cached run: no text encoder for the preview prompts; use the cached captions
-            cond, uncond = self.cached_preview_conditions(batch)
-            reference = batch["latents"].to(self.device).float()
-            n, (h, w) = len(reference), (reference.shape[-2] * 32, reference.shape[-1] * 32)
-        else:
-            n = self.cfg.num_preview_images
-            prompts = [self.cfg.preview_prompts[i % len(self.cfg.preview_prompts)] for i in range(n)]
-            cond = self.get_conditions({"captions": prompts}, is_eval=True)
-            uncond = self.get_conditions({"captions": prompts}, is_eval=True, is_unconditional=True)
-            h, w = batch["images"].shape[-2:]
-            reference = self.encode_latents(batch["images"].to(self.device))
+        if "latents" not in batch:
+            return self.prompt_previews(batch)
+        # cached run: no text encoder for the preview prompts; use the cached captions
+        cond, uncond = self.cached_preview_conditions(batch)
+        reference = batch["latents"].to(self.device).float()
+        n, (h, w) = len(reference), (reference.shape[-2] * 32, reference.shape[-1] * 32)
         shape = (n, 16, max(1, h // 32), max(1, w // 32))
         # What the Previewer makes of the real latents of the preview images: the best a sample can look.
         grids = {"reference": self.previewer(reference).float()}
@@ -284,6 +295,43 @@ class StageCTrainer(CascadeTrainer):
             if self.stage_b is not None:
                 grids[f"{name}_full"] = self.decode_full(latents, cond["clip_text_pooled"],
                                                          uncond["clip_text_pooled"], (h, w))
+        return grids
+
+    def preview_metrics(self, grids: dict[str, torch.Tensor]) -> dict[str, float]:
+        """CLIP scores of the sampled grids against their prompts (``preview_clip_score``)."""
+        from train.preview_clip_score import preview_clip_metrics
+
+        return preview_clip_metrics(self, grids)
+
+    def prompt_previews(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Samples of the preview prompts (train/preview_prompts.py: per-prompt size, steps, CFG, seed,
+        negative prompt); ``self.preview_prompt_list`` keeps the prompts in grid order (CLIP score)."""
+        from train.preview_prompts import preview_specs, spec_groups
+
+        if getattr(self, "_preview_specs", None) is None:  # read once: a file edited mid-run cannot break it
+            self._preview_specs = preview_specs(self.cfg)
+        specs = self._preview_specs
+        self.preview_prompt_list = [s.prompt for s in specs]
+        h, w = batch["images"].shape[-2:]
+        grids = {"reference": self.previewer(self.encode_latents(batch["images"].to(self.device))).float()}
+        for name, model in self.preview_models().items():
+            parts: dict[str, list] = {}
+            for idx in spec_groups(specs):
+                spec = specs[idx[0]]
+                hh, ww = spec.height or h, spec.width or w
+                cond = self.get_conditions({"captions": [specs[i].prompt for i in idx]}, is_eval=True)
+                uncond = self.get_conditions({"captions": [spec.negative or ""] * len(idx)}, is_eval=True)
+                generator = None
+                if spec.seed is not None:
+                    generator = torch.Generator(self.preview_generator.device).manual_seed(spec.seed)
+                latents = self.sample_latents(model, cond, uncond, (len(idx), 16, max(1, hh // 32), max(1, ww // 32)),
+                                              steps=spec.steps, cfg=spec.cfg, generator=generator)
+                parts.setdefault(name, []).append((idx, self.previewer(latents).float().clamp(0, 1)))
+                if self.stage_b is not None:
+                    full = self.decode_full(latents, cond["clip_text_pooled"], uncond["clip_text_pooled"], (hh, ww))
+                    parts.setdefault(f"{name}_full", []).append((idx, full))
+            for key, pieces in parts.items():
+                grids[key] = _in_order(pieces, len(specs))
         return grids
 
     def cached_preview_conditions(self, batch: dict) -> tuple[dict, dict]:
@@ -308,6 +356,20 @@ class StageCTrainer(CascadeTrainer):
         x0 = run_sampler(self.stage_b, presets.stage_b(), cond, uncond, shape, STAGE_B_INFERENCE,
                          generator=self.preview_generator, device=self.device, autocast=self.autocast())
         return decode_stage_a(self.stage_a, x0)
+
+
+def _in_order(pieces: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    """Images of the prompt groups back in prompt order, all resized to the first prompt's size."""
+    import torch.nn.functional as F
+
+    size = next(images for idx, images in pieces if 0 in idx).shape[-2:]
+    out: list[Optional[torch.Tensor]] = [None] * n
+    for idx, images in pieces:
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        for j, i in enumerate(idx):
+            out[i] = images[j]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def main() -> NoReturn:

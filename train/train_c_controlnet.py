@@ -44,7 +44,6 @@ class ControlNetConfig(StageCConfig):
     controlnet_filter_params: Optional[dict] = doc(None, "Keyword arguments of the filter (e.g. {resize: 224}).")
     controlnet_bottleneck_mode: Optional[str] = doc(None, "ControlNet backbone: effnet (default), simple or large.")
     controlnet_checkpoint_path: Optional[str] = doc(None, "ControlNet weights to start from (official layout).")
-    offset_noise: Optional[float] = doc(None, "GDF offset-noise strength (None = 0; official 0.1 for inpainting and SR).")
     control_image_key: Optional[str] = doc(None, "Read pre-computed control images from this sample file (e.g. "
                                                  "'control.png') instead of running the filter; needs crop: center. "
                                                  "The filter still fixes the channel count (1 = grey, 3 = RGB).")
@@ -64,8 +63,6 @@ class ControlNetConfig(StageCConfig):
         if self.controlnet_bottleneck_mode not in (None, *BOTTLENECK_MODES):
             raise UserError(f"config key 'controlnet_bottleneck_mode' must be one of {list(BOTTLENECK_MODES)} or null, "
                             f"got {self.controlnet_bottleneck_mode!r}")
-        if self.offset_noise is not None and not 0.0 <= self.offset_noise < 1.0:
-            raise UserError(f"config key 'offset_noise' must be in [0, 1), got {self.offset_noise}")
         self.check_file("controlnet_checkpoint_path")
         if self.cache_path:
             raise UserError("config key 'cache_path' is not supported for ControlNet training: the control input is "
@@ -108,16 +105,16 @@ class StageCControlNetTrainer(StageCTrainer):
             "# ControlNet", f"{cfg.controlnet_filter} (c_in {c_in}), {net.bottleneck_mode} backbone, c_proj {c_proj}, "
                             f"blocks {list(cfg.controlnet_blocks)}: {n:,} parameters"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: controlnet_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(controlnet_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def make_gdf(self) -> Any:
         from gdf import presets
 
-        offset = float(self.cfg.offset_noise or 0.0)
+        # offset_noise: set on the GDF by setup_loss (train/noise_options.py), as for every job
         if self.cfg.adaptive_loss_weight:
-            return presets.stage_c(adaptive_loss_weight=True, offset_noise=offset)
-        return presets.controlnet(offset)
+            return presets.stage_c(adaptive_loss_weight=True)
+        return presets.controlnet()
 
     def build_generator(self) -> None:
         """Stage C is frozen (eval, no grad, frozen dtype); the ControlNet's gradients still flow
@@ -250,6 +247,7 @@ class StageCControlNetTrainer(StageCTrainer):
         n = len(control)
         images = batch["images"][:n]
         captions = list(batch["captions"][:n])
+        self.preview_prompt_list = captions  # what the CLIP score compares the samples with
         cond = self.get_conditions({"captions": captions}, is_eval=True)
         uncond = self.get_conditions({"captions": captions}, is_eval=True, is_unconditional=True)
         h, w = images.shape[-2:]

@@ -111,7 +111,7 @@ class StageCLoraTrainer(StageCTrainer):
                       f"{n:,} {'DoRA' if cfg.lora_type == 'dora' else 'LoRA'} parameters; "
                       f"train_tokens: {cfg.train_tokens or []}"]
 
-    memory_spec = classmethod(lambda cls, cfg, world_size=1: lora_spec(cfg, world_size))  # dry-run estimate, per rank
+    memory_spec = staticmethod(lora_spec)  # the dry run's per-rank memory estimate
 
     # -- models -------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -190,7 +190,7 @@ class StageCLoraTrainer(StageCTrainer):
         with torch.no_grad():
             latents = self.encode_latents(images)
         return self.loss(lambda x, r: self.generator(x, r, **conditions), latents, generators,
-                         sample_weight=sample_weight)
+                         sample_weight=sample_weight, pixel_weight=self.pixel_weights(batch, latents))
 
     # -- files --------------------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,3 +11,14 @@ class DataError(Exception):
 
 class ShardMissing(DataError):
     """A shard (local file or S3 key) does not exist; skipped and reported unless ``strict``."""
+
+
+def for_key(exc: DataError, key: str) -> DataError:
+    """``exc`` re-worded for the config key that named the data (``validation_webdataset_path``,
+    ``regularization_webdataset_path``, ...): the source layer only knows it reads "webdataset_path"."""
+    if key == "webdataset_path":
+        return exc
+    text = str(exc).replace("webdataset_path", key)
+    if not text.startswith(key):
+        text = f"{key}: {text}"
+    return type(exc)(text) if type(exc) in (DataError, ShardMissing) else DataError(text)

@@ -13,7 +13,8 @@ and exact resume (byte offsets in the virtual stream) are the tar path's, unchan
   ``_`` (as ``make_shards`` does: webdataset keys end at the first dot): ``sub/0001.v2.jpg`` is
   key ``sub/0001_v2``, extension ``jpg``.
 * Files taken: the image extensions of ``images.IMAGE_EXTS`` (``.jpeg`` read as ``jpg``), ``.txt``
-  and ``.json``, case-insensitive; hidden files and folders (leading ``.``) and other files are
+  and ``.json``, case-insensitive; ``name.mask.png`` (any image extension) is the loss mask of
+  sample ``name`` (member ``name.mask.png``, as in a tar shard); hidden files and folders (leading ``.``) and other files are
   ignored. Linked sub-folders are followed, except links back into the folders being scanned
   (loops). An unlistable sub-folder is a DataError. A stem with a caption or json but no image is a sample too, so the pipeline reports
   it (``missing_image``, with its key) instead of dropping it silently.
@@ -25,9 +26,11 @@ and exact resume (byte offsets in the virtual stream) are the tar path's, unchan
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import os
 import re
+import stat
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -95,6 +98,8 @@ def list_folder(folder: str) -> Listing:
             if not dot or not stem or fn.startswith(".") or ext not in _EXTS:
                 continue
             ext = "jpg" if ext == "jpeg" else ext
+            if stem.lower().endswith(".mask") and ext in IMAGE_EXTS and len(stem) > 5:
+                stem, ext = stem[:-5], f"mask.{ext}"  # name.mask.png: the loss mask of sample `name`
             path = os.path.join(root, fn)
             rel = os.path.relpath(os.path.join(root, stem), folder)
             key = rel.replace(os.sep, "/").replace(".", "_")
@@ -103,11 +108,17 @@ def list_folder(folder: str) -> Listing:
                 raise DataError(f"webdataset_path: image folder {folder}: {group[ext][0]} and {path} "
                                 f"both give sample {key!r} a .{ext} file; rename one")
             try:
-                size = os.stat(path).st_size
+                st = os.stat(path)
             except OSError as e:
                 raise DataError(f"webdataset_path: image folder {folder}: cannot read {path}: "
                                 f"{e.strerror}") from None
-            group[ext] = (path, size)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever, a device read without end
+                raise DataError(f"webdataset_path: image folder {folder}: {path} is not a regular file; "
+                                f"remove it or replace it with the image")
+            if not os.access(path, os.R_OK):  # found now, not after minutes of training
+                raise DataError(f"webdataset_path: image folder {folder}: cannot read {path}: "
+                                f"{os.strerror(errno.EACCES)}")
+            group[ext] = (path, st.st_size)
     if not groups:
         raise DataError(f"webdataset_path: directory {folder} holds no .tar shards and no images "
                         f"({', '.join('.' + e for e in IMAGE_EXTS)})")
@@ -191,8 +202,12 @@ class ChunkReader:
             try:
                 f = open(path, "rb")
             except OSError as e:
-                raise DataError(f"webdataset_path: image folder {self.folder}: cannot read {rel} "
-                                f"({e.strerror}); do not edit a dataset folder during a run") from None
+                if e.errno == errno.ENOENT:
+                    raise DataError(f"webdataset_path: image folder {self.folder}: {rel} was removed since the "
+                                    f"folder was listed; do not edit a dataset folder during a run") from None
+                # the real reason (permissions, I/O error, a folder where the file was): not an edit
+                raise DataError(f"webdataset_path: image folder {self.folder}: cannot read {rel}: "
+                                f"{e.strerror or e}") from None
             now = os.fstat(f.fileno()).st_size
             if now != size:
                 f.close()

@@ -71,6 +71,14 @@ def image_ext(files: dict[str, bytes]) -> str | None:
     return None
 
 
+def mask_member(files: dict[str, bytes]) -> bytes | None:
+    """The sample's ``KEY.mask.<image ext>`` member (its loss mask), or None."""
+    for ext in IMAGE_EXTS:
+        if f"mask.{ext}" in files:
+            return files[f"mask.{ext}"]
+    return None
+
+
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
@@ -133,6 +141,66 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def crop_window(H: int, W: int, bucket: tuple[int, int], crop: str,
+                rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``(th, tw, top, left)``: the resized size of an ``H`` x ``W`` image (shorter side by the
+    official rule, never below the bucket) and the crop window's corner in it (None for ``smart``,
+    whose window comes from the saliency map). Random offsets are two draws of ``rng`` (top, left)."""
+    short = resize_shorter_side(H, W, bucket)
+    th, tw = resized_hw(H, W, short)
+    # float rounding in int(s * long / short) must never leave the image smaller than the bucket
+    th, tw = max(th, bucket[0]), max(tw, bucket[1])
+    h, w = bucket
+    if crop == "smart":
+        return th, tw, None, None  # type: ignore[return-value]
+    if crop == "center":
+        return th, tw, (th - h) // 2, (tw - w) // 2
+    return th, tw, int(rng.integers(0, th - h + 1)), int(rng.integers(0, tw - w + 1))
+
+
+def _window(im: Image.Image, th: int, tw: int, top: int, left: int, bucket: tuple[int, int]) -> np.ndarray:
+    """The ``bucket`` window at (top, left) of ``im`` resized to (th, tw), as an array."""
+    h, w = bucket
+    if im.size == (tw, th):
+        return np.asarray(im.crop((left, top, left + w, top + h)))
+    # Resize only the crop window: ``box`` is the window in source pixels and PIL still reads the
+    # pixels around it for the filter support, so this equals resize-then-crop without resizing the
+    # discarded part. PIL's bilinear filter widens its support when shrinking (the antialiased
+    # bilinear of the spec) and runs single-threaded in C, outside torch's thread pool.
+    sx, sy = im.size[0] / tw, im.size[1] / th
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return np.asarray(im.resize((w, h), Image.BILINEAR, box=box))
+
+
+def mask_to_bucket(image: bytes, mask: bytes | None, bucket: tuple[int, int], crop: str,
+                   rng: np.random.Generator) -> np.ndarray | None:
+    """The loss mask of a sample, cut like its image: uint8 (1, h, w) (255 = train here), or None
+    when the sample has none. From ``mask`` (the ``KEY.mask.png`` bytes, any mode: its grey level;
+    resized to the image's size when it differs) or else the image's alpha channel. ``rng`` must
+    be a fresh copy of the image's crop generator (same draws, same window)."""
+    try:
+        with _open(image) as im:
+            W, H = im.size
+            if mask is None:
+                if im.mode not in _ALPHA_MODES and "transparency" not in im.info:
+                    return None
+                m = im.convert("RGBA").getchannel("A")
+            else:
+                with _open(mask) as mim:
+                    m = mim.convert("L")
+                    m.load()
+            if m.size != (W, H):
+                m = m.resize((W, H), Image.BILINEAR)
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadImage(f"mask: {type(e).__name__}: {e}") from None
+    if crop == "smart":
+        raise BadImage("masks do not combine with crop: smart")
+    th, tw, top, left = crop_window(H, W, bucket, crop, rng)
+    return _window(m, th, tw, top, left, bucket)[None]
+
+
 def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
                    rng: np.random.Generator, max_pixels: int | None = None,
                    saliency: Any = None) -> np.ndarray:
@@ -148,35 +216,15 @@ def load_to_bucket(data: bytes, bucket: tuple[int, int], crop: str,
         with _open(data) as im:
             W, H = im.size
             _check_size(W, H, max_pixels)
-            short = resize_shorter_side(H, W, bucket)
-            th, tw = resized_hw(H, W, short)
-            # float rounding in int(s * long / short) must never leave the image smaller than the bucket
-            th, tw = max(th, bucket[0]), max(tw, bucket[1])
+            th, tw, top, left = crop_window(H, W, bucket, crop, rng)
             if im.format == "JPEG":
                 # Largest DCT reduction that keeps both sides >= the target.
                 im.draft("RGB", (tw, th))
             im = to_rgb(im)
-            h, w = bucket
             if crop == "smart":  # the whole resized image: the crop is chosen from its saliency
                 arr = np.asarray(im if im.size == (tw, th) else im.resize((tw, th), Image.BILINEAR))
-            elif crop == "center":
-                top, left = (th - h) // 2, (tw - w) // 2
             else:
-                top = int(rng.integers(0, th - h + 1))
-                left = int(rng.integers(0, tw - w + 1))
-            if crop == "smart":
-                pass
-            elif im.size == (tw, th):
-                arr = np.asarray(im.crop((left, top, left + w, top + h)))
-            else:
-                # Resize only the crop window: ``box`` is the window in source pixels and PIL
-                # still reads the pixels around it for the filter support, so this equals
-                # resize-then-crop without resizing the discarded part. PIL's bilinear filter
-                # widens its support when shrinking (the antialiased bilinear of the spec) and
-                # runs single-threaded in C, outside torch's thread pool.
-                sx, sy = im.size[0] / tw, im.size[1] / th
-                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-                arr = np.asarray(im.resize((w, h), Image.BILINEAR, box=box))
+                arr = _window(im, th, tw, top, left, bucket)
     except BadImage:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data

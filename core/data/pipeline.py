@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .captions import make_caption_getter
 from .config import DataConfig
 from .device import batch_images_to_float
-from .errors import DataError
+from .errors import DataError, for_key
 from .filters import parse_filters
 from .plan import ShardPlan
 from .signals import blocked_while_starting, ignore_in_worker
@@ -87,7 +87,10 @@ class DataPipeline:
                  seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                  transform_size: int | None = None, sample_format: str = "image",
                  partial_batches: bool = False, saliency: Any = None,
-                 image_dtype: str = "float32"):
+                 image_dtype: str = "float32", source_key: str = "webdataset_path",
+                 masks: str | None = None):
+        #: the config key that named this data: every error says which data set it is about
+        self.source_key = source_key
         # explicit: a composed config class (TrainingConfig) may define its own validate()
         DataConfig.validate(cfg)
         if sample_format not in SAMPLE_FORMATS:
@@ -95,6 +98,8 @@ class DataPipeline:
         if image_dtype not in IMAGE_DTYPES:
             raise DataError(f"image_dtype: expected one of {list(IMAGE_DTYPES)}, got {image_dtype!r}")
         self.image_dtype = image_dtype
+        if masks not in (None, "full", "error"):
+            raise DataError(f"masks: expected None, 'full' or 'error', got {masks!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size: the per-rank batch size must be an integer >= 1, got {batch_size!r}")
         if not (0 <= rank < world_size):
@@ -103,7 +108,10 @@ class DataPipeline:
         self.batch_size = batch_size
         self.num_workers = cfg.num_workers if num_workers is None else int(num_workers)
         self.workers = max(1, self.num_workers)
-        named = expand_named_sources(cfg.webdataset_path)
+        try:
+            named = expand_named_sources(cfg.webdataset_path)
+        except DataError as exc:
+            raise for_key(exc, source_key) from None
         urls, names = [u for u, _ in named], [n for _, n in named]
         plan = ShardPlan(urls, seed, rank, world_size, self.workers, cfg.resampled, names)
         if plan.split_by_sample:
@@ -111,12 +119,16 @@ class DataPipeline:
                         "shard and keeps 1/%d of the samples; write more shards to avoid re-reading",
                         len(urls), world_size, self.workers, plan.total_workers)
         crop = resolve_crop(cfg.crop, cfg.multi_aspect_ratio, saliency)
+        if masks is not None and sample_format == "image" and crop == "smart":
+            raise DataError("loss masks do not combine with crop: smart (the mask must be cut like the image); "
+                            "use crop: random or center")
         self.spec = StreamSpec(
             plan=plan, batch_size=batch_size, table=cfg.bucket_table(transform_size), crop=crop, saliency=saliency,
             filters=parse_filters(cfg.dataset_filters),
             captions=make_caption_getter(cfg.captions_getter, cfg.caption_key, cfg.tag_options()),
             shuffle_buffer=cfg.shuffle_buffer, strict=cfg.strict, sample_format=sample_format,
-            max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches), image_dtype=image_dtype)
+            max_pixels=cfg.max_image_pixels, partial_batches=bool(partial_batches), image_dtype=image_dtype,
+            masks=masks if sample_format == "image" else None)
         bits: tuple = (seed, rank, world_size, self.workers, cfg.resampled, cfg.shuffle_buffer)
         if sample_format != "image":  # image fingerprints stay what they were (saved states remain valid)
             bits += (sample_format,)
@@ -188,6 +200,12 @@ class DataPipeline:
         return self
 
     def __next__(self) -> dict:
+        try:
+            return self._next_batch()
+        except DataError as exc:
+            raise for_key(exc, self.source_key) from None
+
+    def _next_batch(self) -> dict:
         if self._closed:
             raise DataError("data pipeline is closed")
         while True:
@@ -217,6 +235,7 @@ class DataPipeline:
         batch; other entries unchanged. Float batches pass through unchanged (not moved)."""
         if self.image_dtype == "uint8":
             batch_images_to_float(batch, "images", device)
+        batch_images_to_float(batch, "masks", device)  # always uint8 from the workers
         return batch
 
     def _epoch_end(self, epoch: int, worker: int, counts: list[int]) -> None:
@@ -312,7 +331,8 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
                    seed: int = 0, num_workers: int | None = None, state: dict | None = None,
                    transform_size: int | None = None, sample_format: str = "image",
                    partial_batches: bool = False, saliency: Any = None,
-                   image_dtype: str = "float32") -> DataPipeline:
+                   image_dtype: str = "float32", source_key: str = "webdataset_path",
+                   masks: str | None = None) -> DataPipeline:
     """Build the data pipeline of one rank.
 
     ``cfg`` is a ``DataConfig``, or just the ``webdataset_path`` (a path/URL or a list of them:
@@ -331,12 +351,17 @@ def build_pipeline(cfg: Source, batch_size: int, rank: int = 0, world_size: int 
     ``image_dtype='uint8'``: the workers send uint8 images (no float conversion in the workers, a
     quarter of the bytes between processes and to the device); ``DataPipeline.to_device`` then
     converts them on the training device to the same float32 values.
+    ``source_key``: the config key that named the data (``validation_webdataset_path``, ...); its
+    errors name it instead of ``webdataset_path``.
+    ``masks``: also read each sample's loss mask (``KEY.mask.png``, else the image's alpha channel),
+    cropped and bucketed with the image, as ``masks`` uint8 (B, 1, h, w) (255 = full weight);
+    ``"full"``: a sample without one gets a full mask, ``"error"``: it stops the run (DataError).
     """
     if not isinstance(cfg, DataConfig):
         path = os.fspath(cfg) if isinstance(cfg, os.PathLike) else cfg
         cfg = DataConfig(webdataset_path=path if isinstance(path, str) else [os.fspath(p) for p in path])
     return DataPipeline(cfg, batch_size, rank, world_size, seed, num_workers, state, transform_size,
-                        sample_format, partial_batches, saliency, image_dtype)
+                        sample_format, partial_batches, saliency, image_dtype, source_key, masks)
 
 
 def resolve_crop(crop: str, multi_aspect_ratio: Any, saliency: Any) -> str:

@@ -2,7 +2,7 @@
 
 Slurm delivers a job step's signals (SIGTERM at the time limit or on preemption, SIGUSR1 with
 ``--signal``) to every process of the step, and Ctrl-C sends SIGINT to the terminal's whole
-process group: the DataLoader workers receive them too. The main process decides what such a
+process group (and SIGUSR2, sample/save now: core/triggers.py): the DataLoader workers receive them too. The main process decides what such a
 signal means (the training loop finishes the update, saves and exits); a worker must neither die
 of one (the main process would then fail with "DataLoader worker ... is killed by signal" before
 it saves) nor print a traceback. DataLoader's own worker set-up lets a worker die of any SIGTERM
@@ -27,7 +27,7 @@ __all__ = ["WORKER_IGNORED", "blocked_while_starting", "ignore_in_worker"]
 
 #: the signals a DataLoader worker ignores (those of them the platform has)
 WORKER_IGNORED: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT") if hasattr(signal, name))
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import BinaryIO
 
 import braceexpand
@@ -82,6 +83,10 @@ def _expand_entry(entry: str, depth: int, position: list[int] | None = None) -> 
     if entry.startswith("pipe:"):
         raise DataError(f"webdataset_path: {entry!r}: shell pipes are not supported; give s3:// "
                         f"URLs (read through boto3) or local paths")
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", entry)
+    if scheme and scheme.group(1).lower() not in ("file", "s3", "http", "https"):
+        raise DataError(f"webdataset_path: {entry!r}: unsupported URL scheme '{scheme.group(1)}://'; give local "
+                        f"paths, s3:// or http(s):// URLs")
     if entry.startswith("file://"):
         entry = entry[len("file://"):]
     elif entry.startswith("file:"):

@@ -45,7 +45,8 @@ from .buckets import BucketTable
 from .captions import CaptionGetter, MissingCaption
 from .errors import DataError, ShardMissing
 from .filters import FilterRule
-from .images import DEFAULT_MAX_PIXELS, BadImage, ImageTooLarge, image_ext, load_to_bucket, probe_size
+from .images import (DEFAULT_MAX_PIXELS, BadImage, ImageTooLarge, image_ext, load_to_bucket, mask_member, mask_to_bucket,
+                     probe_size)
 from .plan import ShardPlan
 from .sources import open_shard
 from .stats import Stats
@@ -79,6 +80,7 @@ class StreamSpec:
     partial_batches: bool = False  # flush partial buckets at an epoch end (one-pass readers only)
     saliency: Any = None           # saliency function of crop 'smart' (smartcrop.py)
     image_dtype: str = "float32"   # one of IMAGE_DTYPES: the dtype of the ``images`` batches
+    masks: str | None = None       # loss masks: None (not read), "full" or "error" for a sample without one
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Entry:
     caption: str
     meta: dict | None
     seed: int
+    mask: bytes | None = None       # the KEY.mask.* member (masks on)
 
 
 @dataclass
@@ -292,7 +295,8 @@ class WorkerStream:
             bucket = spec.table.choose(h, w, _rng(seed, _S_BUCKET))
         self.buckets.setdefault(bucket, []).append(Entry(
             ref=[epoch, pos.seq, s.offset], url=url, key=s.key, data=s.files[ext], caption=caption,
-            meta=meta if isinstance(meta, dict) else None, seed=seed))
+            meta=meta if isinstance(meta, dict) else None, seed=seed,
+            mask=mask_member(s.files) if spec.masks else None))
         return bucket
 
     def _decode(self, e: Entry, bucket: tuple) -> object:
@@ -302,8 +306,18 @@ class WorkerStream:
             if sorted((k, tuple(v.shape)) for k, v in got.items()) != [(n, shape) for n, _d, shape in bucket]:
                 raise BadTensors("decoded tensors differ from the header's names/shapes")
             return got
-        return load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP), self.spec.max_pixels,
-                              self.spec.saliency)
+        image = load_to_bucket(e.data, bucket, self.spec.crop, _rng(e.seed, _S_CROP), self.spec.max_pixels,
+                               self.spec.saliency)
+        if not self.spec.masks:
+            return image
+        # the same crop draws as the image's (a fresh generator of the same seed): the same window
+        mask = mask_to_bucket(e.data, e.mask, bucket, self.spec.crop, _rng(e.seed, _S_CROP))
+        if mask is None:
+            if self.spec.masks == "error":
+                raise DataError(f"sample {e.key} in {e.url} has no mask (no {e.key}.mask.png and no alpha channel); "
+                                f"add one, or set masked_loss_missing: full to train it at full weight")
+            mask = np.full((1, *bucket), 255, dtype=np.uint8)
+        return image, mask
 
     def _make_batch(self, bucket: tuple, flush: bool) -> dict | None:
         """Decode the bucket's first ``batch_size`` entries; None if bad samples left it short."""
@@ -335,7 +349,14 @@ class WorkerStream:
         self.stats.buckets[label] += len(good)
         self.stats.samples += len(good)
         self.counts[_PRODUCED] += len(good)
+        masks = None
+        if self.spec.masks and not self.tensors:
+            images, masks = [i for i, _ in images], [m for _, m in images]
         data = self._stack_tensors(bucket, images) if self.tensors else {"images": self._stack_images(bucket, images)}
+        if masks is not None:  # uint8 (B, 1, h, w), 255 = full weight; the consumer converts like the images
+            data["masks"] = out = self._empty((len(masks), 1, *bucket), torch.uint8)
+            for i, m in enumerate(masks):
+                out.numpy()[i] = m
         data.update(captions=[e.caption for e in good], keys=[e.key for e in good],
                     urls=[e.url for e in good], json=[e.meta for e in good],
                     sample_epochs=[e.ref[0] for e in good])
