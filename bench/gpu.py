@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 # the step itself (one code path for the GPU run and the simulation)
-from train.bench_step import (Row, _encode, build_encoders, build_trained,  # noqa: F401
+from train.bench_step import (Row, build_encoders, build_trained,  # noqa: F401
                               controlnet_kwargs, make_optimizer, preset_rows, trained_loss, train_forward,
                               training_step)
 

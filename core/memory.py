@@ -333,9 +333,9 @@ def _shard(p: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def _nbytes(t: torch.Tensor) -> int:
     """Bytes ``t`` stores: a quantised weight (a wrapper subclass) by its codes and scales."""
-    from core.memsim import _inner_tensors
+    from core.memsim import stored_tensors
 
-    return sum(x.numel() * x.element_size() for x in _inner_tensors(t))
+    return sum(x.numel() * x.element_size() for x in stored_tensors(t))
 
 
 def _fsdp_gather_bytes(roots: Sequence[nn.Module], unit_types: tuple[type, ...], trainable_ids: set[int],

@@ -473,19 +473,19 @@ class SimJob:
     warmup: Optional[Callable[[Phases], None]] = None
 
 
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data (a quantised weight's codes and scales)."""
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is None or _owns_storage(t):
         return [t]
     names, _meta = t.__tensor_flatten__()
-    return [x for n in names for x in _inner_tensors(getattr(t, n))]
+    return [x for n in names for x in stored_tensors(getattr(t, n))]
 
 
 def _tag_state(counter: LiveMemory, job: SimJob) -> None:
     for m in job.modules:
         for t in list(m.parameters()) + list(m.buffers()):
-            for inner in _inner_tensors(t):
+            for inner in stored_tensors(t):
                 counter.tag(inner, "weights")
     if job.optimizer is not None:
         for state in job.optimizer.state.values():
@@ -563,5 +563,5 @@ def format_result(r: SimResult) -> str:
     return f"simulated peak {r.peak_gib:.2f} GiB in {r.peak_phase} ({parts})"
 
 
-__all__ = ["fake_materialize", "gpu_decisions", "LiveMemory", "simulate", "SimJob", "SimResult", "Phases", "mark_host",
+__all__ = ["fake_materialize", "stored_tensors", "gpu_decisions", "LiveMemory", "simulate", "SimJob", "SimResult", "Phases", "mark_host",
            "active_counter", "optimizer_warmup", "format_result", "CUDA_AUTOCAST", "CATEGORIES", "GIB"]
