@@ -3,7 +3,7 @@ tensors), and the simulated peak on fake tensors equals the peak counted on real
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Callable
 from unittest import mock
 
 import pytest

@@ -50,7 +50,7 @@ class Row:
     mode: str = "full"              # "full" | "lora" | "controlnet"
     batch: int = 4
     image_size: int = 1024
-    checkpointing: bool = False
+    checkpointing: Union[bool, int] = False  # the dial: true | N (every N-th block)
     weight_dtype: str = "float32"   # the trained network's storage dtype (full finetunes)
     optimizer: str = "adamw"
     stochastic_rounding: bool = False
