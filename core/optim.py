@@ -15,7 +15,8 @@ from core.config import doc
 from core.errors import UserError
 from core.lr_schedule import LRSchedule, LRScheduleConfig, PlannedLR, build_lr_scheduler
 
-__all__ = ["OptimConfig", "build_optimizer", "build_warmup_scheduler", "build_lr_scheduler", "OptimizerState"]
+__all__ = ["OptimConfig", "ParamGroups", "build_optimizer", "build_warmup_scheduler", "build_lr_scheduler",
+           "OptimizerState"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -59,6 +60,17 @@ def _trainable(params: ParamsT) -> list:
                 groups.append({**group, "params": kept})
         return groups
     return [p for p in items if p.requires_grad]
+
+
+class ParamGroups:
+    """The hook through which a job gives some trainable parameters their own optimizer options
+    (e.g. LoRA+'s larger ``lr`` for adapter up factors); ``TrainingCore`` builds its optimizer from
+    :meth:`optimizer_param_groups` of its trainable parameters (after wrapping, so the parameters are
+    the ones the optimizer steps)."""
+
+    def optimizer_param_groups(self, params: list) -> list:
+        """The optimizer's parameter groups (a list of tensors or of group dicts); default: one group."""
+        return params
 
 
 def build_optimizer(params: ParamsT, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:

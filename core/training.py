@@ -43,7 +43,7 @@ from core.ema import EMAConfig
 from core.errors import UserError
 from core.faults import FaultInjection
 from core.models import ModelSet
-from core.optim import OptimConfig
+from core.optim import OptimConfig, ParamGroups
 from core.precision import autocast, resolve_autocast_dtype, resolve_frozen_dtype
 from core.preview import preview_due, run_preview
 from core.seeding import derive_seed, per_sample_generators, seeded_generator
@@ -67,7 +67,7 @@ class TrainingConfig(RunConfig, OptimConfig, EMAConfig, DataConfig, ValidationCo
             raise UserError(f"config key 'generator_dropout' must be in [0, 1), got {self.generator_dropout}")
 
 
-class TrainingCore:
+class TrainingCore(ParamGroups):
     """Base class of every training job (see the module docstring for the contract)."""
 
     Config: type = TrainingConfig
@@ -270,7 +270,7 @@ class TrainingCore:
         params = self.trainable_parameters()
         if not params:
             raise UserError(f"{type(self).__name__}: nothing to train (no parameter requires grad)")
-        self.optimizer = build_optimizer(params, cfg.lr, cfg)
+        self.optimizer = build_optimizer(self.optimizer_param_groups(params), cfg.lr, cfg)
         self.fused = FusedBackward.for_run(cfg, self.optimizer, params, self.dist.world_size)  # None: not configured
         self.scheduler = build_lr_scheduler(self.optimizer, cfg, plot=self.run_dir / "lr_schedule.png" if self.is_main else None)
         fsdp = self.dist.world_size > 1 and bool(cfg.use_fsdp)

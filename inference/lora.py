@@ -1,13 +1,16 @@
-"""LoRA files at inference: read any supported layout and MERGE the deltas into the weights.
+"""Adapter files at inference: read any supported layout and kind and MERGE them into the weights.
 
-The layouts (official positional ``weights.{i}.*``, our named ``<target>.lora_down/up/alpha``,
-ComfyUI ``lora_prior_unet_*``, kohya ``lora_unet_*``) are read by ``modules.lora_formats`` -- the same code the LoRA
-trainer writes them with -- and trained tokens are replayed by ``modules.lora_tokens``; the
-official positional targets of a LIVE model come from ``modules.lora.lora_targets``. This module
-adds what inference needs on top: merging with a strength that can be changed later
-(W += strength * alpha/rank * up @ down; a DoRA: W += strength * (W' - W) with W' its decomposed
-weight, as ComfyUI applies strength). Merging makes sampling as fast as the base model, and
-strength 0 leaves every weight bit-identical.
+The layouts (ours, official positional, ComfyUI, kohya, OneTrainer, diffusers/PEFT:
+``modules.adapters.layouts``) and kinds (LoRA, DoRA, LoKr, LoHa: ``modules.adapters``) are read by
+``modules.lora_formats`` -- the same code the trainer writes them with -- and trained tokens are
+replayed by ``modules.lora_tokens``; the official positional targets of a LIVE model come from
+``modules.lora.lora_targets``. This module adds what inference needs on top: merging with a
+strength that can be changed later (``W + strength * (W' - W)``, ``W'`` the kind's adapted weight,
+as ComfyUI applies strength). Every record is checked against its weight before anything is
+merged, so a file that does not fit (e.g. OneTrainer's depthwise-conv branch) changes nothing.
+Merging makes sampling as fast as the base model, and strength 0 leaves every weight bit-identical.
+
+The entry point for a sampler is :func:`apply_lora_file` (path, strength).
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ from torch import nn
 
 from inference.errors import UserError
 from modules.lora import lora_targets
-from modules.lora_formats import LoraFormatError, detect_layout, read_entries, read_tokens
+from modules.lora_formats import LoraFormatError, check_fits, detect_layout, read_entries, read_tokens
 
 OFFICIAL_FILTERS = (".attn",)
 
 
 @dataclass
 class LoraWeights:
-    """A LoRA file in normalised form: ``modules.lora_formats.LoraEntry`` updates + trained tokens."""
+    """An adapter file in normalised form: ``modules.adapters.AdapterEntry`` records + trained tokens."""
 
     layout: str
     entries: list = field(default_factory=list)
@@ -50,7 +53,10 @@ def read_lora(state_dict: dict[str, torch.Tensor], model: nn.Module,
                 targets = lora_targets(model, list(filters or OFFICIAL_FILTERS))
             except ValueError as exc:
                 raise UserError(f"{source}: module_filters: {exc}") from None
-        entries = read_entries(state_dict, [n for n, _ in model.named_parameters()], targets, source)
+        params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        entries = read_entries(state_dict, list(params), targets, source)
+        known = [e for e in entries if e.target in params]  # an unknown target is reported by merge_lora
+        check_fits(known, params, source)
         tokens = read_tokens(state_dict)
     except LoraFormatError as exc:  # inference raises one error type (inference.errors)
         raise UserError(str(exc)) from None

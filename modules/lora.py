@@ -1,7 +1,9 @@
-"""LoRA, DoRA and ReToken as torch parametrizations (docs/OFFICIAL.md, LoRA and ReToken).
+"""Attaching adapters (LoRA, DoRA, LoKr, LoHa: ``modules.adapters``) and ReToken as torch
+parametrizations (docs/OFFICIAL.md, LoRA and ReToken).
 
-``apply_lora`` attaches :class:`LoRA` (or, with ``lora_type="dora"``, :class:`DoRA`) to weights so the state-dict keys become the official
-``...parametrizations.<name>.original`` / ``.0.lora_down`` / ``.0.lora_up``. The helpers at the end
+``apply_lora`` attaches the adapter kind ``lora_type`` (any registered kind) to weights so the
+state-dict keys become the official ``...parametrizations.<name>.original`` / ``.0.lora_down`` /
+``.0.lora_up`` for a LoRA. The helpers at the end
 build the official positional LoRA checkpoint layout (``weights.{i}.lora_*`` + ``embeddings.*``)
 and a self-describing named layout. No I/O happens here.
 """
@@ -13,80 +15,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-
-class LoRA(nn.Module):
-    """Low-rank update W + (lora_up @ lora_down) * alpha/rank of ``getattr(layer, name)``.
-
-    ``lora_down`` (rank, in) starts at zero and ``lora_up`` (out, rank) ~ N(0, 1), so a fresh LoRA
-    leaves the layer unchanged. The default alpha=1 gives the official scale 1/rank. The update is
-    broadcast over trailing kernel dims of conv weights. ``enabled=False`` bypasses it.
-    """
-
-    def __init__(self, layer: nn.Module, name: str = "weight", rank: int = 16, alpha: Optional[float] = None):
-        super().__init__()
-        w = getattr(layer, name)
-        if w.dim() < 2:
-            raise ValueError(f"LoRA needs a weight with at least 2 dims, {name} has shape {tuple(w.shape)}")
-        self.rank = rank
-        self.alpha = 1.0 if alpha is None else float(alpha)
-        self.scale = self.alpha / rank
-        self.lora_down = nn.Parameter(torch.zeros(rank, w.size(1), device=w.device, dtype=w.dtype))
-        self.lora_up = nn.Parameter(torch.randn(w.size(0), rank, device=w.device, dtype=w.dtype))
-        self.enabled = True
-
-    def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return original_weights
-        delta = torch.matmul(self.lora_up, self.lora_down) * self.scale
-        shape = delta.shape + (1,) * (original_weights.dim() - 2)
-        # The LoRA may be kept in float32 on a bf16 base: the weight keeps the base dtype.
-        return original_weights + delta.view(shape).to(original_weights.dtype)
+from modules.adapters import Adapter, DoRA, LoRA, kind, kinds  # noqa: F401  (re-exported)
+from modules.adapters.dora import dora_weight, row_norms  # noqa: F401  (re-exported)
 
 
-LORA_TYPES = ("lora", "dora")
-
-
-def row_norms(weight: torch.Tensor) -> torch.Tensor:
-    """Float32 L2 norm of each output row of ``weight`` (over all dims but dim 0: a conv's input
-    channels and kernel positions), shape (out,). The DoRA magnitude's unit."""
-    return weight.float().flatten(1).norm(dim=1)
-
-
-def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's weight ``m * V / ||V||_row`` with ``V = base + delta`` (float32, shape of ``base``).
-
-    ``delta`` broadcasts over trailing kernel dims of a conv ``base``; ``magnitude`` is (out,).
-    This is the one definition of the DoRA math: the trainable :class:`DoRA` and the merge rule
-    (``modules.lora_formats.merged_weight``) both call it, so merged == attached.
-    """
-    v = base.float() + delta.float().view(delta.shape + (1,) * (base.dim() - delta.dim()))
-    # A zero row has no direction: keep it zero instead of 0/0 (never the case for trained weights).
-    scale = magnitude.float() / row_norms(v).clamp_min(torch.finfo(torch.float32).tiny)
-    return v * scale.view((-1,) + (1,) * (base.dim() - 1))
-
-
-class DoRA(LoRA):
-    """Weight-decomposed LoRA (Liu et al. 2024, "DoRA"): ``m * (W + ΔW) / ||W + ΔW||_row`` with the
-    LoRA update ``ΔW = lora_up @ lora_down * alpha/rank`` giving the direction and a trainable
-    ``magnitude`` (out,) per output row (a conv: per output channel, norm over the rest).
-
-    ``magnitude`` starts at the row norms of the base weight and ``lora_down`` at zero, so a fresh
-    DoRA reproduces the base weight bit for bit (the same norm is computed twice: m / ||W|| == 1).
-    The norm is differentiated through (not detached as in the paper's memory-saving variant): it
-    is a per-weight, not per-activation, cost here. ``enabled=False`` bypasses it.
-    """
-
-    def __init__(self, layer: nn.Module, name: str = "weight", rank: int = 16, alpha: Optional[float] = None):
-        super().__init__(layer, name, rank, alpha)
-        w = getattr(layer, name)
-        # float32 whatever the base dtype: a bf16-rounded m would not give m / ||W|| == 1 at init.
-        self.magnitude = nn.Parameter(row_norms(w.detach()))
-
-    def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return original_weights
-        delta = torch.matmul(self.lora_up, self.lora_down) * self.scale
-        return dora_weight(original_weights, delta, self.magnitude).to(original_weights.dtype)
+# The adapter kinds live in modules.adapters (one interface, a registry); these names stay importable here.
+LORA_TYPES = kinds()
 
 
 class ReToken(nn.Module):
@@ -165,18 +99,32 @@ def lora_targets(model: nn.Module, filters: Optional[Sequence[str]] = None) -> L
     return [target for _end, _depth, target in sorted(chosen)]
 
 
+def row_blocks(target: str) -> int:
+    """3 for a packed q/k/v projection (``in_proj_weight``), else 1: a kind whose factors must be
+    split with the q/k/v rows (LoKr's w1) is built to allow it."""
+    return 3 if target.endswith("in_proj_weight") else 1
+
+
+def adapter_param_count(shapes: Dict[str, Sequence[int]], targets: Sequence[str], lora_type: str, rank: int,
+                        **options) -> int:
+    """Trainable parameters of kind ``lora_type`` on ``targets`` (``shapes``: parameter -> shape),
+    from the kind's own count (the dry run's description and the memory estimate)."""
+    adapter = kind(lora_type)
+    return sum(adapter.param_count(shapes[t], rank, row_blocks=row_blocks(t), **options) for t in targets)
+
+
 def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: int = 16,
-               alpha: Optional[float] = None, lora_type: str = "lora") -> List[Tuple[str, LoRA]]:
-    """Attach LoRA (``lora_type="dora"``: :class:`DoRA`) to every module whose qualified name
-    contains any filter substring.
+               alpha: Optional[float] = None, lora_type: str = "lora", **options) -> List[Tuple[str, Adapter]]:
+    """Attach an adapter of kind ``lora_type`` (``modules.adapters.kinds()``; ``options`` go to the
+    kind, e.g. LoKr's ``factor``) to every module whose qualified name contains any filter substring.
 
     Returns ``[(target, lora)]`` with targets such as ``down_blocks.0.2.attention.attn.in_proj_weight``
     in the official ``model.modules()`` order (``lora_targets``: an attention's out_proj LoRA before
     its in_proj LoRA), which is the order of the official checkpoint's ``weights.{i}``.
     """
-    if lora_type not in LORA_TYPES:
-        raise ValueError(f"apply_lora: lora_type must be one of {LORA_TYPES}, got {lora_type!r}")
-    kind = DoRA if lora_type == "dora" else LoRA
+    if lora_type not in kinds():
+        raise ValueError(f"apply_lora: lora_type must be one of {kinds()}, got {lora_type!r}")
+    adapter = kind(lora_type)
     if isinstance(filters, str):
         filters = [filters]
     order = lora_targets(model, filters)
@@ -188,7 +136,7 @@ def apply_lora(model: nn.Module, filters: Optional[Sequence[str]] = None, rank: 
         target = (f"{n}.{attr}" if n else attr) if attr is not None else None
         if target not in wanted:
             continue
-        lora = kind(m, attr, rank=rank, alpha=alpha)
+        lora = adapter(m, attr, rank=rank, alpha=alpha, row_blocks=row_blocks(target), **options)
         lora._param_order = list(m._parameters)  # lets remove_lora restore the state-dict order
         parametrize.register_parametrization(m, attr, lora)
         made[target] = lora
@@ -202,7 +150,7 @@ def remove_lora(model: nn.Module, leave_parametrized: bool = True) -> None:
             continue
         for name in list(m.parametrizations.keys()):
             plist = m.parametrizations[name]
-            if not any(isinstance(p, (LoRA, ReToken)) for p in plist):
+            if not any(isinstance(p, (Adapter, ReToken)) for p in plist):
                 continue
             order = next((p._param_order for p in plist if hasattr(p, "_param_order")), None)
             parametrize.remove_parametrizations(m, name, leave_parametrized=leave_parametrized)
@@ -242,13 +190,10 @@ def lora_module_dict(loras: Sequence[Union[LoRA, Tuple[str, LoRA]]], retoken: Op
     return d
 
 
-def lora_state_dict_named(loras: Sequence[Tuple[str, LoRA]]) -> Dict[str, torch.Tensor]:
-    """Keys named by target, e.g. ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``."""
-    sd: Dict[str, torch.Tensor] = {}
-    for name, lora in loras:
-        sd[f"{name}.lora_down"] = lora.lora_down.detach()
-        sd[f"{name}.lora_up"] = lora.lora_up.detach()
-    return sd
+def lora_state_dict_named(loras: Sequence[Tuple[str, Adapter]]) -> Dict[str, torch.Tensor]:
+    """Keys named by target and the kind's tensor names, e.g.
+    ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down`` (detached, not copied)."""
+    return {f"{name}.{key}": t.detach() for name, adapter in loras for key, t in adapter.tensors().items()}
 
 
 @torch.no_grad()

@@ -1,28 +1,20 @@
-"""LoRA files: the four on-disk layouts, conversion between them, and merging into weights.
+"""Adapter files: reading every supported layout into generic records, writing them, merging.
 
-Layouts (``detect_layout``):
+The layouts and their names are :mod:`modules.adapters.layouts` (ours ``named``, ``official``
+positional, ``comfyui``, ``comfyui_model`` (``diffusion_model.``), ``kohya``, ``onetrainer``,
+``diffusers``); the kinds' math and tensor names are :mod:`modules.adapters`. A file entry is an
+:class:`modules.adapters.AdapterEntry` (kind + tensors + alpha + q/k/v block), so nothing here
+knows a kind's fields:
 
-* ``named`` (what ``train_c_lora.py`` writes, ``lora.safetensors``): ``<target>.lora_down`` (r, in),
-  ``<target>.lora_up`` (out, r), ``<target>.alpha`` (scalar) for every adapted parameter, e.g.
-  ``down_blocks.0.2.attention.attn.in_proj_weight.lora_down``; trained tokens as
-  ``embeddings.embeddings`` (n, width) / ``embeddings.indices`` (int64). Metadata describes the run.
-  The delta of a target is ``up @ down * alpha / r``. A DoRA (``lora_type: dora``) adds
-  ``<target>.dora_magnitude`` (out,) float32: the magnitude vector m of
-  ``W' = m * (W + delta) / ||W + delta||_row`` (norm per output row; :func:`modules.lora.dora_weight`).
-* ``official`` (docs/OFFICIAL.md, LoRA and ReToken): ``weights.{i}.lora_down/up`` positional, ``i`` = the i-th target
-  of ``apply_lora(model, module_filters, rank)`` (official ``modules()`` order); scale 1/rank.
-* ``comfyui`` (ComfyUI's Stable Cascade Stage C names): ``lora_prior_unet_<module with _>.lora_down.weight``
-  / ``.lora_up.weight`` / ``.alpha``, scale ``alpha / rank``.
-* ``kohya`` (kohya sd-scripts' Stable Cascade LoRA names): the same as ``comfyui`` with the prefix
-  ``lora_unet_`` (``KOHYA_PREFIX``); same math, same q/k/v split. kohya adapts no depthwise convs
-  (:func:`unloadable_targets`).
-
-  Both tools' Stable Cascade code splits the packed attention ``in_proj_weight`` into ``to_q`` /
-  ``to_k`` / ``to_v`` (rows in thirds), so a packed LoRA exports as three LoRAs sharing ``lora_down``.
-  Importing re-packs them; a file whose q/k/v parts have DIFFERENT ``lora_down`` (trained on split projections) can be merged (``merge_entries`` adds each third) but
-  not loaded as a trainable packed LoRA (that would need rank 3r): ``pack_qkv`` says so.
-  A DoRA exports ``<stem>.dora_scale`` too, in the form ComfyUI's loader applies (see
-  :func:`export_comfyui`; the key layout is documented in docs/LORA.md).
+* reading (:func:`read_entries`): keys are split into stem + tensor name, stems looked up in the
+  layouts' name table, tensors renamed to the kind's own names, the kind recognised by them;
+* writing (:func:`export_layout`): each kind gives its tensors in the form the layout's tool reads
+  (a DoRA as that tool's ``dora_scale``) or refuses with the reason; what a layout cannot hold is an
+  error naming it, unless the caller opts into dropping it (then it is listed);
+* merging (:func:`merged_weight`): the kind's adapted weight for a record, in float32. A record
+  whose update does not have the weight's shape (e.g. OneTrainer's depthwise-conv LoRA, a full conv
+  to rank r and a 1-channel conv added to every channel: an extra branch, not a change of the
+  depthwise weight) is refused with one line naming the key and the reason, never reshaped.
 
 Everything here works on plain state dicts and tensors (also on the meta device), so tools need
 no model weights; the only file access is :func:`read_lora_file`. Errors a user can fix raise
@@ -35,25 +27,24 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from modules.adapters import AdapterEntry, AdapterError, kind, kind_of_tensors, kinds
+from modules.adapters import layouts as L
+from modules.adapters.dora import comfy_dora_scale as _comfy_dora_scale
 from modules.loading import CheckpointError, read_state_dict
-from modules.lora import dora_weight, lora_targets, row_norms
+from modules.lora import Adapter, lora_targets
 
-COMFY_PREFIX = "lora_prior_unet_"
-KOHYA_PREFIX = "lora_unet_"
+COMFY_PREFIX = L.UNDERSCORE_PREFIXES["comfyui"]
+KOHYA_PREFIX = L.UNDERSCORE_PREFIXES["kohya"]
 #: layout name -> key prefix of the layouts that name modules as ``<prefix><module with _>``.
-PREFIXES = {"comfyui": COMFY_PREFIX, "kohya": KOHYA_PREFIX}
-QKV = ("to_q", "to_k", "to_v")
+PREFIXES = dict(L.UNDERSCORE_PREFIXES)
+QKV = L.QKV
 FORMAT_NAME = "cascade-train-lora"
 FORMAT_VERSION = "1"
-_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 DORA_MAGNITUDE = ".dora_magnitude"
-# ComfyUI patches weights in float32 and adds this to the norm it divides dora_scale by.
-_COMFY_EPS = torch.finfo(torch.float32).eps
 
 
 class LoraFormatError(CheckpointError):
@@ -61,63 +52,57 @@ class LoraFormatError(CheckpointError):
     does not fit the model."""
 
 
-@dataclass
-class LoraEntry:
-    """One low-rank update of parameter ``target``: ``up @ down * alpha / rank``.
-
-    ``down`` is (r, in) or, from ComfyUI conv LoRAs, (r, in, kh, kw); ``up`` is (out, r) (trailing
-    1-dims are dropped). ``block`` 0/1/2 marks a q/k/v third of a packed ``in_proj_weight``.
-
-    A DoRA carries ``magnitude`` (out,) (our named layout: exact DoRA math) or, read from a
-    ComfyUI file, ``dora_scale`` (applied with ComfyUI's own math); see :func:`merged_weight`."""
-
-    target: str
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-    block: Optional[int] = None
-    magnitude: Optional[torch.Tensor] = None
-    dora_scale: Optional[torch.Tensor] = None
+class _Entry(AdapterEntry):
+    """An :class:`AdapterEntry` with read-only LoRA views (``down``/``up``) for older callers."""
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def down(self) -> torch.Tensor:
+        return self.tensors["lora_down"]
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def up(self) -> torch.Tensor:
+        return self.tensors["lora_up"]
 
-    def delta(self, weight_shape: Sequence[int]) -> torch.Tensor:
-        """The float32 update for a weight of ``weight_shape`` (a q/k/v block: its third)."""
-        up, down = self.up.float().flatten(1), self.down.float()
-        rows = weight_shape[0] // 3 if self.block is not None else weight_shape[0]
-        shape = (rows, *weight_shape[1:])
-        if down.dim() == 2:
-            # Our LoRA on a conv weight is constant over the kernel positions (docs/OFFICIAL.md, LoRA and ReToken).
-            d = (up @ down) * self.scale
-            return d.view(d.shape + (1,) * (len(shape) - 2)).expand(shape)
-        return ((up @ down.flatten(1)) * self.scale).view(shape)
+
+def LoraEntry(target: str, down: torch.Tensor, up: torch.Tensor, alpha: float, block: Optional[int] = None,
+              magnitude: Optional[torch.Tensor] = None, dora_scale: Optional[torch.Tensor] = None) -> AdapterEntry:
+    """A LoRA (``magnitude``: our DoRA; ``dora_scale``: a tool's DoRA) as a generic record."""
+    tensors = {"lora_down": down, "lora_up": up}
+    if magnitude is not None:
+        tensors["dora_magnitude"] = magnitude
+    if dora_scale is not None:
+        tensors["dora_scale"] = dora_scale
+    return _Entry(target, "dora" if magnitude is not None else "lora", tensors, float(alpha), block)
+
+
+def _entry(target: str, kind_name: str, tensors: dict, alpha: float, block: Optional[int] = None) -> AdapterEntry:
+    return _Entry(target, kind_name, tensors, float(alpha), block)
+
+
+def _file_names() -> dict:
+    return {k: kind(k).file_names for k in kinds()}
 
 
 # ----------------------------------------------------------------------------------------------
 # Layout detection and reading
 # ----------------------------------------------------------------------------------------------
 def detect_layout(sd: Mapping[str, torch.Tensor], source: str = "LoRA file") -> str:
-    """``comfyui``, ``kohya``, ``official``, ``named`` or ``tokens`` (token deltas only)."""
-    keys = list(sd)
-    found = [layout for layout, prefix in PREFIXES.items() if any(k.startswith(prefix) for k in keys)]
-    if len(found) > 1:
-        raise LoraFormatError(f"{source}: mixes {COMFY_PREFIX}* and {KOHYA_PREFIX}* keys; export it again in one layout")
-    if found:
-        return found[0]
-    if any(re.fullmatch(r"weights\.\d+\.lora_(down|up)", k) for k in keys):
-        return "official"
-    if any(k.endswith((".lora_down", ".lora_up")) for k in keys):
+    """The layout name of ``sd`` (:mod:`modules.adapters.layouts`) or ``tokens`` (token deltas only)."""
+    keys = [k for k in sd if not k.startswith("embeddings.")]
+    try:
+        found = L.detect(keys)
+    except ValueError as exc:
+        raise LoraFormatError(f"{source}: {exc}") from None
+    if found is not None:
+        return found
+    names = tuple("." + n for n in L.file_tensor_names(_file_names()) if n != "alpha")
+    if any(k.endswith(names) for k in keys):
         return "named"
     if "embeddings.embeddings" in sd:
         return "tokens"
     raise LoraFormatError(f"{source}: no LoRA keys found (expected <module>.lora_down, weights.N.lora_down "
-                          f"{COMFY_PREFIX}*.lora_down.weight or {KOHYA_PREFIX}*.lora_down.weight); is this a LoRA file?")
+                          f"{COMFY_PREFIX}*.lora_down.weight or {KOHYA_PREFIX}*.lora_down.weight, ...); is this a "
+                          f"LoRA file?")
 
 
 def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,23 +114,88 @@ def read_tokens(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, 
     return sd["embeddings.indices"].long(), sd["embeddings.embeddings"]
 
 
-def _read_named(sd: Mapping[str, torch.Tensor], source: str) -> list[LoraEntry]:
-    out = []
-    for key in sd:
-        if key.endswith(DORA_MAGNITUDE) and key[: -len(DORA_MAGNITUDE)] + ".lora_down" not in sd:
-            raise LoraFormatError(f"{source}: {key} has no matching {key[: -len(DORA_MAGNITUDE)]}.lora_down")
-        if not key.endswith(".lora_down"):
+def _split_key(key: str, names: Sequence[str]) -> Optional[tuple[str, str]]:
+    for n in names:
+        if key.endswith("." + n):
+            return key[: -len(n) - 1], n
+    return None
+
+
+def _to_ours(stem: str, found: Mapping[str, torch.Tensor], lay: L.Layout, source: str) -> tuple[str, dict]:
+    """A stem's file tensors renamed to a kind's own names; (kind, tensors)."""
+    extra = {n: found[n] for n in ("dora_scale",) if n in found}
+    for style in (lay.style, "comfy", "peft", "named"):
+        for k in reversed(kinds()):  # the more specific kinds first
+            mapping = kind(k).file_names.get(style)
+            if not mapping:
+                continue
+            back = {f: ours for ours, f in mapping.items()}
+            tensors = {back[n]: t for n, t in found.items() if n in back}
+            if tensors and kind_of_tensors(list(tensors)) == k and set(found) <= set(back) | {"alpha", "dora_scale"}:
+                try:
+                    return k, {**kind(k).from_file(tensors, f"{source}: {stem}"), **extra}
+                except KeyError as exc:
+                    raise LoraFormatError(f"{source}: {stem} lacks {exc.args[0]}") from None
+    raise LoraFormatError(f"{source}: {stem} holds tensors {sorted(found)}, which are no adapter kind known here "
+                          f"({', '.join(kinds())})")
+
+
+def _alpha(stem: str, found: Mapping[str, torch.Tensor], k: str, tensors: Mapping[str, torch.Tensor],
+           lay: L.Layout) -> float:
+    if "alpha" in found:
+        return float(found["alpha"])
+    return float(kind(k).record_rank(tensors)) if lay.missing_alpha == "rank" else 1.0
+
+
+def _check_complete(stem: str, k: str, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    try:
+        kind(k).record_delta(tensors, 1.0, _meta_shape(k, tensors))
+    except KeyError as exc:
+        raise LoraFormatError(f"{source}: {stem} lacks {exc.args[0]}") from None
+    except (AdapterError, RuntimeError):
+        pass  # shapes are checked against the weight when it is known
+
+
+def _meta_shape(k: str, tensors: Mapping[str, torch.Tensor]) -> tuple:
+    meta = {n: torch.empty(t.shape, device="meta") for n, t in tensors.items()}
+    try:
+        return tuple(kind(k).record_delta(meta, 1.0, ()).shape)
+    except (AdapterError, RuntimeError, KeyError):
+        return ()
+
+
+def _read_stems(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], lay: L.Layout,
+                source: str) -> list[AdapterEntry]:
+    names = L.file_tensor_names(_file_names())
+    stems: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key.startswith("embeddings."):
             continue
-        target = key[: -len(".lora_down")]
-        if target + ".lora_up" not in sd:
-            raise LoraFormatError(f"{source}: {key} has no matching {target}.lora_up")
-        alpha = float(sd[target + ".alpha"]) if target + ".alpha" in sd else 1.0
-        out.append(LoraEntry(target, sd[key], sd[target + ".lora_up"], alpha,
-                             magnitude=sd.get(target + DORA_MAGNITUDE)))
+        split = _split_key(key, names)
+        if split is None:
+            raise LoraFormatError(f"{source}: {key} is not a tensor of any adapter kind known here "
+                                  f"({', '.join(kinds())})")
+        stems.setdefault(split[0], {})[split[1]] = value
+    table = L.stem_table(param_names)
+    if lay.name == "named":  # our keys name the parameter itself; a wrong one is reported where it is used
+        table.update({s: (s, None, "named") for s in stems if s not in table})
+    unknown = [s for s in stems if s not in table]
+    if unknown:
+        tool = {"kohya": "kohya", "comfyui": "ComfyUI"}.get(lay.name, lay.name)
+        raise LoraFormatError(f"{source}: {len(unknown)} {tool} LoRA names match no Stage C module, e.g. "
+                              f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
+    out = []
+    for stem, found in stems.items():
+        k, tensors = _to_ours(stem, found, lay, source)
+        _check_complete(stem, k, tensors, source)
+        target, block, _where = table[stem]
+        entry = _entry(target, k, tensors, _alpha(stem, found, k, tensors, lay), block)
+        entry.notes["key"] = stem
+        out.append(entry)
     return out
 
 
-def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[str]], source: str) -> list[LoraEntry]:
+def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[str]], source: str) -> list[AdapterEntry]:
     count = len({k.split(".")[1] for k in sd if re.fullmatch(r"weights\.\d+\.lora_(down|up)", k)})
     if targets is None:
         raise LoraFormatError(f"{source}: official positional layout needs module_filters and model_version "
@@ -158,81 +208,44 @@ def _read_official(sd: Mapping[str, torch.Tensor], targets: Optional[Sequence[st
         down, up = sd.get(f"weights.{i}.lora_down"), sd.get(f"weights.{i}.lora_up")
         if down is None or up is None:
             raise LoraFormatError(f"{source}: weights.{i}.lora_down or weights.{i}.lora_up is missing")
-        out.append(LoraEntry(target, down, up, 1.0))  # official scale 1/rank
+        out.append(_entry(target, "lora", {"lora_down": down, "lora_up": up}, 1.0))  # official scale 1/rank
     return out
 
 
 def comfy_stem_table(param_names: Iterable[str], prefix: str = COMFY_PREFIX) -> dict[str, tuple[str, Optional[int]]]:
     """ComfyUI (or, with ``prefix=KOHYA_PREFIX``, kohya) LoRA stem -> (our parameter name, q/k/v
-    block or None) for adaptable parameters (the inverse of :func:`comfyui_key_stems`)."""
-    table: dict[str, tuple[str, Optional[int]]] = {}
-    for name in param_names:
-        if not name.endswith((".weight", ".in_proj_weight")):
-            continue
-        stems = comfyui_key_stems([name], prefix)
-        for block, stem in enumerate(stems):
-            table[stem] = (name, block if len(stems) == len(QKV) else None)
-    return table
-
-
-def _read_comfy(sd: Mapping[str, torch.Tensor], param_names: Iterable[str], source: str,
-                prefix: str = COMFY_PREFIX) -> list[LoraEntry]:
-    stems: dict[str, None] = {}
-    for key in sd:
-        for suffix in _COMFY_SUFFIXES:
-            if key.endswith(suffix):
-                stems.setdefault(key[: -len(suffix)], None)
-                break
-    table = comfy_stem_table(param_names, prefix)
-    unknown = [s for s in stems if s not in table]
-    if unknown:
-        tool = "kohya" if prefix == KOHYA_PREFIX else "ComfyUI"
-        raise LoraFormatError(f"{source}: {len(unknown)} {tool} LoRA names match no Stage C module, e.g. "
-                              f"{unknown[0]} (text-encoder LoRAs are not supported; wrong stage or model_version?)")
-    out = []
-    for stem in stems:
-        down, up = sd.get(stem + ".lora_down.weight"), sd.get(stem + ".lora_up.weight")
-        if down is None or up is None:
-            raise LoraFormatError(f"{source}: {stem} lacks lora_down.weight or lora_up.weight")
-        if down.dim() == 4 and down.shape[-2:] == (1, 1):
-            down = down.flatten(1)
-        alpha = float(sd[stem + ".alpha"]) if stem + ".alpha" in sd else float(down.shape[0])
-        target, block = table[stem]
-        out.append(LoraEntry(target, down, up.flatten(1), alpha, block, dora_scale=sd.get(stem + ".dora_scale")))
-    return out
+    block or None) for adaptable parameters."""
+    return {stem: (target, block) for stem, (target, block, _lay) in L.stem_table(param_names).items()
+            if stem.startswith(prefix)}
 
 
 def read_entries(sd: Mapping[str, torch.Tensor], param_names: Iterable[str],
-                 official_targets: Optional[Sequence[str]] = None, source: str = "LoRA file") -> list[LoraEntry]:
-    """All LoRA updates in ``sd`` (any layout) for a model with parameters ``param_names``."""
-    layout = detect_layout(sd, source)
-    if layout in PREFIXES:
-        entries = _read_comfy(sd, param_names, source, PREFIXES[layout])
-    elif layout == "official":
-        entries = _read_official(sd, official_targets, source)
-    elif layout == "named":
-        entries = _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, source)
-    else:
+                 official_targets: Optional[Sequence[str]] = None, source: str = "LoRA file") -> list[AdapterEntry]:
+    """All adapter records in ``sd`` (any layout) for a model with parameters ``param_names``."""
+    name = detect_layout(sd, source)
+    if name == "tokens":
         entries = []
+    elif name == "official":
+        entries = _read_official(sd, official_targets, source)
+    else:
+        entries = _read_stems(sd, list(param_names), L.layout(name), source)
     check_entries(entries, source)
     return entries
 
 
-def check_entries(entries: Sequence[LoraEntry], source: str = "LoRA file") -> None:
-    """LoraFormatError naming the file and the module when an entry is inconsistent in itself:
-    ``lora_up`` and ``lora_down`` of different ranks (a damaged or hand-edited file; no ``rank`` key
-    of a run can fit it) or a non-finite ``alpha``."""
+def check_entries(entries: Sequence[AdapterEntry], source: str = "LoRA file") -> None:
+    """LoraFormatError naming the file and the module when a record is inconsistent in itself
+    (e.g. a LoRA's ``lora_up`` and ``lora_down`` of different ranks: a damaged or hand-edited file no
+    ``rank`` of a run can fit; the kind says: ``Adapter.record_problem``) or has a non-finite ``alpha``."""
     for e in entries:
-        up_rank = e.up.shape[1] if e.up.dim() >= 2 else None
-        if up_rank != e.rank:
-            raise LoraFormatError(f"{source}: {e.target}: lora_up {tuple(e.up.shape)} has rank {up_rank} but "
-                                  f"lora_down {tuple(e.down.shape)} has rank {e.rank}: the file is inconsistent "
-                                  f"(damaged or edited); re-export it from its training run")
+        problem = e.adapter.record_problem(e.tensors)
+        if problem:
+            raise LoraFormatError(f"{source}: {e.target}: {problem}")
         if not math.isfinite(float(e.alpha)):
             raise LoraFormatError(f"{source}: {e.target}: alpha is {float(e.alpha)}; the file is damaged")
 
 
-def _one_rank(entries: Sequence[LoraEntry], source: str) -> None:
+def _one_rank(entries: Sequence[AdapterEntry], source: str) -> None:
     """A run trains one ``rank``: a file whose modules have different ranks cannot be loaded into it
     (each module would ask for another rank); say so instead of naming one module's rank."""
     ranks: dict[int, str] = {}
@@ -245,21 +258,11 @@ def _one_rank(entries: Sequence[LoraEntry], source: str) -> None:
                               f"tools/lora_merge.py or sample with it")
 
 
-def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[LoraEntry]:
-    """Re-pack ComfyUI ``to_q``/``to_k``/``to_v`` thirds into one ``in_proj_weight`` LoRA.
-
-    They must share ``lora_down`` (what ``export_comfyui`` writes); differing alphas are folded
-    into the ``up`` rows. Raises LoraFormatError for thirds with different ``lora_down`` or a missing third.
-    """
+def pack_qkv(entries: Sequence[AdapterEntry], source: str = "LoRA file") -> list[AdapterEntry]:
+    """Re-join q/k/v blocks into one record of the packed ``in_proj_weight`` (the kind decides
+    whether its blocks form one: a LoRA's must share ``lora_down``); LoraFormatError otherwise."""
     plain = [e for e in entries if e.block is None]
-    dora = next((e for e in entries if e.block is not None and e.dora_scale is not None), None)
-    if dora is not None:
-        # ComfyUI's dora_scale is tied to its own normalisation (and the base weight), not to our
-        # trainable magnitude: such a file can be merged/sampled, not resumed from.
-        raise LoraFormatError(f"{source}: {dora.target} is a ComfyUI DoRA (dora_scale); it cannot be loaded as a "
-                              f"trainable LoRA; merge it (tools/lora_merge.py) or sample with it, or resume from "
-                              f"the run's lora.safetensors")
-    groups: dict[str, dict[int, LoraEntry]] = {}
+    groups: dict[str, dict[int, AdapterEntry]] = {}
     for e in entries:
         if e.block is not None:
             groups.setdefault(e.target, {})[e.block] = e
@@ -268,36 +271,46 @@ def pack_qkv(entries: Sequence[LoraEntry], source: str = "LoRA file") -> list[Lo
             have = [QKV[b] for b in sorted(parts)]
             raise LoraFormatError(f"{source}: {target} has LoRAs only for {have}; a packed attention LoRA needs "
                                   f"to_q, to_k and to_v (merge it with tools/lora_merge.py instead)")
+        kinds_here = {parts[b].kind for b in range(3)}
+        if len(kinds_here) > 1:
+            raise LoraFormatError(f"{source}: {target}: to_q/to_k/to_v are different adapter kinds {sorted(kinds_here)}; "
+                                  f"merge the file instead of resuming from it")
         q = parts[0]
-        for b in (1, 2):
-            if parts[b].down.shape != q.down.shape or not torch.equal(parts[b].down, q.down):
-                raise LoraFormatError(f"{source}: {target}: to_q/to_k/to_v have different lora_down, so they cannot "
-                                      f"be one packed rank-{q.rank} LoRA; merge the file into the weights with "
-                                      f"tools/lora_merge.py (or sample with it) instead of resuming from it")
-        ups = [parts[b].up.float() * (parts[b].alpha / q.alpha) for b in range(3)]
-        plain.append(LoraEntry(target, q.down, torch.cat(ups).to(q.up.dtype), q.alpha))
+        try:
+            tensors = q.adapter.join_rows([(parts[b].tensors, parts[b].alpha) for b in range(3)], q.alpha,
+                                          f"{source}: {target}")
+        except AdapterError as exc:
+            raise LoraFormatError(str(exc)) from None
+        plain.append(_entry(target, q.kind, tensors, q.alpha))
     return plain
 
 
 # ----------------------------------------------------------------------------------------------
 # Building files
 # ----------------------------------------------------------------------------------------------
+def _tensors_of(adapter: Any) -> dict[str, torch.Tensor]:
+    if isinstance(adapter, Adapter):
+        return adapter.tensors()
+    if isinstance(adapter, Mapping):
+        return dict(adapter)
+    return dict(adapter.tensors)  # a record (e.g. gathered FSDP shards)
+
+
 def named_state_dict(loras: Sequence[tuple[str, Any]], alpha: float,
                      token_indices: Optional[torch.Tensor] = None,
                      token_deltas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """The ``named`` layout from ``apply_lora``'s ``[(target, LoRA)]`` (detached CPU copies).
+    """The ``named`` layout (``<target>.<tensor>`` + ``<target>.alpha``) from ``[(target, adapter)]``
+    (an :class:`Adapter`, a tensor dict or a record; detached CPU copies).
 
-    The LoRA parameters must be plain tensors (a sharded DTensor is gathered by the caller)."""
+    The tensors must be plain tensors (a sharded DTensor is gathered by the caller)."""
     sd: dict[str, torch.Tensor] = {}
     if token_deltas is not None:
         sd["embeddings.embeddings"] = token_deltas.detach().float().cpu().clone()
         sd["embeddings.indices"] = token_indices.detach().long().cpu().clone()
-    for target, lora in loras:
-        sd[f"{target}.lora_down"] = _copy(lora.lora_down)
-        sd[f"{target}.lora_up"] = _copy(lora.lora_up)
+    for target, adapter in loras:
+        for name, t in _tensors_of(adapter).items():
+            sd[f"{target}.{name}"] = _copy(t)
         sd[f"{target}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-        if getattr(lora, "magnitude", None) is not None:  # a DoRA
-            sd[f"{target}{DORA_MAGNITUDE}"] = _copy(lora.magnitude)
     return sd
 
 
@@ -308,141 +321,160 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 def official_state_dict(named: Mapping[str, torch.Tensor], targets_in_order: Sequence[str]) -> dict[str, torch.Tensor]:
     """The official positional layout. The official loader scales by 1/rank, so an ``alpha`` other
-    than 1 is folded into ``lora_up``. It cannot hold a DoRA (LoraFormatError)."""
-    dora = next((k for k in named if k.endswith(DORA_MAGNITUDE)), None)
-    if dora is not None:
-        raise LoraFormatError(f"the official positional layout has no DoRA magnitude ({dora}); "
-                              f"use the named file or the ComfyUI export")
+    than 1 is folded into ``lora_up``. It holds plain LoRAs only (LoraFormatError naming the kind)."""
+    entries = {e.target: e for e in entries_from_named(named)}
     sd: dict[str, torch.Tensor] = {}
     if "embeddings.embeddings" in named:
         sd["embeddings.embeddings"] = named["embeddings.embeddings"]
         sd["embeddings.indices"] = named["embeddings.indices"]
     for i, target in enumerate(targets_in_order):
-        alpha = float(named.get(f"{target}.alpha", torch.tensor(1.0)))
-        up = named[f"{target}.lora_up"]
-        sd[f"weights.{i}.lora_down"] = named[f"{target}.lora_down"]
-        sd[f"weights.{i}.lora_up"] = up if alpha == 1.0 else (up.float() * alpha).to(up.dtype)
+        e = entries[target]
+        if "official" not in e.adapter.file_names:
+            raise LoraFormatError(f"the official positional layout holds plain LoRAs only (no DoRA magnitude), not "
+                                  f"a {e.adapter.title} ({target}); use the named file or the ComfyUI export")
+        up = e.tensors["lora_up"]
+        sd[f"weights.{i}.lora_down"] = e.tensors["lora_down"]
+        sd[f"weights.{i}.lora_up"] = up if e.alpha == 1.0 else (up.float() * e.alpha).to(up.dtype)
     return sd
 
 
 def comfyui_key_stems(targets: Iterable[str], prefix: str = COMFY_PREFIX) -> list[str]:
     """The ComfyUI LoRA names (without ``.lora_down.weight`` etc.) an export of ``targets`` has;
     ``prefix=KOHYA_PREFIX`` gives kohya's names (the only difference between the two layouts)."""
+    name = next(n for n, p in PREFIXES.items() if p == prefix)
     out = []
     for target in targets:
-        if target.endswith(".in_proj_weight"):
-            stem = prefix + target[: -len(".in_proj_weight")].replace(".", "_")
-            out += [f"{stem}_{part}" for part in QKV]
-        elif target.endswith(".weight"):
-            out.append(prefix + target[: -len(".weight")].replace(".", "_"))
-        else:
+        found = L.stems(target, name)
+        if not found:
             raise LoraFormatError(f"cannot export a LoRA on {target} to ComfyUI/kohya (only .weight / in_proj_weight)")
+        out += found
     return out
 
 
 def is_depthwise(shape: Sequence[int]) -> bool:
     """A grouped conv weight with one input channel per group and a real kernel (our ResBlock
-    ``depthwise``): kohya does not adapt such layers and OneTrainer refuses LoRAs on them."""
+    ``depthwise``): kohya does not adapt such layers and OneTrainer reads a LoRA on them as its
+    own depthwise branch (a different function)."""
     return len(shape) == 4 and shape[1] == 1 and tuple(shape[2:]) != (1, 1)
-
-
-#: the tools that cannot load a LoRA on a depthwise conv, per export layout.
-DEPTHWISE_UNLOADABLE = {"comfyui": ("OneTrainer",), "kohya": ("kohya", "OneTrainer")}
 
 
 def unloadable_targets(targets: Iterable[str], param_shapes: Mapping[str, Sequence[int]],
                        layout: str) -> dict[str, list[str]]:
-    """``{tool: [targets it cannot load]}`` for an export of ``targets`` in ``layout`` (empty when
-    every tool that reads the layout loads every target). Callers warn with the names."""
+    """``{tool: [targets it skips]}`` for an export of ``targets`` in ``layout`` (empty when every
+    tool that reads the layout loads every target). Callers warn with the names."""
     depthwise = [t for t in targets if is_depthwise(param_shapes.get(t, ()))]
     if not depthwise:
         return {}
-    return {tool: depthwise for tool in DEPTHWISE_UNLOADABLE.get(layout, ())}
+    return {tool: depthwise for tool in L.layout(layout).depthwise_skipped_by}
 
 
-def export_kohya(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 dtype: Optional[torch.dtype] = None,
-                 base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """kohya's ``lora_unet_`` keys for ``entries``: :func:`export_comfyui` with kohya's prefix."""
-    return export_comfyui(entries, param_shapes, dtype, base_weights, prefix=KOHYA_PREFIX)
+def export_layout(entries: Sequence[AdapterEntry], layout: str,
+                  param_shapes: Optional[Mapping[str, Sequence[int]]] = None, dtype: Optional[torch.dtype] = None,
+                  base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+                  drop: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(state dict in ``layout``, dropped)``: every record in the form the layout's tool reads.
+
+    What the layout cannot express (a kind it has no names for, a DoRA in another normalisation, a
+    depthwise-conv adapter its tool reads as something else, a kind whose factors cannot split into
+    q/k/v) raises LoraFormatError naming the target and why, unless ``drop``: then it is left out
+    and listed as ``"<target>: <why>"``. ``base_weights`` is needed for kinds that need the base
+    (a DoRA's ComfyUI ``dora_scale``); ``param_shapes`` for conv weights."""
+    lay = L.layout(layout)
+    if lay.name == "official":
+        raise LoraFormatError("export: the official layout is positional; write it with official_state_dict")
+    sd: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
+    for e in entries:
+        if e.block is not None:
+            raise LoraFormatError(f"export: {e.target} is a q/k/v block; pack it first")
+        shape = tuple((param_shapes or {}).get(e.target, ()))
+        base = (base_weights or {}).get(e.target)
+        if base is not None and not shape:
+            shape = tuple(base.shape)
+        try:
+            parts = _export_one(e, lay, shape, base)
+        except (AdapterError, LoraFormatError) as exc:
+            if not drop:
+                raise LoraFormatError(f"export to {layout}: {exc}") from None
+            dropped.append(f"{e.target}: {exc}")
+            continue
+        for key, t in parts.items():
+            # kept float32: a tool's dora_scale multiplies the weight row by row
+            sd[key] = t if key.endswith((".alpha", ".dora_scale")) else cast(t).contiguous()
+    return sd, dropped
 
 
-def comfy_dora_scale(e: LoraEntry, base_weight: torch.Tensor) -> torch.Tensor:
-    """The ComfyUI ``dora_scale`` (out, 1[, 1, 1]) float32 that makes ComfyUI's loader produce
-    exactly our DoRA weight ``m * V / ||V||_row`` (``V = W + delta``) from ``base_weight`` W.
+def _export_one(e: AdapterEntry, lay: L.Layout, shape: tuple, base: Optional[torch.Tensor]) -> dict:
+    what = e.target
+    adapter = e.adapter
+    if lay.kinds is not None and e.kind not in lay.kinds:
+        raise AdapterError(f"{what} is a {e.kind}; the {lay.name} layout holds {', '.join(lay.kinds)} only: "
+                           f"{lay.kinds_why}")
+    if shape and is_depthwise(shape) and not lay.depthwise_ok:
+        raise AdapterError(f"{what} is a depthwise conv; {lay.tools} reads a LoRA there as a different function "
+                           f"(a full conv to rank r and a 1-channel conv added to every channel), so it would load "
+                           f"wrong")
+    if adapter.needs_base and lay.dora_form == "comfy" and base is None:
+        raise AdapterError(f"{what} is a DoRA; its ComfyUI dora_scale needs the base weight it was trained on "
+                           f"(pass the base Stage C checkpoint)")
+    tensors = adapter.file_record(e.tensors, e.alpha, shape, lay.style, lay.dora_form, base, what)
+    # the written form may be another kind's tensors (our DoRA -> a LoRA + the tool's dora_scale)
+    adapter = kind(kind_of_tensors(list(tensors)) or e.kind)
+    if "dora_scale" in tensors and lay.dora_form is None:
+        raise AdapterError(f"{what} is a DoRA and {lay.tools} has no DoRA")
+    alpha = e.alpha
+    if not lay.writes_alpha:
+        # no alpha key: the reader's default scale (peft: 1) times our scale folded into the first factor
+        tensors, alpha = _fold_alpha(e, tensors, lay), None
+    stems = L.stems(e.target, lay.name)
+    if not stems:
+        raise AdapterError(f"{what}: {lay.tools} has no name for this parameter")
+    blocks = adapter.split_rows(tensors, 3, what) if len(stems) == 3 else [tensors]
+    mapping = {**adapter.file_names[lay.style], "dora_scale": "dora_scale"}
+    out = {}
+    for stem, block in zip(stems, blocks):
+        for name, t in block.items():
+            out[f"{stem}.{mapping[name]}"] = t
+        if alpha is not None:
+            out[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32,
+                                                device=next(iter(block.values())).device)
+    return out
 
-    ComfyUI (comfy/weight_adapter/base.py ``weight_decompose``) treats a ``dora_scale`` whose
-    dim 0 equals the weight's as per-output-row, and computes ``(W + delta) * dora_scale /
-    (||W||_row + eps)``: it divides by the BASE weight's row norm, not by ``||W + delta||``. So
-    we write ``m * (||W||_row + eps) / ||V||_row``, which ties the file to the base it was
-    trained on (as a DoRA's magnitude is anyway)."""
-    if e.magnitude is None:
-        raise LoraFormatError(f"comfy_dora_scale: {e.target} is not a DoRA")
-    shape = tuple(base_weight.shape)
-    try:
-        adapted = base_weight.float() + e.delta(shape)
-    except RuntimeError:
-        raise LoraFormatError(f"LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) does not fit "
-                              f"the base weight {shape}") from None
-    if tuple(e.magnitude.shape) != shape[:1]:
-        raise LoraFormatError(f"DoRA magnitude of {e.target} has shape {tuple(e.magnitude.shape)}, "
-                              f"the weight {shape} needs ({shape[0]},)")
-    # the same zero-row guard as modules.lora.dora_weight
-    v_norm = row_norms(adapted).clamp_min(torch.finfo(torch.float32).tiny)
-    scale = e.magnitude.float() * (row_norms(base_weight) + _COMFY_EPS) / v_norm
-    return scale.view((-1,) + (1,) * (len(shape) - 1))
+
+def _fold_alpha(e: AdapterEntry, tensors: dict, lay: L.Layout) -> dict:
+    # A layout without alpha keys reads scale 1 (alpha = rank): put alpha/rank into lora_up.
+    scale = e.alpha / e.rank
+    up = tensors["lora_up"]
+    return {**tensors, "lora_up": up if scale == 1.0 else (up.float() * scale).to(up.dtype)}
 
 
-def export_comfyui(entries: Sequence[LoraEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+def export_comfyui(entries: Sequence[AdapterEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
                    dtype: Optional[torch.dtype] = None,
                    base_weights: Optional[Mapping[str, torch.Tensor]] = None,
                    prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
-    """ComfyUI keys (kohya's with ``prefix=KOHYA_PREFIX``) for ``entries`` (packed ``in_proj`` split
-    into q/k/v sharing ``lora_down``).
+    """ComfyUI keys (kohya's with ``prefix=KOHYA_PREFIX``) for ``entries``: :func:`export_layout`
+    without dropping. The packed ``in_proj`` LoRA becomes ``to_q``/``to_k``/``to_v`` sharing
+    ``lora_down``; a conv LoRA is written as ComfyUI's full conv LoRA with the same update; a DoRA
+    gets ComfyUI's ``dora_scale`` (:func:`modules.adapters.dora.comfy_dora_scale`)."""
+    name = next(n for n, p in PREFIXES.items() if p == prefix)
+    return export_layout(entries, name, param_shapes, dtype, base_weights)[0]
 
-    ComfyUI scales by ``alpha / rank`` like we do, so ``alpha`` is written unchanged. A LoRA on a
-    conv weight (constant over the kernel, docs/OFFICIAL.md) is written as ``lora_down`` repeated
-    over the kernel positions and ``lora_up`` (out, r, 1, 1): ComfyUI's ``up.flatten(1) @
-    down.flatten(1)`` then gives exactly the same update. ``param_shapes`` is needed for convs.
-    A DoRA entry also gets ``<stem>.dora_scale`` (float32, each q/k/v third its rows), computed
-    from its base weight in ``base_weights`` (:func:`comfy_dora_scale`).
-    """
-    sd: dict[str, torch.Tensor] = {}
 
-    def put(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
-            scale: Optional[torch.Tensor] = None) -> None:
-        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        sd[f"{stem}.lora_down.weight"] = cast(down).contiguous()
-        sd[f"{stem}.lora_up.weight"] = cast(up).contiguous()
-        sd[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32, device=down.device)
-        if scale is not None:  # kept float32: ComfyUI uses it as a per-row multiplier of the weight
-            sd[f"{stem}.dora_scale"] = scale.float().contiguous()
+def export_kohya(entries: Sequence[AdapterEntry], param_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 dtype: Optional[torch.dtype] = None,
+                 base_weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """kohya's ``lora_unet_`` keys for ``entries`` (plain LoRAs only: kohya has no DoRA/LyCORIS)."""
+    return export_layout(entries, "kohya", param_shapes, dtype, base_weights)[0]
 
-    for e in entries:
-        if e.block is not None:
-            raise LoraFormatError(f"export_comfyui: {e.target} is a q/k/v block; pack it first")
-        stems = comfyui_key_stems([e.target], prefix)
-        down, up = e.down, e.up
-        scale = e.dora_scale
-        if e.magnitude is not None:
-            base = (base_weights or {}).get(e.target)
-            if base is None:
-                raise LoraFormatError(f"export_comfyui: {e.target} is a DoRA; its ComfyUI dora_scale needs the base "
-                                      f"weight it was trained on (pass the base Stage C checkpoint)")
-            scale = comfy_dora_scale(e, base)
-        shape = (param_shapes or {}).get(e.target)
-        if shape is not None and len(shape) > 2 and down.dim() == 2:
-            kernel = tuple(shape[2:])
-            down = down.reshape(*down.shape, *(1,) * len(kernel)).expand(*down.shape, *kernel)
-            up = up.reshape(*up.shape, *(1,) * len(kernel))
-        if len(stems) == 3:
-            c = up.shape[0] // 3
-            for i, stem in enumerate(stems):
-                third = None if scale is None else scale[i * c:(i + 1) * c].clone()
-                put(stem, down.clone(), up[i * c:(i + 1) * c].clone(), e.alpha, third)
-        else:
-            put(stems[0], down, up, e.alpha, scale)
-    return sd
+
+def comfy_dora_scale(e: AdapterEntry, base_weight: torch.Tensor) -> torch.Tensor:
+    """The ComfyUI ``dora_scale`` of our DoRA record ``e`` on ``base_weight`` (see
+    :func:`modules.adapters.dora.comfy_dora_scale`)."""
+    if "dora_magnitude" not in e.tensors:
+        raise LoraFormatError(f"comfy_dora_scale: {e.target} is not a DoRA")
+    delta = kind("lora").record_delta(e.tensors, e.alpha, tuple(base_weight.shape))
+    return _comfy_dora_scale(e.tensors["dora_magnitude"], base_weight, delta)
 
 
 def token_embedding_file(vectors: torch.Tensor, tokens: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -453,16 +485,22 @@ def token_embedding_file(vectors: torch.Tensor, tokens: Sequence[str]) -> tuple[
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading into trainable LoRAs, and merging
+# Loading into trainable adapters, and merging
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntry], alpha: float,
+def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[AdapterEntry], alpha: float,
                     source: str = "LoRA file") -> None:
-    """Copy ``entries`` into the trainable ``[(target, LoRA)]`` of a run with scale ``alpha/rank``.
+    """Copy ``entries`` into the trainable ``[(target, adapter)]`` of a run with alpha ``alpha``.
 
-    Strict: every LoRA of the run needs an entry with the same rank and shapes, and every entry a
-    LoRA. A different alpha in the file is folded into ``lora_up`` so the update is unchanged.
-    """
+    Strict: every adapter of the run needs a record of its kind with the same shapes, and every
+    record an adapter. A LoRA file's different alpha is folded into ``lora_up`` (same update)."""
+    tool_dora = next((e for e in entries if "dora_scale" in e.tensors), None)
+    if tool_dora is not None:
+        # A tool's dora_scale is tied to that tool's normalisation (and the base weight), not to a
+        # trainable magnitude: such a file can be merged/sampled, not resumed from.
+        raise LoraFormatError(f"{source}: {tool_dora.target} is a ComfyUI DoRA (dora_scale, or OneTrainer's); it "
+                              f"cannot be loaded as a trainable adapter; merge it (tools/lora_merge.py) or sample "
+                              f"with it, or resume from the run's lora.safetensors")
     entries = pack_qkv(entries, source)
     by_target = {e.target: e for e in entries}
     ours = {t for t, _ in loras}
@@ -473,129 +511,112 @@ def load_into_loras(loras: Sequence[tuple[str, Any]], entries: Sequence[LoraEntr
                               f"(missing e.g. {missing[:2]}, not adapted here e.g. {extra[:2]}); "
                               f"set module_filters as the LoRA was trained")
     _one_rank(entries, source)
-    for target, lora in loras:
+    for target, adapter in loras:
         e = by_target[target]
-        ours_dora = getattr(lora, "magnitude", None) is not None
-        if ours_dora != (e.magnitude is not None) or e.dora_scale is not None:
-            what = "a DoRA" if e.magnitude is not None or e.dora_scale is not None else "a plain LoRA"
-            raise LoraFormatError(f"{source}: {target} is {what} but this run trains "
-                                  f"{'a DoRA' if ours_dora else 'a plain LoRA'}; set lora_type as the file was trained")
-        down = e.down
-        if down.dim() == 4:
-            if not torch.equal(down, down[..., :1, :1].expand_as(down)):
-                raise LoraFormatError(f"{source}: {target}: the conv LoRA varies over the kernel; our LoRA is "
-                                      f"kernel-constant, so it can only be merged (tools/lora_merge.py)")
-            down = down[..., 0, 0]
-        if tuple(down.shape) != tuple(lora.lora_down.shape) or tuple(e.up.shape) != tuple(lora.lora_up.shape):
-            raise LoraFormatError(f"{source}: {target}: LoRA shapes {tuple(e.up.shape)} @ {tuple(down.shape)} "
-                                  f"do not fit "
-                                  f"{tuple(lora.lora_up.shape)} @ {tuple(lora.lora_down.shape)} (rank {lora.rank}); "
-                                  f"set rank to {e.rank} or check model_version")
-        if ours_dora and tuple(e.magnitude.shape) != tuple(lora.magnitude.shape):
-            raise LoraFormatError(f"{source}: {target}: DoRA magnitude shape {tuple(e.magnitude.shape)} does not fit "
-                                  f"{tuple(lora.magnitude.shape)} (LoRA for another model_version?)")
-        lora.lora_down.copy_(down.to(lora.lora_down.dtype))
-        lora.lora_up.copy_((e.up.float() * (e.alpha / float(alpha))).to(lora.lora_up.dtype))
-        if ours_dora:
-            lora.magnitude.copy_(e.magnitude.to(lora.magnitude.dtype))
+        if e.kind != adapter.kind:
+            raise LoraFormatError(f"{source}: {target} is a {e.kind} but this run trains a {adapter.kind}; "
+                                  f"set lora_type as the file was trained")
+        tensors = dict(e.tensors)
+        if "lora_up" in tensors and e.alpha != float(alpha):  # keep the update: fold the alpha ratio into up
+            tensors["lora_up"] = (tensors["lora_up"].float() * (e.alpha / float(alpha))).to(tensors["lora_up"].dtype)
+        elif e.alpha != float(alpha):
+            raise LoraFormatError(f"{source}: {target}: the file's {e.kind} has alpha {e.alpha:g}, this run "
+                                  f"{float(alpha):g}; set alpha as the file was trained")
+        try:
+            adapter.load_tensors(tensors, f"{source}: {target}")
+        except AdapterError as exc:
+            msg = str(exc)
+            if "rank" in msg and "lora_down" in tensors:
+                msg += f"; set rank to {e.rank} or check model_version"
+            raise LoraFormatError(msg) from None
 
 
-def _comfy_decompose(base: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, source: str,
-                     target: str) -> torch.Tensor:
-    """ComfyUI's DoRA weight for a ComfyUI-layout ``dora_scale`` (comfy/weight_adapter/base.py
-    ``weight_decompose``, float32): ``(W + delta) * dora_scale / (norm + eps)``, the norm being
-    the BASE weight's per output row when ``dora_scale``'s dim 0 is the weight's (out), else the
-    adapted weight's per input column (the older LyCORIS form, dora_scale (1, in, ...))."""
-    calc = base + delta
-    if dora_scale.shape[0] == calc.shape[0]:
-        norm = row_norms(base).view((-1,) + (1,) * (calc.dim() - 1))
-    else:
-        norm = calc.transpose(0, 1).flatten(1).norm(dim=1).view((1, -1) + (1,) * (calc.dim() - 2))
-    norm = norm + _COMFY_EPS
-    scale = dora_scale.float()
+def _fits(e: AdapterEntry, shape: Sequence[int], source: str) -> None:
+    """LoraFormatError (one line: key and reason) when the record's update is not a change of a
+    weight of ``shape`` (checked on the meta device: no memory)."""
+    meta = {n: torch.empty(t.shape, device="meta") for n, t in e.tensors.items()}
+    rows = (shape[0] // 3, *shape[1:]) if e.block is not None else tuple(shape)
     try:
-        ok = torch.broadcast_shapes(scale.shape, norm.shape) == norm.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise LoraFormatError(f"{source}: dora_scale of {target} has shape {tuple(scale.shape)}, which does not fit "
-                              f"a weight of shape {tuple(calc.shape)} (ComfyUI expects {tuple(norm.shape)})")
-    return calc * (scale / norm)
+        e.adapter.record_weight(torch.empty(rows, device="meta"), meta, e.alpha)
+    except (AdapterError, RuntimeError):
+        key = e.notes.get("key", e.target)
+        down, up = e.tensors.get("lora_down"), e.tensors.get("lora_up")
+        if (down is not None and up is not None and is_depthwise(shape) and up.shape[0] == 1
+                and down.dim() == 4 and down.shape[1] == shape[0]):
+            raise LoraFormatError(
+                f"{source}: {key}: refused: a depthwise-conv LoRA made of a full conv to rank {down.shape[0]} and a "
+                f"1-output-channel conv added to every channel (OneTrainer's) is an extra branch, not a change of "
+                f"the depthwise weight {tuple(shape)}; it cannot be merged (re-train without depthwise layers or "
+                f"drop those keys)") from None
+        sizes = {n: tuple(t.shape) for n, t in e.tensors.items()}
+        raise LoraFormatError(f"{source}: {e.kind} {key} {sizes} does not fit the weight {tuple(shape)} "
+                              f"(LoRA for another model_version?)") from None
+
+
+def check_fits(entries: Sequence[AdapterEntry], shapes: Mapping[str, Sequence[int]],
+               source: str = "LoRA file") -> None:
+    """Every record names a parameter of ``shapes`` and is a change of exactly that weight (before
+    anything is merged, so a bad file changes nothing)."""
+    for e in entries:
+        shape = shapes.get(e.target)
+        if shape is None:
+            raise LoraFormatError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
+        _fits(e, tuple(shape), source)
 
 
 @torch.no_grad()
-def merged_weight(weight: torch.Tensor, e: LoraEntry, strength: float = 1.0, source: str = "LoRA file") -> torch.Tensor:
-    """``weight`` plus ``strength`` times the entry's update (its third of a packed q/k/v weight
-    when ``e.block`` is set), computed in float32 and cast back to the weight's dtype.
+def merged_weight(weight: torch.Tensor, e: AdapterEntry, strength: float = 1.0,
+                  source: str = "LoRA file") -> torch.Tensor:
+    """``weight`` changed by record ``e`` at ``strength`` (its third of a packed q/k/v weight when
+    ``e.block`` is set), computed in float32 and cast back to the weight's dtype.
 
-    A DoRA's update is ``W' - W`` with ``W'`` its whole decomposed weight (``e.magnitude``: our
-    math, :func:`modules.lora.dora_weight`; ``e.dora_scale``: ComfyUI's), so ``strength`` blends
-    ``W + strength * (W' - W)`` as ComfyUI does (1 gives ``W'`` exactly, 0 the base)."""
-    if e.magnitude is not None or e.dora_scale is not None:
-        return _merged_dora(weight, e, float(strength), source)
-    try:
-        d = e.delta(tuple(weight.shape)) * float(strength)
-    except RuntimeError:
-        raise LoraFormatError(f"{source}: LoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
-                              f"does not fit the weight {tuple(weight.shape)} "
-                              f"(LoRA for another model_version?)") from None
-    merged = weight.float().clone()
-    if e.block is None:
-        merged += d.to(merged.device)
-    else:
-        rows = weight.shape[0] // 3
-        merged[e.block * rows:(e.block + 1) * rows] += d.to(merged.device)
-    return merged.to(weight.dtype)
-
-
-def _merged_dora(weight: torch.Tensor, e: LoraEntry, strength: float, source: str) -> torch.Tensor:
+    The kind gives the adapted weight ``W'`` (:meth:`Adapter.record_weight`); the result is
+    ``W + strength * (W' - W)``, as ComfyUI applies strength (for an additive kind that is
+    ``W + strength * delta``; for a DoRA the blend of the whole decomposed weight)."""
+    _fits(e, tuple(weight.shape), source)
     merged = weight.float().clone()
     rows = slice(None) if e.block is None else slice(e.block * (weight.shape[0] // 3),
                                                      (e.block + 1) * (weight.shape[0] // 3))
     base = merged[rows]
+    tensors = {n: t.to(base.device) for n, t in e.tensors.items()}
     try:
-        delta = e.delta(tuple(weight.shape))
-        if e.magnitude is not None:
-            if tuple(e.magnitude.shape) != tuple(base.shape[:1]):
-                raise RuntimeError
-            new = dora_weight(base, delta, e.magnitude)
-        else:
-            new = _comfy_decompose(base, delta.to(base.device), e.dora_scale.to(base.device), source, e.target)
-    except RuntimeError:
-        raise LoraFormatError(f"{source}: DoRA for {e.target} ({tuple(e.up.shape)} @ {tuple(e.down.shape)}) "
-                              f"does not fit the weight {tuple(weight.shape)} "
-                              f"(LoRA for another model_version?)") from None
-    merged[rows] = new.to(merged.device) if strength == 1.0 else base + strength * (new.to(merged.device) - base)
+        new = e.adapter.record_weight(base, tensors, e.alpha)
+    except AdapterError as exc:
+        raise LoraFormatError(f"{source}: {e.target}: {exc}") from None
+    strength = float(strength)
+    merged[rows] = new if strength == 1.0 else base + strength * (new - base)
     return merged.to(weight.dtype)
 
 
 @torch.no_grad()
-def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[LoraEntry], strength: float = 1.0,
+def merge_entries(state_dict: dict[str, torch.Tensor], entries: Sequence[AdapterEntry], strength: float = 1.0,
                   source: str = "LoRA file") -> dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` with every update added (:func:`merged_weight`).
-
-    The state dict uses official (plain) key names, so the target names are the keys."""
+    """A copy of ``state_dict`` with every record merged (:func:`merged_weight`); all records are
+    checked first. The state dict uses official (plain) key names, so the targets are the keys."""
+    check_fits(entries, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     out = dict(state_dict)
     for e in entries:
-        w = out.get(e.target)
-        if w is None:
-            raise LoraFormatError(f"{source}: LoRA target {e.target} is not in the checkpoint (wrong model?)")
-        out[e.target] = merged_weight(w, e, strength, source)
+        out[e.target] = merged_weight(out[e.target], e, strength, source)
     return out
 
 
-def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[LoraEntry]:
-    """Entries of a ``named`` state dict (convenience for tools/tests)."""
-    return _read_named({k: v for k, v in sd.items() if not k.startswith("embeddings.")}, "LoRA")
+def entries_from_named(sd: Mapping[str, torch.Tensor]) -> list[AdapterEntry]:
+    """Records of a ``named`` state dict (convenience for tools/tests)."""
+    body = {k: v for k, v in sd.items() if not k.startswith("embeddings.")}
+    targets = {k.rsplit(".", 1)[0] for k in body}
+    return _read_stems(body, targets, L.layout("named"), "LoRA")
 
 
-__all__ = ["LoraEntry", "LoraFormatError", "check_entries", "merged_weight", "read_lora_file", "metadata_list",
+__all__ = ["LoraEntry", "LoraFormatError", "merged_weight", "read_lora_file", "metadata_list",
            "detect_layout", "read_tokens", "read_entries", "pack_qkv", "comfy_stem_table",
            "named_state_dict", "official_state_dict", "comfyui_key_stems", "export_comfyui", "export_kohya",
-           "is_depthwise", "unloadable_targets", "KOHYA_PREFIX", "PREFIXES",
+           "export_layout", "check_entries", "check_fits", "is_depthwise", "unloadable_targets", "KOHYA_PREFIX",
+           "PREFIXES",
            "token_embedding_file", "load_into_loras", "merge_entries", "entries_from_named",
            "FORMAT_NAME", "FORMAT_VERSION", "COMFY_PREFIX", "stage_c_targets", "check_stage_c_version",
            "DORA_MAGNITUDE", "comfy_dora_scale"]
+
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_setup_loss_puts_the_chosen_weight_into_the_jobs_gdf():
                                    ({"adaptive_loss_weight": "true"}, AdaptiveLossWeight, ["loss_weight.pt"]),
                                    ({"loss_weighting": "adaptive"}, AdaptiveLossWeight, ["loss_weight.pt"])):
         names = []
-        job = SimpleNamespace(cfg=_config(**keys), defer=None, autocast=None,
+        job = SimpleNamespace(cfg=_config(**keys), defer=None, autocast=None, model_kind=StageCTrainer.model_kind,
                               register_state=lambda name, obj: names.append(name))
         job.make_gdf = lambda: StageCTrainer.make_gdf(job)
         StageCTrainer.setup_loss(job)

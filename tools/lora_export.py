@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
-"""Export a Stage C LoRA to the ComfyUI or the kohya key layout (+ a token embedding file).
+"""Export a Stage C adapter (LoRA, DoRA, LoKr, LoHa) to another tool's key layout (+ a token embedding file).
 
-    python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors [--format comfyui|kohya] \
+    python3 tools/lora_export.py runs/x/lora.safetensors --out my_lora.safetensors \
+        [--format comfyui|comfyui_model|kohya|onetrainer|diffusers] [--drop] \
         [--clip-text-model PATH_OR_NAME] [--dtype float16] [--model-version 3.6B] [--module-filters .attn] \
-        [--base models/stage_c_bf16.safetensors]   # needed for a DoRA (lora_type: dora): its dora_scale
+        [--base models/stage_c_bf16.safetensors]   # needed for a DoRA to ComfyUI: its dora_scale
 
-Writes ``lora_prior_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``--format
-comfyui``, the default; ComfyUI scales by alpha/rank, we write our alpha so the update is identical),
-or the same keys with kohya's prefix ``lora_unet_`` (``--format kohya``; same math). A LoRA on
-layers a target tool cannot load (depthwise convs: kohya skips them, OneTrainer refuses them) is
-still written, with a warning on stderr naming the layers. The packed attention
-``in_proj`` LoRA becomes three LoRAs ``..._attn_to_q`` / ``_to_k`` / ``_to_v`` that share
-``lora_down`` (ComfyUI splits the packed projection the same way). When tokens were trained, the
-FINAL embedding rows of those tokens (base row + trained delta) go to ``<out>_embeddings.safetensors``
-(key ``clip_g``, shape (n_tokens, width), token strings in the metadata): a textual-inversion style
-embedding; that needs the CLIP text model the LoRA was trained with (``--clip-text-model``, default
-the name stored in the LoRA) to rebuild the base rows. See docs/LORA.md.
+The layouts are those of ``modules.adapters.layouts`` (docs/LORA.md has the table of kinds x layouts):
+``comfyui`` (default, ``lora_prior_unet_<module>``), ``comfyui_model`` (``diffusion_model.<module>``),
+``kohya`` (``lora_unet_<module>``, plain LoRAs), ``onetrainer`` (its original layout ``unet.<module>``,
+q/k/v as ``attn.in_proj.0/1/2``) and ``diffusers`` (PEFT ``lora_A``/``lora_B``, alpha folded in). The
+packed attention ``in_proj`` adapter becomes three (q/k/v rows) where the tool splits it. What a layout
+cannot express (a DoRA to kohya, a depthwise-conv LoRA to OneTrainer, which reads it as another
+function) is an error naming the layer and why; ``--drop`` leaves those out and lists them on stderr.
+Layers a tool skips although the file holds them (kohya: depthwise convs) are warned about on stderr.
+When tokens were trained, the FINAL embedding rows of those tokens (base row + trained delta) go to
+``<out>_embeddings.safetensors`` (key ``clip_g``, shape (n_tokens, width), token strings in the
+metadata): a textual-inversion style embedding; that needs the CLIP text model the LoRA was trained
+with (``--clip-text-model``, default the name stored in the LoRA) to rebuild the base rows.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from typing import NoReturn
 from core.errors import UserError, run_cli
 
 DTYPES = ("float32", "float16", "bfloat16")
-FORMATS = ("comfyui", "kohya")
+#: the layouts this tool writes (modules.adapters.layouts; ours and the official one come from training)
+FORMATS = ("comfyui", "comfyui_model", "kohya", "onetrainer", "diffusers")
 
 
 def token_vectors(sd: dict, meta: dict, clip_text_model: str):
@@ -54,12 +57,14 @@ def token_vectors(sd: dict, meta: dict, clip_text_model: str):
 
 def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: str | None = None,
                 model_version: str | None = None, module_filters: list[str] | None = None,
-                base: str | None = None, fmt: str = "comfyui") -> dict:
+                base: str | None = None, fmt: str = "comfyui", drop: bool = False) -> dict:
     """Write ``out`` in layout ``fmt``; returns a summary (``unloadable``: tool -> layers it
-    cannot load, also warned on stderr)."""
+    skips, also warned on stderr; ``dropped``: what the layout cannot express, left out because
+    ``drop`` was given, also listed on stderr; without ``drop`` that is an error)."""
     import torch
 
-    from modules.lora_formats import (PREFIXES, export_comfyui, metadata_list, pack_qkv, read_entries, read_lora_file,
+    from modules.adapters.layouts import layout
+    from modules.lora_formats import (export_layout, metadata_list, pack_qkv, read_entries, read_lora_file,
                                       read_tokens, stage_c_targets, token_embedding_file, unloadable_targets)
     from fileio.state_dicts import save_safetensors
 
@@ -71,25 +76,28 @@ def export_file(lora: str, out: str, clip_text_model: str | None = None, dtype: 
     targets, shapes = stage_c_targets(version, filters)
     entries = pack_qkv(read_entries(sd, shapes, official_targets=targets, source=lora), lora)
     base_weights = None
-    if any(e.magnitude is not None for e in entries):  # a DoRA: dora_scale needs the base weights
-        if not base:
+    if any(e.adapter.needs_base for e in entries) and layout(fmt).dora_form == "comfy":
+        if not base:  # a DoRA: ComfyUI's dora_scale is computed from the base weights
             raise UserError(f"{lora} is a DoRA: pass --base, the Stage C checkpoint it was trained on "
                             f"(ComfyUI's dora_scale is computed from the base weights)")
         from fileio.state_dicts import read_state_dict
 
         base_weights = read_state_dict(base)
-    comfy = export_comfyui(entries, shapes, dtype=getattr(torch, dtype) if dtype else None, base_weights=base_weights,
-                           prefix=PREFIXES[fmt])
+    comfy, dropped = export_layout(entries, fmt, shapes, dtype=getattr(torch, dtype) if dtype else None,
+                                   base_weights=base_weights, drop=drop)
+    for line in dropped:
+        print(f"dropped: {line}", file=sys.stderr)
     unloadable = unloadable_targets([e.target for e in entries], shapes, fmt)
     for tool, layers in unloadable.items():
         print(f"warning: {tool} cannot load the LoRA on {len(layers)} depthwise conv layer(s) of {lora} "
               f"(it skips or refuses them): {', '.join(layers)}", file=sys.stderr)
-    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(entries[0].rank) if entries else "0",
+    info = {"ss_network_module": "networks.lora", "cascade_adapter_kinds": ",".join(sorted({e.kind for e in entries})),
+            "ss_network_dim": str(entries[0].rank) if entries else "0",
             "ss_network_alpha": repr(entries[0].alpha) if entries else "0", "ss_base_model_version": "stable_cascade_c",
             "cascade_model_version": version, "source": os.path.basename(lora)}
     save_safetensors(comfy, out, metadata=info)
-    summary = {"out": out, "format": fmt, "loras": sum(k.endswith(".lora_down.weight") for k in comfy),
-               "model_version": version, "unloadable": unloadable}
+    summary = {"out": out, "format": fmt, "loras": len(entries) - len(dropped),
+               "model_version": version, "unloadable": unloadable, "dropped": dropped}
     if read_tokens(sd) is not None:
         name = clip_text_model or meta.get("clip_text_model_name")
         if not name:
@@ -107,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lora", help="LoRA file (ours or official positional)")
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     parser.add_argument("--format", choices=FORMATS, default="comfyui",
-                        help="key layout: comfyui (lora_prior_unet_*) or kohya (lora_unet_*)")
+                        help="key layout: comfyui (lora_prior_unet_*), comfyui_model (diffusion_model.*), kohya "
+                             "(lora_unet_*), onetrainer (unet.*, its original layout), diffusers (PEFT lora_A/lora_B)")
+    parser.add_argument("--drop", action="store_true",
+                        help="leave out (and list) what the layout cannot express instead of failing")
     parser.add_argument("--clip-text-model", default=None, help="CLIP text model of training (for token embeddings)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of lora_down/up (default: as stored)")
     parser.add_argument("--model-version", default=None, help="Stage C version (default: from the file, else 3.6B)")
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="Stage C checkpoint the LoRA was trained on (DoRA only)")
     args = parser.parse_args(argv)
     print(json.dumps(export_file(args.lora, args.out, args.clip_text_model, args.dtype, args.model_version,
-                                 args.module_filters, args.base, args.format)))
+                                 args.module_filters, args.base, args.format, args.drop)))
     return 0
 
 

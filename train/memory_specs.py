@@ -195,11 +195,11 @@ def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[
     return x, cond
 
 
-def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tuple[int, Sequence[str], str]] = None,
+def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[dict] = None,
           controlnet: Optional[dict] = None) -> MemorySpec:
     """The spec of one rank of a generator run: ``mode`` 'full' trains the generator; 'lora' trains
-    ``lora = (rank, filters, lora_type)`` on it frozen; 'controlnet' trains a ControlNet (``controlnet``
-    kwargs) that feeds it frozen."""
+    adapters on it frozen (``lora``: :func:`float32_lora` keywords filters, rank, lora_type and the
+    kind's options); 'controlnet' trains a ControlNet (``controlnet`` kwargs) that feeds it frozen."""
     from modules.common import BLOCK_TYPES
     from modules.registry import build_model, model_config
 
@@ -222,7 +222,7 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
             quantize_as_configured(generator, SimpleNamespace(base_dtype=f["base_dtype"],
                                                               base_quant_block=f["base_quant_block"]))
         if lora is not None:
-            float32_lora(generator, lora[1], lora[0], lora[2])
+            float32_lora(generator, **lora)
         if controlnet is not None:
             from modules.controlnet import ControlNet
 
@@ -245,13 +245,17 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[tu
         return list(cnet.backbone) + list(cnet.projections)
 
     def param_counts(networks: nn.Module) -> dict[str, int]:
-        # the base generator, without the LoRA factors parametrizing it
-        return {"generator": sum(p.numel() for n, p in networks["generator"].named_parameters() if "lora_" not in n)}
+        # the base generator, without the adapters parametrizing it
+        from modules.adapters import Adapter
+
+        generator = networks["generator"]
+        adapted = {id(p) for m in generator.modules() if isinstance(m, Adapter) for p in m.parameters()}
+        return {"generator": sum(p.numel() for p in generator.parameters() if id(p) not in adapted)}
 
     details: dict[str, Any] = {"kind": kind, "model_version": version, "mode": mode,
                                **{k: f[k] for k in LOW_VRAM_FIELDS}}
     if lora is not None:
-        details.update(lora_rank=lora[0], lora_filters=list(lora[1]), lora_type=lora[2])
+        details.update(lora_rank=lora["rank"], lora_filters=list(lora["filters"]), lora_type=lora["lora_type"])
     if controlnet is not None:
         details["controlnet"] = dict(controlnet)
     if kind == "stage_c":
@@ -291,30 +295,38 @@ def lora_spec(cfg: Any, world_size: int = 1) -> MemorySpec:
     are not counted."""
     rank = int(_get(cfg, "rank", 4) or 4)
     filters = tuple(_get(cfg, "module_filters", [".attn"]) or [".attn"])
-    return _spec(cfg, "stage_c", "lora", world_size, lora=(rank, filters, _get(cfg, "lora_type", "lora") or "lora"))
+    from modules.adapters import kind
+
+    lora_type = str(_get(cfg, "lora_type", "lora") or "lora")
+    return _spec(cfg, "stage_c", "lora", world_size,
+                 lora=dict(filters=filters, rank=rank, lora_type=lora_type, **kind(lora_type).options_from(cfg)))
 
 
-def float32_lora(generator: nn.Module, filters: Sequence[str], rank: int, lora_type: str = "lora") -> list[nn.Parameter]:
-    """Attach the LoRA job's adapters (``modules.lora.apply_lora``) to a frozen ``generator``, their
-    parameters in float32 as the job trains them on a bf16 base; returns those trainable parameters.
-    Assigned, not cast: the module of a parametrization cannot be cast in place on a meta or fake build.
-    (The memory estimate and bench/gpu.py build with it; the adapter interface will own this.)"""
+def float32_lora(generator: nn.Module, filters: Sequence[str], rank: int, lora_type: str = "lora",
+                 **options: Any) -> list[nn.Parameter]:
+    """Attach the LoRA job's adapters (``modules.lora.apply_lora``, kind ``lora_type`` with its
+    ``options``) to a frozen ``generator``, their parameters in float32 as the job trains them on a
+    bf16 base; returns those trainable parameters. Assigned, not cast: the module of a
+    parametrization cannot be cast in place on a meta or fake build. (The memory estimate and
+    bench/gpu.py build with it.)"""
     from modules.lora import apply_lora
 
     params: list[nn.Parameter] = []
-    for _name, module in apply_lora(generator, list(filters), rank=rank, lora_type=lora_type):
+    for _name, module in apply_lora(generator, list(filters), rank=rank, lora_type=lora_type, **options):
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(p.detach().float()))
         params += list(module.parameters(recurse=False))
     return params
 
 
-def lora_parameter_count(shapes: Mapping[str, Sequence[int]], rank: int, lora_type: str = "lora") -> int:
+def lora_parameter_count(shapes: Mapping[str, Sequence[int]], rank: int, lora_type: str = "lora",
+                         **options: Any) -> int:
     """Trainable parameters of the adapters :func:`float32_lora` attaches to the weights of
-    ``shapes`` (target -> weight shape ``(out, in)``): ``rank x (out + in)`` each, + ``out`` (the
-    magnitude vector) for ``lora_type: dora``. Counted without building the model (the dry run)."""
-    dora = lora_type == "dora"
-    return sum(rank * (shape[0] + shape[1]) + (shape[0] if dora else 0) for shape in shapes.values())
+    ``shapes`` (target -> weight shape), each kind's own count (``Adapter.param_count``: e.g. a
+    LoRA ``rank x (out + in)``, a DoRA + ``out``). Counted without building the model (the dry run)."""
+    from modules.lora import adapter_param_count
+
+    return adapter_param_count(dict(shapes), list(shapes), lora_type, rank, **options)
 
 
 def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict] = None) -> MemorySpec:
@@ -326,5 +338,4 @@ def controlnet_spec(cfg: Any, world_size: int = 1, *, controlnet: Optional[dict]
 
 
 __all__ = ["stage_c_spec", "stage_b_spec", "lora_spec", "controlnet_spec", "float32_lora", "lora_parameter_count",
-           "clip_text_params",
-           "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]
+           "clip_text_params", "clip_vision_params", "CNET_PROJ_BLOCKS", "DEFAULT_CONTROLNET", "FSDP_SHARDED"]

@@ -4,9 +4,10 @@
 
 What differs from ``train_c.py`` (docs/OFFICIAL.md, LoRA tokens; docs/LORA.md):
 * the Stage C generator is FROZEN (``requires_grad_(False)``; the official script forgot this and
-  paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha)`` adds the only
-  trainable generator parameters (kept in float32 on a bf16 base); ``lora_type: dora`` makes them
-  DoRAs (``modules.lora.DoRA``: + a magnitude vector per adapted weight);
+  paid for full 3.6B gradients); ``apply_lora(generator, module_filters, rank, alpha, lora_type)`` adds
+  the only trainable generator parameters (kept in float32 on a bf16 base), adapters of the kind
+  ``lora_type`` (``modules.adapters``: lora, dora, lokr, loha; the job never names a kind);
+  ``lora_plus_ratio`` trains each kind's up/B factors with a larger learning rate (LoRA+);
 * ``train_tokens`` adds/selects CLIP tokens whose embedding rows train through a ReToken; the text
   encoder then runs WITH grad (only those rows change);
 * ``generator_dropout`` defaults to 0: the official run trained in eval mode after its first preview;
@@ -32,6 +33,7 @@ from core.config import doc
 from core.errors import UserError, run_cli
 from core.quantize import quantize_as_configured
 from core.seeding import derive_seed
+from modules.adapters import kind, kinds
 from modules.lora import apply_lora
 from train.memory_specs import lora_parameter_count, lora_spec
 from train.train_c import StageCConfig, StageCTrainer
@@ -53,10 +55,14 @@ class LoraConfig(StageCConfig):
                                                "as the official code); ['.attn'] = every attention's in_proj and out_proj.")
     rank: int = doc(4, "LoRA rank r.")
     alpha: float = doc(1.0, "LoRA update = lora_up @ lora_down * alpha / rank; 1.0 = the official scale 1/rank.")
-    lora_type: str = doc("lora", "'lora' or 'dora' (weight-decomposed LoRA): DoRA also trains a magnitude per output "
-                                 "row of each adapted weight, W' = m * (W + update) / ||W + update||_row, whose updates "
-                                 "are closer to full finetuning at the same rank (DoRA paper); ComfyUI loads its export "
-                                 "(dora_scale).")
+    lora_type: str = doc("lora", "Adapter kind: 'lora'; 'dora' (weight-decomposed LoRA: also a magnitude per output "
+                                 "row, W' = m * (W + update) / ||W + update||_row, closer to full finetuning at the "
+                                 "same rank; ComfyUI loads its export); 'lokr' (LyCORIS LoKr: kron(w1, w2_a @ w2_b), "
+                                 "see lokr_factor); 'loha' (LyCORIS LoHa: Hadamard product of two rank-r products). "
+                                 "All kinds train on every target module_filters selects; docs/LORA.md.")
+    lokr_factor: int = doc(-1, "LoKr only: the Kronecker factor size (LyCORIS 'factor'); -1 = as square as possible.")
+    lora_plus_ratio: float = doc(1.0, "LoRA+: the up/B factors of every adapter (lora_up; LoKr w1/w2_a; LoHa "
+                                      "w1_a/w2_a) train with lr * this ratio (LoRA+ paper: e.g. 16); 1 = one lr.")
     train_tokens: Optional[list[list[Optional[str]]]] = doc(
         None, "[[token_or_regex, init_regex_or_null], ...]: '[name]' adds a token initialised to the mean of the "
               "rows matching init_regex; a bare regex finetunes the matching existing tokens.")
@@ -71,15 +77,18 @@ class LoraConfig(StageCConfig):
     def validate_lora(self) -> None:
         from modules.lora_tokens import validate_train_tokens
 
-        from modules.lora import LORA_TYPES
-
         if self.rank < 1:
             raise UserError(f"config key 'rank' must be >= 1, got {self.rank}")
-        if self.lora_type not in LORA_TYPES:
-            raise UserError(f"config key 'lora_type' must be one of {', '.join(LORA_TYPES)}, got {self.lora_type!r}")
-        if self.lora_type == "dora" and self.save_official_layout:
-            raise UserError("config key 'save_official_layout': the official positional layout has no DoRA magnitude, "
-                            "so it cannot be written for lora_type: dora; remove the key (or set it to false)")
+        if self.lora_type not in kinds():
+            raise UserError(f"config key 'lora_type' must be one of {', '.join(kinds())}, got {self.lora_type!r}")
+        if self.save_official_layout and not self.official_layout_holds_kind():
+            raise UserError(f"config key 'save_official_layout': the official positional layout holds plain LoRAs "
+                            f"only (no DoRA magnitude), so it cannot be written for lora_type: {self.lora_type}; "
+                            f"remove the key (or set it to false)")
+        if not self.lora_plus_ratio > 0:
+            raise UserError(f"config key 'lora_plus_ratio' must be > 0, got {self.lora_plus_ratio}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"config key 'lokr_factor' must be -1 or >= 1, got {self.lokr_factor}")
         if not self.alpha > 0:
             raise UserError(f"config key 'alpha' must be > 0, got {self.alpha}")
         if not self.module_filters or not all(isinstance(f, str) and f for f in self.module_filters):
@@ -93,6 +102,10 @@ class LoraConfig(StageCConfig):
             raise UserError("config key 'ema_start_iters': EMA is not supported for LoRA jobs (the official LoRA "
                             "training has none); remove the ema_* keys")
 
+    def official_layout_holds_kind(self) -> bool:
+        """Whether ``lora_official.safetensors`` can hold this run's adapter kind."""
+        return "official" in kind(self.lora_type).file_names
+
 
 class StageCLoraTrainer(StageCTrainer):
     """Stage C LoRA job: frozen generator + LoRA (+ trained token rows)."""
@@ -105,11 +118,11 @@ class StageCLoraTrainer(StageCTrainer):
         from modules.lora_formats import stage_c_targets
 
         targets, shapes = stage_c_targets(cfg.model_version, list(cfg.module_filters))
-        n = lora_parameter_count({t: shapes[t] for t in targets}, cfg.rank, cfg.lora_type)
+        n = lora_parameter_count({t: shapes[t] for t in targets}, cfg.rank, cfg.lora_type,
+                                 **kind(cfg.lora_type).options_from(cfg))
         return super().describe(cfg) + [
             "# LoRA", f"filters {list(cfg.module_filters)}: {len(targets)} adapted weights, rank {cfg.rank}, "
-                      f"{n:,} {'DoRA' if cfg.lora_type == 'dora' else 'LoRA'} parameters; "
-                      f"train_tokens: {cfg.train_tokens or []}"]
+                      f"{n:,} {kind(cfg.lora_type).title} parameters; train_tokens: {cfg.train_tokens or []}"]
 
     memory_spec = staticmethod(lora_spec)  # the dry run's per-rank memory estimate
 
@@ -133,14 +146,14 @@ class StageCLoraTrainer(StageCTrainer):
             torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
             try:
                 self.loras = apply_lora(generator, list(cfg.module_filters), rank=cfg.rank, alpha=cfg.alpha,
-                                        lora_type=cfg.lora_type)
+                                        lora_type=cfg.lora_type, **kind(cfg.lora_type).options_from(cfg))
             except ValueError as exc:
                 raise UserError(f"config key 'module_filters': {exc}") from None
         params = []
         for _, lora in self.loras:
             params += list(lora.float().parameters())
         log.info("%s: %d adapted weights (filters %s, rank %d, alpha %g), %d trainable parameters",
-                 "DoRA" if cfg.lora_type == "dora" else "LoRA", len(self.loras), list(cfg.module_filters), cfg.rank,
+                 kind(cfg.lora_type).title, len(self.loras), list(cfg.module_filters), cfg.rank,
                  cfg.alpha, sum(p.numel() for p in params))
         self.add_trained("generator", generator, params=params)
 
@@ -169,7 +182,7 @@ class StageCLoraTrainer(StageCTrainer):
         if self.tokens.ids:
             tokens = FileState(lambda: self.tokens.to_json(self.tokenizer) | {"train_tokens": self.cfg.train_tokens})
             self.register_state(TOKENS_FILE, tokens, publish=True, restore=False)
-        if self.cfg.save_official_layout is not False and self.cfg.lora_type == "lora":
+        if self.cfg.save_official_layout is not False and self.cfg.official_layout_holds_kind():
             self.register_state(OFFICIAL_FILE, FileState(self.official_state_dict, meta), publish=True, restore=False)
         if self.cfg.export_comfyui:
             self.register_state(COMFY_FILE, FileState(self.comfyui_lora, meta), publish=True, restore=False)
@@ -201,21 +214,24 @@ class StageCLoraTrainer(StageCTrainer):
             idx, deltas = self.retoken.indices, self.retoken.embeddings
         return named_state_dict(self.full_loras(), self.cfg.alpha, idx, deltas)
 
-    def full_loras(self) -> list[tuple[str, Any]]:
-        """``[(target, LoRA weights)]`` with whole tensors: under FSDP the LoRA parameters are
+    def full_loras(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """``[(target, {tensor name: whole tensor})]``: under FSDP the adapter parameters are
         shards (DTensors) of the generator's blocks, gathered here. Collective then: every rank
         calls it, at each save (the core's snapshot runs on every rank)."""
-        from types import SimpleNamespace
-
         from core.distributed import full_tensor
 
-        def magnitude(lora: Any) -> Optional[torch.Tensor]:
-            m = getattr(lora, "magnitude", None)  # a DoRA
-            return None if m is None else full_tensor(m.detach())
+        return [(target, {name: full_tensor(t.detach()) for name, t in adapter.tensors().items()})
+                for target, adapter in self.loras]
 
-        return [(target, SimpleNamespace(lora_down=full_tensor(lora.lora_down.detach()),
-                                         lora_up=full_tensor(lora.lora_up.detach()), magnitude=magnitude(lora)))
-                for target, lora in self.loras]
+    def optimizer_param_groups(self, params: list) -> list:
+        """LoRA+: the adapters' up/B factors in a second group with ``lr * lora_plus_ratio``."""
+        ratio = float(self.cfg.lora_plus_ratio)
+        if ratio == 1.0:
+            return params
+        up = {id(p) for _, adapter in self.loras for p in adapter.up_parameters()}
+        groups = [{"params": [p for p in params if id(p) not in up]},
+                  {"params": [p for p in params if id(p) in up], "lr": self.cfg.lr * ratio}]
+        return [g for g in groups if g["params"]]
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         from modules.lora_formats import official_state_dict
@@ -229,6 +245,7 @@ class StageCLoraTrainer(StageCTrainer):
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "c",
                 "model_version": str(cfg.model_version), "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)),
                 "lora_type": str(cfg.lora_type),
+                "adapter_options": json.dumps(kind(cfg.lora_type).options_from(cfg)),
                 "module_filters": json.dumps(list(cfg.module_filters)),
                 "train_tokens": json.dumps(cfg.train_tokens or []),
                 "tokens": json.dumps(self.tokens.token_strings(self.tokenizer) if self.tokens.ids else []),
@@ -246,7 +263,7 @@ class StageCLoraTrainer(StageCTrainer):
         generator = self.unwrapped("generator")
         shapes = {t: _base_shape(generator, t) for t, _ in self.loras}
         base = None
-        if self.cfg.lora_type == "dora":  # its dora_scale is computed from the frozen base weights
+        if kind(self.cfg.lora_type).needs_base:  # e.g. a DoRA's dora_scale, from the frozen base weights
             from core.distributed import full_tensor
 
             base = {t: full_tensor(_base_weight(generator, t).detach()) for t, _ in self.loras}

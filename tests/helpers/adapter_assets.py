@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,3 +90,21 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             out[int(rec["step"])] = rec["loss"]
     return out
+
+
+def run_and_resume(trainer: Any, config: str, assets: Path, run_root: Path, run: dict) -> tuple[Path, Path]:
+    """Run ``trainer`` for ``run`` (experiment ``a``) and again stopped after ``updates - 1`` and
+    resumed (experiment ``b``); checks the resumed run equals the straight one (last loss, every
+    tensor of ``lora.safetensors``) and returns both run folders."""
+    from safetensors.torch import load_file
+
+    updates = run["updates"]
+    assert trainer.main(cli_args(config, assets, run_root, experiment_id="a", **run)) == 0
+    assert trainer.main(cli_args(config, assets, run_root, experiment_id="b", **{**run, "updates": updates - 1})) == 0
+    assert trainer.main(cli_args(config, assets, run_root, experiment_id="b", **run)) == 0
+    run_a, run_b = run_root / "ck" / "a", run_root / "ck" / "b"
+    la, lb = losses(run_a), losses(run_b)
+    assert sorted(la) == list(range(1, updates + 1)) and la[updates] == lb[updates]
+    a, b = load_file(run_a / "lora.safetensors"), load_file(run_b / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return run_a, run_b
