@@ -51,7 +51,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+# the step itself (one code path for the GPU run and the simulation)
+from train.bench_step import (Row, build_encoders, build_trained,  # noqa: F401
+                              controlnet_kwargs, make_optimizer, preset_rows, trained_loss, train_forward,
+                              training_step)
+
 GIB = 2**30
+#: what a card needs besides the allocated peak: CUDA context and allocator slack (GiB)
+BUDGET_SLACK_GIB = 1.5
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of
 #: ``torch.cuda.get_device_name()``; first match wins, so longer names come first.
@@ -62,39 +69,6 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("5090", 209.5), ("4090", 165.2), ("4080", 97.5), ("3090", 71.0), ("3080", 59.5),
     ("V100", 125.0), ("T4", 65.0),
 ]
-
-#: CLIP ViT-bigG-14 text tower (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k, text_config).
-CLIP_TEXT_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                      num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                      projection_dim=1280)
-#: CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14, vision_config).
-CLIP_VISION_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-#: --quick: the same towers at test size (widths match the tiny Stage B/C conditions).
-CLIP_TEXT_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
-CLIP_VISION_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=32, patch_size=8, hidden_act="quick_gelu", projection_dim=24)
-
-
-@dataclass
-class Row:
-    """One benchmark row: a job's training step at one setting."""
-
-    name: str
-    title: str
-    kind: str                       # "stage_c" | "stage_b"
-    version: str                    # modules.registry model_version
-    mode: str = "full"              # "full" | "lora" | "controlnet"
-    batch: int = 4
-    image_size: int = 1024
-    checkpointing: bool = False
-    weight_dtype: str = "float32"   # the trained network's storage dtype (full finetunes)
-    optimizer: str = "adamw"
-    stochastic_rounding: bool = False
-    search_max_batch: bool = False  # double the batch until out of memory
-    lora_rank: int = 4
-
 
 ROWS: list[Row] = [
     Row("c36_lora", "Stage C 3.6B LoRA r4 .attn", "stage_c", "3.6B", "lora"),
@@ -111,6 +85,18 @@ ROWS: list[Row] = [
         checkpointing=True),
     Row("b3b_full", "Stage B 3B full, bf16 + Adafactor, grad ckpt", "stage_b", "3B", checkpointing=True,
         weight_dtype="bfloat16", optimizer="adafactor"),
+    # the low-VRAM goals of issue 24 (bench/README.md)
+    Row("c36_lora_int8", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, cached", "stage_c", "3.6B", "lora",
+        checkpointing=True, base_dtype="int8", cached=True),
+    Row("c36_lora_lowvram", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, offload 2 blocks, cached", "stage_c",
+        "3.6B", "lora", checkpointing=True, base_dtype="int8", offload_blocks=2, cached=True),
+    Row("c36_lora_offload_b1", "Stage C 3.6B LoRA r4 .attn, int8 base, grad ckpt, offload 2 blocks, cached",
+        "stage_c", "3.6B", "lora", batch=1, checkpointing=True, base_dtype="int8", offload_blocks=2, cached=True),
+    Row("c36_full_fused_b1", "Stage C 3.6B full, bf16 + Adafactor, fused backward, grad ckpt", "stage_c", "3.6B",
+        batch=1, checkpointing=True, weight_dtype="bfloat16", optimizer="adafactor", fused_backward=True,
+        grad_clip=None),
+    Row("c36_controlnet_int8_offload", "ControlNet canny on Stage C 3.6B, int8 base, offload 2 blocks, grad ckpt",
+        "stage_c", "3.6B", "controlnet", checkpointing=True, base_dtype="int8", offload_blocks=2),
 ]
 
 
@@ -118,198 +104,6 @@ def quick_row(row: Row) -> Row:
     """The row at test size (tiny networks, 64 px, batch <= 2) for ``--quick``."""
     return replace(row, version="tiny", image_size=64, batch=min(row.batch, 2),
                    title=row.title.replace(row.version, "tiny", 1))
-
-
-# ------------------------------------------------------------------------------------------------
-# building a row's networks
-# ------------------------------------------------------------------------------------------------
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def controlnet_kwargs(row: Row) -> dict:
-    """The official canny ControlNet (tiny Stage C: injected into its first two ResBlock calls)."""
-    from modules.registry import model_config
-
-    kw = dict(model_config("controlnet", "canny"))
-    kw["c_proj"] = model_config(row.kind, row.version).get("c_hidden", [2048])[0]
-    if row.version == "tiny":
-        kw["proj_blocks"] = [0, 1]
-    return kw
-
-
-def _materialize(module: nn.Module, device: Any) -> nn.Module:
-    """A meta-device module given storage on ``device`` and random weights (weight tensors >= 2-d
-    ~ N(0, 0.02), 1-d weights (norm scales) 1, the rest 0, BatchNorm variances 1: what a timing needs, without running
-    every init function of a multi-billion-parameter network). ``device=None``: uninitialised
-    storage, for FLOP counting under ``FakeTensorMode`` (tensors are replaced, not swapped, which
-    fake tensors do not allow)."""
-    new: dict[int, torch.Tensor] = {}   # id -> replacement, so shared tensors stay shared
-    dev = device if device is not None else "cpu"
-    for m in module.modules():
-        for table in (m._parameters, m._buffers):
-            for k, t in table.items():
-                if t is None:
-                    continue
-                if id(t) not in new:
-                    x = torch.empty(t.shape, dtype=t.dtype, device=dev)
-                    if device is not None and x.is_floating_point():
-                        with torch.no_grad():
-                            if x.dim() >= 2:
-                                x.normal_(0.0, 0.02)
-                            else:  # 1-d: norm scales 1, biases 0
-                                x.fill_(1.0 if k == "weight" else 0.0)
-                    new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
-                table[k] = new[id(t)]
-        if device is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-            m.running_var.fill_(1.0)
-    return module
-
-
-def build_trained(row: Row, device: Any) -> tuple[nn.ModuleDict, list[nn.Parameter]]:
-    """The generator (+ LoRA / ControlNet) as the job trains it, and the trained parameters."""
-    from modules.registry import build_model
-
-    frozen_base = row.mode != "full"
-    with _default_dtype(torch.bfloat16 if frozen_base else _dtype(row.weight_dtype)):
-        generator = _materialize(build_model(row.kind, row.version, device="meta"), device)
-    nets = nn.ModuleDict({"generator": generator})
-    # trained (full, LoRA inside it) in train mode; the frozen base under a ControlNet in eval mode
-    generator.train(row.mode != "controlnet")
-    if row.mode == "full":
-        params = list(generator.parameters())
-    else:
-        generator.requires_grad_(False)
-        params = []
-    if row.mode == "lora":
-        from train.memory_specs import float32_lora
-
-        params += float32_lora(generator, [".attn"], row.lora_rank)  # float32 on the bf16 base, as the job
-    if row.mode == "controlnet":
-        from modules.controlnet import ControlNet
-
-        with torch.device("meta"):
-            cnet = ControlNet(**controlnet_kwargs(row))
-        nets["controlnet"] = _materialize(cnet, device).train()
-        params += list(nets["controlnet"].parameters())
-    for net in nets.values():
-        net.set_gradient_checkpointing(row.checkpointing)
-    return nets, params
-
-
-def build_encoders(row: Row, device: Any, quick: bool) -> dict[str, nn.Module]:
-    """The frozen parts the job runs every step, random weights, bf16 (Stage A float32, as registered)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from modules.registry import build_model
-
-    out: dict[str, nn.Module] = {}
-    # CLIP is built where it runs (its integer position ids must be real); the convolutional
-    # encoders on the meta device, then given random weights (no init functions: seconds per row)
-    with torch.device(device), _default_dtype(torch.bfloat16):
-        out["text"] = CLIPTextModelWithProjection(CLIPTextConfig(**(CLIP_TEXT_TINY if quick else CLIP_TEXT_BIGG)))
-        if row.kind == "stage_c":
-            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-            out["vision"] = CLIPVisionModelWithProjection(
-                CLIPVisionConfig(**(CLIP_VISION_TINY if quick else CLIP_VISION_L14)))
-    with torch.device("meta"), _default_dtype(torch.bfloat16):
-        out["effnet"] = _materialize(build_model("effnet", "default"), device)
-    if row.kind == "stage_b":
-        with torch.device("meta"):
-            out["stage_a"] = _materialize(build_model("stage_a", "default"), device)  # float32, as the job has it
-    for name, m in out.items():
-        out[name] = m.requires_grad_(False).eval()
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# one training step
-# ------------------------------------------------------------------------------------------------
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _encode(row: Row, enc: dict[str, nn.Module], images: torch.Tensor, device: torch.device
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(x0, conditions) of a batch of [0,1] images, no grad, as the jobs compute them."""
-    from modules.conditioning import clip_preprocess
-    from modules.effnet import imagenet_normalize
-
-    b = images.shape[0]
-    text = enc["text"]
-    ids = torch.randint(0, text.config.vocab_size, (b, 77), device=device)
-    out = text(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-    effnet = enc["effnet"]
-
-    def latents_of(x: torch.Tensor) -> torch.Tensor:
-        x = imagenet_normalize(x.float()).contiguous(memory_format=torch.channels_last)
-        return effnet(x.to(torch.bfloat16)).float()
-
-    if row.kind == "stage_c":
-        vision = enc["vision"]
-        pixels = clip_preprocess(images, size=int(vision.config.image_size)).to(torch.bfloat16)
-        cond = {"clip_text": out.hidden_states[-1].float(), "clip_text_pooled": out.text_embeds.unsqueeze(1).float(),
-                "clip_img": vision(pixel_values=pixels).image_embeds.unsqueeze(1).float()}
-        return latents_of(images), cond
-    h, w = images.shape[-2:]
-    small = torch.nn.functional.interpolate(images, size=(max(32, h * 3 // 4 // 32 * 32), max(32, w * 3 // 4 // 32 * 32)),
-                                            mode="nearest")
-    cond = {"effnet": latents_of(small), "clip": out.text_embeds.unsqueeze(1).float()}
-    return enc["stage_a"].encode(images.float())[0].float(), cond
-
-
-def _canny_input(images: torch.Tensor) -> torch.Tensor:
-    # the control image's cost is the filter's (CPU, in the data step of the job); a grey image
-    # stands in for it here
-    return images.mean(1, keepdim=True)
-
-
-def trained_loss(row: Row, nets: nn.ModuleDict, noised: torch.Tensor, noise_cond: torch.Tensor,
-                 cond: dict[str, torch.Tensor], images: Optional[torch.Tensor], device: torch.device
-                 ) -> torch.Tensor:
-    """The trained networks' forward under bf16 autocast -> per-sample MSE (batch mean)."""
-    extra = {}
-    with _autocast(device):
-        if "controlnet" in nets:
-            extra["cnet"] = nets["controlnet"](_canny_input(images))
-        pred = nets["generator"](noised, noise_cond, **cond, **extra)
-    return (pred.float() - noised.float()).pow(2).mean()
-
-
-def train_forward(row: Row, nets: nn.ModuleDict, x0: torch.Tensor, cond: dict[str, torch.Tensor],
-                  images: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """diffuse -> trained forward under bf16 autocast -> the job's loss (train/diffusion_loss.py)."""
-    import gdf.presets
-    from train.diffusion_loss import DiffusionLoss
-
-    schedule = gdf.presets.stage_c() if row.kind == "stage_c" else gdf.presets.stage_b()
-    loss_fn = DiffusionLoss(schedule, defer=lambda fn: fn(), autocast=lambda: _autocast(device))
-    extra = {}
-    if "controlnet" in nets:
-        with _autocast(device):
-            extra["cnet"] = nets["controlnet"](_canny_input(images))
-    generators = [torch.Generator().manual_seed(i) for i in range(x0.shape[0])]
-    loss, _ = loss_fn(lambda x, r: nets["generator"](x, r, **cond, **extra), x0, generators)
-    return loss
-
-
-def make_optimizer(row: Row, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    from core.optim import OptimConfig, build_optimizer
-
-    cfg = OptimConfig()
-    cfg.optimizer, cfg.stochastic_rounding = row.optimizer, row.stochastic_rounding
-    return build_optimizer(params, 1e-5, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,9 +163,12 @@ def memory_estimate(row: Row, batch: int) -> Optional[float]:
 
     cfg = SimpleNamespace(model_version=row.version, batch_size=batch, image_size=row.image_size,
                           optimizer=row.optimizer, dtype=row.weight_dtype if row.mode == "full" else None,
-                          frozen_dtype="bfloat16", precision="auto", cache_path=None, rank=row.lora_rank,
-                          module_filters=[".attn"], grad_accum_steps=1, use_fsdp=False,
-                          gradient_checkpointing=row.checkpointing)
+                          frozen_dtype="bfloat16", precision="auto", cache_path="cache" if row.cached else None,
+                          rank=row.lora_rank, module_filters=list(row.lora_filters), grad_accum_steps=1,
+                          use_fsdp=False, gradient_checkpointing=row.checkpointing,
+                          stochastic_rounding=row.stochastic_rounding, base_dtype=row.base_dtype,
+                          base_quant_block=row.base_quant_block, offload_blocks=row.offload_blocks,
+                          fused_backward=row.fused_backward)
     if row.mode == "lora":
         spec = lora_spec(cfg)
     elif row.mode == "controlnet":
@@ -452,13 +249,7 @@ def measure_steps(row: Row, nets: nn.ModuleDict, params: list, opt: torch.optim.
         images = torch.rand(batch, 3, row.image_size, row.image_size, device=device, generator=gen)
         _sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x0, cond = _encode(row, enc, images, device)
-        loss = train_forward(row, nets, x0, cond, images, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(row, nets, params, opt, enc, images, device)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -542,11 +333,32 @@ def run_row(row: Row, quick: bool, warmup: int, steps: int, budget_s: float) -> 
     return result
 
 
-def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path: str) -> None:
-    if quick:
+def simulate_one(row: Row) -> dict:
+    """The simulated step of ``row`` (``core.memsim`` on fake tensors, full size) beside the
+    ``--dry-run`` estimate, as one JSON object."""
+    from train.bench_step import simulate_row
+
+    sim = simulate_row(row)
+    result: dict[str, Any] = {"name": row.name, "row": row.name, "title": row.title, "status": "ok",
+                              "batch_size": row.batch, "batch": row.batch, "image_size": row.image_size,
+                              **sim.as_dict(), "budget_gib": row.budget_gib}
+    if row.config:
+        result["config"] = os.path.relpath(row.config, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    est = memory_estimate(row, row.batch)
+    result["estimate_gib"] = est
+    result["estimate_error_pct"] = 100.0 * (est - sim.peak_gib) / sim.peak_gib if est else None
+    if row.budget_gib is not None:
+        result["limit_gib"] = row.budget_gib - BUDGET_SLACK_GIB
+        result["fits"] = sim.peak_gib <= row.budget_gib - BUDGET_SLACK_GIB
+    return result
+
+
+def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path: str,
+           simulate: bool = False) -> None:
+    if quick or simulate:
         torch.set_num_threads(1)
     try:
-        result = run_row(row, quick, warmup, steps, budget_s)
+        result = simulate_one(row) if simulate else run_row(row, quick, warmup, steps, budget_s)
     except BaseException as exc:  # noqa: BLE001 - reported as the row's result
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result = {"row": row.name, "title": row.title, "status": "error", "error": last[:300]}
@@ -554,13 +366,14 @@ def _child(row: Row, quick: bool, warmup: int, steps: int, budget_s: float, path
         json.dump(result, fh)
 
 
-def run_isolated(row: Row, quick: bool, warmup: int, steps: int, timeout_s: float) -> dict:
-    """``run_row`` in a forked process with a wall-clock limit; whatever happens, a result."""
+def run_isolated(row: Row, quick: bool, warmup: int, steps: int, timeout_s: float, simulate: bool = False) -> dict:
+    """``run_row`` (``simulate``: :func:`simulate_one`) in a forked process with a wall-clock
+    limit; whatever happens, a result."""
     ctx = mp.get_context("fork")
     fd, path = tempfile.mkstemp(prefix=f"gpu_bench_{row.name}_", suffix=".json")
     os.close(fd)
     try:
-        proc = ctx.Process(target=_child, args=(row, quick, warmup, steps, timeout_s, path), daemon=True)
+        proc = ctx.Process(target=_child, args=(row, quick, warmup, steps, timeout_s, path, simulate), daemon=True)
         started = time.perf_counter()
         proc.start()
         proc.join(timeout_s)
@@ -616,6 +429,51 @@ def _run_one(row: Row, a: argparse.Namespace, timeout: float) -> dict:
     return r
 
 
+SIM_COLUMNS = ["row", "batch", "simulated peak GiB", "peak in", "weights", "gradients", "optimizer states",
+               "activations", "temporaries", "estimate GiB", "estimate error", "budget GiB", "fits"]
+
+
+def simulation_table(results: list[dict]) -> str:
+    """The ``--simulate`` rows as a markdown table (GiB)."""
+    lines = ["| " + " | ".join(SIM_COLUMNS) + " |", "|" + "---|" * len(SIM_COLUMNS)]
+    for r in results:
+        if r.get("status") != "ok":
+            cells = [f"{r['row']}: {r.get('title', '')}", "-", f"{r.get('status')} ({r.get('error', '')})".replace("|", "/")]
+            cells += ["-"] * (len(SIM_COLUMNS) - len(cells))
+        else:
+            b = r["breakdown_gib"]
+            err = r.get("estimate_error_pct")
+            fits = "-" if r.get("fits") is None else ("yes" if r["fits"] else f"NO (> {r['limit_gib']:.1f})")
+            cells = [f"{r['row']}: {r.get('title', '')}", _fmt(r["batch_size"]), _fmt(r["simulated_peak_gib"]),
+                     r["peak_phase"], *(_fmt(b.get(k, 0.0)) for k in ("weights", "gradients", "optimizer states",
+                                                                      "activations", "temporaries")),
+                     _fmt(r.get("estimate_gib")), f"{err:+.1f} %" if err is not None else "-",
+                     _fmt(r.get("budget_gib"), 0), fits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def simulate_main(rows: list[Row], a: argparse.Namespace) -> int:
+    """``--simulate``: each row's simulated step (own process, ``--row-timeout``, default 600 s)."""
+    timeout = a.row_timeout or 600.0
+    results = []
+    for row in rows:
+        r = run_isolated(row, False, 0, 0, timeout, simulate=True)
+        r.setdefault("name", row.name)
+        r.setdefault("batch_size", row.batch)
+        print(f"{row.name}: {r.get('status')} ({r.get('simulate_seconds', 0):.0f} s)", file=sys.stderr, flush=True)
+        results.append(r)
+    print(f"bench/gpu.py --simulate, torch {torch.__version__}: one training step per row at full size on fake "
+          f"tensors with a CUDA GPU's decisions (core/memsim.py); peak = what torch.cuda.max_memory_allocated would "
+          f"report; estimate = --dry-run; a preset fits when its peak <= budget - {BUDGET_SLACK_GIB} GiB.")
+    print(simulation_table(results))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as fh:
+            json.dump({"bench": "gpu-simulate", "torch": torch.__version__, "rows": results,
+                       "definitions": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (see --list)")
@@ -626,10 +484,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--row-timeout", type=float, default=None, help="seconds per row (default 90; --quick 60)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--simulate", action="store_true",
+                   help="no GPU: simulate each row's step at full size on the CPU (core/memsim.py) and print "
+                        "peak, phase, breakdown and the --dry-run estimate")
     a = p.parse_args(argv)
-    names = [r.name for r in ROWS]
+    all_rows = ROWS + preset_rows()
+    names = [r.name for r in all_rows]
     if a.list:
-        for r in ROWS:
+        for r in all_rows:
             print(f"{r.name:16s} {r.title} (batch {r.batch}, {r.image_size} px)")
         return 0
     unknown = [n for n in (a.only or []) if n not in names]
@@ -639,7 +501,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    rows = [r for r in ROWS if not a.only or r.name in a.only]
+    rows = [r for r in all_rows if not a.only or r.name in a.only]
+    if a.simulate:
+        return simulate_main(rows, a)
     if a.quick:
         rows = [quick_row(r) for r in rows]
     timeout = a.row_timeout or (60.0 if a.quick else 90.0)

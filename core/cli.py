@@ -43,12 +43,16 @@ def main(job: type, argv: Optional[list[str]] = None) -> int:
         reexec_with_passive_wait(gpu)
     setup_python_logging()
     world_size = world_size_from_env()
+    if args.simulate and not args.dry_run:
+        from core.errors import UserError
+
+        raise UserError("--simulate needs --dry-run (it replaces nothing of a run: it prints a simulated peak)")
     if args.validate_only or args.dry_run:
         # One validation for both, the run's own (batch split over the launcher's world size
         # included), lenient only about files that are not downloaded yet.
         cfg = load_config(job.Config, args.config, args.overrides, validate_only=True, world_size=world_size)
         if args.dry_run:  # says which files are missing
-            dry_run(job, cfg, world_size)
+            dry_run(job, cfg, world_size, simulate=args.simulate)
         else:
             pending = check_inputs(job, cfg)  # what the run's start checks, so "config OK" means it starts
             print(f"config OK: {args.config} ({job.__name__}, world size {world_size}: "
@@ -182,10 +186,11 @@ def _open_one(urls: list[str]) -> None:
     raise error
 
 
-def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
+def dry_run(job: type, cfg: Any, world_size: Optional[int] = None, simulate: bool = False) -> None:
     """Print the resolved config, missing files, the job's description of what it builds, the
     dataset's first shard, the batch split and the per-rank memory estimate of the job's spec,
-    for ``world_size`` ranks (default: the launcher's environment)."""
+    for ``world_size`` ranks (default: the launcher's environment); ``simulate``: also the peak of
+    one simulated step (core/memsim.py) beside the estimate."""
     import yaml
 
     ws = world_size_from_env() if world_size is None else world_size
@@ -210,7 +215,10 @@ def dry_run(job: type, cfg: Any, world_size: Optional[int] = None) -> None:
         print(f"webdataset_path: {cfg.webdataset_path} (could not list shards)")
     print(f"batch: global {cfg.batch_size} = world_size {ws} x grad_accum_steps {cfg.grad_accum_steps} "
           f"x per-rank {cfg.per_rank_batch(ws)}")
-    _print_memory_estimate(job, cfg, _estimate_world_size(cfg, ws))
+    ws_est = _estimate_world_size(cfg, ws)  # without a launcher: the world size the batch is written for
+    est = _print_memory_estimate(job, cfg, ws_est)
+    if simulate:
+        _print_simulation(job, cfg, ws_est, est)
 
 
 #: images per GPU per micro-step above which a config with no launcher around it reads as written for many GPUs
@@ -239,7 +247,7 @@ def _estimate_world_size(cfg: Any, world_size: int) -> int:
     return written_for
 
 
-def _print_memory_estimate(job: type, cfg: Any, world_size: int) -> None:
+def _print_memory_estimate(job: type, cfg: Any, world_size: int) -> Optional[dict]:
     """The analytic per-rank GPU memory estimate of the job's memory spec (fake tensors only:
     nothing is loaded or allocated)."""
     from core.memory import estimate_memory, format_estimate
@@ -247,12 +255,35 @@ def _print_memory_estimate(job: type, cfg: Any, world_size: int) -> None:
     try:
         spec = job.memory_spec(cfg, world_size)
         if spec is None:
-            return
+            return None
         est = estimate_memory(spec)
     except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not fail here
         print(f"# memory estimate unavailable ({type(exc).__name__}: {exc})")
-        return
+        return None
     print(format_estimate(est))
+    return est
+
+
+def _print_simulation(job: type, cfg: Any, world_size: int, est: Optional[dict]) -> None:
+    """The simulated peak of one step (core/memsim.py) beside the analytic estimate."""
+    from core.memsim import GIB, format_result
+
+    print("# simulated GPU step (core/memsim.py: fake tensors at full size, a CUDA GPU's decisions)")
+    try:  # an optional hook of the job: memory_simulation(cfg, world_size) -> core.memsim.SimResult
+        hook = getattr(job, "memory_simulation", None)
+        sim = hook(cfg, world_size) if hook is not None else None
+    except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not fail here
+        print(f"# simulation unavailable ({type(exc).__name__}: {exc})")
+        return
+    if sim is None:
+        print("# simulation unavailable (this job has none)")
+        return
+    print(format_result(sim) + f"; {sim.seconds:.0f} s")
+    if est is not None:
+        key = "total_checkpointed" if est["configured_checkpointing"] else "total"
+        print(f"{'simulated peak':<38}{sim.peak_bytes / GIB:>9.2f} GiB")
+        print(f"{'analytic estimate (configured)':<38}{est[key] / GIB:>9.2f} GiB "
+              f"({100 * (est[key] - sim.peak_bytes) / sim.peak_bytes:+.1f} %)")
 
 
 def _list_shards(cfg: Any) -> list[str]:

@@ -580,6 +580,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override a config key (value parsed as YAML); repeatable")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, model sizes and first data shard, then exit")
+    parser.add_argument("--simulate", action="store_true",
+                        help="with --dry-run: also simulate one training step at full size on the CPU and print "
+                             "its peak GPU memory beside the estimate (about a minute for a 3.6B network)")
     parser.add_argument("--validate-only", action="store_true",
                         help="only validate the config (placeholder paths and missing files allowed)")
     parser.add_argument("--resume", default="auto", metavar="{auto,never,PATH}",

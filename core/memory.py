@@ -4,17 +4,23 @@ Why an estimate: users need to know BEFORE renting a GPU whether a configuration
 describes its run as a :class:`MemorySpec` (which networks it trains, how one training forward
 looks at the per-rank micro-batch and image size, what else it keeps loaded, how many ranks share
 the work and which networks FSDP shards); :func:`estimate_memory` turns that into bytes held by
-ONE rank (one GPU). The figure is the sum of
+ONE rank (one GPU). The figure is the resident part (weights, optimizer states, what data
+parallelism adds) plus the largest of the step's three high points: backward (the larger of the
+saved activations and the gradients, which fill up as the activations are freed, plus one unit's
+workspace), the optimizer step (every gradient + the step's temporaries) and the frozen encoders'
+no-grad forward (``transient``). core/memsim.py simulates the whole step for comparison
+(``--dry-run --simulate``, ``bench/gpu.py --simulate``). The parts are
 
 * weights of the networks the spec builds: trainable parameters, and frozen parameters + buffers
   of those networks (a frozen generator under an adapter, say), each at its built dtype;
 * weights of the frozen parts the spec only counts (``spec.frozen``: encoders, decoders ... that
   take no part in the trained forward); a cached run simply lists none;
 * gradients of the trainable parameters (same dtype as the parameter);
-* optimizer states, per optimizer (adamw: 2 states of the parameter dtype; adafactor: factored
-  row/column second moments; adamw8bit: 2 one-byte states + a float32 absmax per 256-element block,
-  bitsandbytes' rule that tensors under 4096 elements keep 32-bit states; prodigy: 4 states of the
-  parameter dtype, exp_avg, exp_avg_sq, s and the initial weights p0);
+* optimizer states, per optimizer (adamw: 2 states of the parameter dtype, float32 with stochastic
+  rounding; adafactor: factored row/column second moments; prodigy: 4 states; adamw8bit: 2
+  one-byte states + a float32 absmax per 256-element block, bitsandbytes' rule that tensors under
+  4096 elements keep 32-bit states), and the temporaries of one step (:func:`optimizer_step_bytes`:
+  AdamW's foreach implementation holds one state's worth);
 * activations saved for backward at the spec's batch and image size, with and without gradient
   checkpointing, plus a backward workspace of one checkpoint unit;
 * with several ranks, what data parallelism adds (see below).
@@ -33,11 +39,12 @@ largest unit in the reduce dtype (float32 under autocast) before their reduce-sc
 Activations are not guessed from formulas: the real modules run ONE forward on fake tensors
 (``FakeTensorMode``: shapes and dtypes, no storage, a few seconds even for billions of parameters)
 under bf16 autocast, and ``saved_tensors_hooks`` collect every tensor autograd keeps
-(deduplicated by storage, parameters excluded). Attention is counted as the fused SDPA kernels on
-GPU keep it (q, k, v, the output and a float32 log-sum-exp per query; no attention matrix),
-because the CPU fallback would materialise the matrix. With checkpointing the saved set becomes:
-what is saved outside the checkpoint units + the inputs of every unit (kept alive for the
-recomputation) + the largest unit's own saved set (alive while it is recomputed in backward).
+(deduplicated by storage, parameters excluded), with the CPU taking a CUDA GPU's decisions
+(``core.memsim.gpu_decisions``: CUDA's autocast lists, the fused attention that keeps q, k, v, the
+output and a float32 log-sum-exp per query, fused dropout). With checkpointing the saved set becomes:
+what is saved outside the checkpoint units + the largest, over the units in call order, of the
+inputs kept for the units called so far (for their recomputation) + that unit's own saved set
+(alive while it is recomputed in backward; backward frees the later units' inputs first).
 
 Not counted: the CUDA context (~0.5 GiB, outside ``max_memory_allocated``), allocator
 fragmentation, NCCL's own buffers, the frozen parts' transient no-grad activations, activations of
@@ -57,7 +64,8 @@ import torch
 from torch import nn
 
 GIB = 2**30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8,
+          None: torch.float32}
 OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "adamw8bit", "prodigy")
 
 #: A frozen part that only needs counting: a parameter count (stored in ``MemorySpec.frozen_dtype``),
@@ -101,6 +109,21 @@ class MemorySpec:
     frozen_dtype: str = "bfloat16"
     #: One of :data:`OPTIMIZERS`.
     optimizer: str = "adamw"
+    #: Optimizer states in this dtype whatever the parameter's (stochastic rounding keeps float32
+    #: moments of bf16 weights); None = the parameter's dtype.
+    optimizer_state_dtype: Optional[str] = None
+    #: The frozen parts' no-grad forward of one step (encoders before the trained forward), run on
+    #: fake tensors: its transient peak is one candidate for the step's peak. None = not counted.
+    transient: Optional[Callable[[], Any]] = None
+    #: Of the units found by ``unit_types``, those that gradient checkpointing recomputes (e.g.
+    #: every N-th block); None = all of them.
+    unit_filter: Optional[Callable[[list], list]] = None
+    #: Block offload: frozen weights inside the ``unit_types`` units live in host memory, a ring
+    #: of this many units' frozen weights on the device (0 = no offload).
+    offload_blocks: int = 0
+    #: Fused backward: each parameter is stepped inside backward and its gradient freed, so
+    #: neither all gradients nor the optimizer step's temporaries exist at once.
+    fused_backward: bool = False
     #: bf16 autocast of the forward (as on the GPU).
     autocast: bool = True
     #: Whether the run as configured turns gradient checkpointing on (marks the matching peak).
@@ -151,17 +174,20 @@ def modules_of_types(root: nn.Module, types: tuple[type, ...]) -> list[nn.Module
 # ------------------------------------------------------------------------------------------------
 # Optimizer states
 # ------------------------------------------------------------------------------------------------
-def optimizer_state_bytes(params: Sequence[torch.Tensor], optimizer: str) -> int:
-    """Bytes of the optimizer state of ``params`` (shapes and dtypes only are read)."""
+def optimizer_state_bytes(params: Sequence[torch.Tensor], optimizer: str,
+                          state_dtype: Union[str, torch.dtype, None] = None) -> int:
+    """Bytes of the optimizer state of ``params`` (shapes and dtypes only are read); the states
+    take the parameter's dtype unless ``state_dtype`` is given (stochastic rounding: float32)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {OPTIMIZERS}")
     total = 0
     for p in params:
-        n, size = p.numel(), p.element_size()
+        n = p.numel()
+        size = p.element_size() if state_dtype is None else _dtype_bytes(state_dtype)
         if optimizer in ("adamw", "adamw_fused"):
             total += 2 * n * size                      # exp_avg, exp_avg_sq like the parameter
         elif optimizer == "prodigy":
-            total += 4 * n * size                      # prodigyopt: exp_avg, exp_avg_sq, s, p0 like the parameter
+            total += 4 * n * size                      # prodigyopt: exp_avg, exp_avg_sq, s, p0
         elif optimizer == "adafactor":
             if p.dim() >= 2:                           # torch.optim.Adafactor: row + column variance
                 rows = math.prod(p.shape[:-1])
@@ -174,47 +200,36 @@ def optimizer_state_bytes(params: Sequence[torch.Tensor], optimizer: str) -> int
     return total
 
 
+#: Temporaries of one optimizer step, in float32 copies of the largest parameter tensor, for the
+#: implementations that step one tensor at a time (measured by core/memsim.py on Stage C 3.6B).
+_SINGLE_TENSOR_TEMPS = {"adafactor": 3, "prodigy": 3, "stochastic_rounding": 10}
+
+
+def optimizer_step_bytes(params: Sequence[torch.Tensor], optimizer: str,
+                         state_dtype: Union[str, torch.dtype, None] = None) -> int:
+    """Transient bytes of one optimizer step on a GPU: AdamW's default ``foreach`` implementation
+    computes ``sqrt(exp_avg_sq)`` of every tensor at once (one state's worth); stochastic
+    rounding (``state_dtype`` float32 on bf16 weights), Adafactor and Prodigy step one tensor at a
+    time (a few float32 copies of the largest tensor); fused and 8-bit kernels keep none."""
+    if not params:
+        return 0
+    largest = max(p.numel() for p in params) * 4
+    if state_dtype is not None and optimizer in ("adamw", "adafactor"):
+        return _SINGLE_TENSOR_TEMPS["stochastic_rounding"] * largest
+    if optimizer == "adamw":
+        return sum(p.numel() * p.element_size() for p in params)
+    return _SINGLE_TENSOR_TEMPS.get(optimizer, 0) * largest
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake-tensor forward
 # ------------------------------------------------------------------------------------------------
-class _FlashSDPA(torch.autograd.Function):
-    """SDPA stand-in that saves what the fused GPU kernels save (q, k, v, out, fp32 logsumexp)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):  # type: ignore[override]
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        q, k, v, _out, _lse = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@contextlib.contextmanager
-def _fused_attention() -> Iterator[None]:
-    import torch.nn.functional as F
-
-    original = F.scaled_dot_product_attention
-
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_kw):
-        return _FlashSDPA.apply(q, k, v)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 @dataclass
 class ActivationCount:
     """Bytes autograd keeps for backward after one forward."""
 
     full: int                 # no checkpointing
-    checkpointed: int         # per-block checkpointing
+    checkpointed: int         # per-block checkpointing: its backward high point, recomputation included
     largest_unit: int         # biggest checkpoint unit's own saved set (backward workspace)
 
 
@@ -225,7 +240,8 @@ def count_activations(model: nn.Module, run: Callable[[], torch.Tensor], units: 
     param_keys = {p.untyped_storage()._cdata for p in model.parameters()}
     sizes: dict[int, int] = {}
     owner: dict[int, Optional[int]] = {}
-    inputs: set[int] = set()
+    inputs: dict[int, int] = {}          # storage -> the unit it first entered
+    called: list[int] = []               # units in the order of their first call
     active: list[int] = []
     keep: list[torch.Tensor] = []        # keep storages alive so their ids are not reused
 
@@ -244,9 +260,11 @@ def count_activations(model: nn.Module, run: Callable[[], torch.Tensor], units: 
                 if isinstance(a, torch.Tensor):
                     s = a.untyped_storage()
                     if s._cdata not in param_keys:
-                        inputs.add(s._cdata)
+                        inputs.setdefault(s._cdata, index)
                         sizes.setdefault(s._cdata, s.nbytes())
                         keep.append(a)
+            if index not in called:
+                called.append(index)
             active.append(index)
         return hook
 
@@ -257,9 +275,12 @@ def count_activations(model: nn.Module, run: Callable[[], torch.Tensor], units: 
     for i, unit in enumerate(units):
         handles.append(unit.register_forward_pre_hook(pre(i)))
         handles.append(unit.register_forward_hook(post))
+    from core.memsim import gpu_decisions
+
     ac = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     try:
-        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
+        # the CPU takes a CUDA GPU's decisions (autocast lists, fused attention and dropout)
+        with gpu_decisions(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
             run()
     finally:
         for h in handles:
@@ -273,8 +294,16 @@ def count_activations(model: nn.Module, run: Callable[[], torch.Tensor], units: 
         else:
             per_unit[o] = per_unit.get(o, 0) + (sizes[key] if key not in inputs else 0)
     largest = max(per_unit.values(), default=0)
-    kept_inputs = sum(sizes[k] for k in inputs)
-    return ActivationCount(full=full, checkpointed=outside + kept_inputs + largest, largest_unit=largest)
+    # backward walks the units in reverse call order; recomputing unit k needs the inputs kept for
+    # units called up to k (later ones are freed once their backward ran) + k's own saved set
+    unit_inputs: dict[int, int] = {}
+    for key, unit in inputs.items():
+        unit_inputs[unit] = unit_inputs.get(unit, 0) + sizes[key]
+    kept, high = 0, 0
+    for unit in called:
+        kept += unit_inputs.get(unit, 0)
+        high = max(high, kept + per_unit.get(unit, 0))
+    return ActivationCount(full=full, checkpointed=outside + high, largest_unit=largest)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +332,10 @@ def _shard(p: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes ``t`` stores: a quantised weight (a wrapper subclass) by its codes and scales."""
+    from core.memsim import stored_tensors
+
+    return sum(x.numel() * x.element_size() for x in stored_tensors(t))
 
 
 def _fsdp_gather_bytes(roots: Sequence[nn.Module], unit_types: tuple[type, ...], trainable_ids: set[int],
@@ -357,7 +389,8 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
         trainable = (list(spec.trainable(networks)) if spec.trainable is not None
                      else [p for p in networks.parameters() if p.requires_grad])
         trainable_ids = {id(p) for p in trainable}
-        units = modules_of_types(networks, tuple(spec.unit_types))
+        blocks = modules_of_types(networks, tuple(spec.unit_types))
+        units = list(spec.unit_filter(blocks)) if spec.unit_filter is not None else list(blocks)
         if spec.extra_units is not None:
             units += list(spec.extra_units(networks))
         roots = [networks.get_submodule(name) for name in spec.fsdp_networks or ()] if mode == "fsdp" else []
@@ -368,10 +401,17 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
 
         trained_local = [local(p) for p in trainable]
         trained_w = sum(_nbytes(p) for p in trained_local)
-        frozen_w = sum(_nbytes(local(p)) for p in networks.parameters() if id(p) not in trainable_ids)
-        frozen_w += sum(_nbytes(b) for b in networks.buffers())
+        frozen = [p for p in networks.parameters() if id(p) not in trainable_ids]
+        frozen_w = sum(_nbytes(local(p)) for p in frozen) + sum(_nbytes(b) for b in networks.buffers())
+        if spec.offload_blocks:  # the blocks' frozen weights in host memory, a ring of them on the device
+            per_block = [sum(_nbytes(p) for p in blk.parameters() if id(p) not in trainable_ids) for blk in blocks]
+            frozen_w += spec.offload_blocks * max(per_block, default=0) - sum(per_block)
         grads = trained_w
-        optim = optimizer_state_bytes(trained_local, spec.optimizer)
+        if spec.fused_backward:  # one tensor's gradient at a time (stepped, then freed)
+            grads = max((_nbytes(p) for p in trained_local), default=0)
+        optim = optimizer_state_bytes(trained_local, spec.optimizer, spec.optimizer_state_dtype)
+        optim_step = optimizer_step_bytes(trained_local, "adafactor" if spec.fused_backward else spec.optimizer,
+                                          spec.optimizer_state_dtype)  # fused: one tensor at a time
         if mode == "fsdp":
             parallel = _fsdp_gather_bytes(roots, tuple(spec.unit_types), trainable_ids, spec.autocast)
         else:  # DDP's reducer copies every gradient into its flat buckets
@@ -380,21 +420,41 @@ def estimate_memory(spec: MemorySpec, *, activations: bool = True) -> dict:
                 if activations else ActivationCount(0, 0, 0))
         counts = dict(spec.param_counts(networks)) if spec.param_counts is not None else {}
         n_trainable = sum(p.numel() for p in trainable)
+    transient = _transient_bytes(spec.transient) if activations and spec.transient is not None else 0
     parts = _frozen_parts(spec)
     frozen_bytes = sum(b for _n, b in parts.values())
-    base = trained_w + frozen_w + frozen_bytes + grads + optim + parallel
+    resident = trained_w + frozen_w + frozen_bytes + optim + parallel
     rows = {"weights_trained": trained_w, "weights_frozen": frozen_w, "encoders": frozen_bytes,
             "gradients": grads, "optimizer": optim, "parallel": parallel, "activations": acts.full,
-            "activations_checkpointed": acts.checkpointed, "backward_workspace": acts.largest_unit}
+            "activations_checkpointed": acts.checkpointed, "backward_workspace": acts.largest_unit,
+            "optimizer_step": optim_step, "encoder_transient": transient}
+
+    def peak(saved: int, workspace: int) -> int:
+        # the step's three high points: backward (saved activations are freed while gradients
+        # fill up, so the larger of the two), the optimizer step (every gradient + its
+        # temporaries), the frozen encoders' no-grad forward
+        return resident + max(max(saved, grads) + workspace, grads + optim_step, transient)
     shape = {"title": spec.title, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.details.items()},
              "batch_size": spec.batch_size, "image_size": list(spec.image_size), "optimizer": spec.optimizer,
              "weight_dtype": spec.weight_dtype, "frozen_dtype": spec.frozen_dtype, "autocast": spec.autocast,
              "cached": spec.cached, "world_size": ws, "parallel": mode,
              "fsdp_networks": list(spec.fsdp_networks or ()) if mode == "fsdp" else [], "device": spec.device}
     return {"shape": shape, "params": {**counts, "trainable": n_trainable, **{k: n for k, (n, _b) in parts.items()}},
-            "bytes": rows, "total": base + acts.full + acts.largest_unit,
-            "total_checkpointed": base + acts.checkpointed + acts.largest_unit,
+            "bytes": rows, "total": peak(acts.full, acts.largest_unit),
+            "total_checkpointed": peak(acts.checkpointed, 0),
             "configured_checkpointing": spec.gradient_checkpointing, "frozen_label": spec.frozen_label}
+
+
+def _transient_bytes(run: Callable[[], Any]) -> int:
+    """Peak bytes of the storages ``run()`` creates (fake tensors, a CUDA GPU's decisions)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from core.memsim import LiveMemory, gpu_decisions
+
+    counter = LiveMemory(fake=True)
+    with FakeTensorMode(allow_non_fake_inputs=True), gpu_decisions(), torch.no_grad(), counter:
+        run()
+    return counter.peak.bytes
 
 
 def _parallel_line(s: dict) -> str:
@@ -421,7 +481,9 @@ def format_estimate(est: dict) -> str:
         rows.append(("FSDP all-gathered units" if mode == "fsdp" else "DDP gradient buckets", b.get("parallel", 0)))
     rows += [("activations, no checkpointing", b["activations"]),
              ("activations, gradient checkpointing", b["activations_checkpointed"]),
-             ("backward workspace", b["backward_workspace"])]
+             ("backward workspace", b["backward_workspace"]),
+             ("optimizer step temporaries", b.get("optimizer_step", 0)),
+             ("encoders' no-grad forward (transient)", b.get("encoder_transient", 0))]
     on = est["configured_checkpointing"]
     lines = [f"# memory estimate per rank: {s['title']}, per-rank micro-batch {s['batch_size']}, "
              f"{s['image_size'][0]}x{s['image_size'][1]}, weights {s['weight_dtype']}, frozen {s['frozen_dtype']}"
@@ -432,7 +494,8 @@ def format_estimate(est: dict) -> str:
     lines.append(f"{'peak, no checkpointing' + (' ' if on else ' (configured)'):<38}{est['total'] / GIB:>9.2f} GiB")
     lines.append(f"{'peak, checkpointing' + (' (configured)' if on else ''):<38}"
                  f"{est['total_checkpointed'] / GIB:>9.2f} GiB")
-    lines.append("(analytic estimate; add ~0.5 GiB CUDA context and allocator fragmentation)")
+    lines.append("(analytic estimate: resident weights and states + the largest of backward, optimizer step and "
+                 "encoders; add ~0.5 GiB CUDA context and allocator fragmentation; --simulate runs the step)")
     return "\n".join(lines)
 
 

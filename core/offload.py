@@ -177,6 +177,8 @@ class BlockOffload:
     def _copy_block(self, j: int) -> tuple[dict[int, torch.Tensor], Any]:
         """Start the copies of block ``j`` on the side stream: ``({id(host): copy}, done event)``."""
         if self.device.type == "cpu":
+            if _simulating():  # core/memsim.py: the copies a GPU would hold, as device bytes
+                return {id(host): host.clone() for host in self.hosts[j]}, None
             return {}, None  # the host tensor is the device tensor: nothing to copy
         with torch.cuda.stream(self.stream):
             copies = {id(host): host.to(self.device, non_blocking=True) for host in self.hosts[j]}
@@ -186,8 +188,14 @@ class BlockOffload:
 
     def device_copy(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``host`` on ``device``: the ring's copy once its block's copies are done, else a copy now."""
-        if device.type == "cpu":
+        if device.type == "cpu" and not _simulating():
             return host
+        if device.type == "cpu":  # a GPU-memory simulation: the ring's copy, else a copy now
+            for copies, _event in self.resident.values():
+                if id(host) in copies:
+                    return copies[id(host)]
+            self.misses += 1
+            return host.clone()
         for copies, event in self.resident.values():
             copy = copies.get(id(host))
             if copy is not None:
@@ -198,6 +206,14 @@ class BlockOffload:
                 return copy
         self.misses += 1
         return host.to(device, non_blocking=True)
+
+
+def _simulating() -> bool:
+    """Whether a GPU-memory simulation (core/memsim.py) runs: the CPU then makes the device copies
+    a GPU run makes, so they are counted (host copies are excluded through :func:`host_storage_keys`)."""
+    from core.memsim import active_counter
+
+    return active_counter() is not None
 
 
 def _direction() -> int:

@@ -97,3 +97,17 @@ def test_quick_prints_the_table(tmp_path):
         assert r["step_s"] > 0 and r["images_per_s"] > 0 and r["model_flops_per_step"] > 0
         assert r["peak_allocated_gib"] > 0 and r["estimate_gib"] > 0 and r["mfu"] is None
     assert got["c36_full_max"]["batch"] == 4  # the batch search doubled 1 -> 2 -> 4 (capped in --quick)
+
+
+def test_simulation_table_and_json_fields(gpu):
+    ok = {"row": "preset:x", "name": "preset:x", "title": "t", "status": "ok", "batch_size": 4,
+          "simulated_peak_gib": 7.2, "peak_phase": "backward", "estimate_gib": 7.0, "estimate_error_pct": -2.8,
+          "budget_gib": 8.0, "limit_gib": 6.5, "fits": False,
+          "breakdown_gib": {"weights": 3.6, "gradients": 0.0, "optimizer states": 0.02, "activations": 3.0,
+                            "temporaries": 0.6}}
+    table = gpu.simulation_table([ok, {"row": "y", "title": "u", "status": "timeout", "error": "no result"}])
+    assert "| preset:x: t | 4 | 7.20 | backward | 3.60 |" in table and "-2.8 %" in table
+    assert "NO (> 6.5)" in table and "timeout (no result)" in table
+    # every preset is a row named preset:<stem>, with its budget
+    presets = [r for r in gpu.preset_rows() if r.name == "preset:lora_c_3b_8gb"]
+    assert presets and presets[0].budget_gib == 8 and presets[0].mode == "lora"

@@ -150,12 +150,19 @@ def test_checkpointing_lowers_the_activation_estimate():
              controlnet_spec(run_cfg(**small), controlnet={"c_in": 1, "proj_blocks": [0, 5], "bottleneck_mode": "effnet"})]
     first = None
     for spec in specs:
+        spec.transient = None  # the encoders' forward (seconds) sets no activation figure
         est = estimate_memory(spec)
         b = est["bytes"]
         first = b["activations"] if first is None else first   # stage_c full, batch 2
         assert 0 < b["activations_checkpointed"] < b["activations"], spec.title
-        assert est["total_checkpointed"] < est["total"]
-    big = estimate_memory(stage_c_spec(run_cfg(batch_size=8, image_size=128)))["bytes"]["activations"]
+        # the peak is the largest of backward, optimizer step and encoders: checkpointing lowers
+        # it where the activations set it (LoRA: tiny gradients and optimizer step)
+        assert est["total_checkpointed"] <= est["total"]
+        if spec.details["mode"] == "lora":
+            assert est["total_checkpointed"] < est["total"], spec.title
+    big_spec = stage_c_spec(run_cfg(batch_size=8, image_size=128))
+    big_spec.transient = None
+    big = estimate_memory(big_spec)["bytes"]["activations"]
     assert 2.5 * first < big                                   # activations grow with the batch (2 -> 8)
 
 

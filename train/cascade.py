@@ -124,6 +124,14 @@ class CascadeTrainer(TrainingCore):
                 lines.append(f"{name}: {kind} {version}: size unavailable ({exc})")
         return lines
 
+    @classmethod
+    def memory_simulation(cls, cfg: Any, world_size: int = 1) -> Any:
+        """``--dry-run --simulate``: one step of this run simulated at full size on the CPU
+        (``core.memsim`` on ``train/bench_step.py``'s step), a ``core.memsim.SimResult``."""
+        from train.bench_step import row_from_config, script_of, simulate_row
+
+        return simulate_row(row_from_config(script_of(cls), cfg, world_size))
+
     # -- building blocks of build_models() ------------------------------------------------
     def make_gdf(self) -> Any:
         """The GDF of the job: the official preset named by ``model_kind`` (``gdf.presets.stage_c`` /

@@ -26,6 +26,7 @@ uncast), the trained network in ``dtype`` (unset: float32), the forward under bf
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -56,6 +57,16 @@ def clip_text_params(width: int = 1280, layers: int = 32, mlp: int = 5120, vocab
     Computed, not loaded: a dry run must not download 1.4 GB to print a number."""
     layer = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 4 * width
     return vocab * width + positions * width + layers * layer + 2 * width + width * projection
+
+
+def _clip_text_quantised(block: int) -> tuple[int, str]:
+    """CLIP text bigG with ``base_dtype``: its linear weights in 8 bits + a float32 scale per
+    ``block`` (0 = per row), the rest in bf16; as ``(bytes, "uint8")`` (one byte per "parameter")."""
+    width, layers, mlp, projection = 1280, 32, 5120, 1280
+    linear = layers * (4 * width * width + 2 * width * mlp) + width * projection
+    per_scale = block if block > 0 else width
+    stored = linear * (1 + 4 / per_scale) + (clip_text_params() - linear) * 2
+    return int(stored), "uint8"
 
 
 def clip_vision_params(width: int = 1024, layers: int = 24, mlp: int = 4096, patch: int = 14,
@@ -101,6 +112,8 @@ def _run_fields(cfg: Any, world_size: int = 1) -> dict[str, Any]:
     return {"model_version": str(_get(cfg, "model_version")), "batch_size": _per_rank_batch(cfg, world_size),
             "image_size": (size, size), "optimizer": _get(cfg, "optimizer", "adamw") or "adamw",
             "weight_dtype": _get(cfg, "dtype") or "float32",
+            # stochastic rounding steps bf16 weights in float32: the optimizer keeps float32 states
+            "optimizer_state_dtype": "float32" if _get(cfg, "stochastic_rounding", False) else None,
             "frozen_dtype": _get(cfg, "frozen_dtype") or "bfloat16",
             "autocast": _get(cfg, "precision", "auto") != "fp32",
             "cached": bool(_get(cfg, "cache_path")),
@@ -152,12 +165,47 @@ def _encoders(kind: str, f: dict[str, Any]) -> dict[str, Any]:
     if f["cached"]:
         return {}
     out: dict[str, Any] = {"clip_text": clip_text_params(**f["clip_text"]), "effnet": _meta_params("effnet")}
+    if f["base_dtype"]:  # the jobs store the text encoder's linear weights quantised too
+        out["clip_text"] = _clip_text_quantised(f["base_quant_block"])
     if kind == "stage_c":
         out["clip_vision"] = clip_vision_params(**f["clip_vision"])  # loaded whatever image_embed_prob says
         out["previewer"] = _meta_params("previewer")
     else:
         out["stage_a"] = (_meta_params("stage_a"), "float32")  # registered uncast (decode only)
     return out
+
+
+def _checkpointed_units(every: int, blocks: list) -> list:
+    """The blocks the checkpointing dial recomputes (all of them when it is off: the estimate
+    reports both figures)."""
+    from modules.common import checkpointed_blocks
+
+    return [blk for blk, on in zip(blocks, checkpointed_blocks(len(blocks), every or 1)) if on]
+
+
+def _encoder_forward(kind: str, b: int, h: int, w: int, frozen_dtype: str) -> None:
+    """The convolutional encoders' no-grad forward of one step (under the caller's fake mode):
+    EfficientNet on the images (Stage C) or on 3/4-size images + Stage A's encoder in float32
+    (Stage B). CLIP's 77-token forwards are small and not built here."""
+    from modules.registry import build_model
+
+    from core.memsim import fake_materialize
+
+    with default_dtype(frozen_dtype):
+        effnet = fake_materialize(build_model("effnet", "default", device="meta")).eval()
+    images = torch.empty(b, 3, h, w)
+    if kind == "stage_c":
+        effnet(images.to(_dtype_of(effnet)).contiguous(memory_format=torch.channels_last))
+        return
+    small = torch.empty(b, 3, max(32, h * 3 // 4 // 32 * 32), max(32, w * 3 // 4 // 32 * 32))
+    effnet(small.to(_dtype_of(effnet)).contiguous(memory_format=torch.channels_last))
+    del effnet, small
+    stage_a = fake_materialize(build_model("stage_a", "default", device="meta")).eval()
+    stage_a.encode(images)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _generator_inputs(kind: str, version: str, b: int, h: int, w: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -193,9 +241,16 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[di
     def build() -> nn.Module:
         with default_dtype(f["weight_dtype"] if full else f["frozen_dtype"]):
             generator = build_model(kind, version)
-        generator.train()
+        # trained (or LoRA-adapted) in train mode; the frozen base under a ControlNet in eval mode
+        # (no dropout), as the ControlNet job registers it
+        generator.train(controlnet is None)
         networks = nn.ModuleDict({"generator": generator})
         generator.requires_grad_(full)
+        if not full and f["base_dtype"]:  # the frozen base quantised before adapters attach, as the jobs
+            from core.quantize import quantize_as_configured
+
+            quantize_as_configured(generator, SimpleNamespace(base_dtype=f["base_dtype"],
+                                                              base_quant_block=f["base_quant_block"]))
         if lora is not None:
             float32_lora(generator, **lora)
         if controlnet is not None:
@@ -242,7 +297,11 @@ def _spec(cfg: Any, kind: str, mode: str, world_size: int = 1, lora: Optional[di
         title=f"{kind} {version} {mode}", build=build, forward=forward, batch_size=b, image_size=(h, w),
         unit_types=BLOCK_TYPES, extra_units=cnet_units if controlnet is not None else None,
         frozen=_encoders(kind, f), weight_dtype=f["weight_dtype"], frozen_dtype=f["frozen_dtype"],
-        optimizer=f["optimizer"], autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
+        optimizer=f["optimizer"], optimizer_state_dtype=f["optimizer_state_dtype"],
+        transient=None if f["cached"] else functools.partial(_encoder_forward, kind, b, h, w, f["frozen_dtype"]),
+        unit_filter=functools.partial(_checkpointed_units, f["checkpoint_every"]),
+        offload_blocks=f["offload_blocks"], fused_backward=f["fused_backward"],
+        autocast=f["autocast"], gradient_checkpointing=f["gradient_checkpointing"],
         cached=f["cached"], param_counts=param_counts, frozen_label="weights (frozen generator/cnet)",
         details=details, world_size=f["world_size"], fsdp_networks=FSDP_SHARDED[mode] if f["fsdp"] else None,
         device=f["device"])

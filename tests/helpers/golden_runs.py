@@ -1,8 +1,14 @@
 """Golden tiny runs of the four training jobs: per-update losses and hashes of the final weights.
 
-``python3 -m tests.helpers.golden_runs OUT.json`` (from the repository root) records them (done once
-before the core redesign, kept in ``tests/data/golden_runs.json``); ``tests/test_golden_runs.py`` reruns
-the jobs and compares bitwise.
+``python3 -m tests.helpers.golden_runs OUT.json`` (from the repository root) records them (first
+before the core redesign, kept in ``tests/data/golden_runs.json`` under ``by_cpu``); ``tests/test_golden_runs.py``
+reruns the jobs and compares bitwise with the record of this kind of CPU.
+
+Why per CPU: the same code gives float32 results that differ in the last bit between CPU kinds
+(the oneDNN / ATen kernels chosen for AVX2, AVX-512, AMX sum in different orders). Measured: the
+pre-redesign commit, rerun on an AVX-512 + AMX machine, differs from the first record by ~1e-7 in
+the losses. ``cpu_signature()`` names the kernel-relevant features; a CPU kind without a record is
+compared with every record to a relative 1e-5 instead (behaviour, not the last bit).
 """
 from __future__ import annotations
 
@@ -57,6 +63,18 @@ def run_job(name: str, assets: Path, root: Path) -> dict:
     return {"losses": {str(k): v for k, v in losses(run_dir).items()}, "files": files}
 
 
+def cpu_signature() -> str:
+    """The CPU features that decide which float kernels torch runs (architecture, capability, AMX/AVX flags)."""
+    import platform
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    wanted = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "fma")
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *sorted(f for f in wanted if f in flags)])
+
+
 def run_all(base: Path) -> dict:
     from tests.helpers.adapter_assets import make_adapter_assets
 
@@ -70,5 +88,5 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         result = run_all(Path(tmp))
-    Path(sys.argv[1]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    Path(sys.argv[1]).write_text(json.dumps({"by_cpu": {cpu_signature(): result}}, indent=1, sort_keys=True) + "\n")
     print({k: len(v["files"]) for k, v in result.items()})
