@@ -20,7 +20,7 @@ INTERRUPT_EXIT = 130
 # exception class of the project is either one of these (by inheritance: LoraFormatError,
 # ClipModelNotFoundError, ShardMissing, ...) or converted where user input raises it
 # (tests/test_faults_config.py lists them and checks the list is complete).
-USER_ERROR_CLASS_NAMES = ("UserError", "CheckpointError", "DataError")
+USER_ERROR_CLASS_NAMES = ("UserError", "CheckpointError", "DataError", "AdapterError")
 _USER_ERROR_CLASS_NAMES = USER_ERROR_CLASS_NAMES
 
 

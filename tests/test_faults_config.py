@@ -179,7 +179,7 @@ def test_every_exception_class_is_a_user_error_or_documented_internal():
 
 USER_ERROR_CLASSES = [
     "core.errors.UserError", "fileio.errors.CheckpointError", "modules.loading.StateDictMismatchError",
-    "modules.lora_formats.LoraFormatError", "modules.lora_tokens.TrainTokensError",
+    "modules.lora_formats.LoraFormatError", "modules.lora_tokens.TrainTokensError", "modules.adapters.errors.AdapterError",
     "modules.conditioning.ClipModelNotFoundError", "core.data.errors.DataError", "core.data.errors.ShardMissing",
 ]
 
