@@ -23,14 +23,14 @@ _IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp"}
 def count_images(urls: list[str]) -> Optional[int]:
     """Images (samples with an image member) in local tar shards and image-folder chunks; None when
     a shard is remote or there are too many to count quickly."""
-    from core.data.imagefolder import _listing_for, is_chunk_url
+    from core.data.imagefolder import listing_for, is_chunk_url
 
     if len(urls) > MAX_COUNTED_SHARDS:
         return None
     total, folders = 0, set()
     for url in urls:
         if is_chunk_url(url):
-            listing, _ = _listing_for(url)
+            listing, _ = listing_for(url)
             if listing.folder not in folders:
                 folders.add(listing.folder)
                 total += sum(1 for _, files in listing.samples if any(e.lower() in _IMAGE_EXTS for e, _, _ in files))

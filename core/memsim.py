@@ -377,9 +377,11 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
-def fake_materialize(module: nn.Module) -> nn.Module:
-    """A meta-device module given (uninitialised) storage of the current fake mode: parameters
-    and buffers replaced, shared tensors kept shared."""
+def fake_materialize(module: nn.Module, device: Any = "cpu",
+                     init: Optional[Callable[[str, torch.Tensor], None]] = None) -> nn.Module:
+    """A meta-device module given storage on ``device`` (under a fake mode: fake storage),
+    parameters and buffers replaced (fake tensors cannot be swapped), shared tensors kept shared;
+    ``init(name, tensor)`` fills each new floating tensor when given (else uninitialised)."""
     new: dict[int, torch.Tensor] = {}
     for m in module.modules():
         for table in (m._parameters, m._buffers):
@@ -387,7 +389,10 @@ def fake_materialize(module: nn.Module) -> nn.Module:
                 if t is None:
                     continue
                 if id(t) not in new:
-                    x = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    x = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    if init is not None and x.is_floating_point():
+                        with torch.no_grad():
+                            init(k, x)
                     new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
                 table[k] = new[id(t)]
     return module

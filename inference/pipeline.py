@@ -176,7 +176,7 @@ class CascadePipeline:
         return cfg
 
     def _load_lora(self) -> tuple[list, list[str]]:
-        from inference.tokens import load_lora_files
+        from inference.lora_files import load_lora_files
 
         if self.cfg_c.lora_checkpoint_path:
             from inference.models import require_file

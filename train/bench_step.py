@@ -98,31 +98,25 @@ def controlnet_kwargs(row: Row) -> dict:
     return kw
 
 
+def _init_for_timing(name: str, x: torch.Tensor) -> None:
+    if x.dim() >= 2:
+        x.normal_(0.0, 0.02)
+    else:  # 1-d: norm scales 1, biases 0
+        x.fill_(1.0 if name == "weight" else 0.0)
+
+
 def _materialize(module: nn.Module, device: Any) -> nn.Module:
     """A meta-device module given storage on ``device`` and random weights (weight tensors >= 2-d
     ~ N(0, 0.02), 1-d weights (norm scales) 1, the rest 0, BatchNorm variances 1: what a timing needs, without running
     every init function of a multi-billion-parameter network). ``device=None``: uninitialised
-    storage, for FLOP counting under ``FakeTensorMode`` (tensors are replaced, not swapped, which
-    fake tensors do not allow)."""
-    new: dict[int, torch.Tensor] = {}   # id -> replacement, so shared tensors stay shared
-    dev = device if device is not None else "cpu"
-    for m in module.modules():
-        for table in (m._parameters, m._buffers):
-            for k, t in table.items():
-                if t is None:
-                    continue
-                if id(t) not in new:
-                    x = torch.empty(t.shape, dtype=t.dtype, device=dev)
-                    if device is not None and x.is_floating_point():
-                        with torch.no_grad():
-                            if x.dim() >= 2:
-                                x.normal_(0.0, 0.02)
-                            else:  # 1-d: norm scales 1, biases 0
-                                x.fill_(1.0 if k == "weight" else 0.0)
-                    new[id(t)] = nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
-                table[k] = new[id(t)]
-        if device is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-            m.running_var.fill_(1.0)
+    storage, for FLOP counting under ``FakeTensorMode``."""
+    from core.memsim import fake_materialize
+
+    fake_materialize(module, device if device is not None else "cpu", _init_for_timing if device is not None else None)
+    if device is not None:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_var.fill_(1.0)
     return module
 
 

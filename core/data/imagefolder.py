@@ -140,7 +140,7 @@ def chunk_urls(folder: str) -> list[str]:
     return [listing.chunk_url(i) for i in range(listing.n_chunks)]
 
 
-def _listing_for(url: str) -> tuple[Listing, int]:
+def listing_for(url: str) -> tuple[Listing, int]:
     m = _URL_RE.match(url)
     if m is None:
         raise DataError(f"{url}: not an image-folder chunk URL")
@@ -171,7 +171,7 @@ class ChunkReader:
     """
 
     def __init__(self, url: str, offset: int = 0):
-        listing, i = _listing_for(url)
+        listing, i = listing_for(url)
         self.url = url
         self.folder = listing.folder
         # segments: (start, header bytes or None, file path or None, length)
