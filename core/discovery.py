@@ -49,8 +49,8 @@ def count_images(urls: list[str]) -> Optional[int]:
 def discover_data(cfg: Any) -> Optional[list[str]]:
     """List the run's shards (DataError when there are none), log how many and the images they
     hold; None for a run that reads a feature cache (``cache_path``, checked by the config)."""
-    if getattr(cfg, "cache_path", None) or not hasattr(cfg, "webdataset_path"):
-        return None
+    if getattr(cfg, "cache_path", None) or getattr(cfg, "webdataset_path", None) is None:
+        return None  # a cache, or datasets the job lists itself (concepts: one summary line each)
     from core.data import expand_sources
 
     urls = list(expand_sources(cfg.webdataset_path))

@@ -51,7 +51,7 @@ def apply_token_deltas(text_model: Any, indices: torch.Tensor, deltas: torch.Ten
 
 # -- LoRA files: their tokens from the file's metadata, checked against the config and the prompts --
 
-#: a prompt word that looks like a trained token: ``[name]`` or ``<name>`` (training.md 7.1)
+#: a prompt word that looks like a trained token: ``[name]`` or ``<name>`` (docs/LORA.md, Tokens)
 TRIGGER_RE = re.compile(r"\[[^\[\]\s]+\]|<[^<>\s]+>")
 
 

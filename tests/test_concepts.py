@@ -126,3 +126,18 @@ def test_validation(entries, message):
 def test_concepts_replace_webdataset_path():
     with pytest.raises(UserError, match="'concepts' and 'webdataset_path' do not combine"):
         Cfg(webdataset_path="x", concepts=[{"path": "y", "repeats": 1}]).validate_concepts()
+
+
+def test_the_run_lists_each_concept_as_its_data(tmp_path):
+    """--validate-only and the start-of-run data listing see the concepts' paths, not a missing
+    webdataset_path (a concepts run used to fail with a TypeError before its first update)."""
+    from types import SimpleNamespace
+
+    from core.discovery import discover_data
+    from train.train_c import StageCTrainer
+
+    cfg = SimpleNamespace(webdataset_path=None, validation_webdataset_path=None, cache_path=None,
+                          regularization_webdataset_path=None,
+                          concepts=[{"path": "a/", "repeats": 2}, {"path": "b.tar", "weight": None, "repeats": 1}])
+    assert StageCTrainer.data_sources(cfg) == {"concepts[0].path": "a/", "concepts[1].path": "b.tar"}
+    assert discover_data(cfg) is None

@@ -98,6 +98,11 @@ class StageCTrainer(CascadeTrainer):
             out.pop("webdataset_path")
         if cfg.regularization_webdataset_path is not None:
             out["regularization_webdataset_path"] = cfg.regularization_webdataset_path
+        if cfg.concepts is not None:  # the concepts replace webdataset_path (train/concepts.py)
+            from train.concepts import parse_concepts
+
+            out.pop("webdataset_path", None)
+            out.update({f"concepts[{i}].path": c.path for i, c in enumerate(parse_concepts(cfg.concepts))})
         return out
 
     # -- models ---------------------------------------------------------------------------
