@@ -1,7 +1,8 @@
 """The presets by card size (configs/training/*_<N>gb.yaml): each names its job and budget in its
 header, states its simulated peak, and that peak fits the card (budget - 1.5 GiB for the CUDA
-context and allocator slack). The simulations themselves (about a minute each at full size) are
-slow-marked; the suite checks the headers and the rows."""
+context and allocator slack). The simulations themselves (15-25 s each at full size on an idle
+core) are marked ``fullsize``: the default suite checks the headers and the rows, and .ci/run then
+runs ``-m fullsize``."""
 from __future__ import annotations
 
 import re
@@ -37,6 +38,7 @@ def test_every_card_size_has_a_preset_whose_stated_peak_fits(rows):
 
 
 @pytest.mark.slow
+@pytest.mark.fullsize  # ~15-25 s each: run by .ci/run after the suite (python3 -m pytest -n 2 -m fullsize tests)
 @pytest.mark.parametrize("stem", sorted(WANTED))
 def test_preset_simulates_within_its_budget(stem, rows):
     from train.bench_step import simulate_row
