@@ -6,10 +6,8 @@ server that accepts and never answers, and one that answers but does not know th
 """
 from __future__ import annotations
 
-import http.server
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from core.integrations import Integration
 from core.logging import RunLogger, read_metrics
+from tools.loopback import StatusServer, free_port
 
 
 @dataclass
@@ -38,14 +37,6 @@ def wandb_env(tmp_path, monkeypatch):
     return monkeypatch
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
 def hanging_server():
     """Accepts connections, never answers."""
@@ -59,22 +50,8 @@ def hanging_server():
 @pytest.fixture
 def answering_server():
     """Answers every request with 401 (it does not know the key)."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _deny(self) -> None:
-            self.send_response(401)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST = do_HEAD = _deny
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with StatusServer(401) as server:
+        yield server.url
 
 
 def _wandb_warnings(caplog) -> list[str]:
@@ -92,7 +69,7 @@ def _use(logger: RunLogger) -> None:
 def test_unreachable_wandb_base_url_logs_offline_with_one_warning(tmp_path, wandb_env, caplog, server, request):
     """Defect 1: the reachability check ignored WANDB_BASE_URL; a server that does not answer
     (refused, or accepting and silent) is now one warning and an offline wandb run."""
-    url = (f"http://127.0.0.1:{_closed_port()}" if server == "refused" else request.getfixturevalue("hanging_server"))
+    url = (f"http://127.0.0.1:{free_port()}" if server == "refused" else request.getfixturevalue("hanging_server"))
     wandb_env.setenv("WANDB_BASE_URL", url)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
@@ -123,7 +100,7 @@ def test_wandb_mode_is_honoured_and_a_failing_log_call_is_one_warning(tmp_path, 
     """WANDB_MODE=offline: no reachability check (no warning); a log call that raises (the run was
     finished underneath) switches wandb off with one warning, metrics.jsonl goes on."""
     wandb_env.setenv("WANDB_MODE", "offline")
-    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     with caplog.at_level(logging.WARNING):
         logger = RunLogger(str(tmp_path / "run"), Cfg(), is_main=True, total_steps=3, wandb_project="faults3")
         assert not _wandb_warnings(caplog)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from fileio.finite import first_nonfinite_tensor
 from fileio.errors import CheckpointError
 from fileio.state_dicts import save_safetensors
 from tests.test_faults_state import C_CONFIG, run_args, train_c
+from tools.loopback import StatusServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,14 +273,6 @@ def test_corrupt_held_out_set_names_validation_webdataset_path(train_assets, tmp
 
 
 # ------------------------------------------------------------------ defect 4 and issue 26.7: --validate-only
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _validate(train_assets: Path, tmp_path: Path, capsys, **overrides) -> tuple[int, str, str]:
     from core.errors import run_cli
     from train.train_c import StageCTrainer
@@ -339,22 +330,8 @@ def test_validate_only_lists_placeholders_and_official_files(train_assets, tmp_p
 @pytest.fixture
 def forbidding_server():
     """An HTTP server on 127.0.0.1 answering 403 to everything (a token it does not accept)."""
-    import http.server
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with StatusServer(403) as server:
+        yield server.url
 
 
 def test_validate_only_opens_the_first_shard(train_assets, tmp_path, capsys, forbidding_server):

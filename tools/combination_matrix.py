@@ -50,7 +50,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
+
+from tools.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -382,12 +383,6 @@ def check_controls(run: Path, out: Path) -> str:
 def set_args(overrides: Sequence[str]) -> list[str]:
     """``['--set', 'k=v', ...]`` of ``KEY=VALUE`` overrides."""
     return [arg for item in overrides for arg in ("--set", item)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict:

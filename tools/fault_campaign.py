@@ -28,6 +28,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Callable, Optional
 
+from tools.loopback import StatusServer, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_C = "configs/training/tiny_c.yaml"
@@ -615,45 +617,6 @@ def case_file_modes(c: Campaign) -> Result:
 # round three (issue 28): integrations, non-finite weights in tools and inputs, logs, validate-only,
 # the real culprit named
 # ------------------------------------------------------------------------------------------------
-def _closed_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class _Server:
-    """An HTTP server on 127.0.0.1 answering every request with ``status`` (in a thread)."""
-
-    def __init__(self, status: int) -> None:
-        import http.server
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_POST = do_HEAD = _answer
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "_Server":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _wandb_env(c: Campaign, url: str) -> dict:
     home = c.dir / "wandb_home"
     home.mkdir(exist_ok=True)
@@ -674,12 +637,12 @@ def _wandb_case(c: Campaign, name: str, url: str, expect: str) -> Result:
 
 
 def case_wandb_refused(c: Campaign) -> Result:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     return _wandb_case(c, "wandb_refused", url, "offline")
 
 
 def case_wandb_no_key(c: Campaign) -> Result:
-    with _Server(401) as server:
+    with StatusServer(401) as server:
         return _wandb_case(c, "wandb_nokey", server.url, "wandb: cannot start")
 
 
